@@ -1,0 +1,1 @@
+"""Scoring dictionaries: reconstruction, spliced-in loss, sparsity and monosemanticity."""

@@ -1,0 +1,163 @@
+"""The `sae` command. Each subcommand is a dataclass of options (docstring under every field) and
+a function taking it; the argparse flags are generated from the dataclass, and any option can also
+come from a YAML/JSON file given with --config (flags on the command line win).
+Subcommands that live in train/ and eval/ are imported only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+# -- dataclass -> argparse ------------------------------------------------------------------------
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (the sparsify/simple_parsing style)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+def positional() -> Any:
+    """A required positional argument (marks a dataclass field)."""
+    return field(default="", metadata={"positional": True})
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field: --field-name, typed by its default; bools get --x/--no-x; lists take
+    several values or the flag repeated. Unset flags stay out of the namespace (SUPPRESS) so that
+    a config file's values are not overwritten by defaults."""
+    docs = field_docs(cls)
+    for f in fields(cls):
+        default, help_text = _default(f), docs.get(f.name, "")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{help_text} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=kind.__name__.upper())
+
+
+def build_options(cls: type, namespace: argparse.Namespace) -> Any:
+    """Defaults, then the --config file, then the command-line flags."""
+    names = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    if getattr(namespace, "config", None):
+        with open(namespace.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"sae: {namespace.config} should hold a mapping of option names to values")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        if unknown := sorted(set(loaded) - names):
+            raise SystemExit(f"sae: {namespace.config}: unknown options {unknown}; known: {sorted(names)}")
+        values.update(loaded)
+    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    return cls(**values)
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+@dataclass
+class InfoOptions:
+    """Load a dictionary from any source and print its config and weight statistics."""
+
+    source: str = positional()
+    """A local directory, hf:org/repo[/subdir] or saelens:<release>/<sae_id>."""
+
+
+def run_info(opts: InfoOptions) -> None:
+    import sae
+
+    d = sae.load(opts.source)
+    print(json.dumps(d.cfg.to_dict(), indent=2))
+    norms = d.W_dec.norm(dim=1)
+    print(f"decoder row norms: min {norms.min():.4f} mean {norms.mean():.4f} max {norms.max():.4f}")
+    print(f"parameters: {sum(p.numel() for p in d.parameters()):,}")
+
+
+@dataclass
+class ConvertOptions:
+    """Load a dictionary from any source (SAELens, sparsify, hf:, saelens:) and save it in
+    sae-forge's layout, which SAELens also loads."""
+
+    source: str = positional()
+    """A local directory, hf:org/repo[/subdir] or saelens:<release>/<sae_id>."""
+    out: str = positional()
+    """Directory to write cfg.json and sae_weights.safetensors into."""
+    dtype: str = "float32"
+    """dtype of the saved weights."""
+
+
+def run_convert(opts: ConvertOptions) -> None:
+    import sae
+
+    sae.load(opts.source, dtype=opts.dtype).save(opts.out)
+    print(f"saved {opts.source} to {opts.out}")
+
+
+@dataclass(frozen=True)
+class Command:
+    options: type | None
+    run: Callable[[Any], None] | None
+    help: str
+
+
+def planned(issue: str) -> Command:
+    return Command(None, None, f"(not built yet: {issue})")
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": planned("the end-to-end demo arrives with the trainer"),
+    "harvest": planned("arrives with the activation cache"),
+    "train": planned("arrives with the trainer"),
+    "eval": planned("arrives with the evaluation suite"),
+    "dashboard": planned("arrives with dashboards and auto-interp"),
+    "compare": planned("arrives with run comparison"),
+    "info": Command(InfoOptions, run_info, "print a dictionary's config and weight statistics"),
+    "convert": Command(ConvertOptions, run_convert, "re-save any loadable dictionary in our (SAELens) layout"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="sae", description="sae-forge: train, evaluate and use sparse autoencoders.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=(command.options.__doc__ if command.options else command.help))
+        if command.options:
+            add_options(p, command.options)
+            p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    command = COMMANDS[args.command]
+    if command.run is None:
+        raise SystemExit(f"sae {args.command}: {command.help}")
+    command.run(build_options(command.options, args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

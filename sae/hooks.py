@@ -1,0 +1,131 @@
+"""Read and rewrite activations inside a running transformers model, with or without an SAE.
+
+Every function here is a context manager: hooks are attached on entry and removed on exit, even
+when the forward pass raises. All of them are built on `edit`, which replaces the activation at a
+hookpoint by f(activation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from sae.lm import resolve_hook
+from sae.models import SAE
+
+Edit = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def edit(model: nn.Module, hook: str, fn: Edit) -> Iterator[None]:
+    """Replace the activation at `hook` ([batch, seq, d] for the usual hookpoints) by fn(activation)."""
+    point = resolve_hook(model, hook)
+    if point.site == "input":
+
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        handle = point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+
+        def hook_fn(module, args, output):
+            if isinstance(output, tuple):  # attention modules return (output, weights)
+                return (fn(output[0]), *output[1:])
+            return fn(output)
+
+        handle = point.module.register_forward_hook(hook_fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def record(model: nn.Module, hooks: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Yield a dict that holds, after each forward pass, the detached activation at every hook."""
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Edit:
+        def fn(x: Tensor) -> Tensor:
+            acts[name] = x.detach()
+            return x
+
+        return fn
+
+    with ExitStack() as stack:
+        for name in hooks:
+            stack.enter_context(edit(model, name, keep(name)))
+        yield acts
+
+
+def _positions(fn: Edit, skip_first: bool) -> Edit:
+    """Apply fn to every position but the first when skip_first: position 0 (BOS) is an attention
+    sink with a ~7x larger norm that SAEs are not trained on, so it passes through untouched."""
+    if not skip_first:
+        return fn
+
+    def wrapped(x: Tensor) -> Tensor:
+        if x.ndim < 3:
+            return fn(x)
+        return torch.cat([x[:, :1], fn(x[:, 1:])], dim=1)
+
+    return wrapped
+
+
+@contextmanager
+def splice(
+    model: nn.Module,
+    sae: SAE,
+    hook: str | None = None,
+    error_term: bool = False,
+    latent_edit: Edit | None = None,
+    skip_first: bool = True,
+) -> Iterator[None]:
+    """Replace the activation x by the SAE's reconstruction.
+
+    With `error_term`, the SAE's error x - sae(x) is added back, so the model runs exactly as clean
+    while every latent is in the computation graph: editing latents (`latent_edit` maps codes to
+    codes) then changes only what the edit changes. `hook` defaults to the SAE's own hook_name.
+    """
+
+    def fn(x: Tensor) -> Tensor:
+        z = sae.encode(x)
+        x_hat = sae.decode(latent_edit(z) if latent_edit else z)
+        if error_term:
+            x_hat = x_hat + (x.to(x_hat.dtype) - (sae.decode(z) if latent_edit else x_hat))
+        return x_hat.to(x.dtype)
+
+    with edit(model, hook or sae.cfg.hook_name, _positions(fn, skip_first)):
+        yield
+
+
+@contextmanager
+def ablate(model: nn.Module, sae: SAE, latents: Sequence[int], hook: str | None = None, skip_first: bool = True) -> Iterator[None]:
+    """Zero the given latents, keeping the SAE's error term so nothing else changes."""
+    index = torch.as_tensor(list(latents), dtype=torch.long)
+
+    def zero(z: Tensor) -> Tensor:
+        z = z.clone()
+        z[..., index.to(z.device)] = 0
+        return z
+
+    with splice(model, sae, hook, error_term=True, latent_edit=zero, skip_first=skip_first):
+        yield
+
+
+@contextmanager
+def steer(model: nn.Module, sae: SAE, latent: int, scale: float, hook: str | None = None, skip_first: bool = True) -> Iterator[None]:
+    """Add scale times the latent's decoder direction to the activation at every position.
+    The direction is W_dec[latent] in the model's units (input normalization undone)."""
+    direction = (sae.W_dec[latent] / sae.input_scale).detach()
+
+    def fn(x: Tensor) -> Tensor:
+        return x + scale * direction.to(x.dtype)
+
+    with edit(model, hook or sae.cfg.hook_name, _positions(fn, skip_first)):
+        yield

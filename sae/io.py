@@ -1,0 +1,278 @@
+"""Save and load dictionaries: our layout (SAELens's), and import of sparsify's.
+
+On disk an SAE is a directory with `cfg.json` and `sae_weights.safetensors` exactly as SAELens 6
+writes them, so `sae_lens.SAE.load_from_disk` reads ours unchanged. Our full SAEConfig rides
+along under the key `sae_forge`, which SAELens ignores. Nothing here ever unpickles: checkpoints
+in .pt/.bin/.pkl form are refused, because loading them runs arbitrary code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae.config import DTYPES, ConfigError, SAEConfig
+from sae.models import REGISTRY, SAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""Written as sae_lens_version: the SAELens cfg.json layout we follow (SAELens reads files without
+it as pre-6.0 configs and rewrites their keys)."""
+
+
+class FormatError(ValueError):
+    """A file that is not a valid SAE; the message names the file and what is wrong."""
+
+
+class PickleRefused(FormatError):
+    """A pickle-based checkpoint was offered; we never unpickle."""
+
+
+# -- save -----------------------------------------------------------------------------------------
+def saelens_cfg(sae: SAE) -> dict[str, Any]:
+    """cfg.json contents: SAELens's keys, plus our config (with normalization folded) under `sae_forge`."""
+    c = sae.cfg
+    ours = {**c.to_dict(), "normalize_activations": "none", "norm_scaling_factor": 1.0}
+    ours["dtype"] = str(sae.W_enc.dtype).removeprefix("torch.")
+    cfg: dict[str, Any] = {
+        "architecture": sae.saelens_architecture,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": ours["dtype"],
+        "device": "cpu",
+        "apply_b_dec_to_input": c.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": c.model_name,
+            "hook_name": c.hook_name,
+            "context_size": c.context_size,
+            "prepend_bos": c.prepend_bos,
+            "dataset_path": c.dataset_path,
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+        },
+        "sae_forge": ours,
+    }
+    if sae.saelens_architecture == "topk":
+        cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def save(sae: SAE, path: str | os.PathLike) -> Path:
+    """Write `path/cfg.json` and `path/sae_weights.safetensors`, each atomically (temp file, fsync,
+    rename), weights first, so a crash never leaves a cfg.json that points at half a file."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: t.contiguous().cpu() for name, t in sae.folded_state_dict().items()}
+    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    text = json.dumps(saelens_cfg(sae), indent=2)
+    _atomic_write(path / CFG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- load -----------------------------------------------------------------------------------------
+def load_dir(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> SAE:
+    """Load an SAE directory in our/SAELens layout or sparsify's layout."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise _pickle_refusal(path)
+        raise FormatError(f"{path} is a file; sae.load expects a directory with {CFG_FILE} and {WEIGHTS_FILE}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"no SAE directory at {path}")
+    if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
+        cfg_dict = read_cfg(path / CFG_FILE)
+        cfg = cfg_from_dict(cfg_dict, source=str(path / CFG_FILE))
+        return build(cfg, read_weights(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE), device, dtype)
+    if (path / CFG_FILE).exists() and (path / SPARSIFY_WEIGHTS_FILE).exists():
+        return load_sparsify(path, device, dtype)
+    pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise _pickle_refusal(pickles[0])
+    found = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(
+        f"{path} holds no SAE: expected {CFG_FILE} with {WEIGHTS_FILE} (SAELens/sae-forge) "
+        f"or {SPARSIFY_WEIGHTS_FILE} (sparsify); found {found}"
+    )
+
+
+def _pickle_refusal(path: Path) -> PickleRefused:
+    return PickleRefused(
+        f"refusing to load {path}: {path.suffix} checkpoints are Python pickles, and unpickling a "
+        f"file runs whatever code it contains. Convert it to safetensors ({WEIGHTS_FILE} + {CFG_FILE}) "
+        "in an environment you trust, then load that."
+    )
+
+
+def read_cfg(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{file} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def cfg_from_dict(data: dict[str, Any], source: str) -> SAEConfig:
+    """Our cfg.json carries the full config under `sae_forge`; a SAELens one is translated."""
+    try:
+        if "sae_forge" in data:
+            return SAEConfig.from_dict(data["sae_forge"], source)
+        return cfg_from_saelens(data, source)
+    except ConfigError as e:
+        raise FormatError(str(e)) from e
+
+
+SAELENS_TO_OURS = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
+    """Translate a SAELens (>= 6 or legacy) cfg.json into an SAEConfig."""
+    missing = [key for key in ("d_in", "d_sae") if key not in data]
+    if missing:
+        raise FormatError(f"{source}: missing required keys {missing}")
+    meta = {**data, **(data.get("metadata") or {})}  # SAELens 6 nests provenance under metadata
+    arch = data.get("architecture", "standard")
+    if arch == "standard" and meta.get("activation_fn_str", meta.get("activation_fn")) == "topk":
+        arch = "topk"  # legacy SAELens (< 6) wrote TopK SAEs as standard + activation_fn "topk"
+    if arch not in SAELENS_TO_OURS:
+        raise FormatError(f"{source}: SAELens architecture {arch!r} is not supported; expected one of {sorted(SAELENS_TO_OURS)}")
+    values: dict[str, Any] = {
+        "architecture": SAELENS_TO_OURS[arch],
+        "d_in": data["d_in"],
+        "d_sae": data["d_sae"],
+        "apply_b_dec_to_input": data.get("apply_b_dec_to_input", True),
+        "dtype": data.get("dtype", "float32") if data.get("dtype", "float32") in DTYPES else "float32",
+    }
+    k = data.get("k", (meta.get("activation_fn_kwargs") or {}).get("k"))
+    if arch == "topk":
+        if k is None:
+            raise FormatError(f"{source}: a topk SAE needs k")
+        if data.get("rescale_acts_by_decoder_norm"):
+            raise FormatError(f"{source}: rescale_acts_by_decoder_norm=True TopK SAEs are not supported")
+        values["k"] = k
+    elif isinstance(data["d_sae"], int):
+        values["k"] = min(SAEConfig.k, data["d_sae"])  # k is unused here; keep it valid for tiny SAEs
+    for key in ("hook_name", "model_name", "context_size", "prepend_bos", "dataset_path"):
+        if meta.get(key) is not None:
+            values[key] = meta[key]
+    if meta.get("hook_name") is None and meta.get("hook_point") is not None:
+        values["hook_name"] = meta["hook_point"]
+    return SAEConfig.from_dict(values, source)
+
+
+def build(cfg: SAEConfig, state: dict[str, torch.Tensor], source: str, device: str = "cpu", dtype: str | None = None) -> SAE:
+    """Instantiate cfg's architecture and load `state`, refusing missing, extra or misshapen tensors."""
+    cls = REGISTRY[cfg.architecture]
+    expected = {name: tuple(t.shape) for name, t in cls(_on_meta(cfg)).state_dict().items()}
+    problems = [f"missing {name} (shape {list(shape)})" for name, shape in expected.items() if name not in state]
+    problems += [f"unexpected tensor {name}" for name in state if name not in expected]
+    problems += [
+        f"{name} has shape {list(state[name].shape)}, expected {list(shape)}"
+        for name, shape in expected.items()
+        if name in state and tuple(state[name].shape) != shape
+    ]
+    if problems:
+        raise FormatError(
+            f"{source} does not fit a {cfg.architecture} SAE with d_in={cfg.d_in}, d_sae={cfg.d_sae}: "
+            + "; ".join(problems)
+        )
+    dtype = dtype or str(next(iter(state.values())).dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    cfg.dtype, cfg.device = dtype, device
+    sae = cls(_on_meta(cfg))
+    sae.load_state_dict({n: t.to(device=device, dtype=DTYPES[dtype]) for n, t in state.items()}, assign=True)
+    sae.cfg = cfg
+    return sae
+
+
+def _on_meta(cfg: SAEConfig) -> SAEConfig:
+    """A copy of cfg on the meta device: builds the module's skeleton without allocating memory."""
+    return SAEConfig.from_dict({**cfg.to_dict(), "device": "meta"})
+
+
+# -- sparsify -------------------------------------------------------------------------------------
+SPARSIFY_UNSUPPORTED = {
+    "transcode": "a transcoder, not an autoencoder",
+    "skip_connection": "a skip connection (W_skip)",
+    "signed": "signed (absolute-value) TopK",
+}
+
+
+def load_sparsify(path: Path, device: str = "cpu", dtype: str | None = None) -> SAE:
+    """Import EleutherAI sparsify's layout: cfg.json (d_in, k, num_latents or expansion_factor)
+    and sae.safetensors (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec).
+    sparsify subtracts b_dec before encoding and applies ReLU then per-row top-k: our TopK SAE."""
+    source = str(path / CFG_FILE)
+    raw = read_cfg(path / CFG_FILE)
+    for key, why in SPARSIFY_UNSUPPORTED.items():
+        if raw.get(key):
+            raise FormatError(f"{source}: this sparsify coder uses {why}, which sae-forge does not import")
+    if raw.get("activation", "topk") != "topk":
+        raise FormatError(f"{source}: sparsify activation {raw['activation']!r} is not supported (only topk)")
+    if "d_in" not in raw or "k" not in raw:
+        raise FormatError(f"{source}: a sparsify cfg.json needs d_in and k, found keys {sorted(raw)}")
+    d_sae = raw.get("num_latents") or raw["d_in"] * raw.get("expansion_factor", 0)
+    weights = read_weights(path / SPARSIFY_WEIGHTS_FILE)
+    needed = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]
+    if missing := [n for n in needed if n not in weights]:
+        raise FormatError(f"{path / SPARSIFY_WEIGHTS_FILE}: missing {missing}; found {sorted(weights)}")
+    run_cfg = path.parent / "config.json"
+    model = read_cfg(run_cfg).get("model") if run_cfg.exists() else None
+    values = {"architecture": "topk", "d_in": raw["d_in"], "d_sae": d_sae, "k": raw["k"], "hook_name": sparsify_hook_name(path.name)}
+    if isinstance(model, str):
+        values["model_name"] = model
+    try:
+        cfg = SAEConfig.from_dict(values, source)
+    except ConfigError as e:
+        raise FormatError(str(e)) from e
+    state = {
+        "W_enc": weights["encoder.weight"].T.contiguous(),
+        "b_enc": weights["encoder.bias"],
+        "W_dec": weights["W_dec"],
+        "b_dec": weights["b_dec"],
+    }
+    return build(cfg, state, str(path / SPARSIFY_WEIGHTS_FILE), device, dtype)
+
+
+def sparsify_hook_name(folder: str) -> str:
+    """sparsify names a coder's folder by its hookpoint module (`layers.6`, `layers.6.mlp`)."""
+    parts = folder.split(".")
+    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
+        suffix = {2: "hook_resid_post"}.get(len(parts)) or {"mlp": "hook_mlp_out", "self_attn": "hook_attn_out"}.get(parts[2])
+        if suffix:
+            return f"blocks.{parts[1]}.{suffix}"
+    return folder

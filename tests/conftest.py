@@ -1,0 +1,39 @@
+"""Shared test set-up: no network, quiet libraries, small builders, and the real SmolLM2 once."""
+
+import os
+
+# Before anything imports huggingface_hub: it reads these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import sae  # noqa: E402
+
+
+def make_sae(architecture: str, d_in: int = 6, d_sae: int = 16, k: int = 3, seed: int = 0, **fields) -> sae.SAE:
+    """A small SAE with every parameter random (biases and thresholds too), so that no term of
+    the architecture's equation can hide behind a zero."""
+    torch.manual_seed(seed)
+    d = sae.create(architecture, d_in=d_in, d_sae=d_sae, k=k, **fields)
+    with torch.no_grad():
+        for name, tensor in d.state_dict().items():
+            if name == "threshold" and architecture == "jumprelu":
+                tensor.copy_(torch.rand_like(tensor) * 0.3)
+            elif name == "threshold":  # BatchTopK family: one threshold shared by all latents
+                tensor.fill_(0.15)
+            elif name in ("r_mag",):
+                tensor.copy_(torch.randn_like(tensor) * 0.2)
+            else:
+                tensor.copy_(torch.randn_like(tensor) * 0.5)
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from sae.lm import load_lm
+
+    return load_lm("smollm2-135m")
