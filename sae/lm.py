@@ -79,7 +79,10 @@ def load_lm(
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModel
     model = auto.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model {name!r} ({path}) has no usable tokenizer; save one beside the weights: {e}") from e
     model.requires_grad_(False)
     return model, tokenizer
 

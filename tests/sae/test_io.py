@@ -1,0 +1,187 @@
+"""Our on-disk format: round trips, sparsify import, and refusal of bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sae
+from sae.io import CFG_FILE, WEIGHTS_FILE
+from tests.conftest import make_sae
+
+
+@pytest.mark.parametrize("architecture", sae.ARCHITECTURES)
+@torch.no_grad()
+def test_save_load_round_trip(tmp_path, architecture):
+    d = make_sae(architecture, hook_name="blocks.2.hook_mlp_out", model_name="gpt2", context_size=64)
+    d.save(tmp_path / "sae")
+    back = sae.load(tmp_path / "sae")
+    assert type(back) is type(d)
+    assert back.cfg == d.cfg
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(back.encode(x), d.encode(x))
+    torch.testing.assert_close(back(x), d(x))
+
+
+@torch.no_grad()
+def test_normalization_is_folded_at_save(tmp_path):
+    d = make_sae("topk", normalize_activations="expected_average_only_in", norm_scaling_factor=2.5)
+    d.save(tmp_path)
+    back = sae.load(tmp_path)
+    assert back.cfg.normalize_activations == "none" and back.cfg.norm_scaling_factor == 1.0
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(back(x), d(x))
+    assert d.cfg.normalize_activations == "expected_average_only_in", "saving must not change the live SAE"
+
+
+def test_saved_files_use_saelens_keys_and_shapes(tmp_path):
+    make_sae("batchtopk", d_in=6, d_sae=16).save(tmp_path)
+    cfg = json.loads((tmp_path / CFG_FILE).read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["sae_forge"]["architecture"] == "batchtopk"
+    assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
+    weights = load_file(tmp_path / WEIGHTS_FILE)
+    assert {n: tuple(t.shape) for n, t in weights.items()} == {
+        "W_enc": (6, 16), "W_dec": (16, 6), "b_enc": (16,), "b_dec": (6,), "threshold": (16,)
+    }
+    assert not list(tmp_path.glob("*.tmp")), "temporary files must be renamed away"
+
+
+def test_load_casts_dtype(tmp_path):
+    make_sae("standard").save(tmp_path)
+    assert sae.load(tmp_path, dtype="bfloat16").W_enc.dtype == torch.bfloat16
+
+
+# -- sparsify -------------------------------------------------------------------------------------
+def write_sparsify(folder, d_in=6, num_latents=16, k=3, **extra_cfg):
+    """A folder in sparsify's layout, built from its documented key names."""
+    torch.manual_seed(3)
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text(json.dumps({
+        "expansion_factor": 32, "normalize_decoder": True, "num_latents": num_latents, "k": k,
+        "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d_in, **extra_cfg
+    }))
+    weights = {
+        "encoder.weight": torch.randn(num_latents, d_in),
+        "encoder.bias": torch.randn(num_latents) * 0.1,
+        "W_dec": torch.randn(num_latents, d_in),
+        "b_dec": torch.randn(d_in) * 0.1,
+    }
+    save_file(weights, folder / "sae.safetensors")
+    return weights
+
+
+@torch.no_grad()
+def test_sparsify_import_matches_sparsify_math(tmp_path):
+    folder = tmp_path / "run" / "layers.4"
+    w = write_sparsify(folder)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m"}))
+    d = sae.load(folder)
+    assert d.cfg.architecture == "topk" and d.cfg.k == 3
+    assert d.cfg.hook_name == "blocks.4.hook_resid_post" and d.cfg.model_name == "EleutherAI/pythia-70m"
+    x = torch.randn(5, 6)
+    # sparsify: pre = relu((x - b_dec) @ encoder.weight.T + encoder.bias); top-k; decode with W_dec
+    pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    vals, idx = pre.topk(3)
+    x_hat = torch.stack([(vals[n, :, None] * w["W_dec"][idx[n]]).sum(0) for n in range(5)]) + w["b_dec"]
+    torch.testing.assert_close(d(x), x_hat)
+
+
+def test_sparsify_transcoder_is_refused(tmp_path):
+    write_sparsify(tmp_path / "layers.1", transcode=True)
+    with pytest.raises(sae.FormatError, match="transcoder"):
+        sae.load(tmp_path / "layers.1")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    make_sae("topk").save(tmp_path)
+    return tmp_path
+
+
+def edit_cfg(folder, fn):
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    fn(cfg)
+    (folder / CFG_FILE).write_text(json.dumps(cfg))
+
+
+def test_malformed_json_names_the_file(saved):
+    (saved / CFG_FILE).write_text('{"d_in": 6,')
+    with pytest.raises(sae.FormatError, match=r"cfg\.json is not valid JSON"):
+        sae.load(saved)
+
+
+def test_missing_key_is_named(saved):
+    edit_cfg(saved, lambda c: (c.pop("sae_forge"), c.pop("d_sae")))
+    with pytest.raises(sae.FormatError, match=r"missing required keys \['d_sae'\]"):
+        sae.load(saved)
+
+
+def test_wrong_type_is_named(saved):
+    edit_cfg(saved, lambda c: c["sae_forge"].update(d_sae="16"))
+    with pytest.raises(sae.FormatError, match="d_sae should be int, got str"):
+        sae.load(saved)
+
+
+def test_unknown_architecture_is_named(saved):
+    edit_cfg(saved, lambda c: c["sae_forge"].update(architecture="relu2"))
+    with pytest.raises(sae.FormatError, match="unknown architecture 'relu2'"):
+        sae.load(saved)
+
+
+def test_unknown_saelens_architecture_is_named(saved):
+    edit_cfg(saved, lambda c: (c.pop("sae_forge"), c.update(architecture="transcoder")))
+    with pytest.raises(sae.FormatError, match="SAELens architecture 'transcoder' is not supported"):
+        sae.load(saved)
+
+
+def test_weights_that_disagree_with_cfg_are_refused(saved):
+    edit_cfg(saved, lambda c: c["sae_forge"].update(d_sae=20))
+    with pytest.raises(sae.FormatError, match=r"W_enc has shape \[6, 16\], expected \[6, 20\]"):
+        sae.load(saved)
+
+
+def test_missing_tensor_is_named(saved):
+    weights = load_file(saved / WEIGHTS_FILE)
+    del weights["b_enc"]
+    save_file(weights, saved / WEIGHTS_FILE)
+    with pytest.raises(sae.FormatError, match="missing b_enc"):
+        sae.load(saved)
+
+
+def test_truncated_weights_are_refused(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(sae.FormatError, match="not a readable safetensors file"):
+        sae.load(saved)
+
+
+@pytest.mark.parametrize("name", ["sae.pt", "model.bin", "weights.pkl"])
+def test_pickles_are_never_loaded(tmp_path, name):
+    marker = tmp_path / "executed"
+    # a real malicious pickle: unpickling it would create `marker`
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / name).write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(sae.PickleRefused, match="pickle"):
+        sae.load(tmp_path)
+    with pytest.raises(sae.PickleRefused, match="runs whatever code"):
+        sae.load(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_missing_directory_and_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no SAE directory"):
+        sae.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="holds no SAE"):
+        sae.load(tmp_path)
+
+
+def test_unknown_scheme(tmp_path):
+    with pytest.raises(ValueError, match="unknown SAE source 'ftp:x'"):
+        sae.load("ftp:x")

@@ -1,0 +1,96 @@
+"""Hookpoint names map to the right modules in every supported family, on real and tiny models."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+from sae.hooks import record
+from sae.lm import hook_names, load_lm, resolve_hook
+
+TINY = {
+    "gpt2": GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, n_positions=64),
+    "gpt_neox": GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+    "llama": LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+}
+
+
+def tiny(family):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(TINY[family]).eval()
+
+
+def all_hooks(layer):
+    return [f"blocks.{layer}.hook_{k}" for k in ("resid_pre", "attn_out", "mlp_out", "resid_post")]
+
+
+def check_residual_stream(model, ids, layer, parallel_or_prenorm=True):
+    """resid_pre/resid_post equal the model's own hidden states, and in a pre-norm transformer
+    the block adds exactly its attention and MLP outputs: resid_post = resid_pre + attn_out + mlp_out."""
+    with torch.no_grad(), record(model, all_hooks(layer)) as acts:
+        out = model(ids, output_hidden_states=True)
+    pre, attn, mlp, post = (acts[h] for h in all_hooks(layer))
+    torch.testing.assert_close(pre, out.hidden_states[layer])
+    torch.testing.assert_close(post, out.hidden_states[layer + 1])
+    if parallel_or_prenorm:
+        torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_tiny_models_hookpoints(family):
+    model = tiny(family)
+    ids = torch.randint(0, 100, (2, 9))
+    check_residual_stream(model, ids, layer=1)
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_local_hf_folder_loads(tmp_path, family, smollm2):
+    model = tiny(family)
+    model.save_pretrained(tmp_path)
+    smollm2[1].save_pretrained(tmp_path)
+    loaded, tok = load_lm(str(tmp_path))
+    ids = torch.tensor([tok("Hello there").input_ids]) % 100
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert resolve_hook(loaded, "blocks.2.hook_mlp_out").layer == 2
+
+
+def test_smollm2_hookpoints(smollm2):
+    model, tok = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    ids = torch.tensor([[tok.bos_token_id] + tok("To be, or not to be, that is the question").input_ids])
+    check_residual_stream(model, ids, layer=6)
+    assert resolve_hook(model, "blocks.6.hook_attn_out").module is model.model.layers[6].self_attn
+    assert resolve_hook(model, "blocks.6.hook_mlp_out").module is model.model.layers[6].mlp
+
+
+def test_smollm2_tokenizer_does_not_add_bos(smollm2):
+    _, tok = smollm2
+    assert tok.bos_token_id == 1
+    assert tok("Hello").input_ids[0] != 1
+
+
+def test_raw_module_path_matches_hook_name(smollm2):
+    model, tok = smollm2
+    ids = torch.tensor([[1] + tok("Good night, sweet prince").input_ids])
+    with torch.no_grad(), record(model, ["model.layers.6", "blocks.6.hook_resid_post"]) as acts:
+        model(ids)
+    torch.testing.assert_close(acts["model.layers.6"], acts["blocks.6.hook_resid_post"])
+
+
+def test_unknown_hookpoint_lists_valid_ones(smollm2):
+    model, _ = smollm2
+    with pytest.raises(ValueError, match=r"unknown hookpoint 'blocks.6.hook_resid_mid'.*Valid: blocks.L.hook_\{resid_pre,resid_post,attn_out,mlp_out\} for L in 0..29"):
+        resolve_hook(model, "blocks.6.hook_resid_mid")
+    with pytest.raises(ValueError, match="layer 30 does not exist"):
+        resolve_hook(model, "blocks.30.hook_resid_post")
+    assert len(hook_names(model)) == 120
+
+
+def test_minilm_bert_encoder_hookpoints():
+    model, tok = load_lm("all-minilm-l6-v2")
+    assert model.config.model_type == "bert"
+    batch = tok(["the quick brown fox", "jumps"], return_tensors="pt", padding=True)
+    check_residual_stream(model, batch.input_ids, layer=2, parallel_or_prenorm=False)
+    with torch.no_grad(), record(model, ["blocks.2.hook_attn_out", "blocks.2.hook_mlp_out"]) as acts:
+        model(**batch)
+    assert acts["blocks.2.hook_attn_out"].shape == (2, batch.input_ids.shape[1], 384)
+    assert resolve_hook(model, "blocks.2.hook_mlp_out").module is model.encoder.layer[2].output.dense
