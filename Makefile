@@ -23,6 +23,7 @@ demo: install
 	$(VENV)/bin/sae demo
 
 test: install
+	$(PY) -m ruff check sae train eval tests bench
 	$(PY) -m pytest -q
 
 bench: install

@@ -14,4 +14,13 @@ def create(architecture: str = "topk", **fields) -> SAE:
     return REGISTRY[cfg.architecture](cfg)
 
 
-__all__ = ["ARCHITECTURES", "SAE", "ConfigError", "FormatError", "PickleRefused", "SAEConfig", "create", "load"]
+__all__ = [
+    "ARCHITECTURES",
+    "SAE",
+    "ConfigError",
+    "FormatError",
+    "PickleRefused",
+    "SAEConfig",
+    "create",
+    "load",
+]

@@ -25,8 +25,12 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
     return docs
 
@@ -53,12 +57,25 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{help_text} (default: {default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text
+            )
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=kind.__name__.upper())
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=kind.__name__.upper(),
+            )
 
 
 def build_options(cls: type, namespace: argparse.Namespace) -> Any:
@@ -69,10 +86,14 @@ def build_options(cls: type, namespace: argparse.Namespace) -> Any:
         with open(namespace.config) as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
-            raise SystemExit(f"sae: {namespace.config} should hold a mapping of option names to values")
+            raise SystemExit(
+                f"sae: {namespace.config} should hold a mapping of option names to values"
+            )
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         if unknown := sorted(set(loaded) - names):
-            raise SystemExit(f"sae: {namespace.config}: unknown options {unknown}; known: {sorted(names)}")
+            raise SystemExit(
+                f"sae: {namespace.config}: unknown options {unknown}; known: {sorted(names)}"
+            )
         values.update(loaded)
     values.update({k: v for k, v in vars(namespace).items() if k in names})
     return cls(**values)
@@ -136,15 +157,23 @@ COMMANDS: dict[str, Command] = {
     "dashboard": planned("arrives with dashboards and auto-interp"),
     "compare": planned("arrives with run comparison"),
     "info": Command(InfoOptions, run_info, "print a dictionary's config and weight statistics"),
-    "convert": Command(ConvertOptions, run_convert, "re-save any loadable dictionary in our (SAELens) layout"),
+    "convert": Command(
+        ConvertOptions, run_convert, "re-save any loadable dictionary in our (SAELens) layout"
+    ),
 }
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="sae", description="sae-forge: train, evaluate and use sparse autoencoders.")
+    top = argparse.ArgumentParser(
+        prog="sae", description="sae-forge: train, evaluate and use sparse autoencoders."
+    )
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=(command.options.__doc__ if command.options else command.help))
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=(command.options.__doc__ if command.options else command.help),
+        )
         if command.options:
             add_options(p, command.options)
             p.add_argument("--config", help="YAML or JSON file of options (flags override it)")

@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 NORMALIZATIONS = ("none", "expected_average_only_in")
 
 
@@ -61,7 +66,9 @@ class SAEConfig:
         from sae.models import REGISTRY  # the one list of architectures lives beside the classes
 
         if self.architecture not in REGISTRY:
-            raise ConfigError(f"unknown architecture {self.architecture!r}; expected one of {sorted(REGISTRY)}")
+            raise ConfigError(
+                f"unknown architecture {self.architecture!r}; expected one of {sorted(REGISTRY)}"
+            )
         for name in ("d_in", "d_sae", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -71,12 +78,20 @@ class SAEConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.normalize_activations not in NORMALIZATIONS:
-            raise ConfigError(f"normalize_activations {self.normalize_activations!r} is not one of {NORMALIZATIONS}")
+            raise ConfigError(
+                f"normalize_activations {self.normalize_activations!r} is not one of {NORMALIZATIONS}"
+            )
         if not self.norm_scaling_factor > 0:
-            raise ConfigError(f"norm_scaling_factor must be positive, got {self.norm_scaling_factor}")
+            raise ConfigError(
+                f"norm_scaling_factor must be positive, got {self.norm_scaling_factor}"
+            )
         widths = self.matryoshka_widths
-        if widths and (sorted(set(widths)) != list(widths) or widths[-1] != self.d_sae or widths[0] <= 0):
-            raise ConfigError(f"matryoshka_widths must increase strictly and end at d_sae={self.d_sae}, got {widths}")
+        if widths and (
+            sorted(set(widths)) != list(widths) or widths[-1] != self.d_sae or widths[0] <= 0
+        ):
+            raise ConfigError(
+                f"matryoshka_widths must increase strictly and end at d_sae={self.d_sae}, got {widths}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -92,14 +107,22 @@ class SAEConfig:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"{source}: unknown SAEConfig keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(
+                f"{source}: unknown SAEConfig keys {unknown}; known keys are {sorted(known)}"
+            )
         values = {}
         for key, value in data.items():
-            default = known[key].default_factory() if known[key].default is MISSING else known[key].default
+            default = (
+                known[key].default_factory()
+                if known[key].default is MISSING
+                else known[key].default
+            )
             expected = type(default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(f"{source}: {key} should be {expected.__name__}, got {type(value).__name__} {value!r}")
+                raise ConfigError(
+                    f"{source}: {key} should be {expected.__name__}, got {type(value).__name__} {value!r}"
+                )
             values[key] = value
         return cls(**values)

@@ -105,7 +105,13 @@ def splice(
 
 
 @contextmanager
-def ablate(model: nn.Module, sae: SAE, latents: Sequence[int], hook: str | None = None, skip_first: bool = True) -> Iterator[None]:
+def ablate(
+    model: nn.Module,
+    sae: SAE,
+    latents: Sequence[int],
+    hook: str | None = None,
+    skip_first: bool = True,
+) -> Iterator[None]:
     """Zero the given latents, keeping the SAE's error term so nothing else changes."""
     index = torch.as_tensor(list(latents), dtype=torch.long)
 
@@ -119,7 +125,14 @@ def ablate(model: nn.Module, sae: SAE, latents: Sequence[int], hook: str | None 
 
 
 @contextmanager
-def steer(model: nn.Module, sae: SAE, latent: int, scale: float, hook: str | None = None, skip_first: bool = True) -> Iterator[None]:
+def steer(
+    model: nn.Module,
+    sae: SAE,
+    latent: int,
+    scale: float,
+    hook: str | None = None,
+    skip_first: bool = True,
+) -> Iterator[None]:
     """Add scale times the latent's decoder direction to the activation at every position.
     The direction is W_dec[latent] in the model's units (input normalization undone)."""
     direction = (sae.W_dec[latent] / sae.input_scale).detach()

@@ -1,8 +1,8 @@
 """sae.load(): one entry point for every place a dictionary can come from.
 
-    "runs/demo/sae"                      a local directory (ours, SAELens's or sparsify's layout)
-    "hf:org/repo[/subdir][@revision]"    a Hugging Face repo, through huggingface_hub's cache
-    "saelens:<release>/<sae_id>"         SAELens's pretrained registry (needs the interop extra)
+"runs/demo/sae"                      a local directory (ours, SAELens's or sparsify's layout)
+"hf:org/repo[/subdir][@revision]"    a Hugging Face repo, through huggingface_hub's cache
+"saelens:<release>/<sae_id>"         SAELens's pretrained registry (needs the interop extra)
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def load(source: str | Path, device: str = "cpu", dtype: str | None = None) -> S
         return load_hf(rest, device, dtype)
     if scheme == "saelens":
         return load_saelens(rest, device, dtype)
-    raise ValueError(f"unknown SAE source {text!r}: use a local directory or one of the schemes {[s + ':' for s in SCHEMES]}")
+    raise ValueError(
+        f"unknown SAE source {text!r}: use a local directory or one of the schemes {[s + ':' for s in SCHEMES]}"
+    )
 
 
 def load_hf(spec: str, device: str = "cpu", dtype: str | None = None) -> SAE:
@@ -44,7 +46,9 @@ def load_hf(spec: str, device: str = "cpu", dtype: str | None = None) -> SAE:
         raise ValueError(f"hf:{spec} should name a repo as hf:org/repo[/subdir]")
     repo_id, subdir = "/".join(parts[:2]), "/".join(parts[2:])
     try:
-        root = snapshot_download(repo_id, revision=revision or None, allow_patterns=[f"{subdir}/*"] if subdir else None)
+        root = snapshot_download(
+            repo_id, revision=revision or None, allow_patterns=[f"{subdir}/*"] if subdir else None
+        )
     except (OSError, HfHubHTTPError) as e:
         raise HubError(
             f"could not fetch hf:{repo_id} (revision {revision or 'main'}) from the Hugging Face hub, "
@@ -67,18 +71,25 @@ class SAELensRef:
 def resolve_saelens(spec: str) -> SAELensRef:
     """Resolve `<release>/<sae_id>` through SAELens's registry (offline: it ships as YAML)."""
     from sae_lens.loading.pretrained_sae_loaders import get_conversion_loader_name
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory, get_repo_id_and_folder_name
+    from sae_lens.loading.pretrained_saes_directory import (
+        get_pretrained_saes_directory,
+        get_repo_id_and_folder_name,
+    )
 
     directory = get_pretrained_saes_directory()
     release = max((r for r in directory if spec.startswith(r + "/")), key=len, default=None)
     if release is None:
         head = spec.split("/")[0]
         close = sorted(r for r in directory if head and head[:6] in r)[:10]
-        raise ValueError(f"saelens:{spec}: no SAELens release is a prefix of it; similar releases: {close}")
+        raise ValueError(
+            f"saelens:{spec}: no SAELens release is a prefix of it; similar releases: {close}"
+        )
     sae_id = spec[len(release) + 1 :]
     saes = directory[release].saes_map
     if sae_id not in saes:
-        raise ValueError(f"saelens:{spec}: release {release!r} has no SAE {sae_id!r}; it has e.g. {list(saes)[:8]}")
+        raise ValueError(
+            f"saelens:{spec}: release {release!r} has no SAE {sae_id!r}; it has e.g. {list(saes)[:8]}"
+        )
     repo_id, folder_name = get_repo_id_and_folder_name(release, sae_id)
     return SAELensRef(release, sae_id, repo_id, folder_name, get_conversion_loader_name(release))
 
@@ -87,14 +98,21 @@ def load_saelens(spec: str, device: str = "cpu", dtype: str | None = None) -> SA
     """Fetch through SAELens's own converter for the release (which knows each release's file
     layout), then build our SAE from the config and weights it returns."""
     from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
-    from sae_lens.loading.pretrained_saes_directory import get_config_overrides, get_norm_scaling_factor
+    from sae_lens.loading.pretrained_saes_directory import (
+        get_config_overrides,
+        get_norm_scaling_factor,
+    )
 
     ref = resolve_saelens(spec)
     loader = NAMED_PRETRAINED_SAE_LOADERS[ref.converter]
     overrides = {**get_config_overrides(ref.release, ref.sae_id), "device": "cpu"}
     try:
         cfg_dict, state, _ = loader(
-            repo_id=ref.repo_id, folder_name=ref.folder_name, device="cpu", force_download=False, cfg_overrides=overrides
+            repo_id=ref.repo_id,
+            folder_name=ref.folder_name,
+            device="cpu",
+            force_download=False,
+            cfg_overrides=overrides,
         )
     except (OSError, HfHubHTTPError) as e:
         raise HubError(
@@ -106,6 +124,11 @@ def load_saelens(spec: str, device: str = "cpu", dtype: str | None = None) -> SA
     if cfg_dict.get("normalize_activations") == "expected_average_only_in":
         factor = get_norm_scaling_factor(ref.release, ref.sae_id)
         if factor is None:
-            raise FormatError(f"{source}: normalize_activations is expected_average_only_in but the release has no norm_scaling_factor")
-        cfg.normalize_activations, cfg.norm_scaling_factor = "expected_average_only_in", float(factor)
+            raise FormatError(
+                f"{source}: normalize_activations is expected_average_only_in but the release has no norm_scaling_factor"
+            )
+        cfg.normalize_activations, cfg.norm_scaling_factor = (
+            "expected_average_only_in",
+            float(factor),
+        )
     return build(cfg, state, source, device, dtype)

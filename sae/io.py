@@ -101,13 +101,17 @@ def load_dir(path: str | os.PathLike, device: str = "cpu", dtype: str | None = N
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise _pickle_refusal(path)
-        raise FormatError(f"{path} is a file; sae.load expects a directory with {CFG_FILE} and {WEIGHTS_FILE}")
+        raise FormatError(
+            f"{path} is a file; sae.load expects a directory with {CFG_FILE} and {WEIGHTS_FILE}"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"no SAE directory at {path}")
     if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
         cfg_dict = read_cfg(path / CFG_FILE)
         cfg = cfg_from_dict(cfg_dict, source=str(path / CFG_FILE))
-        return build(cfg, read_weights(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE), device, dtype)
+        return build(
+            cfg, read_weights(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE), device, dtype
+        )
     if (path / CFG_FILE).exists() and (path / SPARSIFY_WEIGHTS_FILE).exists():
         return load_sparsify(path, device, dtype)
     pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -168,23 +172,31 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
     if arch == "standard" and meta.get("activation_fn_str", meta.get("activation_fn")) == "topk":
         arch = "topk"  # legacy SAELens (< 6) wrote TopK SAEs as standard + activation_fn "topk"
     if arch not in SAELENS_TO_OURS:
-        raise FormatError(f"{source}: SAELens architecture {arch!r} is not supported; expected one of {sorted(SAELENS_TO_OURS)}")
+        raise FormatError(
+            f"{source}: SAELens architecture {arch!r} is not supported; expected one of {sorted(SAELENS_TO_OURS)}"
+        )
     values: dict[str, Any] = {
         "architecture": SAELENS_TO_OURS[arch],
         "d_in": data["d_in"],
         "d_sae": data["d_sae"],
         "apply_b_dec_to_input": data.get("apply_b_dec_to_input", True),
-        "dtype": data.get("dtype", "float32") if data.get("dtype", "float32") in DTYPES else "float32",
+        "dtype": data.get("dtype", "float32")
+        if data.get("dtype", "float32") in DTYPES
+        else "float32",
     }
     k = data.get("k", (meta.get("activation_fn_kwargs") or {}).get("k"))
     if arch == "topk":
         if k is None:
             raise FormatError(f"{source}: a topk SAE needs k")
         if data.get("rescale_acts_by_decoder_norm"):
-            raise FormatError(f"{source}: rescale_acts_by_decoder_norm=True TopK SAEs are not supported")
+            raise FormatError(
+                f"{source}: rescale_acts_by_decoder_norm=True TopK SAEs are not supported"
+            )
         values["k"] = k
     elif isinstance(data["d_sae"], int):
-        values["k"] = min(SAEConfig.k, data["d_sae"])  # k is unused here; keep it valid for tiny SAEs
+        values["k"] = min(
+            SAEConfig.k, data["d_sae"]
+        )  # k is unused here; keep it valid for tiny SAEs
     for key in ("hook_name", "model_name", "context_size", "prepend_bos", "dataset_path"):
         if meta.get(key) is not None:
             values[key] = meta[key]
@@ -193,11 +205,21 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
     return SAEConfig.from_dict(values, source)
 
 
-def build(cfg: SAEConfig, state: dict[str, torch.Tensor], source: str, device: str = "cpu", dtype: str | None = None) -> SAE:
+def build(
+    cfg: SAEConfig,
+    state: dict[str, torch.Tensor],
+    source: str,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> SAE:
     """Instantiate cfg's architecture and load `state`, refusing missing, extra or misshapen tensors."""
     cls = REGISTRY[cfg.architecture]
     expected = {name: tuple(t.shape) for name, t in cls(_on_meta(cfg)).state_dict().items()}
-    problems = [f"missing {name} (shape {list(shape)})" for name, shape in expected.items() if name not in state]
+    problems = [
+        f"missing {name} (shape {list(shape)})"
+        for name, shape in expected.items()
+        if name not in state
+    ]
     problems += [f"unexpected tensor {name}" for name in state if name not in expected]
     problems += [
         f"{name} has shape {list(state[name].shape)}, expected {list(shape)}"
@@ -214,7 +236,9 @@ def build(cfg: SAEConfig, state: dict[str, torch.Tensor], source: str, device: s
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     cfg.dtype, cfg.device = dtype, device
     sae = cls(_on_meta(cfg))
-    sae.load_state_dict({n: t.to(device=device, dtype=DTYPES[dtype]) for n, t in state.items()}, assign=True)
+    sae.load_state_dict(
+        {n: t.to(device=device, dtype=DTYPES[dtype]) for n, t in state.items()}, assign=True
+    )
     sae.cfg = cfg
     return sae
 
@@ -240,19 +264,33 @@ def load_sparsify(path: Path, device: str = "cpu", dtype: str | None = None) -> 
     raw = read_cfg(path / CFG_FILE)
     for key, why in SPARSIFY_UNSUPPORTED.items():
         if raw.get(key):
-            raise FormatError(f"{source}: this sparsify coder uses {why}, which sae-forge does not import")
+            raise FormatError(
+                f"{source}: this sparsify coder uses {why}, which sae-forge does not import"
+            )
     if raw.get("activation", "topk") != "topk":
-        raise FormatError(f"{source}: sparsify activation {raw['activation']!r} is not supported (only topk)")
+        raise FormatError(
+            f"{source}: sparsify activation {raw['activation']!r} is not supported (only topk)"
+        )
     if "d_in" not in raw or "k" not in raw:
-        raise FormatError(f"{source}: a sparsify cfg.json needs d_in and k, found keys {sorted(raw)}")
+        raise FormatError(
+            f"{source}: a sparsify cfg.json needs d_in and k, found keys {sorted(raw)}"
+        )
     d_sae = raw.get("num_latents") or raw["d_in"] * raw.get("expansion_factor", 0)
     weights = read_weights(path / SPARSIFY_WEIGHTS_FILE)
     needed = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]
     if missing := [n for n in needed if n not in weights]:
-        raise FormatError(f"{path / SPARSIFY_WEIGHTS_FILE}: missing {missing}; found {sorted(weights)}")
+        raise FormatError(
+            f"{path / SPARSIFY_WEIGHTS_FILE}: missing {missing}; found {sorted(weights)}"
+        )
     run_cfg = path.parent / "config.json"
     model = read_cfg(run_cfg).get("model") if run_cfg.exists() else None
-    values = {"architecture": "topk", "d_in": raw["d_in"], "d_sae": d_sae, "k": raw["k"], "hook_name": sparsify_hook_name(path.name)}
+    values = {
+        "architecture": "topk",
+        "d_in": raw["d_in"],
+        "d_sae": d_sae,
+        "k": raw["k"],
+        "hook_name": sparsify_hook_name(path.name),
+    }
     if isinstance(model, str):
         values["model_name"] = model
     try:
@@ -272,7 +310,10 @@ def sparsify_hook_name(folder: str) -> str:
     """sparsify names a coder's folder by its hookpoint module (`layers.6`, `layers.6.mlp`)."""
     parts = folder.split(".")
     if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
-        suffix = {2: "hook_resid_post"}.get(len(parts)) or {"mlp": "hook_mlp_out", "self_attn": "hook_attn_out"}.get(parts[2])
+        suffix = {2: "hook_resid_post"}.get(len(parts)) or {
+            "mlp": "hook_mlp_out",
+            "self_attn": "hook_attn_out",
+        }.get(parts[2])
         if suffix:
             return f"blocks.{parts[1]}.{suffix}"
     return folder

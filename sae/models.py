@@ -86,7 +86,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Set every decoder row to unit norm (recipes that constrain W_dec call this per step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(
+            torch.finfo(self.W_dec.dtype).eps
+        )
 
     @torch.no_grad()
     def fold_decoder_norm_(self) -> None:
@@ -94,7 +96,9 @@ class SAE(nn.Module):
         by ||W_dec[i]|| and its decoder row divided by it. Only exact where the sparsity rule is
         per latent; top-k selection would change, so TopK-style SAEs refuse."""
         if not self.latent_scaled:
-            raise ValueError(f"{self.architecture} SAEs cannot fold decoder norms: it would change which latents are selected")
+            raise ValueError(
+                f"{self.architecture} SAEs cannot fold decoder norms: it would change which latents are selected"
+            )
         norms = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).eps)  # [d_sae]
         self.W_dec /= norms[:, None]
         self.W_enc *= norms

@@ -14,7 +14,9 @@ import torch  # noqa: E402
 import sae  # noqa: E402
 
 
-def make_sae(architecture: str, d_in: int = 6, d_sae: int = 16, k: int = 3, seed: int = 0, **fields) -> sae.SAE:
+def make_sae(
+    architecture: str, d_in: int = 6, d_sae: int = 16, k: int = 3, seed: int = 0, **fields
+) -> sae.SAE:
     """A small SAE with every parameter random (biases and thresholds too), so that no term of
     the architecture's equation can hide behind a zero."""
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +15,16 @@ from tests.conftest import make_sae
 
 
 def test_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "sae.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sae.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ("demo", "harvest", "train", "eval", "dashboard", "compare", "info", "convert"):
         assert name in out
 
 
 def test_console_script_is_installed():
-    out = subprocess.run(["sae", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "sae"  # installed beside the interpreter by pip
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "harvest" in out.stdout
 
 
@@ -35,12 +39,19 @@ def test_flags_come_from_dataclass_fields_with_their_docstrings(capsys):
 def test_config_file_then_flags(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"dtype": "bfloat16", "source": "a"}))
     args = parser().parse_args(["convert", "x", "y", "--config", str(tmp_path / "c.yaml")])
-    assert build_options(ConvertOptions, args) == ConvertOptions(source="x", out="y", dtype="bfloat16")
-    args = parser().parse_args(["convert", "x", "y", "--config", str(tmp_path / "c.yaml"), "--dtype", "float16"])
+    assert build_options(ConvertOptions, args) == ConvertOptions(
+        source="x", out="y", dtype="bfloat16"
+    )
+    args = parser().parse_args(
+        ["convert", "x", "y", "--config", str(tmp_path / "c.yaml"), "--dtype", "float16"]
+    )
     assert build_options(ConvertOptions, args).dtype == "float16"
     (tmp_path / "bad.yaml").write_text("dtyp: float16\n")
     with pytest.raises(SystemExit, match=r"unknown options \['dtyp'\]"):
-        build_options(ConvertOptions, parser().parse_args(["convert", "x", "y", "--config", str(tmp_path / "bad.yaml")]))
+        build_options(
+            ConvertOptions,
+            parser().parse_args(["convert", "x", "y", "--config", str(tmp_path / "bad.yaml")]),
+        )
 
 
 def test_convert_and_info(tmp_path, capsys):

@@ -12,7 +12,9 @@ HOOK = "blocks.6.hook_resid_post"
 @pytest.fixture(scope="module")
 def ids(smollm2):
     _, tok = smollm2
-    text = "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
+    text = (
+        "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."
+    )
     return torch.tensor([[tok.bos_token_id] + tok(text).input_ids])
 
 
@@ -61,7 +63,9 @@ def test_hooks_are_removed_on_exit_even_after_errors(smollm2, ids, clean, topk_s
 
 
 @torch.no_grad()
-def test_ablating_inactive_latents_changes_nothing_and_active_ones_do(smollm2, ids, clean, topk_sae):
+def test_ablating_inactive_latents_changes_nothing_and_active_ones_do(
+    smollm2, ids, clean, topk_sae
+):
     with record(smollm2[0], [HOOK]) as acts:
         smollm2[0](ids)
     z = topk_sae.encode(acts[HOOK][:, 1:])
@@ -81,16 +85,28 @@ def test_steering_raises_the_latent_downstream(smollm2, ids, topk_sae):
         model(ids)
     before = topk_sae.pre_acts(acts[downstream][:, 1:])
     latent = int(before.mean((0, 1)).argmin())  # the least active latent
-    with steer(model, topk_sae, latent, scale=40.0), record(model, [downstream, "blocks.12.hook_resid_post"]) as steered:
+    with (
+        steer(model, topk_sae, latent, scale=40.0),
+        record(model, [downstream, "blocks.12.hook_resid_post"]) as steered,
+    ):
         model(ids)
     after = topk_sae.pre_acts(steered[downstream][:, 1:])
-    torch.testing.assert_close(after[..., latent] - before[..., latent], torch.full_like(before[..., latent], 40.0), atol=1e-3, rtol=1e-4)
-    assert (topk_sae.encode(steered[downstream][:, 1:])[..., latent] > 0).all(), "steered latent should fire everywhere"
+    torch.testing.assert_close(
+        after[..., latent] - before[..., latent],
+        torch.full_like(before[..., latent], 40.0),
+        atol=1e-3,
+        rtol=1e-4,
+    )
+    assert (topk_sae.encode(steered[downstream][:, 1:])[..., latent] > 0).all(), (
+        "steered latent should fire everywhere"
+    )
     # and its direction persists further down the residual stream
     direction = topk_sae.W_dec[latent]
     with record(model, ["blocks.12.hook_resid_post"]) as plain:
         model(ids)
-    gain = (steered["blocks.12.hook_resid_post"][0, 1:] - plain["blocks.12.hook_resid_post"][0, 1:]) @ direction
+    gain = (
+        steered["blocks.12.hook_resid_post"][0, 1:] - plain["blocks.12.hook_resid_post"][0, 1:]
+    ) @ direction
     assert (gain > 0.2 * 40).all(), "at least a fifth of the push should survive six blocks"
 
 

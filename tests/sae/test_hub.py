@@ -51,7 +51,9 @@ def test_hf_repo_root_loads_from_cache(tmp_path, hf_cache):
 
 
 def test_hf_unreachable_gives_clear_error(hf_cache):
-    with pytest.raises(HubError, match=r"could not fetch hf:someorg/absent .* not in the local cache"):
+    with pytest.raises(
+        HubError, match=r"could not fetch hf:someorg/absent .* not in the local cache"
+    ):
         sae.load("hf:someorg/absent/sub")
 
 
@@ -65,7 +67,10 @@ def test_saelens_release_resolves_offline():
     pytest.importorskip("sae_lens")
     ref = resolve_saelens("gpt2-small-res-jb/blocks.4.hook_resid_pre")
     assert (ref.release, ref.sae_id) == ("gpt2-small-res-jb", "blocks.4.hook_resid_pre")
-    assert (ref.repo_id, ref.folder_name) == ("jbloom/GPT2-Small-SAEs-Reformatted", "blocks.4.hook_resid_pre")
+    assert (ref.repo_id, ref.folder_name) == (
+        "jbloom/GPT2-Small-SAEs-Reformatted",
+        "blocks.4.hook_resid_pre",
+    )
     assert ref.converter == "sae_lens"
 
 
@@ -87,7 +92,12 @@ def test_saelens_release_loads_through_its_converter(tmp_path, hf_cache):
     for p in theirs.parameters():
         p.copy_(torch.randn_like(p) * 0.3)
     theirs.save_model(str(tmp_path / "local"))
-    put_in_cache(hf_cache, "jbloom/GPT2-Small-SAEs-Reformatted", "blocks.0.hook_resid_pre", tmp_path / "local")
+    put_in_cache(
+        hf_cache,
+        "jbloom/GPT2-Small-SAEs-Reformatted",
+        "blocks.0.hook_resid_pre",
+        tmp_path / "local",
+    )
     ours = sae.load("saelens:gpt2-small-res-jb/blocks.0.hook_resid_pre")
     assert ours.cfg.hook_name == "blocks.0.hook_resid_pre"
     x = torch.randn(5, 8)
@@ -96,5 +106,8 @@ def test_saelens_release_loads_through_its_converter(tmp_path, hf_cache):
 
 def test_saelens_hub_unreachable_gives_clear_error(hf_cache):
     pytest.importorskip("sae_lens")
-    with pytest.raises(HubError, match=r"resolves to hf:jbloom/GPT2-Small-SAEs-Reformatted/blocks.2.hook_resid_pre.*could not be fetched"):
+    with pytest.raises(
+        HubError,
+        match=r"resolves to hf:jbloom/GPT2-Small-SAEs-Reformatted/blocks.2.hook_resid_pre.*could not be fetched",
+    ):
         sae.load("saelens:gpt2-small-res-jb/blocks.2.hook_resid_pre")

@@ -14,7 +14,9 @@ from tests.conftest import make_sae
 @pytest.mark.parametrize("architecture", sae.ARCHITECTURES)
 @torch.no_grad()
 def test_save_load_round_trip(tmp_path, architecture):
-    d = make_sae(architecture, hook_name="blocks.2.hook_mlp_out", model_name="gpt2", context_size=64)
+    d = make_sae(
+        architecture, hook_name="blocks.2.hook_mlp_out", model_name="gpt2", context_size=64
+    )
     d.save(tmp_path / "sae")
     back = sae.load(tmp_path / "sae")
     assert type(back) is type(d)
@@ -32,7 +34,9 @@ def test_normalization_is_folded_at_save(tmp_path):
     assert back.cfg.normalize_activations == "none" and back.cfg.norm_scaling_factor == 1.0
     x = torch.randn(4, 6)
     torch.testing.assert_close(back(x), d(x))
-    assert d.cfg.normalize_activations == "expected_average_only_in", "saving must not change the live SAE"
+    assert d.cfg.normalize_activations == "expected_average_only_in", (
+        "saving must not change the live SAE"
+    )
 
 
 def test_saved_files_use_saelens_keys_and_shapes(tmp_path):
@@ -42,7 +46,11 @@ def test_saved_files_use_saelens_keys_and_shapes(tmp_path):
     assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
     weights = load_file(tmp_path / WEIGHTS_FILE)
     assert {n: tuple(t.shape) for n, t in weights.items()} == {
-        "W_enc": (6, 16), "W_dec": (16, 6), "b_enc": (16,), "b_dec": (6,), "threshold": (16,)
+        "W_enc": (6, 16),
+        "W_dec": (16, 6),
+        "b_enc": (16,),
+        "b_dec": (6,),
+        "threshold": (16,),
     }
     assert not list(tmp_path.glob("*.tmp")), "temporary files must be renamed away"
 
@@ -57,10 +65,21 @@ def write_sparsify(folder, d_in=6, num_latents=16, k=3, **extra_cfg):
     """A folder in sparsify's layout, built from its documented key names."""
     torch.manual_seed(3)
     folder.mkdir(parents=True)
-    (folder / "cfg.json").write_text(json.dumps({
-        "expansion_factor": 32, "normalize_decoder": True, "num_latents": num_latents, "k": k,
-        "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d_in, **extra_cfg
-    }))
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "expansion_factor": 32,
+                "normalize_decoder": True,
+                "num_latents": num_latents,
+                "k": k,
+                "multi_topk": False,
+                "skip_connection": False,
+                "transcode": False,
+                "d_in": d_in,
+                **extra_cfg,
+            }
+        )
+    )
     weights = {
         "encoder.weight": torch.randn(num_latents, d_in),
         "encoder.bias": torch.randn(num_latents) * 0.1,
@@ -78,12 +97,17 @@ def test_sparsify_import_matches_sparsify_math(tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m"}))
     d = sae.load(folder)
     assert d.cfg.architecture == "topk" and d.cfg.k == 3
-    assert d.cfg.hook_name == "blocks.4.hook_resid_post" and d.cfg.model_name == "EleutherAI/pythia-70m"
+    assert (
+        d.cfg.hook_name == "blocks.4.hook_resid_post"
+        and d.cfg.model_name == "EleutherAI/pythia-70m"
+    )
     x = torch.randn(5, 6)
     # sparsify: pre = relu((x - b_dec) @ encoder.weight.T + encoder.bias); top-k; decode with W_dec
     pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
     vals, idx = pre.topk(3)
-    x_hat = torch.stack([(vals[n, :, None] * w["W_dec"][idx[n]]).sum(0) for n in range(5)]) + w["b_dec"]
+    x_hat = (
+        torch.stack([(vals[n, :, None] * w["W_dec"][idx[n]]).sum(0) for n in range(5)]) + w["b_dec"]
+    )
     torch.testing.assert_close(d(x), x_hat)
 
 

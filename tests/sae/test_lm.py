@@ -9,8 +9,20 @@ from sae.lm import hook_names, load_lm, resolve_hook
 
 TINY = {
     "gpt2": GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, n_positions=64),
-    "gpt_neox": GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100),
-    "llama": LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+    "gpt_neox": GPTNeoXConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    ),
+    "llama": LlamaConfig(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    ),
 }
 
 
@@ -56,7 +68,9 @@ def test_local_hf_folder_loads(tmp_path, family, smollm2):
 def test_smollm2_hookpoints(smollm2):
     model, tok = smollm2
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    ids = torch.tensor([[tok.bos_token_id] + tok("To be, or not to be, that is the question").input_ids])
+    ids = torch.tensor(
+        [[tok.bos_token_id] + tok("To be, or not to be, that is the question").input_ids]
+    )
     check_residual_stream(model, ids, layer=6)
     assert resolve_hook(model, "blocks.6.hook_attn_out").module is model.model.layers[6].self_attn
     assert resolve_hook(model, "blocks.6.hook_mlp_out").module is model.model.layers[6].mlp
@@ -78,7 +92,10 @@ def test_raw_module_path_matches_hook_name(smollm2):
 
 def test_unknown_hookpoint_lists_valid_ones(smollm2):
     model, _ = smollm2
-    with pytest.raises(ValueError, match=r"unknown hookpoint 'blocks.6.hook_resid_mid'.*Valid: blocks.L.hook_\{resid_pre,resid_post,attn_out,mlp_out\} for L in 0..29"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown hookpoint 'blocks.6.hook_resid_mid'.*Valid: blocks.L.hook_\{resid_pre,resid_post,attn_out,mlp_out\} for L in 0..29",
+    ):
         resolve_hook(model, "blocks.6.hook_resid_mid")
     with pytest.raises(ValueError, match="layer 30 does not exist"):
         resolve_hook(model, "blocks.30.hook_resid_post")
@@ -90,7 +107,12 @@ def test_minilm_bert_encoder_hookpoints():
     assert model.config.model_type == "bert"
     batch = tok(["the quick brown fox", "jumps"], return_tensors="pt", padding=True)
     check_residual_stream(model, batch.input_ids, layer=2, parallel_or_prenorm=False)
-    with torch.no_grad(), record(model, ["blocks.2.hook_attn_out", "blocks.2.hook_mlp_out"]) as acts:
+    with (
+        torch.no_grad(),
+        record(model, ["blocks.2.hook_attn_out", "blocks.2.hook_mlp_out"]) as acts,
+    ):
         model(**batch)
     assert acts["blocks.2.hook_attn_out"].shape == (2, batch.input_ids.shape[1], 384)
-    assert resolve_hook(model, "blocks.2.hook_mlp_out").module is model.encoder.layer[2].output.dense
+    assert (
+        resolve_hook(model, "blocks.2.hook_mlp_out").module is model.encoder.layer[2].output.dense
+    )

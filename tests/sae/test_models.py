@@ -14,12 +14,16 @@ def hand_pre(d, x):
     pre = torch.zeros(n_rows, d.cfg.d_sae)
     for n in range(n_rows):
         for j in range(d.cfg.d_sae):
-            pre[n, j] = sum((x[n, i] - d.b_dec[i]) * d.W_enc[i, j] for i in range(d_in)) + d.b_enc[j]
+            pre[n, j] = (
+                sum((x[n, i] - d.b_dec[i]) * d.W_enc[i, j] for i in range(d_in)) + d.b_enc[j]
+            )
     return pre
 
 
 def hand_decode(d, z):
-    return torch.stack([sum(z[n, j] * d.W_dec[j] for j in range(d.cfg.d_sae)) + d.b_dec for n in range(z.shape[0])])
+    return torch.stack(
+        [sum(z[n, j] * d.W_dec[j] for j in range(d.cfg.d_sae)) + d.b_dec for n in range(z.shape[0])]
+    )
 
 
 @pytest.fixture
@@ -55,9 +59,19 @@ def test_topk_keeps_k_largest_per_row(x):
 def test_jumprelu_zeroes_below_threshold(x):
     d = make_sae("jumprelu")
     pre = hand_pre(d, x)
-    z = torch.tensor([[p if p > t and p > 0 else 0.0 for p, t in zip(row.tolist(), d.threshold.tolist())] for row in pre])
+    z = torch.tensor(
+        [
+            [
+                p if p > t and p > 0 else 0.0
+                for p, t in zip(row.tolist(), d.threshold.tolist(), strict=False)
+            ]
+            for row in pre
+        ]
+    )
     torch.testing.assert_close(d.encode(x), z)
-    assert 0 < (z != 0).sum() < (pre > 0).sum(), "thresholds should remove some positive pre-activations"
+    assert 0 < (z != 0).sum() < (pre > 0).sum(), (
+        "thresholds should remove some positive pre-activations"
+    )
 
 
 @torch.no_grad()
@@ -70,7 +84,9 @@ def test_batchtopk_training_keeps_k_per_row_on_average(x):
     z = d.batch_activate(d.pre_acts(x))
     torch.testing.assert_close(z, expected)
     assert (z != 0).sum() == 2 * x.shape[0]
-    assert (z != 0).sum(-1).tolist() != [2] * x.shape[0], "rows should get different numbers of latents"
+    assert (z != 0).sum(-1).tolist() != [2] * x.shape[0], (
+        "rows should get different numbers of latents"
+    )
 
 
 @torch.no_grad()
@@ -80,7 +96,10 @@ def test_batchtopk_inference_is_a_shared_jumprelu_threshold(x):
     expected = torch.where(pre > 0.15, pre, torch.zeros_like(pre))
     torch.testing.assert_close(d.encode(x), expected)
     one_row = d.encode(x[:1])
-    torch.testing.assert_close(one_row, d.encode(x)[:1]), "inference codes must not depend on the batch"
+    (
+        torch.testing.assert_close(one_row, d.encode(x)[:1]),
+        "inference codes must not depend on the batch",
+    )
 
 
 @torch.no_grad()
@@ -89,7 +108,7 @@ def test_matryoshka_prefixes_reconstruct_from_leading_latents(x):
     z = d.encode(x)
     decodes = d.prefix_decodes(z)
     assert len(decodes) == 3
-    for width, x_hat in zip([2, 6, 16], decodes):
+    for width, x_hat in zip([2, 6, 16], decodes, strict=False):
         masked = z.clone()
         masked[:, width:] = 0
         torch.testing.assert_close(x_hat, hand_decode(d, masked))
@@ -108,7 +127,10 @@ def test_gated_gate_and_magnitude_paths(x):
     for n in range(x.shape[0]):
         for j in range(d.cfg.d_sae):
             gate = sum(x_in[n, i] * d.W_enc[i, j] for i in range(6)) + d.b_gate[j]
-            mag = sum(x_in[n, i] * d.W_enc[i, j] * torch.exp(d.r_mag[j]) for i in range(6)) + d.b_mag[j]
+            mag = (
+                sum(x_in[n, i] * d.W_enc[i, j] * torch.exp(d.r_mag[j]) for i in range(6))
+                + d.b_mag[j]
+            )
             z[n, j] = max(mag, 0.0) if gate > 0 else 0.0
     torch.testing.assert_close(d.encode(x), z)
     assert "b_enc" not in d.state_dict()
@@ -124,7 +146,9 @@ def test_b_dec_not_subtracted_when_disabled(x):
 @torch.no_grad()
 def test_input_normalization_folds_into_weights(architecture, x):
     """With inputs scaled by s inside the SAE, the folded weights (s = 1) give the same outputs."""
-    d = make_sae(architecture, normalize_activations="expected_average_only_in", norm_scaling_factor=3.7)
+    d = make_sae(
+        architecture, normalize_activations="expected_average_only_in", norm_scaling_factor=3.7
+    )
     plain = make_sae(architecture)
     plain.load_state_dict(d.folded_state_dict())
     torch.testing.assert_close(plain.encode(x), d.encode(x))
@@ -180,7 +204,15 @@ def test_wrong_d_in_is_refused_naming_the_hook():
         ({"k": 40, "d_sae": 16}, "k=40 is larger than d_sae=16"),
         ({"d_in": 0}, "d_in must be a positive integer"),
         ({"dtype": "float8"}, "dtype 'float8'"),
-        ({"architecture": "matryoshka_batchtopk", "d_sae": 16, "k": 4, "matryoshka_widths": [4, 8]}, "end at d_sae=16"),
+        (
+            {
+                "architecture": "matryoshka_batchtopk",
+                "d_sae": 16,
+                "k": 4,
+                "matryoshka_widths": [4, 8],
+            },
+            "end at d_sae=16",
+        ),
         ({"normalize_activations": "layer_norm"}, "normalize_activations"),
     ],
 )

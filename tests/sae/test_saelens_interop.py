@@ -20,8 +20,14 @@ SAELENS_CLASSES = {
 @pytest.mark.parametrize("normalized", [False, True])
 @torch.no_grad()
 def test_ours_loads_in_saelens_with_same_outputs(tmp_path, architecture, normalized):
-    extra = {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.6} if normalized else {}
-    ours = make_sae(architecture, d_in=12, d_sae=40, k=4, hook_name="blocks.6.hook_resid_post", **extra)
+    extra = (
+        {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.6}
+        if normalized
+        else {}
+    )
+    ours = make_sae(
+        architecture, d_in=12, d_sae=40, k=4, hook_name="blocks.6.hook_resid_post", **extra
+    )
     ours.save(tmp_path)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
     assert theirs.cfg.metadata.hook_name == "blocks.6.hook_resid_post"
