@@ -16,6 +16,16 @@ SAELENS_CLASSES = {
 }
 
 
+def assert_same_outputs(ours, theirs):
+    """Same codes (non-trivially sparse), same decodes, same reconstructions, at atol 1e-5 in fp32."""
+    x = torch.randn(32, 12) * 3
+    z = ours.encode(x)
+    assert (z != 0).any() and (z == 0).any()
+    torch.testing.assert_close(theirs.encode(x), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.decode(z), ours.decode(z), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("architecture", sae.ARCHITECTURES)
 @pytest.mark.parametrize("normalized", [False, True])
 @torch.no_grad()
@@ -31,12 +41,7 @@ def test_ours_loads_in_saelens_with_same_outputs(tmp_path, architecture, normali
     ours.save(tmp_path)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
     assert theirs.cfg.metadata.hook_name == "blocks.6.hook_resid_post"
-    x = torch.randn(32, 12) * 3
-    z = ours.encode(x)
-    assert (z != 0).any() and (z == 0).any()
-    torch.testing.assert_close(theirs.encode(x), z, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(theirs.decode(z), ours.decode(z), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+    assert_same_outputs(ours, theirs)
 
 
 @pytest.mark.parametrize("architecture", list(SAELENS_CLASSES))
@@ -56,9 +61,4 @@ def test_saelens_saved_loads_in_ours_with_same_outputs(tmp_path, architecture):
     ours = sae.load(tmp_path)
     assert ours.cfg.architecture == architecture
     assert ours.cfg.hook_name == "blocks.3.hook_resid_pre" and ours.cfg.model_name == "gpt2"
-    x = torch.randn(32, 12) * 3
-    z = theirs.encode(x)
-    assert (z != 0).any() and (z == 0).any()
-    torch.testing.assert_close(ours.encode(x), z, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.decode(z), theirs.decode(z), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    assert_same_outputs(ours, theirs)
