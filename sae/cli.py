@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import inspect
 import json
+import os
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -140,52 +142,77 @@ def run_convert(opts: ConvertOptions) -> None:
 
 @dataclass(frozen=True)
 class Command:
-    options: type | None
-    run: Callable[[Any], None] | None
+    """A subcommand: its options dataclass and run function as "module:name" strings, imported
+    only when needed so that `sae --help` does not load torch models or the trainer."""
+
     help: str
+    options: str | None = None
+    run: str | None = None
 
 
-def planned(issue: str) -> Command:
-    return Command(None, None, f"(not built yet: {issue})")
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": planned("the end-to-end demo arrives with the trainer"),
-    "harvest": planned("arrives with the activation cache"),
-    "train": planned("arrives with the trainer"),
-    "eval": planned("arrives with the evaluation suite"),
-    "dashboard": planned("arrives with dashboards and auto-interp"),
-    "compare": planned("arrives with run comparison"),
-    "info": Command(InfoOptions, run_info, "print a dictionary's config and weight statistics"),
+    "demo": Command("(not built yet: the end-to-end demo arrives with the trainer)"),
+    "harvest": Command(
+        "stream LM activations into a sharded activation cache",
+        "train.config:HarvestConfig",
+        "train.harvest:harvest",
+    ),
+    "train": Command("(not built yet: arrives with the trainer)"),
+    "eval": Command("(not built yet: arrives with the evaluation suite)"),
+    "dashboard": Command("(not built yet: arrives with dashboards and auto-interp)"),
+    "compare": Command("(not built yet: arrives with run comparison)"),
+    "info": Command(
+        "print a dictionary's config and weight statistics",
+        "sae.cli:InfoOptions",
+        "sae.cli:run_info",
+    ),
     "convert": Command(
-        ConvertOptions, run_convert, "re-save any loadable dictionary in our (SAELens) layout"
+        "re-save any loadable dictionary in our (SAELens) layout",
+        "sae.cli:ConvertOptions",
+        "sae.cli:run_convert",
     ),
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only `command`'s options are imported and added (all when None)."""
     top = argparse.ArgumentParser(
         prog="sae", description="sae-forge: train, evaluate and use sparse autoencoders."
     )
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in COMMANDS.items():
+    for name, spec in COMMANDS.items():
+        options = _resolve(spec.options) if spec.options and command in (None, name) else None
         p = sub.add_parser(
-            name,
-            help=command.help,
-            description=(command.options.__doc__ if command.options else command.help),
+            name, help=spec.help, description=options.__doc__ if options else spec.help
         )
-        if command.options:
-            add_options(p, command.options)
+        if options:
+            add_options(p, options)
             p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    command = COMMANDS[args.command]
-    if command.run is None:
-        raise SystemExit(f"sae {args.command}: {command.help}")
-    command.run(build_options(command.options, args))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = parser(command).parse_args(argv)
+    spec = COMMANDS[args.command]
+    if spec.run is None:
+        raise SystemExit(f"sae {args.command}: {spec.help}")
+    try:
+        opts = build_options(_resolve(spec.options), args)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"sae {args.command}: {e}") from e
+    try:
+        _resolve(spec.run)(opts)
+    except (ValueError, OSError, KeyError, RuntimeError, ArithmeticError) as e:
+        if os.environ.get("SAE_DEBUG"):
+            raise
+        raise SystemExit(f"sae {args.command}: {type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":

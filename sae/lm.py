@@ -91,6 +91,7 @@ def load_lm(
     """A model in eval mode and its tokenizer. Causal LMs load with their LM head (for spliced-in
     loss); encoders (BERT) as the bare model."""
     path = model_path(name)
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; ours show the real work
     config = AutoConfig.from_pretrained(path)
     causal = any(
         a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or [])
@@ -159,6 +160,11 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def _block_path(model: nn.Module) -> str:
+    layers = blocks(model)
+    return next(name for name, module in model.named_modules() if module is layers) + ".0"
+
+
 def hook_names(model: nn.Module) -> list[str]:
     """Every TransformerLens-style hookpoint this model supports."""
     return [
@@ -180,7 +186,7 @@ def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
         raise ValueError(
             f"unknown hookpoint {name!r} for {model.config.model_type} with {model.config.num_hidden_layers} layers. "
             f"Valid: blocks.L.hook_{{resid_pre,resid_post,attn_out,mlp_out}} for L in 0..{model.config.num_hidden_layers - 1} "
-            f"(e.g. {valid[:4]}), or a module path such as {next(n for n, _ in model.named_modules() if n)!r}"
+            f"(e.g. {valid[:4]}), or a module path such as {_block_path(model)!r}"
         )
     layer, kind = int(match.group(1)), match.group(2)
     layers = blocks(model)

