@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from itertools import islice
 
 import numpy as np
@@ -54,10 +54,8 @@ def capture(model: nn.Module, hooks: list[str], **inputs: Tensor) -> dict[str, T
     with ExitStack() as stack:
         for name in hooks:
             stack.enter_context(edit(model, name, keep(name)))
-        try:
+        with suppress(_Captured):
             model(**inputs)
-        except _Captured:
-            pass
     missing = [h for h in hooks if h not in acts]
     if missing:
         raise RuntimeError(f"hookpoints {missing} did not fire during the forward pass")
