@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 DEFAULT_DATASET = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PAD_DOC = -1
 
 
@@ -52,8 +53,8 @@ def load_documents(
     dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text"
 ) -> Iterator[str]:
     """Documents of a dataset: `shakespeare` (embedded: one play per document), a local text file
-    (one document) or folder (one document per .txt/.md file), or a `datasets` dataset name or
-    data file (one document per row; streamed, so large datasets start at once)."""
+    (one document) or folder (one document per .txt/.md file), a .json/.jsonl/.csv/.parquet file,
+    or a `datasets` dataset name (one document per row; streamed, so large datasets start at once)."""
     if dataset == DEFAULT_DATASET:
         yield from (clean_markdown(f.read_text()) for f in shakespeare_files())
         return
@@ -69,7 +70,12 @@ def load_documents(
         return
     import datasets
 
-    ds = datasets.load_dataset(dataset, split=split, streaming=True)
+    if path.is_file() and path.suffix in DATA_FILE_BUILDERS:
+        ds = datasets.load_dataset(
+            DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split=split, streaming=True
+        )
+    else:
+        ds = datasets.load_dataset(dataset, split=split, streaming=True)
     for row in ds:
         if text_column not in row:
             raise KeyError(

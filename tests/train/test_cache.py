@@ -1,0 +1,160 @@
+"""The cache format without a model: shards, manifest, stats, readers, corruption, S3."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from train.cache import CacheMismatch, CacheWriter, CorruptShard, load_cache
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+
+
+def identity(**changes):
+    base = {
+        "model": "toy",
+        "revision": "abc",
+        "hookpoints": HOOKS,
+        "d_in": {HOOKS[0]: 4, HOOKS[1]: 3},
+        "dtype": "float32",
+        "context_size": 8,
+        "prepend_bos": True,
+        "dataset": "toy",
+        "pack": True,
+        "seed": 0,
+    }
+    return {**base, **changes}
+
+
+def shard(start, rows):
+    """Rows whose values encode their global index, so any mix-up is visible."""
+    idx = torch.arange(start, start + rows)
+    return {
+        f"acts.{HOOKS[0]}": idx[:, None].float().repeat(1, 4) + torch.arange(4) / 10,
+        f"acts.{HOOKS[1]}": -idx[:, None].float().repeat(1, 3),
+        "tokens": idx.to(torch.int32),
+        "docs": (idx // 10).to(torch.int32),
+        "positions": (idx % 7 + 1).to(torch.int32),
+        "windows": idx // 7,
+    }
+
+
+def write(url, sizes=(10, 7, 12, 5)):
+    writer = CacheWriter(url, identity())
+    start = 0
+    for n in sizes:
+        writer.write_shard(shard(start, n))
+        start += n
+    writer.finish()
+    return start
+
+
+def test_manifest_and_stats(tmp_path):
+    n = write(str(tmp_path))
+    c = load_cache(tmp_path)
+    assert len(c) == n == 34 and c.manifest["complete"]
+    assert [s["rows"] for s in c.manifest["shards"]] == [10, 7, 12, 5]
+    x = shard(0, 34)[f"acts.{HOOKS[0]}"].double()
+    stats = c.stats(HOOKS[0])
+    np.testing.assert_allclose(stats["mean"], x.mean(0).numpy())
+    np.testing.assert_allclose(stats["mean_norm"], x.norm(dim=1).mean().item())
+    np.testing.assert_allclose(
+        stats["norm_scaling_factor"], math.sqrt(4) / x.norm(dim=1).mean().item()
+    )
+    assert c.d_in(HOOKS[1]) == 3
+
+
+def test_shuffled_batches_cover_every_row_once_with_bounded_buffer(tmp_path):
+    write(str(tmp_path))
+    c = load_cache(tmp_path)
+    batches = list(c.batches(6, hook=HOOKS[0], shuffle=True, seed=1, buffer_rows=12))
+    assert all(len(b) == 6 for b in batches[:-1])
+    seen = torch.cat(batches)[:, 0].long()
+    assert sorted(seen.tolist()) == list(range(34))
+    assert seen.tolist() != list(range(34)), "shuffled"
+    again = torch.cat(list(c.batches(6, hook=HOOKS[0], shuffle=True, seed=1, buffer_rows=12)))
+    torch.testing.assert_close(again, torch.cat(batches)), "same seed, same order"
+    ordered = torch.cat(list(c.batches(5, hook=HOOKS[1], shuffle=False)))
+    assert (-ordered[:, 0]).long().tolist() == list(range(34))
+    assert len(list(c.batches(5, hook=HOOKS[1], shuffle=False, drop_last=True))) == 6
+
+
+def test_random_access_rows(tmp_path):
+    write(str(tmp_path))
+    c = load_cache(tmp_path)
+    index = [33, 0, 17, 9, 10, 16]
+    assert c.rows(index, "tokens").tolist() == index
+    torch.testing.assert_close(c.rows(index, HOOKS[0])[:, 0], torch.tensor(index).float())
+    with pytest.raises(IndexError):
+        c.rows([34], "tokens")
+    with pytest.raises(KeyError, match="has no hookpoint 'blocks.9.hook_resid_post'"):
+        c.rows([1], "blocks.9.hook_resid_post")
+    with pytest.raises(ValueError, match="several hookpoints"):
+        next(c.batches(4))
+
+
+def test_flipped_byte_is_detected_naming_the_shard(tmp_path):
+    write(str(tmp_path))
+    path = tmp_path / "shard-00002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    c = load_cache(tmp_path)
+    with pytest.raises(CorruptShard, match="shard-00002.safetensors fails its sha256"):
+        c.verify()
+    with pytest.raises(CorruptShard, match="shard-00002"):
+        list(c.batches(4, hook=HOOKS[0]))
+
+
+def test_truncated_shard_is_detected_naming_the_shard(tmp_path):
+    write(str(tmp_path))
+    path = tmp_path / "shard-00001.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])
+    c = load_cache(tmp_path)
+    with pytest.raises(CorruptShard, match="shard-00001.safetensors has .* bytes.*truncated"):
+        c.verify()
+    with pytest.raises(CorruptShard, match="shard-00001"):
+        c.rows([12], "tokens")
+
+
+def test_reopening_resumes_and_mismatch_is_refused(tmp_path):
+    writer = CacheWriter(str(tmp_path), identity())
+    writer.write_shard(shard(0, 10))
+    again = CacheWriter(str(tmp_path), identity())
+    assert again.shards_done == 1 and again.rows_done == 10
+    with pytest.raises(CacheMismatch, match=r"hookpoints: cache has .*blocks.1.hook_resid_post"):
+        CacheWriter(str(tmp_path), identity(hookpoints=["blocks.1.hook_resid_post"]))
+    with pytest.raises(CacheMismatch, match="model: cache has 'toy', this harvest 'gpt2'"):
+        CacheWriter(str(tmp_path), identity(model="gpt2"))
+
+
+def test_no_temporary_files_left_and_manifest_is_json(tmp_path):
+    write(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"] + [
+        f"shard-0000{i}.safetensors" for i in range(4)
+    ]
+    json.loads((tmp_path / "manifest.json").read_text())
+
+
+def test_missing_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no activation cache"):
+        load_cache(tmp_path / "nope")
+
+
+def test_s3_write_read_resume(s3_bucket):
+    url = f"{s3_bucket}/runs/cache"
+    writer = CacheWriter(url, identity())
+    writer.write_shard(shard(0, 10))
+    resumed = CacheWriter(url, identity())  # a new process would see the same manifest
+    assert resumed.shards_done == 1
+    resumed.write_shard(shard(10, 7))
+    resumed.finish()
+    c = load_cache(url)
+    assert len(c) == 17
+    c.verify()
+    assert sorted(torch.cat(list(c.batches(4, hook=HOOKS[0])))[:, 0].long().tolist()) == list(
+        range(17)
+    )
+    assert c.rows([16, 3], "tokens").tolist() == [16, 3]

@@ -1,0 +1,232 @@
+"""Harvesting SmolLM2 activations into the cache: values, early stop, resume after SIGKILL,
+corruption, NaN, a dataset that runs out, and refusing to mix caches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from sae.hooks import record
+from sae.lm import blocks
+from train.cache import CacheMismatch, load_cache
+from train.harvest import NonFiniteActivations, capture, harvest
+
+HOOKS = ["blocks.3.hook_resid_post", "blocks.5.hook_mlp_out"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("harvest") / "cache"
+    harvest(
+        out=str(out),
+        hook=HOOKS,
+        tokens=1500,
+        context_size=32,
+        batch_size=4,
+        shard_windows=8,
+        dtype="float32",
+        device="cpu",
+    )
+    return load_cache(out)
+
+
+def test_rows_are_the_models_activations(cache, smollm2):
+    model, tok = smollm2
+    assert len(cache) == 1500 and cache.manifest["complete"]
+    assert cache.hookpoints == HOOKS and cache.d_in(HOOKS[0]) == 576
+    positions = cache.rows(np.arange(len(cache)), "positions")
+    assert positions.min() == 1 and positions.max() == 31, "BOS (position 0) is never a row"
+    windows = cache.rows(np.arange(len(cache)), "windows")
+    for w in [0, 5, 17]:
+        idx = np.nonzero((windows == w).numpy())[0]
+        ids = torch.cat([torch.tensor([tok.bos_token_id]), cache.rows(idx, "tokens").long()])[None]
+        with torch.no_grad(), record(model, HOOKS) as acts:
+            model(ids)
+        for hook in HOOKS:
+            torch.testing.assert_close(
+                cache.rows(idx, hook), acts[hook][0, 1:], atol=1e-4, rtol=1e-4
+            )
+    cache.verify()
+
+
+def test_forward_stops_at_the_deepest_hook(smollm2):
+    model, _ = smollm2
+    calls = {i: 0 for i in range(30)}
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(blocks(model))
+    ]
+    try:
+        with torch.no_grad():
+            acts = capture(
+                model,
+                ["blocks.2.hook_resid_pre", "blocks.6.hook_attn_out"],
+                input_ids=torch.ones(1, 4, dtype=torch.long),
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    assert [calls[i] for i in range(6)] == [1] * 6
+    assert all(calls[i] == 0 for i in range(6, 30)), "nothing from block 6's MLP onwards runs"
+    assert set(acts) == {"blocks.2.hook_resid_pre", "blocks.6.hook_attn_out"}
+
+
+def test_existing_cache_from_other_hooks_is_refused_and_complete_one_is_kept(cache):
+    before = json.loads((Path(cache.url) / "manifest.json").read_text())
+    with pytest.raises(CacheMismatch, match="hookpoints: cache has"):
+        harvest(
+            out=cache.url,
+            hook=["blocks.3.hook_resid_pre"],
+            tokens=1500,
+            context_size=32,
+            batch_size=4,
+            shard_windows=8,
+            dtype="float32",
+        )
+    again = harvest(
+        out=cache.url,
+        hook=HOOKS,
+        tokens=1500,
+        context_size=32,
+        batch_size=4,
+        shard_windows=8,
+        dtype="float32",
+        device="cpu",
+    )
+    assert again.manifest == before
+
+
+def run_cli(out, **env):
+    args = [
+        sys.executable,
+        "-m",
+        "sae.cli",
+        "harvest",
+        "--out",
+        str(out),
+        "--tokens",
+        "12000",
+        "--context-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--shard-windows",
+        "8",
+        "--hook",
+        "blocks.4.hook_resid_post",
+        "--hook",
+        "blocks.2.hook_attn_out",
+    ]
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+
+
+def test_sigkill_then_resume_gives_identical_shards(tmp_path):
+    killed = tmp_path / "killed"
+    proc = run_cli(killed)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if len(json.loads((killed / "manifest.json").read_text())["shards"]) >= 3:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = json.loads((killed / "manifest.json").read_text())
+    assert not partial["complete"] and 3 <= len(partial["shards"]) < 24, "killed part way"
+    assert run_cli(killed).wait() == 0
+    assert run_cli(tmp_path / "clean").wait() == 0
+    a, b = load_cache(killed), load_cache(tmp_path / "clean")
+    assert len(a) == len(b) == 12000 and a.manifest["shards"] == b.manifest["shards"]
+    for entry in a.manifest["shards"]:
+        assert (killed / entry["name"]).read_bytes() == (
+            tmp_path / "clean" / entry["name"]
+        ).read_bytes()
+    a.verify()
+
+
+def test_dataset_shorter_than_tokens_stops_cleanly(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text(
+        "Now is the winter of our discontent made glorious summer by this sun of York. " * 20
+    )
+    c = harvest(
+        out=str(tmp_path / "c"),
+        dataset=str(tmp_path / "text.txt"),
+        tokens=100_000,
+        context_size=32,
+        batch_size=2,
+        shard_windows=4,
+        device="cpu",
+    )
+    assert c.manifest["complete"] and 0 < len(c) < 100_000
+    assert "the dataset ended after" in c.manifest["note"]
+    assert "the dataset ended after" in capsys.readouterr().err
+
+
+@pytest.fixture
+def poisoned_model(tmp_path, smollm2):
+    """A tiny Llama whose embedding of one token is inf: windows holding it give NaN activations."""
+    tok = smollm2[1]
+    clean_text = "the king is dead, long live the king. " * 40
+    bad = sorted(set(tok("Zounds! quoth Falstaff").input_ids) - set(tok(clean_text).input_ids))[0]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad] = float("inf")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        (data / f"{i}.txt").write_text(clean_text)
+    (data / "9.txt").write_text("Zounds! quoth Falstaff. " * 10)
+    return tmp_path / "model", data
+
+
+def test_nan_activations_raise_and_nothing_bad_is_written(tmp_path, poisoned_model):
+    model, data = poisoned_model
+    out = tmp_path / "cache"
+    with pytest.raises(
+        NonFiniteActivations,
+        match=r"NaN/inf values at hookpoint 'blocks.1.hook_resid_post' in batch \d+ \(windows \d+\.\.\d+\)",
+    ):
+        harvest(
+            model=str(model),
+            dataset=str(data),
+            out=str(out),
+            hook=["blocks.1.hook_resid_post"],
+            tokens=10_000,
+            context_size=16,
+            batch_size=2,
+            shard_windows=2,
+            pack=False,
+            device="cpu",
+        )
+    c = load_cache(out)
+    assert not c.manifest["complete"]
+    c.verify()
+    for i in range(len(c.manifest["shards"])):
+        assert torch.isfinite(c.read_shard(i)["acts.blocks.1.hook_resid_post"]).all()
+    assert not list(out.glob(".tmp-*")), "no partial files"
