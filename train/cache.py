@@ -160,10 +160,9 @@ class CacheWriter:
 
 def _shard_stats(x: torch.Tensor) -> dict[str, Any]:
     """Sums that add up across shards: per-dimension sum, sum of norms, sum of squared norms."""
-    x = x.double()
-    norms = x.norm(dim=-1)
+    norms = x.float().norm(dim=-1).double()  # float32 work, float64 accumulation
     return {
-        "sum": x.sum(0).tolist(),
+        "sum": x.sum(0, dtype=torch.float64).tolist(),
         "sum_norm": float(norms.sum()),
         "sum_sq_norm": float((norms**2).sum()),
     }
