@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -22,6 +23,7 @@ DEFAULT_DATASET = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PAD_DOC = -1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,12 +126,13 @@ def _window(bos: int, tokens: list[int], docs: list[int]) -> Window:
     )
 
 
-def shuffled(windows: Iterable[Window], seed: int, buffer: int = 16384) -> Iterator[Window]:
-    """A seeded shuffle through a bounded buffer: the same seed gives the same order, and memory
-    stays at `buffer` windows however large the dataset."""
+def shuffled(items: Iterable[T], seed: int, buffer: int = 1024) -> Iterator[T]:
+    """A seeded shuffle through a bounded buffer: the same seed gives the same order, memory stays
+    at `buffer` items however large the dataset, and the first item comes after `buffer` are read
+    (harvesting shuffles documents, then windows; the trainer's reader shuffles rows again)."""
     rng = random.Random(seed)
-    pool: list[Window] = []
-    for w in windows:
+    pool: list[T] = []
+    for w in items:
         pool.append(w)
         if len(pool) >= buffer:
             i = rng.randrange(len(pool))

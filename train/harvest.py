@@ -9,6 +9,7 @@ forward passes run; on CUDA, activations go to pinned host memory with non-block
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import sys
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ class Harvester:
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         self.model, self.tokenizer = load_lm(cfg.model, device=str(self.device))
+        self.takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
         self.d_in = {
             h: int(a.shape[-1]) for h, a in self.forward(torch.ones(1, 2, dtype=torch.long)).items()
         }
@@ -102,11 +104,16 @@ class Harvester:
     @torch.inference_mode()
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """[batch, seq] token ids -> {hook: [batch, seq, d]} in the cache dtype."""
-        tokens = tokens.to(self.device, non_blocking=True)
-        mask = torch.ones_like(tokens) if mask is None else mask.to(self.device, non_blocking=True)
+        inputs = {"input_ids": tokens.to(self.device, non_blocking=True)}
+        if mask is not None and not bool(
+            mask.all()
+        ):  # no mask lets attention take its causal fast path
+            inputs["attention_mask"] = mask.to(self.device, non_blocking=True)
+        if self.takes_use_cache:
+            inputs["use_cache"] = False  # no KV cache to build: nothing generates here
         autocast = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
-            acts = capture(self.model, self.cfg.hook, input_ids=tokens, attention_mask=mask)
+            acts = capture(self.model, self.cfg.hook, **inputs)
         return {h: a.to(self.dtype) for h, a in acts.items()}
 
     def identity(self) -> dict:
@@ -126,8 +133,8 @@ class Harvester:
 
     def windows(self) -> Iterator[Window]:
         c = self.cfg
-        docs = load_documents(c.dataset, c.split, c.text_column)
-        return shuffled(token_windows(self.tokenizer, docs, c.context_size, c.pack), c.seed)
+        docs = shuffled(load_documents(c.dataset, c.split, c.text_column), c.seed)
+        return shuffled(token_windows(self.tokenizer, docs, c.context_size, c.pack), c.seed + 1)
 
     def shard_rows(
         self, windows: list[Window], first_window: int, first_batch: int

@@ -225,7 +225,9 @@ def test_nan_activations_raise_and_nothing_bad_is_written(tmp_path, poisoned_mod
             device="cpu",
         )
     c = load_cache(out)
-    assert not c.manifest["complete"] and len(c.manifest["shards"]) > 0, "shards before the bad batch are kept"
+    assert not c.manifest["complete"] and len(c.manifest["shards"]) > 0, (
+        "shards before the bad batch are kept"
+    )
     c.verify()
     for i in range(len(c.manifest["shards"])):
         assert torch.isfinite(c.read_shard(i)["acts.blocks.1.hook_resid_post"]).all()
