@@ -88,11 +88,11 @@ def load_documents(
 
 def token_windows(
     tokenizer: PreTrainedTokenizerBase,
-    documents: Iterable[str],
+    documents: Iterable[tuple[int, str]],
     context_size: int,
     pack: bool = True,
 ) -> Iterator[Window]:
-    """Windows in document order (see module doc)."""
+    """Windows from (document id, text) pairs, in the order given (see module doc)."""
     if context_size < 2:
         raise ValueError(
             f"context_size must be at least 2 (BOS plus one token), got {context_size}"
@@ -103,26 +103,31 @@ def token_windows(
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     body = context_size - 1
-    tokens: list[int] = []
-    docs: list[int] = []
-    for doc_id, text in enumerate(documents):
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+    carry_tokens, carry_docs = np.empty(0, np.int64), np.empty(0, np.int32)
+    for doc_id, text in documents:
+        ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
         if pack and eos is not None:
-            ids = [*ids, eos]
-        tokens += ids
-        docs += [doc_id] * len(ids)
-        while len(tokens) >= body:
-            yield _window(bos, tokens[:body], docs[:body])
-            del tokens[:body], docs[:body]
-        if not pack and tokens:
-            n = len(tokens)
-            yield _window(bos, tokens + [pad] * (body - n), docs + [PAD_DOC] * (body - n))
-            tokens, docs = [], []
+            ids = np.append(ids, eos)
+        tokens = np.concatenate([carry_tokens, ids])
+        docs = np.concatenate([carry_docs, np.full(len(ids), doc_id, np.int32)])
+        n_full = len(tokens) // body
+        for i in range(n_full):
+            yield _window(bos, tokens[i * body : (i + 1) * body], docs[i * body : (i + 1) * body])
+        carry_tokens, carry_docs = tokens[n_full * body :], docs[n_full * body :]
+        if not pack and len(carry_tokens):
+            short = body - len(carry_tokens)
+            yield _window(
+                bos,
+                np.append(carry_tokens, [pad] * short),
+                np.append(carry_docs, [PAD_DOC] * short),
+            )
+            carry_tokens, carry_docs = carry_tokens[:0], carry_docs[:0]
 
 
-def _window(bos: int, tokens: list[int], docs: list[int]) -> Window:
+def _window(bos: int, tokens: np.ndarray, docs: np.ndarray) -> Window:
     return Window(
-        np.array([bos, *tokens], dtype=np.int64), np.array([docs[0], *docs], dtype=np.int32)
+        np.concatenate([[bos], tokens]).astype(np.int64),
+        np.concatenate([docs[:1], docs]).astype(np.int32),
     )
 
 

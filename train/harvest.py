@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from itertools import islice
 
@@ -133,7 +134,7 @@ class Harvester:
 
     def windows(self) -> Iterator[Window]:
         c = self.cfg
-        docs = shuffled(load_documents(c.dataset, c.split, c.text_column), c.seed)
+        docs = shuffled(enumerate(load_documents(c.dataset, c.split, c.text_column)), c.seed)
         return shuffled(token_windows(self.tokenizer, docs, c.context_size, c.pack), c.seed + 1)
 
     def shard_rows(
@@ -171,6 +172,14 @@ class Harvester:
             torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
         return {k: torch.cat(v) for k, v in parts.items()}
 
+    def writer_pool(self) -> Executor:
+        """A background writer where it has a core of its own (always with CUDA, where the host
+        mostly waits for the GPU). On a CPU box whose cores all run the forward's matmuls, writing
+        in line is faster than making those threads share their cores with the writer."""
+        if self.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads():
+            return ThreadPoolExecutor(max_workers=1)
+        return InlineExecutor()
+
     def run(self) -> ActivationCache:
         c = self.cfg
         writer = CacheWriter(c.out, self.identity())
@@ -193,7 +202,7 @@ class Harvester:
             disable=None,
         )
         pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with self.writer_pool() as pool:
             while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
                 first_window = shard_index * c.shard_windows
                 rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
@@ -218,6 +227,18 @@ class Harvester:
             file=sys.stderr,
         )
         return ActivationCache(c.out)
+
+
+class InlineExecutor(Executor):
+    """Runs each task at submit; the same interface as a one-thread pool."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
 
 
 def _to_host(t: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ DOCS = [
 
 
 def test_packed_windows_are_the_concatenated_documents(tok):
-    windows = list(token_windows(tok, DOCS, context_size=8, pack=True))
+    windows = list(token_windows(tok, enumerate(DOCS), context_size=8, pack=True))
     assert all(w.tokens[0] == tok.bos_token_id and len(w.tokens) == 8 for w in windows)
     stream = np.concatenate([w.tokens[1:] for w in windows])
     expected = sum(
@@ -43,7 +43,7 @@ def test_packed_windows_are_the_concatenated_documents(tok):
 
 
 def test_unpacked_windows_keep_documents_apart_with_padding(tok):
-    windows = list(token_windows(tok, DOCS, context_size=8, pack=False))
+    windows = list(token_windows(tok, enumerate(DOCS), context_size=8, pack=False))
     for w in windows:
         real = w.docs[1:][w.docs[1:] != PAD_DOC]
         assert len(set(real.tolist())) == 1, "one document per window"
@@ -83,4 +83,4 @@ def test_local_text_folder_file_and_jsonl(tmp_path):
 
 def test_context_size_too_small(tok):
     with pytest.raises(ValueError, match="context_size must be at least 2"):
-        list(token_windows(tok, DOCS, context_size=1))
+        list(token_windows(tok, enumerate(DOCS), context_size=1))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from sae.hooks import record
 from sae.lm import blocks
 from train.cache import CacheMismatch, load_cache
-from train.harvest import NonFiniteActivations, capture, harvest
+from train.data import load_documents
+from train.harvest import Harvester, NonFiniteActivations, capture, harvest
 
 HOOKS = ["blocks.3.hook_resid_post", "blocks.5.hook_mlp_out"]
 
@@ -55,6 +57,42 @@ def test_rows_are_the_models_activations(cache, smollm2):
                 cache.rows(idx, hook), acts[hook][0, 1:], atol=1e-4, rtol=1e-4
             )
     cache.verify()
+
+
+def test_rows_know_their_document(cache, smollm2):
+    """`docs` is the index of the play in dataset order, even though harvesting shuffles them."""
+    tok = smollm2[1]
+    plays = list(load_documents("shakespeare"))
+    windows = cache.rows(np.arange(len(cache)), "windows")
+    for w in [1, 9]:
+        idx = np.nonzero((windows == w).numpy())[0]
+        docs = cache.rows(idx, "docs")
+        if (docs == docs[0]).all():
+            play = tok(plays[int(docs[0])], add_special_tokens=False).input_ids
+            window = cache.rows(idx, "tokens").tolist()
+            assert any(
+                play[i : i + len(window)] == window for i in range(len(play) - len(window) + 1)
+            )
+
+
+def test_background_writer_writes_the_same_bytes(cache, tmp_path, monkeypatch):
+    """The threaded writer (CUDA, or spare cores) and the inline one produce identical shards."""
+    monkeypatch.setattr(Harvester, "writer_pool", lambda self: ThreadPoolExecutor(max_workers=1))
+    threaded = harvest(
+        out=str(tmp_path / "t"),
+        hook=HOOKS,
+        tokens=1500,
+        context_size=32,
+        batch_size=4,
+        shard_windows=8,
+        dtype="float32",
+        device="cpu",
+    )
+    assert threaded.manifest["shards"] == cache.manifest["shards"]
+    for entry in cache.manifest["shards"]:
+        assert (tmp_path / "t" / entry["name"]).read_bytes() == (
+            Path(cache.url) / entry["name"]
+        ).read_bytes()
 
 
 def test_forward_stops_at_the_deepest_hook(smollm2):

@@ -1,0 +1,195 @@
+"""Harvest throughput, in one run on the same windows and precision:
+
+  ours      `sae harvest` end to end (data, forward to the deepest hook, shards, manifest), tokens/s
+  bare      the model's forward truncated after the hooked block, nothing stored
+  saelens   SAELens's ActivationsStore.get_activations on the same model (TransformerBridge), one
+            pass per hookpoint, as SAELens caches one hook per run
+
+Prints ratios and writes bench/results/harvest-<device>.json. Tokens/s count the rows a harvest
+stores (position 0 excluded) for ours, and window tokens for the baselines, which favours them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from train.config import HarvestConfig
+from train.harvest import DTYPES, Harvester
+
+LAYER = 6
+ONE = [f"blocks.{LAYER}.hook_resid_post"]
+FOUR = [f"blocks.{LAYER}.hook_{k}" for k in ("resid_pre", "attn_out", "mlp_out", "resid_post")]
+BRIDGE_NAMES = {  # TransformerBridge's names for the same hookpoints
+    f"blocks.{LAYER}.hook_resid_pre": f"blocks.{LAYER}.hook_in",
+    f"blocks.{LAYER}.hook_attn_out": f"blocks.{LAYER}.attn.hook_out",
+    f"blocks.{LAYER}.hook_mlp_out": f"blocks.{LAYER}.mlp.hook_out",
+    f"blocks.{LAYER}.hook_resid_post": f"blocks.{LAYER}.hook_out",
+}
+
+
+class PeakRSS:
+    """Samples resident memory in a thread: the peak during a block, in MiB."""
+
+    def __enter__(self):
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+            self.peak = max(self.peak, rss / 2**20)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def batches_of(harvester: Harvester, n_batches: int) -> list[torch.Tensor]:
+    """The first windows of our harvest order, as the [batch, seq] tensors every method runs on."""
+    windows = list(islice(harvester.windows(), n_batches * harvester.cfg.batch_size))
+    tokens = torch.from_numpy(np.stack([w.tokens for w in windows]))
+    return list(tokens.split(harvester.cfg.batch_size))
+
+
+def bare_forward(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """The base model with its block list cut after the hooked block: the forward's floor."""
+    base = model.model
+    full = base.layers
+    base.layers = nn.ModuleList(list(full)[: LAYER + 1])
+    try:
+        with (
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32),
+        ):
+            base(batches[0], use_cache=False)  # warm-up
+            return timed(lambda: [base(b, use_cache=False) for b in batches])
+    finally:
+        base.layers = full
+
+
+def ours(cfg: HarvestConfig) -> tuple[float, float, int]:
+    harvester = Harvester(cfg)  # model load is not part of a harvest's throughput
+    with PeakRSS() as mem:
+        seconds = timed(harvester.run)
+    return seconds, mem.peak, cfg.tokens
+
+
+def saelens(
+    model_dir: str, batches: list[torch.Tensor], hooks: list[str], dtype: torch.dtype
+) -> float:
+    import datasets
+    from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge
+    from sae_lens.training.activations_store import ActivationsStore
+
+    bridge = SAETransformerBridge.boot_transformers(model_dir, device="cpu")
+    tokens = torch.cat(batches)
+    total = 0.0
+    for hook in hooks:
+        store = ActivationsStore(
+            model=bridge, dataset=datasets.Dataset.from_dict({"input_ids": tokens.tolist()}), streaming=False,
+            hook_name=BRIDGE_NAMES[hook], hook_head_index=None, context_size=tokens.shape[1], d_in=576,
+            n_batches_in_buffer=2, total_training_tokens=10**9, store_batch_size_prompts=len(batches[0]),
+            train_batch_size_tokens=4096, prepend_bos=True, normalize_activations="none",
+            device=torch.device("cpu"), dtype="float32", autocast_lm=dtype != torch.float32,
+        )  # fmt: skip
+        store.get_activations(batches[0])  # warm-up
+        total += timed(lambda s=store: [s.get_activations(b) for b in batches])
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--batches", type=int, default=32, help="forward batches of 8 x 128 tokens per measurement"
+    )
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    from sae.lm import smollm2_dir
+
+    model_dir = str(smollm2_dir())
+    results = []
+    scratch = Path(tempfile.mkdtemp())
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for hooks in (ONE, FOUR):
+            cfg = HarvestConfig(
+                hook=hooks, dtype=dtype_name, device="cpu", batch_size=8, context_size=128,
+                tokens=args.batches * 8 * 127, shard_windows=64, out=str(scratch / f"{dtype_name}-{len(hooks)}"),
+            )  # fmt: skip
+            probe = Harvester(cfg)
+            batches = batches_of(probe, args.batches)
+            window_tokens = sum(b.numel() for b in batches)
+            bare_s = bare_forward(probe.model, batches, dtype)
+            del probe
+            ours_s, peak_mib, rows = ours(cfg)
+            lens_s = saelens(model_dir, batches, hooks, dtype)
+            row = {
+                "dtype": dtype_name,
+                "hookpoints": len(hooks),
+                "tokens": window_tokens,
+                "ours_tokens_per_s": rows / ours_s,
+                "bare_forward_tokens_per_s": window_tokens / bare_s,
+                "saelens_tokens_per_s": window_tokens / lens_s,
+                "ours_vs_bare": (rows / ours_s) / (window_tokens / bare_s),
+                "ours_vs_saelens": (rows / ours_s) / (window_tokens / lens_s),
+                "ours_peak_rss_mib": peak_mib,
+            }
+            results.append(row)
+            print(
+                f"{dtype_name:8s} {len(hooks)} hook(s): ours {row['ours_tokens_per_s']:7.0f} tok/s | "
+                f"bare forward {row['bare_forward_tokens_per_s']:7.0f} (ours/bare {row['ours_vs_bare']:.2f}x) | "
+                f"SAELens {row['saelens_tokens_per_s']:7.0f} (ours/SAELens {row['ours_vs_saelens']:.2f}x) | "
+                f"peak RSS {peak_mib:.0f} MiB",
+                flush=True,
+            )
+    shutil.rmtree(scratch, ignore_errors=True)
+    machine = {
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    out = Path(args.out) / "harvest-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "harvest",
+                "model": "smollm2-135m",
+                "layer": LAYER,
+                "batch": "8 x 128",
+                "machine": machine,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
