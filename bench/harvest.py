@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -89,43 +91,87 @@ def bare_forward(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dty
         base.layers = full
 
 
-def ours(cfg: HarvestConfig) -> tuple[float, float, int]:
-    harvester = Harvester(cfg)  # model load is not part of a harvest's throughput
+def ours(harvester: Harvester, out: Path) -> tuple[float, float]:
+    """Seconds for a whole harvest into a fresh cache, and the peak RSS (MiB) while it ran."""
+    harvester.cfg = replace(harvester.cfg, out=str(out))
     with PeakRSS() as mem:
         seconds = timed(harvester.run)
-    return seconds, mem.peak, cfg.tokens
+    return seconds, mem.peak
 
 
-def saelens(
+def saelens_stores(
     model_dir: str, batches: list[torch.Tensor], hooks: list[str], dtype: torch.dtype
-) -> float:
+) -> list:
+    """One SAELens ActivationsStore per hookpoint on a TransformerBridge of the same model."""
     import datasets
     from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge
     from sae_lens.training.activations_store import ActivationsStore
 
     bridge = SAETransformerBridge.boot_transformers(model_dir, device="cpu")
     tokens = torch.cat(batches)
-    total = 0.0
-    for hook in hooks:
-        store = ActivationsStore(
-            model=bridge, dataset=datasets.Dataset.from_dict({"input_ids": tokens.tolist()}), streaming=False,
-            hook_name=BRIDGE_NAMES[hook], hook_head_index=None, context_size=tokens.shape[1], d_in=576,
-            n_batches_in_buffer=2, total_training_tokens=10**9, store_batch_size_prompts=len(batches[0]),
-            train_batch_size_tokens=4096, prepend_bos=True, normalize_activations="none",
-            device=torch.device("cpu"), dtype="float32", autocast_lm=dtype != torch.float32,
+    return [
+        ActivationsStore(
+            model=bridge,
+            dataset=datasets.Dataset.from_dict({"input_ids": tokens.tolist()}),
+            streaming=False,
+            hook_name=BRIDGE_NAMES[hook],
+            hook_head_index=None,
+            context_size=tokens.shape[1],
+            d_in=576,
+            n_batches_in_buffer=2,
+            total_training_tokens=10**9,
+            store_batch_size_prompts=len(batches[0]),
+            train_batch_size_tokens=4096,
+            prepend_bos=True,
+            normalize_activations="none",
+            device=torch.device("cpu"),
+            dtype="float32",
+            autocast_lm=dtype != torch.float32,
         )  # fmt: skip
-        store.get_activations(batches[0])  # warm-up
-        total += timed(lambda s=store: [s.get_activations(b) for b in batches])
-    return total
+        for hook in hooks
+    ]
+
+
+def saelens(stores: list, batches: list[torch.Tensor]) -> float:
+    """Seconds for SAELens to produce the same activations: one pass per hookpoint."""
+    with torch.no_grad():
+        stores[0].get_activations(batches[0])  # warm-up
+        return sum(timed(lambda s=s: [s.get_activations(b) for b in batches]) for s in stores)
+
+
+def memory_growth(scratch: Path, batches: int) -> dict:
+    """Peak RSS of the same harvest at 1x and 4x the tokens: bounded memory means no growth."""
+    out = {}
+    for factor in (1, 4):
+        cfg = HarvestConfig(
+            dtype="bfloat16",
+            device="cpu",
+            tokens=factor * batches * 8 * 127,
+            shard_windows=64,
+            out=str(scratch / f"mem-{factor}"),
+        )
+        _, peak = ours(Harvester(cfg), scratch / f"mem-{factor}")
+        out[f"peak_rss_mib_{cfg.tokens}_tokens"] = peak
+        print(f"memory: {cfg.tokens:,} tokens -> peak RSS {peak:.0f} MiB", flush=True)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--batches", type=int, default=32, help="forward batches of 8 x 128 tokens per measurement"
+        "--batches", type=int, default=16, help="forward batches of 8 x 128 tokens per measurement"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds; the median of each method is reported",
     )
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument(
+        "--skip-memory", action="store_true", help="skip the 1x vs 4x tokens peak-RSS check"
+    )
     args = ap.parse_args()
     from sae.lm import smollm2_dir
 
@@ -137,57 +183,61 @@ def main() -> None:
         for hooks in (ONE, FOUR):
             cfg = HarvestConfig(
                 hook=hooks, dtype=dtype_name, device="cpu", batch_size=8, context_size=128,
-                tokens=args.batches * 8 * 127, shard_windows=64, out=str(scratch / f"{dtype_name}-{len(hooks)}"),
+                tokens=args.batches * 8 * 127, shard_windows=64, out=str(scratch / "probe"),
             )  # fmt: skip
-            probe = Harvester(cfg)
-            batches = batches_of(probe, args.batches)
+            harvester = Harvester(cfg)  # model load is not part of a harvest's throughput
+            batches = batches_of(harvester, args.batches)
             window_tokens = sum(b.numel() for b in batches)
-            bare_s = bare_forward(probe.model, batches, dtype)
-            del probe
-            ours_s, peak_mib, rows = ours(cfg)
-            lens_s = saelens(model_dir, batches, hooks, dtype)
+            stores = saelens_stores(model_dir, batches, hooks, dtype)
+            runs: dict[str, list[float]] = {"ours": [], "bare": [], "saelens": [], "rss": []}
+            for r in range(args.rounds):  # interleaved, so drifts in machine speed hit all three
+                runs["bare"].append(window_tokens / bare_forward(harvester.model, batches, dtype))
+                seconds, peak = ours(harvester, scratch / f"{dtype_name}-{len(hooks)}-{r}")
+                runs["ours"].append(cfg.tokens / seconds)
+                runs["rss"].append(peak)
+                runs["saelens"].append(window_tokens / saelens(stores, batches))
+            med = {k: float(np.median(v)) for k, v in runs.items()}
             row = {
                 "dtype": dtype_name,
                 "hookpoints": len(hooks),
-                "tokens": window_tokens,
-                "ours_tokens_per_s": rows / ours_s,
-                "bare_forward_tokens_per_s": window_tokens / bare_s,
-                "saelens_tokens_per_s": window_tokens / lens_s,
-                "ours_vs_bare": (rows / ours_s) / (window_tokens / bare_s),
-                "ours_vs_saelens": (rows / ours_s) / (window_tokens / lens_s),
-                "ours_peak_rss_mib": peak_mib,
+                "window_tokens": window_tokens,
+                "rounds": args.rounds,
+                "ours_tokens_per_s": med["ours"],
+                "bare_forward_tokens_per_s": med["bare"],
+                "saelens_tokens_per_s": med["saelens"],
+                "ours_vs_bare": med["ours"] / med["bare"],
+                "ours_vs_saelens": med["ours"] / med["saelens"],
+                "ours_peak_rss_mib": max(runs["rss"]),
+                "all_rounds": runs,
             }
             results.append(row)
             print(
-                f"{dtype_name:8s} {len(hooks)} hook(s): ours {row['ours_tokens_per_s']:7.0f} tok/s | "
-                f"bare forward {row['bare_forward_tokens_per_s']:7.0f} (ours/bare {row['ours_vs_bare']:.2f}x) | "
-                f"SAELens {row['saelens_tokens_per_s']:7.0f} (ours/SAELens {row['ours_vs_saelens']:.2f}x) | "
-                f"peak RSS {peak_mib:.0f} MiB",
+                f"{dtype_name:8s} {len(hooks)} hook(s): ours {med['ours']:6.0f} tok/s | bare forward {med['bare']:6.0f} "
+                f"(ours/bare {row['ours_vs_bare']:.2f}x) | SAELens {med['saelens']:6.0f} (ours/SAELens "
+                f"{row['ours_vs_saelens']:.2f}x) | peak RSS {row['ours_peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
+            del harvester, stores
+    memory = {} if args.skip_memory else memory_growth(scratch, args.batches)
     shutil.rmtree(scratch, ignore_errors=True)
     machine = {
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
-        "cores": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
     out = Path(args.out) / "harvest-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "harvest",
-                "model": "smollm2-135m",
-                "layer": LAYER,
-                "batch": "8 x 128",
-                "machine": machine,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    meta = {
+        "benchmark": "harvest",
+        "model": "smollm2-135m",
+        "layer": LAYER,
+        "batch": "8 x 128",
+        "machine": machine,
+    }
+    out.write_text(json.dumps({**meta, "results": results, "memory": memory}, indent=2))
     print(f"wrote {out}")
 
 
