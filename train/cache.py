@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -88,6 +88,13 @@ def _join(root: str, name: str) -> str:
 
 
 # -- writing --------------------------------------------------------------------------------------
+class PreparedShard(NamedTuple):
+    data: bytes
+    """The serialized safetensors file."""
+    entry: dict[str, Any]
+    """Its manifest entry, less the name (given at commit, in order)."""
+
+
 class CacheWriter:
     """Appends shards to a cache; reopening with the same identity resumes after the last shard."""
 
@@ -129,13 +136,10 @@ class CacheWriter:
     def rows_done(self) -> int:
         return self.manifest["token_count"]
 
-    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Serialize, hash and store one shard, then record it in the manifest."""
-        name = f"shard-{self.shards_done:05d}.safetensors"
+    def prepare(self, tensors: dict[str, torch.Tensor]) -> PreparedShard:
+        """The CPU half of writing a shard: serialize, hash, and sum the statistics."""
         data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
-        _put(self.fs, _join(self.root, name), data)
         entry = {
-            "name": name,
             "rows": int(tensors["tokens"].shape[0]),
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -143,9 +147,18 @@ class CacheWriter:
                 hook: _shard_stats(tensors[acts_key(hook)]) for hook in self.manifest["hookpoints"]
             },
         }
-        self.manifest["shards"].append(entry)
-        self.manifest["token_count"] += entry["rows"]
+        return PreparedShard(data, entry)
+
+    def commit(self, shard: PreparedShard) -> None:
+        """The I/O half: store the shard under the next name, then record it in the manifest."""
+        name = f"shard-{self.shards_done:05d}.safetensors"
+        _put(self.fs, _join(self.root, name), shard.data)
+        self.manifest["shards"].append({"name": name, **shard.entry})
+        self.manifest["token_count"] += shard.entry["rows"]
         self._save_manifest()
+
+    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.commit(self.prepare(tensors))
 
     def finish(self, note: str | None = None) -> None:
         self.manifest["complete"] = True

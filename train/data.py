@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ DEFAULT_DATASET = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PAD_DOC = -1
+TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 T = TypeVar("T")
 
 
@@ -48,7 +50,7 @@ def shakespeare_files() -> list[Path]:
 
 def clean_markdown(text: str) -> str:
     """Drop markdown's two-space line-break markers, which would otherwise be tokens on every line."""
-    return "\n".join(line.rstrip() for line in text.splitlines())
+    return TRAILING_SPACE.sub("", text)
 
 
 def load_documents(
@@ -131,7 +133,7 @@ def _window(bos: int, tokens: np.ndarray, docs: np.ndarray) -> Window:
     )
 
 
-def shuffled(items: Iterable[T], seed: int, buffer: int = 1024) -> Iterator[T]:
+def shuffled(items: Iterable[T], seed: int, buffer: int = 256) -> Iterator[T]:
     """A seeded shuffle through a bounded buffer: the same seed gives the same order, memory stays
     at `buffer` items however large the dataset, and the first item comes after `buffer` are read
     (harvesting shuffles documents, then windows; the trainer's reader shuffles rows again)."""

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from itertools import islice
 
@@ -172,13 +172,12 @@ class Harvester:
             torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
         return {k: torch.cat(v) for k, v in parts.items()}
 
-    def writer_pool(self) -> Executor:
-        """A background writer where it has a core of its own (always with CUDA, where the host
-        mostly waits for the GPU). On a CPU box whose cores all run the forward's matmuls, writing
-        in line is faster than making those threads share their cores with the writer."""
-        if self.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads():
-            return ThreadPoolExecutor(max_workers=1)
-        return InlineExecutor()
+    def prepare_in_background(self) -> bool:
+        """Serializing and hashing a shard is CPU work: give it to the writer thread where that
+        thread has a core of its own (always with CUDA, where the host mostly waits for the GPU).
+        On a CPU box whose cores all run the forward's matmuls it is done in line, and only the
+        I/O (write, fsync, rename), which barely uses a core, overlaps the next forward passes."""
+        return self.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
 
     def run(self) -> ActivationCache:
         c = self.cfg
@@ -202,14 +201,20 @@ class Harvester:
             disable=None,
         )
         pending: Future | None = None
-        with self.writer_pool() as pool:
+        background = self.prepare_in_background()
+        with ThreadPoolExecutor(max_workers=1) as pool:
             while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
                 first_window = shard_index * c.shard_windows
                 rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
                 rows = {k: v[: c.tokens - submitted] for k, v in rows.items()}
+                prepared = None if background else writer.prepare(rows)
                 if pending is not None:
                     pending.result()  # at most one shard in flight: memory stays bounded
-                pending = pool.submit(writer.write_shard, rows)
+                pending = (
+                    pool.submit(writer.write_shard, rows)
+                    if background
+                    else pool.submit(writer.commit, prepared)
+                )
                 shard_index, submitted = shard_index + 1, submitted + len(rows["tokens"])
                 bar.update(len(rows["tokens"]))
             if pending is not None:
@@ -227,18 +232,6 @@ class Harvester:
             file=sys.stderr,
         )
         return ActivationCache(c.out)
-
-
-class InlineExecutor(Executor):
-    """Runs each task at submit; the same interface as a one-thread pool."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as e:
-            future.set_exception(e)
-        return future
 
 
 def _to_host(t: Tensor) -> Tensor:

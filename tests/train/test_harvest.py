@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +75,10 @@ def test_rows_know_their_document(cache, smollm2):
 
 
 def test_background_writer_writes_the_same_bytes(cache, tmp_path, monkeypatch):
-    """The threaded writer (CUDA, or spare cores) and the inline one produce identical shards."""
-    monkeypatch.setattr(Harvester, "writer_pool", lambda self: ThreadPoolExecutor(max_workers=1))
+    """Preparing shards in the writer thread (CUDA, or spare cores) or in line gives identical shards."""
+    monkeypatch.setattr(
+        Harvester, "prepare_in_background", lambda self: not Harvester.prepare_in_background(self)
+    )
     threaded = harvest(
         out=str(tmp_path / "t"),
         hook=HOOKS,
