@@ -76,9 +76,8 @@ def test_rows_know_their_document(cache, smollm2):
 
 def test_background_writer_writes_the_same_bytes(cache, tmp_path, monkeypatch):
     """Preparing shards in the writer thread (CUDA, or spare cores) or in line gives identical shards."""
-    monkeypatch.setattr(
-        Harvester, "prepare_in_background", lambda self: not Harvester.prepare_in_background(self)
-    )
+    default = Harvester.prepare_in_background
+    monkeypatch.setattr(Harvester, "prepare_in_background", lambda self: not default(self))
     threaded = harvest(
         out=str(tmp_path / "t"),
         hook=HOOKS,
