@@ -173,9 +173,10 @@ class CacheWriter:
 
 def _shard_stats(x: torch.Tensor) -> dict[str, Any]:
     """Sums that add up across shards: per-dimension sum, sum of norms, sum of squared norms."""
-    norms = x.float().norm(dim=-1).double()  # float32 work, float64 accumulation
+    x = x.float()  # float32 within a shard (pairwise sums), float64 across shards
+    norms = x.norm(dim=-1).double()
     return {
-        "sum": x.sum(0, dtype=torch.float64).tolist(),
+        "sum": x.sum(0).double().tolist(),
         "sum_norm": float(norms.sum()),
         "sum_sq_norm": float((norms**2).sum()),
     }
