@@ -53,6 +53,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     docs = field_docs(cls)
     for f in fields(cls):
         default, help_text = _default(f), docs.get(f.name, "")
+        if f.metadata.get("cli") is False:  # set from a --config file only
+            continue
         if f.metadata.get("positional"):
             parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
             continue
@@ -162,7 +164,7 @@ COMMANDS: dict[str, Command] = {
         "train.config:HarvestConfig",
         "train.harvest:harvest",
     ),
-    "train": Command("(not built yet: arrives with the trainer)"),
+    "train": Command("train one or more SAEs on an activation cache", "train.config:TrainConfig", "train.trainer:train_cli"),
     "eval": Command("(not built yet: arrives with the evaluation suite)"),
     "dashboard": Command("(not built yet: arrives with dashboards and auto-interp)"),
     "compare": Command("(not built yet: arrives with run comparison)"),

@@ -10,7 +10,8 @@ Every architecture reads the same way (shapes: x [..., d_in], z [..., d_sae]):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,31 @@ from torch import Tensor, nn
 from sae.config import SAEConfig
 
 REGISTRY: dict[str, type[SAE]] = {}
+
+
+@dataclass
+class TrainContext:
+    """What a training step tells the SAE's loss beyond the batch."""
+
+    sparsity_coefficient: float = 0.0
+    """L1 (standard, gated) or L0 (jumprelu) penalty weight, after warm-up."""
+    aux_coefficient: float = 1 / 32
+    """AuxK (top-k styles) or auxiliary reconstruction (gated) weight."""
+    dead: Tensor | None = None
+    """[d_sae] bool: latents that have not fired within the dead window."""
+    bandwidth: float = 0.05
+    """JumpReLU's straight-through kernel width."""
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    """The scalar to minimise: the sum of `parts`."""
+    x_hat: Tensor
+    """[batch, d_in] reconstruction, in the model's units."""
+    z: Tensor
+    """[batch, d_sae] codes used for the reconstruction."""
+    parts: dict[str, Tensor]
+    """Named loss terms (SAELens's names: mse_loss, l1_loss, l0_loss, auxiliary_reconstruction_loss)."""
 
 
 def register(cls: type[SAE]) -> type[SAE]:
@@ -82,6 +108,55 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    # -- training -----------------------------------------------------------------------------
+    def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
+        """MSE (summed over d_in, mean over rows) in the normalized units the SAE works in, plus
+        the architecture's penalty terms."""
+        x_s = x.to(self.W_enc.dtype) * self.input_scale  # [batch, d_in]
+        pre = self.pre_acts(x)  # [batch, d_sae]
+        z = self.train_activate(x, pre, ctx)
+        mse, x_hat_s = self.reconstruction_loss(z, x_s)
+        parts = {"mse_loss": mse, **self.penalties(x_s, pre, z, x_hat_s, ctx)}
+        return LossOutput(sum(parts.values()), x_hat_s / self.input_scale, z, parts)
+
+    def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        """The sparsity rule while training (differs from `activate` for JumpReLU and BatchTopK)."""
+        return self.activate(pre)
+
+    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[Tensor, Tensor]:
+        x_hat_s = z @ self.W_dec + self.b_dec
+        return (x_hat_s - x_s).pow(2).sum(-1).mean(), x_hat_s
+
+    def penalties(
+        self, x_s: Tensor, pre: Tensor, z: Tensor, x_hat_s: Tensor, ctx: TrainContext
+    ) -> dict[str, Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def after_step(self, out: LossOutput) -> None:
+        """Constraints the recipe applies after each optimizer step (none by default)."""
+
+    def auxk_loss(self, x_s: Tensor, x_hat_s: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        """AuxK (Gao et al. 2024): the top k_aux = d_in/2 dead latents reconstruct the residual
+        the live ones left, which gives dead latents a gradient back to useful directions."""
+        if ctx.dead is None or not bool(ctx.dead.any()):
+            return pre.new_zeros(())
+        n_dead = int(ctx.dead.sum())
+        k_aux = min(self.cfg.d_in // 2, n_dead)
+        scale = min(n_dead / (self.cfg.d_in // 2), 1.0)  # fewer dead latents, smaller loss
+        values, indices = pre.masked_fill(~ctx.dead, -torch.inf).topk(k_aux, dim=-1)
+        residual_hat = torch.zeros_like(pre).scatter_(-1, indices, values.relu()) @ self.W_dec
+        residual = (x_s - x_hat_s).detach()
+        return ctx.aux_coefficient * scale * (residual_hat - residual).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the part of W_dec's gradient along each row, so a step does not change row norms
+        to first order (renormalizing after the step removes the rest)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)  # [d_sae, 1]
+            self.W_dec.grad -= parallel * self.W_dec
+
     # -- decoder norms ------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -137,6 +212,11 @@ class StandardSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
+    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+        """L1 of the codes weighted by decoder norms (Anthropic, April 2024): the decoder is left
+        free, and shrinking codes by growing rows gains nothing."""
+        return {"l1_loss": ctx.sparsity_coefficient * (z * self.W_dec.norm(dim=1)).sum(-1).mean()}
+
 
 def topk_activation(pre: Tensor, k: int) -> Tensor:
     """Keep each row's k largest pre-activations (ReLU'd), zero the rest."""
@@ -169,6 +249,51 @@ class TopKSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)
 
+    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+        return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+
+    @torch.no_grad()
+    def after_step(self, out: LossOutput) -> None:
+        self.normalize_decoder_()  # unit rows: code magnitudes carry the scale
+
+
+def rectangle(x: Tensor) -> Tensor:
+    return ((x > -0.5) & (x < 0.5)).to(x)
+
+
+class JumpReLUSTE(torch.autograd.Function):
+    """z = pre * [pre > threshold]; d/dthreshold by the rectangle-kernel estimator,
+    -threshold/bandwidth * K((pre - threshold)/bandwidth), summed over the batch."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        kernel = rectangle((pre - threshold) / ctx.bandwidth) / ctx.bandwidth
+        grad_threshold = -(threshold * kernel * grad).sum(0)
+        return (pre > threshold) * grad, grad_threshold, None
+
+
+class StepSTE(torch.autograd.Function):
+    """[pre > threshold]; d/dthreshold = -1/bandwidth * K((pre - threshold)/bandwidth)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        kernel = rectangle((pre - threshold) / ctx.bandwidth) / ctx.bandwidth
+        return None, -(kernel * grad).sum(0), None
+
 
 @register
 class JumpReLUSAE(SAE):
@@ -183,6 +308,18 @@ class JumpReLUSAE(SAE):
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
+
+    def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        return JumpReLUSTE.apply(pre, self.threshold, ctx.bandwidth)
+
+    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+        """L0 through the step function's straight-through estimator (Rajamanoharan et al.)."""
+        l0 = StepSTE.apply(pre, self.threshold, ctx.bandwidth).sum(-1).mean()
+        return {"l0_loss": ctx.sparsity_coefficient * l0}
+
+    @torch.no_grad()
+    def after_step(self, out: LossOutput) -> None:
+        self.threshold.clamp_(min=0.0)
 
 
 @register
@@ -206,6 +343,21 @@ class BatchTopKSAE(SAE):
     def batch_activate(self, pre: Tensor) -> Tensor:
         return batch_topk_activation(pre, self.cfg.k)
 
+    def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        return self.batch_activate(pre)
+
+    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+        return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+
+    @torch.no_grad()
+    def after_step(self, out: LossOutput, rate: float = 0.01) -> None:
+        """Unit decoder rows, and the inference threshold tracks (EMA) the smallest activation
+        the batch top-k kept."""
+        self.normalize_decoder_()
+        kept = out.z[out.z > 0]
+        if kept.numel():
+            self.threshold.mul_(1 - rate).add_(rate * kept.min().to(self.threshold.dtype))
+
 
 @register
 class MatryoshkaSAE(BatchTopKSAE):
@@ -222,12 +374,19 @@ class MatryoshkaSAE(BatchTopKSAE):
         d = self.cfg.d_sae
         return sorted({max(1, d >> shift) for shift in (3, 2, 1, 0)})
 
-    def prefix_decodes(self, z: Tensor) -> list[Tensor]:
-        """x_hat from the first m latents, for each prefix width m; the last equals decode(z)."""
+    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean of the MSEs of every prefix's reconstruction; the last prefix is the full SAE."""
+        decodes = self.prefix_decodes(z, scaled=True)
+        mses = [(x_hat - x_s).pow(2).sum(-1).mean() for x_hat in decodes]
+        return torch.stack(mses).mean(), decodes[-1]
+
+    def prefix_decodes(self, z: Tensor, scaled: bool = False) -> list[Tensor]:
+        """x_hat from the first m latents, for each prefix width m; the last equals decode(z).
+        `scaled` keeps them in the SAE's normalized units (for the loss)."""
         out, partial, start = [], self.b_dec.expand(*z.shape[:-1], -1), 0
         for end in self.widths:
             partial = partial + z[..., start:end].to(self.W_dec.dtype) @ self.W_dec[start:end]
-            out.append(partial / self.input_scale)
+            out.append(partial if scaled else partial / self.input_scale)
             start = end
         return out
 
@@ -251,7 +410,21 @@ class GatedSAE(SAE):
         return self.sae_input(x) @ self.W_enc + self.b_gate
 
     def encode(self, x: Tensor) -> Tensor:
-        x_in = self.sae_input(x)
-        gate = (x_in @ self.W_enc + self.b_gate) > 0
-        magnitude = (x_in @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
-        return gate * magnitude
+        return self.train_activate(x, self.pre_acts(x), TrainContext())
+
+    def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        """`pre` is the gate's pre-activation; the hard gate passes no gradient (the auxiliary
+        loss trains it)."""
+        magnitude = (self.sae_input(x) @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
+        return (pre > 0) * magnitude
+
+    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+        """L1 on the gate's ReLU'd pre-activations (weighted by decoder norms), and an auxiliary
+        loss that makes those alone reconstruct x through a frozen decoder, which gives the gate
+        its gradient (Rajamanoharan et al. 2024)."""
+        gate = pre.relu()
+        aux_hat = gate @ self.W_dec.detach() + self.b_dec.detach()
+        return {
+            "l1_loss": ctx.sparsity_coefficient * (gate * self.W_dec.norm(dim=1)).sum(-1).mean(),
+            "auxiliary_reconstruction_loss": (aux_hat - x_s).pow(2).sum(-1).mean(),
+        }

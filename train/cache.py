@@ -314,35 +314,51 @@ class ActivationCache:
     def batches(
         self,
         batch_size: int,
-        hook: str | None = None,
+        hook: str | list[str] | None = None,
         shuffle: bool = True,
         seed: int = 0,
         buffer_rows: int = 262_144,
         drop_last: bool = False,
-    ) -> Iterator[torch.Tensor]:
-        """[batch_size, d_in] activations of one hookpoint. Shuffled: shards in a seeded random
-        order, rows mixed within a buffer of about `buffer_rows` rows (whole shards are loaded),
-        so memory is bounded by the buffer, not the cache. Every shard read is hash-checked."""
-        key = acts_key(self._hook(hook))
+    ) -> Iterator[Any]:
+        """[batch_size, d_in] activations of one hookpoint, or, for a list of hookpoints, dicts
+        of them for the same rows (one read of the data for several SAEs). Shuffled: shards in a
+        seeded random order, rows mixed within a buffer of about `buffer_rows` rows (whole shards
+        are loaded), so memory is bounded by the buffer, not the cache. Every shard read is
+        hash-checked."""
+        hooks = [self._hook(h) for h in hook] if isinstance(hook, list) else [self._hook(hook)]
+        keys = [acts_key(h) for h in hooks]
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-        pending: list[torch.Tensor] = []
+        pending: list[dict[str, torch.Tensor]] = []
         held = 0
-        carry = None
         for n, i in enumerate(order):
-            pending.append(self.read_shard(int(i))[key])
+            shard = self.read_shard(int(i))
+            pending.append({k: shard[k] for k in keys})
             held += self.shards[i]["rows"]
             if held < buffer_rows and n + 1 < len(order):
                 continue
-            block = torch.cat(([carry] if carry is not None else []) + pending)
-            pending, held = [], 0
+            block = {k: torch.cat([p[k] for p in pending]) for k in keys}
             if shuffle:
-                block = block[torch.as_tensor(rng.permutation(len(block)))]
-            full = len(block) // batch_size * batch_size
-            yield from block[:full].split(batch_size)
-            carry = block[full:] if full < len(block) else None
-        if carry is not None and not drop_last:
-            yield carry
+                perm = torch.as_tensor(rng.permutation(len(block[keys[0]])))
+                block = {k: v[perm] for k, v in block.items()}
+            rows = len(block[keys[0]])
+            full = rows // batch_size * batch_size
+            for start in range(0, full, batch_size):
+                yield self._pick(
+                    {k: v[start : start + batch_size] for k, v in block.items()}, hook, keys
+                )
+            pending = [{k: v[full:] for k, v in block.items()}] if full < rows else []
+            held = rows - full
+        if pending and not drop_last:
+            yield self._pick(pending[0], hook, keys)
+
+    @staticmethod
+    def _pick(batch: dict[str, torch.Tensor], hook: Any, keys: list[str]) -> Any:
+        return (
+            {k.removeprefix("acts."): v for k, v in batch.items()}
+            if isinstance(hook, list)
+            else batch[keys[0]]
+        )
 
 
 def load_cache(url: str) -> ActivationCache:

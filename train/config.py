@@ -53,3 +53,104 @@ class HarvestConfig:
             )
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {CACHE_DTYPES}")
+
+
+@dataclass
+class SAESpec:
+    """One SAE of a training run. A sweep file lists several; unset fields take the run's values."""
+
+    architecture: str = "topk"
+    """standard, topk, batchtopk, jumprelu, gated or matryoshka_batchtopk."""
+    expansion_factor: int = 8
+    """d_sae = expansion_factor * d_in, unless d_sae is set."""
+    d_sae: int = 0
+    """Number of latents (0: from expansion_factor)."""
+    k: int = 32
+    """Active latents per row (topk) or on average (batchtopk, matryoshka)."""
+    lr: float = 0.0
+    """Adam learning rate; 0 scales it by width as Gao et al.: 2e-4 / sqrt(d_sae / 2**14)."""
+    sparsity_coefficient: float = 0.0
+    """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default."""
+    hook: str = ""
+    """Hookpoint to train on (empty: the cache's only one)."""
+    name: str = ""
+    """Directory name under the run's output (empty: derived from the settings)."""
+
+
+SPARSITY_DEFAULTS = {"standard": 5.0, "gated": 5.0, "jumprelu": 1.0}
+
+
+@dataclass
+class TrainConfig(SAESpec):
+    """Train one or more SAEs on the same batches of a harvested activation cache."""
+
+    cache: str = "runs/demo/cache"
+    """Activation cache (local path or fsspec URL) written by `sae harvest`."""
+    out: str = "runs/demo/train"
+    """Run directory: one folder per SAE, checkpoints, metrics.jsonl."""
+    total_tokens: int = 2_000_000
+    """Rows to train on (the cache is re-read in a new order if it is shorter)."""
+    batch_size: int = 4096
+    """Rows per optimizer step."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up."""
+    decay_fraction: float = 0.2
+    """Final fraction of training over which the learning rate decays linearly to zero."""
+    sparsity_warmup_fraction: float = 0.05
+    """Fraction of training over which L1/L0 penalties ramp up from zero."""
+    aux_coefficient: float = 1 / 32
+    """AuxK loss weight for top-k styles."""
+    dead_tokens: int = 0
+    """A latent that has not fired in this many tokens is dead (0: total_tokens / 20, at most 10M)."""
+    b_dec_init: str = "geometric_median"
+    """geometric_median or mean of a sample of activations, or zeros."""
+    normalize: bool = True
+    """Scale inputs to mean norm sqrt(d_in) with the cache's statistics (folded into the saved SAE)."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    resume: bool = False
+    """Continue from the run directory's checkpoint."""
+    wandb_project: str = ""
+    """Log to this W&B project (offline when no API key is set); empty: no W&B."""
+    wandb_entity: str = ""
+    """W&B entity (user or team)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    sweep: list = field(default_factory=list, metadata={"cli": False})
+    """SAEs to train together, each a mapping of SAESpec fields (from a --config YAML file)."""
+
+    def specs(self) -> list[SAESpec]:
+        """The SAEs of the run: the sweep's entries over the run-level SAE fields."""
+        from dataclasses import fields
+
+        base = {f.name: getattr(self, f.name) for f in fields(SAESpec)}
+        entries = self.sweep or [{}]
+        specs = []
+        for entry in entries:
+            unknown = sorted(set(entry) - set(base))
+            if unknown:
+                raise ValueError(
+                    f"sweep entry {entry}: unknown SAE fields {unknown}; known: {sorted(base)}"
+                )
+            specs.append(SAESpec(**{**base, **entry}))
+        return specs
+
+    def __post_init__(self) -> None:
+        for name in ("total_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(
+                f"b_dec_init {self.b_dec_init!r} is not geometric_median, mean or zeros"
+            )
+        for spec in self.specs():
+            if spec.lr < 0:
+                raise ValueError(f"lr must be non-negative, got {spec.lr}")
+            if spec.sparsity_coefficient < 0:
+                raise ValueError(
+                    f"sparsity_coefficient must be non-negative, got {spec.sparsity_coefficient}"
+                )

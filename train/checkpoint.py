@@ -1,0 +1,73 @@
+"""Save and restore the full training state: every SAE's weights, Adam moments, schedule, dead-latent
+counters, the step and data position, and the RNG, as safetensors + JSON (never pickle).
+
+A checkpoint is a directory written under a temporary name and renamed into place; the previous
+one is kept as `checkpoint.old` until the new one is complete, so a crash at any moment leaves a
+loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NAME = "checkpoint"
+
+
+def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    tmp, final, old = run_dir / f".{NAME}.tmp", run_dir / NAME, run_dir / f"{NAME}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors"
+    )
+    (tmp / "state.json").write_text(json.dumps(meta))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest complete checkpoint, or None."""
+    for name in (NAME, f"{NAME}.old"):
+        folder = run_dir / name
+        if (folder / "state.json").exists() and (folder / "state.safetensors").exists():
+            return load_file(folder / "state.safetensors"), json.loads(
+                (folder / "state.json").read_text()
+            )
+    return None
+
+
+def flatten_optimizer(
+    prefix: str, state: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state_dict as tensors (per-parameter moments) and JSON (param groups, scalars)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(
+    prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

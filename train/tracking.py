@@ -1,0 +1,108 @@
+"""Metrics out of a run: a metrics.jsonl file always, Weights & Biases when a project is set.
+
+W&B runs offline (files under the run directory, `wandb sync` later) when there is no API key, with
+a warning; if W&B fails mid-run it is switched off with a warning and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    def __init__(
+        self,
+        out: Path,
+        project: str = "",
+        entity: str = "",
+        config: dict | None = None,
+        run_id: str | None = None,
+    ):
+        self.out = out
+        self.metrics_file = out / "metrics.jsonl"
+        self.run = None
+        if project:
+            self.run = self._start_wandb(project, entity, config or {}, run_id)
+
+    def _start_wandb(self, project: str, entity: str, config: dict, run_id: str | None):
+        try:
+            import wandb
+
+            if (
+                not os.environ.get("WANDB_MODE")
+                and not os.environ.get("WANDB_API_KEY")
+                and not _has_netrc_key()
+            ):
+                warnings.warn(
+                    "no W&B API key: logging offline under the run directory (sync later with `wandb sync`)",
+                    stacklevel=3,
+                )
+                os.environ["WANDB_MODE"] = "offline"
+            return wandb.init(
+                project=project, entity=entity or None, config=config, dir=str(self.out), id=run_id, resume="allow" if run_id else None
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a tracking failure must never stop training
+            warnings.warn(
+                f"W&B could not start ({type(e).__name__}: {e}); training continues without it",
+                stacklevel=3,
+            )
+            return None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop metrics logged after the checkpoint, which the resumed run logs again."""
+        if self.metrics_file.exists():
+            kept = [
+                line
+                for line in self.metrics_file.read_text().splitlines()
+                if json.loads(line)["step"] <= step
+            ]
+            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as e:  # noqa: BLE001
+                self._lost(e)
+
+    def log_model(self, name: str, directory: Path) -> None:
+        """The trained SAE as a W&B artifact of type `model` (loadable with sae.load("wandb:...") once supported)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type="model")
+            artifact.add_dir(str(directory))
+            self.run.log_artifact(artifact)
+        except Exception as e:  # noqa: BLE001
+            self._lost(e)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:  # noqa: BLE001
+                self._lost(e)
+
+    def _lost(self, error: Exception) -> None:
+        warnings.warn(
+            f"W&B failed ({type(error).__name__}: {error}); training continues, metrics still go to {self.metrics_file}",
+            stacklevel=3,
+        )
+        self.run = None
+
+
+def _has_netrc_key() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text()

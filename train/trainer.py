@@ -1,0 +1,403 @@
+"""Fit one or many SAEs on the same batches: `train.fit(...)` and `sae train`.
+
+Each SAE is a `Member`: the module, its Adam optimizer and schedule, and its dead-latent counter.
+One loop reads a batch (all hookpoints at once) and steps every member on it. Checkpointing is in
+checkpoint.py, metrics in tracking.py; the architectures' losses are in sae/models.py.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sae.config import SAEConfig
+from sae.models import REGISTRY, SAE, LossOutput, TrainContext
+from train import checkpoint
+from train.cache import ActivationCache
+from train.config import SPARSITY_DEFAULTS, SAESpec, TrainConfig
+from train.harvest import resolve_device
+from train.tracking import Tracker
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A NaN/inf loss: the run stops, and the last checkpoint (before it) is what remains."""
+
+
+# -- data -----------------------------------------------------------------------------------------
+class Source:
+    """Batches of {hook: [batch_size, d_in]} for as many tokens as asked, from a cache (reshuffled
+    each pass) or any iterable of [n, d_in] tensors (re-batched). Deterministic: resuming skips
+    the batches already used."""
+
+    def __init__(
+        self,
+        data: str | ActivationCache | Iterable[Tensor],
+        hooks: list[str],
+        batch_size: int,
+        seed: int,
+    ):
+        self.cache = (
+            ActivationCache(data)
+            if isinstance(data, (str, Path))
+            else data
+            if isinstance(data, ActivationCache)
+            else None
+        )
+        self.iterable = None if self.cache is not None else data
+        self.hooks, self.batch_size, self.seed = hooks, batch_size, seed
+        if self.cache is not None:
+            self.d_in = {h: self.cache.d_in(h) for h in hooks}
+            self.scale = {h: self.cache.stats(h)["norm_scaling_factor"] for h in hooks}
+        else:  # one stream of tensors: peek at the first for its width and scale
+            stream = iter(data)
+            first = next(stream)
+            self.iterable = chain([first], stream)
+            self.d_in = {h: first.shape[-1] for h in hooks}
+            self.scale = {
+                h: math.sqrt(first.shape[-1]) / first.float().norm(dim=-1).mean().item()
+                for h in hooks
+            }
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        if self.cache is None:
+            yield from ({self.hooks[0]: x} for x in rebatch(self.iterable, self.batch_size))
+            return
+        for epoch in range(sys.maxsize):
+            yield from self.cache.batches(
+                self.batch_size, hook=self.hooks, seed=self.seed + epoch, drop_last=True
+            )
+
+
+def rebatch(tensors: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """[n, d] tensors of any n -> [batch_size, d] tensors (the remainder is dropped)."""
+    held: list[Tensor] = []
+    count = 0
+    for x in tensors:
+        x = x.reshape(-1, x.shape[-1])
+        held.append(x)
+        count += len(x)
+        while count >= batch_size:
+            flat = torch.cat(held)
+            yield flat[:batch_size]
+            held, count = [flat[batch_size:]], count - batch_size
+
+
+# -- one SAE --------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    spec: SAESpec
+    name: str
+    sae: SAE
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    tokens_since_fired: Tensor  # [d_sae]
+
+    @property
+    def hook(self) -> str:
+        return self.sae.cfg.hook_name
+
+
+def member_name(spec: SAESpec) -> str:
+    if spec.name:
+        return spec.name
+    k = f"-k{spec.k}" if spec.architecture in ("topk", "batchtopk", "matryoshka_batchtopk") else ""
+    return f"{spec.architecture}{k}-x{spec.expansion_factor if not spec.d_sae else spec.d_sae}-{spec.hook.replace('.', '_')}"
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, constant, then linear decay to zero over the last decay_fraction."""
+    decay_start = total_steps * (1 - cfg.decay_fraction)
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        decay = (
+            1.0
+            if step < decay_start
+            else max(0.0, (total_steps - step) / max(1.0, total_steps - decay_start))
+        )
+        return warm * decay
+
+    return factor
+
+
+def geometric_median(x: Tensor, iterations: int = 30) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to the rows of x."""
+    median = x.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (x - median).norm(dim=1).clamp_min(1e-8)
+        median = (weights[:, None] * x).sum(0) / weights.sum()
+    return median
+
+
+def build_member(
+    cfg: TrainConfig,
+    spec: SAESpec,
+    d_in: int,
+    scale: float,
+    total_steps: int,
+    device: torch.device,
+    meta: dict,
+) -> Member:
+    d_sae = spec.d_sae or spec.expansion_factor * d_in
+    sae_cfg = SAEConfig(
+        architecture=spec.architecture, d_in=d_in, d_sae=d_sae, k=spec.k, hook_name=spec.hook, device=str(device),
+        normalize_activations="expected_average_only_in" if cfg.normalize else "none",
+        norm_scaling_factor=scale if cfg.normalize else 1.0, **meta,
+    )  # fmt: skip
+    sae = REGISTRY[sae_cfg.architecture](sae_cfg)
+    if spec.architecture == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.fill_(0.01)
+    lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    return Member(
+        spec,
+        member_name(spec),
+        sae,
+        optimizer,
+        schedule,
+        torch.zeros(d_sae, dtype=torch.long, device=device),
+    )
+
+
+# -- the run --------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: str | ActivationCache | Iterable[Tensor]):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if isinstance(data, (str, Path)):
+            data = ActivationCache(str(data))
+        if isinstance(data, ActivationCache):
+            specs = [replace(s, hook=s.hook or _only(data.hookpoints)) for s in cfg.specs()]
+            for spec in specs:
+                if spec.hook not in data.hookpoints:
+                    raise ValueError(
+                        f"SAE {member_name(spec)} wants hookpoint {spec.hook!r}, but {data.url} has {data.hookpoints}"
+                    )
+            manifest = data.manifest
+            meta = {
+                "model_name": manifest["model"],
+                "context_size": manifest["context_size"],
+                "dataset_path": manifest["dataset"],
+            }
+        else:
+            specs = [replace(s, hook=s.hook or SAEConfig.hook_name) for s in cfg.specs()]
+            if len({s.hook for s in specs}) > 1:
+                raise ValueError(
+                    "a stream of tensors feeds one hookpoint; give every SAE the same `hook`"
+                )
+            meta = {}
+        self.source = Source(data, sorted({s.hook for s in specs}), cfg.batch_size, cfg.seed)
+        self.total_steps = cfg.total_tokens // cfg.batch_size
+        torch.manual_seed(cfg.seed)
+        self.members = [
+            build_member(
+                cfg,
+                s,
+                self.source.d_in[s.hook],
+                self.source.scale[s.hook],
+                self.total_steps,
+                self.device,
+                meta,
+            )
+            for s in specs
+        ]
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")
+        self.dead_tokens = cfg.dead_tokens or min(
+            10_000_000, max(cfg.batch_size, cfg.total_tokens // 20)
+        )
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # one optimizer step for every SAE on one batch
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        warm = min(
+            1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
+        )
+        for m in self.members:
+            x = batch[m.hook].to(self.device, non_blocking=True).float()
+            coefficient = m.spec.sparsity_coefficient or SPARSITY_DEFAULTS.get(
+                m.spec.architecture, 0.0
+            )
+            ctx = TrainContext(
+                coefficient * warm,
+                self.cfg.aux_coefficient,
+                m.tokens_since_fired > self.dead_tokens,
+            )
+            out = m.sae.training_loss(x, ctx)
+            if not torch.isfinite(out.loss):
+                raise NonFiniteLoss(
+                    f"SAE {m.name}: loss is {out.loss.item()} at step {self.step}; the last checkpoint is kept in {self.out}"
+                )
+            m.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if m.sae.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
+                m.sae.remove_parallel_grad_()
+            m.optimizer.step()
+            m.schedule.step()
+            m.sae.after_step(out)
+            fired = (out.z > 0).any(0)
+            m.tokens_since_fired += len(x)
+            m.tokens_since_fired[fired] = 0
+            metrics.update(self.member_metrics(m, x, out, ctx))
+        return metrics
+
+    def member_metrics(
+        self, m: Member, x: Tensor, out: LossOutput, ctx: TrainContext
+    ) -> dict[str, float]:
+        """SAELens's W&B names; suffixed with the SAE's name when a run trains several."""
+        with torch.no_grad():
+            variance = (x - x.mean(0)).pow(2).sum()
+            values = {f"losses/{k}": v.item() for k, v in out.parts.items()}
+            values["losses/overall_loss"] = out.loss.item()
+            values["metrics/explained_variance"] = (
+                1 - ((x - out.x_hat).pow(2).sum() / variance).item()
+            )
+            values["metrics/l0"] = (out.z > 0).sum(-1).float().mean().item()
+            values["sparsity/dead_features"] = int((m.tokens_since_fired > self.dead_tokens).sum())
+            values["details/current_learning_rate"] = m.optimizer.param_groups[0]["lr"]
+        suffix = f"/{m.name}" if len(self.members) > 1 else ""
+        return {k + suffix: v for k, v in values.items()}
+
+    def init_b_dec(self, batch: dict[str, Tensor]) -> None:
+        """b_dec starts at the geometric median (or mean) of the first batch, in the SAE's units."""
+        for m in self.members:
+            if self.cfg.b_dec_init == "zeros":
+                continue
+            x = batch[m.hook].to(self.device).float() * m.sae.input_scale
+            centre = geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(0)
+            with torch.no_grad():
+                m.sae.b_dec.copy_(centre)
+
+    def run(self) -> list[SAE]:
+        cfg = self.cfg
+        tracker_id = self.restore() if cfg.resume else None
+        tracker = Tracker(
+            self.out, cfg.wandb_project, cfg.wandb_entity, config=asdict(cfg), run_id=tracker_id
+        )
+        if cfg.resume:
+            tracker.truncate_after(self.step)
+        batches = islice(iter(self.source), self.step, self.total_steps)
+        bar = tqdm(
+            total=self.total_steps * cfg.batch_size,
+            initial=self.step * cfg.batch_size,
+            unit="tok",
+            unit_scale=True,
+            desc="train",
+            disable=None,
+        )
+        for batch in batches:
+            if self.step == 0:
+                self.init_b_dec(batch)
+            metrics = self.train_step(batch)
+            self.step += 1
+            tracker.log(metrics, self.step)
+            bar.update(cfg.batch_size)
+            if (
+                cfg.checkpoint_every
+                and self.step % cfg.checkpoint_every == 0
+                and self.step < self.total_steps
+            ):
+                self.save_checkpoint(tracker.run_id)
+        bar.close()
+        if self.step < self.total_steps:
+            print(
+                f"{cfg.out}: the data ran out after {self.step} of {self.total_steps} steps",
+                file=sys.stderr,
+            )
+        self.save_checkpoint(tracker.run_id)
+        for m in self.members:
+            m.sae.save(self.out / m.name)
+            tracker.log_model(m.name, self.out / m.name)
+        tracker.finish()
+        return [m.sae for m in self.members]
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, run_id: str | None) -> None:
+        tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+        meta: dict[str, Any] = {
+            "step": self.step,
+            "wandb_run_id": run_id,
+            "members": {},
+            "config": asdict(self.cfg),
+        }
+        for i, m in enumerate(self.members):
+            tensors.update({f"m{i}.sae.{k}": v for k, v in m.sae.state_dict().items()})
+            tensors[f"m{i}.tokens_since_fired"] = m.tokens_since_fired
+            opt_tensors, opt_meta = checkpoint.flatten_optimizer(
+                f"m{i}.opt", m.optimizer.state_dict()
+            )
+            tensors.update(opt_tensors)
+            meta["members"][m.name] = {"optimizer": opt_meta, "schedule": m.schedule.state_dict()}
+        checkpoint.save(self.out, tensors, meta)
+
+    def restore(self) -> str | None:
+        """Load the run directory's checkpoint into the members; returns the W&B run id."""
+        loaded = checkpoint.load(self.out)
+        if loaded is None:
+            print(f"{self.out}: no checkpoint to resume from; starting fresh", file=sys.stderr)
+            return None
+        tensors, meta = loaded
+        if sorted(meta["members"]) != sorted(m.name for m in self.members):
+            raise ValueError(
+                f"{self.out}: the checkpoint holds SAEs {sorted(meta['members'])}, this run {[m.name for m in self.members]}"
+            )
+        for i, m in enumerate(self.members):
+            m.sae.load_state_dict(
+                {
+                    k.removeprefix(f"m{i}.sae."): v
+                    for k, v in tensors.items()
+                    if k.startswith(f"m{i}.sae.")
+                }
+            )
+            m.tokens_since_fired.copy_(tensors[f"m{i}.tokens_since_fired"])
+            m.optimizer.load_state_dict(
+                checkpoint.unflatten_optimizer(
+                    f"m{i}.opt", tensors, meta["members"][m.name]["optimizer"]
+                )
+            )
+            m.schedule.load_state_dict(meta["members"][m.name]["schedule"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = meta["step"]
+        return meta.get("wandb_run_id")
+
+
+def _only(hooks: list[str]) -> str:
+    if len(hooks) != 1:
+        raise ValueError(
+            f"the cache holds several hookpoints {hooks}; name one with --hook (or `hook` per sweep entry)"
+        )
+    return hooks[0]
+
+
+def fit(data: str | ActivationCache | Iterable[Tensor], **settings: Any) -> SAE | list[SAE]:
+    """Train SAEs on a cache path/URL or on any iterable of [n, d_in] activation tensors. Every
+    TrainConfig field is a keyword with a working default; `sweep=[{...}, ...]` trains several on
+    the same batches. Returns the SAE, or the list of them for a sweep."""
+    known = {f.name for f in fields(TrainConfig)}
+    if unknown := sorted(set(settings) - known):
+        raise TypeError(f"train.fit got unknown settings {unknown}; known: {sorted(known)}")
+    cfg = TrainConfig(**{"cache": str(data) if isinstance(data, (str, Path)) else "", **settings})
+    saes = Trainer(cfg, data).run()
+    return saes[0] if len(saes) == 1 else saes
+
+
+def train_cli(cfg: TrainConfig) -> None:
+    saes = Trainer(cfg, cfg.cache).run()
+    for sae in saes:
+        print(f"trained {sae.cfg.architecture} d_sae={sae.cfg.d_sae} on {sae.cfg.hook_name}")
+    print(f"SAEs, checkpoint and metrics.jsonl in {cfg.out}")
