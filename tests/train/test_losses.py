@@ -1,0 +1,112 @@
+"""The training losses of each architecture against hand computations and autograd checks."""
+
+import torch
+
+from sae.models import JumpReLUSTE, StepSTE, TrainContext
+from tests.conftest import make_sae
+
+
+def test_standard_l1_is_weighted_by_decoder_norms():
+    d = make_sae("standard")
+    x = torch.randn(5, 6)
+    out = d.training_loss(x, TrainContext(sparsity_coefficient=2.0))
+    z = d.encode(x)
+    torch.testing.assert_close(out.parts["mse_loss"], (d(x) - x).pow(2).sum(-1).mean())
+    torch.testing.assert_close(out.parts["l1_loss"], 2.0 * (z * d.W_dec.norm(dim=1)).sum(-1).mean())
+    torch.testing.assert_close(out.loss, out.parts["mse_loss"] + out.parts["l1_loss"])
+
+
+def test_losses_are_in_normalized_units():
+    d = make_sae("topk", normalize_activations="expected_average_only_in", norm_scaling_factor=2.0)
+    x = torch.randn(5, 6)
+    out = d.training_loss(x, TrainContext())
+    torch.testing.assert_close(out.parts["mse_loss"], (2 * d(x) - 2 * x).pow(2).sum(-1).mean())
+    torch.testing.assert_close(out.x_hat, d(x))
+
+
+def test_auxk_uses_top_dead_latents_on_the_residual():
+    d = make_sae("topk", d_in=6, d_sae=16, k=2)
+    x = torch.randn(5, 6)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 7, 9, 12]] = True
+    out = d.training_loss(x, TrainContext(aux_coefficient=0.5, dead=dead))
+    pre = d.pre_acts(x)
+    k_aux = 3  # d_in // 2, fewer than the 5 dead latents
+    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+    vals, idx = masked.topk(k_aux, dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    residual = x - d(x)
+    expected = 0.5 * 1.0 * (z_aux @ d.W_dec - residual).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out.parts["auxiliary_reconstruction_loss"], expected)
+    assert (
+        d.training_loss(x, TrainContext(dead=torch.zeros(16, dtype=torch.bool))).parts[
+            "auxiliary_reconstruction_loss"
+        ]
+        == 0
+    )
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_estimator():
+    pre = torch.tensor([[0.10, 0.52, 0.31], [0.49, 0.20, 0.33]], requires_grad=True)
+    threshold = torch.tensor([0.5, 0.5, 0.3], requires_grad=True)
+    bandwidth = 0.1
+    JumpReLUSTE.apply(pre, threshold, bandwidth).sum().backward()
+    in_window = ((pre - threshold).abs() < bandwidth / 2).float()
+    torch.testing.assert_close(threshold.grad, -(threshold / bandwidth * in_window).sum(0).detach())
+    torch.testing.assert_close(pre.grad, (pre > threshold).float())
+    threshold.grad = None
+    StepSTE.apply(pre, threshold, bandwidth).sum().backward()
+    torch.testing.assert_close(threshold.grad, -(in_window / bandwidth).sum(0))
+
+
+def test_jumprelu_l0_penalty_counts_active_latents():
+    d = make_sae("jumprelu")
+    x = torch.randn(5, 6)
+    out = d.training_loss(x, TrainContext(sparsity_coefficient=0.3))
+    torch.testing.assert_close(out.parts["l0_loss"], 0.3 * (d.encode(x) > 0).sum(-1).float().mean())
+
+
+def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
+    d = make_sae("batchtopk", k=2)
+    d.threshold.zero_()
+    x = torch.randn(8, 6)
+    out = d.training_loss(x, TrainContext())
+    assert (out.z > 0).sum() == 16
+    d.after_step(out)
+    torch.testing.assert_close(d.threshold, torch.full((16,), 0.01 * out.z[out.z > 0].min().item()))
+    torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(16))
+
+
+def test_matryoshka_loss_is_mean_of_prefix_mses():
+    d = make_sae("matryoshka_batchtopk", d_sae=16, k=3, matryoshka_widths=[4, 16])
+    x = torch.randn(6, 6)
+    out = d.training_loss(x, TrainContext())
+    z = out.z
+    mses = [(p - x).pow(2).sum(-1).mean() for p in d.prefix_decodes(z)]
+    torch.testing.assert_close(out.parts["mse_loss"], (mses[0] + mses[1]) / 2)
+
+
+def test_gated_aux_loss_uses_a_frozen_decoder():
+    d = make_sae("gated")
+    x = torch.randn(5, 6)
+    out = d.training_loss(x, TrainContext(sparsity_coefficient=1.0))
+    torch.testing.assert_close(out.z, d.encode(x))
+    gate = d.pre_acts(x).relu()
+    torch.testing.assert_close(
+        out.parts["auxiliary_reconstruction_loss"],
+        (gate @ d.W_dec + d.b_dec - x).pow(2).sum(-1).mean(),
+    )
+    d.zero_grad()
+    out.parts["auxiliary_reconstruction_loss"].backward()
+    assert d.W_dec.grad is None or d.W_dec.grad.abs().sum() == 0, (
+        "the aux loss must not train the decoder"
+    )
+    assert d.b_gate.grad.abs().sum() > 0
+
+
+def test_parallel_gradient_removed():
+    d = make_sae("topk")
+    d.normalize_decoder_()
+    d.W_dec.grad = torch.randn_like(d.W_dec)
+    d.remove_parallel_grad_()
+    torch.testing.assert_close((d.W_dec.grad * d.W_dec).sum(1), torch.zeros(16), atol=1e-6, rtol=0)

@@ -1,0 +1,286 @@
+"""The trainer: ground-truth recovery, sweeps reading data once, resume after SIGKILL, W&B offline
+logs read back, and the guards (NaN loss, bad configs, mismatched caches)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+import sae
+import train
+from train.cache import ActivationCache, CacheWriter
+from train.tracking import read_offline_run
+from train.trainer import NonFiniteLoss
+
+HOOK = "blocks.6.hook_resid_post"
+
+
+def synthetic(n_features=64, d=32, p=0.04, batch=2048, seed=0):
+    """Activations that are sparse non-negative combinations of known unit features."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+
+    def batches(n=10**9):
+        for _ in range(n):
+            on = torch.rand(batch, n_features, generator=g) < p
+            yield (on * (0.5 + torch.rand(batch, n_features, generator=g))) @ features
+
+    return features, batches
+
+
+def synthetic_cache(path, rows=20_000, d=64, shard_rows=2_000, seed=0):
+    _, batches = synthetic(n_features=4 * d, d=d, batch=shard_rows, seed=seed)
+    identity = {"model": "synthetic", "revision": "0", "hookpoints": [HOOK], "d_in": {HOOK: d}, "dtype": "float32",
+                "context_size": 128, "prepend_bos": True, "dataset": "synthetic", "pack": True, "seed": 0}  # fmt: skip
+    writer = CacheWriter(str(path), identity)
+    for i, x in enumerate(batches(rows // shard_rows)):
+        n = len(x)
+        meta = torch.arange(i * n, (i + 1) * n)
+        writer.write_shard(
+            {
+                f"acts.{HOOK}": x,
+                "tokens": meta.int(),
+                "docs": meta.int(),
+                "positions": meta.int(),
+                "windows": meta,
+            }
+        )
+    writer.finish()
+    return ActivationCache(str(path))
+
+
+def test_topk_recovers_ground_truth_features(tmp_path):
+    features, batches = synthetic()
+    d = train.fit(
+        batches(),
+        architecture="topk",
+        d_sae=128,
+        k=3,
+        total_tokens=1_000_000,
+        batch_size=2048,
+        out=str(tmp_path),
+    )
+    cos = torch.nn.functional.normalize(d.W_dec, dim=1) @ features.T
+    assert cos.max(0).values.mean() >= 0.95, "mean max cosine similarity to the true features"
+    assert (
+        sae.load(tmp_path / d.cfg.hook_name.replace(".", "_").join(["topk-k3-x128-", ""])).cfg.k
+        == 3
+    )
+
+
+def test_sweep_trains_every_config_reading_the_data_once(tmp_path, monkeypatch):
+    cache = synthetic_cache(tmp_path / "cache")
+    reads = []
+    original = ActivationCache.read_shard
+    monkeypatch.setattr(
+        ActivationCache, "read_shard", lambda self, i: reads.append(i) or original(self, i)
+    )
+    sweep = [{"architecture": "topk", "k": 8}, {"architecture": "batchtopk", "k": 8}, {"architecture": "standard", "name": "relu"},
+             {"architecture": "jumprelu"}, {"architecture": "gated"}, {"architecture": "matryoshka_batchtopk", "k": 8}]  # fmt: skip
+    saes = train.fit(
+        str(tmp_path / "cache"),
+        sweep=sweep,
+        expansion_factor=4,
+        total_tokens=16_000,
+        batch_size=1000,
+        out=str(tmp_path / "run"),
+    )
+    assert [d.cfg.architecture for d in saes] == [s["architecture"] for s in sweep]
+    assert len(reads) == len(cache.manifest["shards"]), "each shard read once for all six SAEs"
+    assert (tmp_path / "run" / "relu" / "cfg.json").exists()
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 16 and "metrics/l0/relu" in rows[-1] and "losses/l1_loss/relu" in rows[-1]
+    assert (
+        rows[-1]["metrics/explained_variance/topk-k8-x4-blocks_6_hook_resid_post"]
+        > rows[0]["metrics/explained_variance/topk-k8-x4-blocks_6_hook_resid_post"]
+    )
+
+
+def run_cli(cache, out, *extra):
+    args = [sys.executable, "-m", "sae.cli", "train", "--cache", str(cache), "--out", str(out), "--architecture", "topk",
+            "--k", "16", "--d-sae", "4096", "--batch-size", "1000", "--total-tokens", "200000", "--checkpoint-every", "10", *extra]  # fmt: skip
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+
+
+def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache", rows=30_000, d=256, shard_rows=3_000)
+    killed = tmp_path / "killed"
+    proc = run_cli(cache.url, killed)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        state = killed / "checkpoint" / "state.json"
+        try:
+            if state.exists() and json.loads(state.read_text())["step"] >= 60:
+                break
+        except json.JSONDecodeError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "topk-k16-x4096-blocks_6_hook_resid_post").exists(), (
+        "killed before the end"
+    )
+    assert run_cli(cache.url, killed, "--resume").wait() == 0
+    assert run_cli(cache.url, tmp_path / "clean").wait() == 0
+    name = "topk-k16-x4096-blocks_6_hook_resid_post"
+    a, b = sae.load(killed / name), sae.load(tmp_path / "clean" / name)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(value, b.state_dict()[key], atol=1e-5, rtol=1e-4)
+    curve = lambda d: [
+        json.loads(line)["losses/mse_loss"]
+        for line in (d / "metrics.jsonl").read_text().splitlines()
+    ]  # noqa: E731
+    assert len(curve(killed)) == len(curve(tmp_path / "clean")) == 200
+    torch.testing.assert_close(
+        torch.tensor(curve(killed)), torch.tensor(curve(tmp_path / "clean")), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def batches():
+        for i in range(100):
+            x = torch.randn(500, 16)
+            if i == 7:
+                x[3, 2] = float("nan")
+            yield x
+
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 7"):
+        train.fit(
+            batches(),
+            d_sae=64,
+            k=4,
+            total_tokens=50_000,
+            batch_size=500,
+            checkpoint_every=3,
+            out=str(tmp_path),
+        )
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 6
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"k": 600, "d_sae": 512}, sae.ConfigError, "k=600 is larger than d_sae=512"),
+        ({"lr": -1.0}, ValueError, "lr must be non-negative"),
+        ({"architecture": "relu2"}, sae.ConfigError, "unknown architecture 'relu2'"),
+        ({"batch_size": 0}, ValueError, "batch_size must be positive"),
+        ({"learning_rate": 1e-3}, TypeError, "unknown settings \\['learning_rate'\\]"),
+    ],
+)
+def test_invalid_configs_are_refused_before_any_work(tmp_path, settings, error, message):
+    consumed = []
+
+    def batches():
+        for _ in range(10):
+            consumed.append(1)
+            yield torch.randn(64, 32)
+
+    with pytest.raises(error, match=message):
+        train.fit(
+            batches(), total_tokens=10_000, out=str(tmp_path), **{"batch_size": 64, **settings}
+        )
+    assert len(consumed) <= 1, "at most the first batch is peeked (for d_in)"
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cache_with_other_hookpoint_is_refused(tmp_path):
+    synthetic_cache(tmp_path / "cache", rows=4000)
+    with pytest.raises(
+        ValueError,
+        match=r"wants hookpoint 'blocks.9.hook_resid_post', but .* has \['blocks.6.hook_resid_post'\]",
+    ):
+        train.fit(
+            str(tmp_path / "cache"), hook="blocks.9.hook_resid_post", out=str(tmp_path / "run")
+        )
+
+
+def test_wandb_offline_logs_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    _, batches = synthetic(batch=512)
+    train.fit(
+        batches(),
+        d_sae=64,
+        k=4,
+        total_tokens=512 * 12,
+        batch_size=512,
+        out=str(tmp_path),
+        wandb_project="sae-forge-test",
+    )
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    ours = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in run.history if "losses/mse_loss" in row]
+    assert len(logged) == 12
+    assert [row["losses/mse_loss"] for row in logged] == pytest.approx(
+        [row["losses/mse_loss"] for row in ours]
+    )
+    for key in (
+        "metrics/explained_variance",
+        "metrics/l0",
+        "sparsity/dead_features",
+        "losses/overall_loss",
+    ):
+        assert key in logged[-1]
+    assert run.config["architecture"] == "topk" and run.config["k"] == 4
+    assert ("topk-k4-x64-blocks_6_hook_resid_post", "model") in run.artifacts
+
+
+def test_no_wandb_key_falls_back_to_offline_with_a_warning(tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    _, batches = synthetic(batch=256)
+    with pytest.warns(UserWarning, match="no W&B API key: logging offline"):
+        train.fit(
+            batches(),
+            d_sae=64,
+            k=4,
+            total_tokens=256 * 3,
+            batch_size=256,
+            out=str(tmp_path),
+            wandb_project="p",
+        )
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_failing_mid_run_does_not_stop_training(tmp_path, monkeypatch):
+    import wandb.sdk.wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    calls = []
+
+    def broken_log(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise ConnectionError("W&B connection lost")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    _, batches = synthetic(batch=256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = train.fit(
+            batches(),
+            d_sae=64,
+            k=4,
+            total_tokens=256 * 10,
+            batch_size=256,
+            out=str(tmp_path),
+            wandb_project="p",
+        )
+    assert any("W&B failed (ConnectionError" in str(w.message) for w in caught)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 10
+    assert d.cfg.d_sae == 64
