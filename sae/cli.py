@@ -158,13 +158,21 @@ def _resolve(ref: str) -> Any:
 
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command("(not built yet: the end-to-end demo arrives with the trainer)"),
+    "demo": Command(
+        "harvest, train and evaluate the embedded default end to end (runs/demo/)",
+        "eval.demo:DemoConfig",
+        "eval.demo:run_demo",
+    ),
     "harvest": Command(
         "stream LM activations into a sharded activation cache",
         "train.config:HarvestConfig",
         "train.harvest:harvest",
     ),
-    "train": Command("train one or more SAEs on an activation cache", "train.config:TrainConfig", "train.trainer:train_cli"),
+    "train": Command(
+        "train one or more SAEs on an activation cache",
+        "train.config:TrainConfig",
+        "train.trainer:train_cli",
+    ),
     "eval": Command("(not built yet: arrives with the evaluation suite)"),
     "dashboard": Command("(not built yet: arrives with dashboards and auto-interp)"),
     "compare": Command("(not built yet: arrives with run comparison)"),

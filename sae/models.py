@@ -356,7 +356,11 @@ class BatchTopKSAE(SAE):
         self.normalize_decoder_()
         kept = out.z[out.z > 0]
         if kept.numel():
-            self.threshold.mul_(1 - rate).add_(rate * kept.min().to(self.threshold.dtype))
+            smallest = kept.min().to(self.threshold.dtype)
+            if not self.threshold.any():  # first step: start the average at the value, not at 0
+                self.threshold.fill_(smallest)
+            else:
+                self.threshold.mul_(1 - rate).add_(rate * smallest)
 
 
 @register

@@ -41,6 +41,7 @@ IDENTITY = (
     "context_size",
     "prepend_bos",
     "dataset",
+    "split",
     "pack",
     "seed",
 )

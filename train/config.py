@@ -37,7 +37,7 @@ class HarvestConfig:
     shard_windows: int = 256
     """Windows per shard (a multiple of batch_size); a restarted harvest resumes at a shard boundary."""
     split: str = "train"
-    """Split, for `datasets` datasets."""
+    """Split: train/test/all for shakespeare (test = 4 held-out plays), or a `datasets` split."""
     text_column: str = "text"
     """Text column, for `datasets` datasets."""
 

@@ -48,6 +48,20 @@ def shakespeare_files() -> list[Path]:
     return sorted((Path(spec.origin).parent / "plays").rglob("*.md"))
 
 
+def shakespeare_split(split: str) -> list[Path]:
+    """Held-out plays for evaluation: every tenth play (4 of 38, ~170k tokens) is `test`, the
+    rest `train`; `all` is every play."""
+    files = shakespeare_files()
+    chosen = {
+        "train": [f for i, f in enumerate(files) if i % 10 != 9],
+        "test": files[9::10],
+        "all": files,
+    }
+    if split not in chosen:
+        raise ValueError(f"shakespeare has splits {sorted(chosen)}, not {split!r}")
+    return chosen[split]
+
+
 def clean_markdown(text: str) -> str:
     """Drop markdown's two-space line-break markers, which would otherwise be tokens on every line."""
     return TRAILING_SPACE.sub("", text)
@@ -56,11 +70,12 @@ def clean_markdown(text: str) -> str:
 def load_documents(
     dataset: str = DEFAULT_DATASET, split: str = "train", text_column: str = "text"
 ) -> Iterator[str]:
-    """Documents of a dataset: `shakespeare` (embedded: one play per document), a local text file
+    """Documents of a dataset: `shakespeare` (embedded: one play per document, `split` train, test
+    or all), a local text file
     (one document) or folder (one document per .txt/.md file), a .json/.jsonl/.csv/.parquet file,
     or a `datasets` dataset name (one document per row; streamed, so large datasets start at once)."""
     if dataset == DEFAULT_DATASET:
-        yield from (clean_markdown(f.read_text()) for f in shakespeare_files())
+        yield from (clean_markdown(f.read_text()) for f in shakespeare_split(split))
         return
     path = Path(dataset)
     if path.is_file() and path.suffix in TEXT_SUFFIXES:

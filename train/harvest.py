@@ -128,6 +128,7 @@ class Harvester:
             "context_size": c.context_size,
             "prepend_bos": True,
             "dataset": c.dataset,
+            "split": c.split,
             "pack": c.pack,
             "seed": c.seed,
         }

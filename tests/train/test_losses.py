@@ -73,7 +73,16 @@ def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     out = d.training_loss(x, TrainContext())
     assert (out.z > 0).sum() == 16
     d.after_step(out)
-    torch.testing.assert_close(d.threshold, torch.full((16,), 0.01 * out.z[out.z > 0].min().item()))
+    first = out.z[out.z > 0].min().item()
+    (
+        torch.testing.assert_close(d.threshold, torch.full((16,), first)),
+        "the first step sets the average",
+    )
+    out = d.training_loss(torch.randn(8, 6), TrainContext())
+    d.after_step(out)
+    torch.testing.assert_close(
+        d.threshold, torch.full((16,), 0.99 * first + 0.01 * out.z[out.z > 0].min().item())
+    )
     torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(16))
 
 

@@ -139,10 +139,13 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     a, b = sae.load(killed / name), sae.load(tmp_path / "clean" / name)
     for key, value in a.state_dict().items():
         torch.testing.assert_close(value, b.state_dict()[key], atol=1e-5, rtol=1e-4)
-    curve = lambda d: [
-        json.loads(line)["losses/mse_loss"]
-        for line in (d / "metrics.jsonl").read_text().splitlines()
-    ]  # noqa: E731
+
+    def curve(run):
+        return [
+            json.loads(line)["losses/mse_loss"]
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert len(curve(killed)) == len(curve(tmp_path / "clean")) == 200
     torch.testing.assert_close(
         torch.tensor(curve(killed)), torch.tensor(curve(tmp_path / "clean")), atol=1e-5, rtol=1e-4

@@ -1,0 +1,64 @@
+"""Reconstruction quality over many tokens, accumulated batch by batch (bounded memory).
+
+    FVU = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2     explained variance = 1 - FVU
+
+The denominator is centred (DESIGN); SAELens's `explained_variance` divides by the uncentred
+per-batch variance instead, which reads higher when activations have a large mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from sae.models import SAE
+
+
+class ReconstructionStats:
+    """Running sums: add(x, x_hat) per batch, result() at the end."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum_x: Tensor | float = 0.0
+        self.sum_sq = 0.0  # sum ||x||^2
+        self.sum_err = 0.0  # sum ||x - x_hat||^2
+        self.sum_cos = 0.0
+        self.sum_ratio = 0.0
+        self.d = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor, x_hat: Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.n += len(x)
+        self.d = x.shape[-1]
+        self.sum_x = self.sum_x + x.sum(0)
+        self.sum_sq += x.pow(2).sum().item()
+        self.sum_err += (x - x_hat).pow(2).sum().item()
+        self.sum_cos += torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum().item()
+        self.sum_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("no tokens were evaluated")
+        mean = self.sum_x / self.n
+        centred = self.sum_sq - self.n * float(mean.pow(2).sum())
+        fvu = self.sum_err / centred
+        return {
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "mse": self.sum_err / (self.n * self.d),
+            "cosine": self.sum_cos / self.n,
+            "l2_ratio": self.sum_ratio / self.n,
+        }
+
+
+@torch.no_grad()
+def reconstruction(sae: SAE, batches: Iterable[Tensor]) -> dict[str, float]:
+    """FVU, explained variance, MSE (per element), mean cosine and mean L2 norm ratio of x_hat to x."""
+    stats = ReconstructionStats()
+    for x in batches:
+        x = x.to(sae.W_enc.device).float()
+        stats.add(x, sae(x))
+    return stats.result()

@@ -1,0 +1,61 @@
+"""Reconstruction metrics against a hand computation, and the demo end to end on a small budget."""
+
+import json
+
+import torch
+
+from eval.demo import DemoConfig, run_demo
+from eval.reconstruction import reconstruction
+from tests.conftest import make_sae
+
+
+@torch.no_grad()
+def test_metrics_match_a_hand_computation_over_batches():
+    d = make_sae("topk", k=4)
+    torch.manual_seed(0)
+    x = torch.randn(300, 6) * 2 + 5  # a large mean: centred and uncentred variance differ a lot
+    scores = reconstruction(d, x.split(64))
+    x_hat = d(x).double()
+    x = x.double()
+    err = (x - x_hat).pow(2).sum()
+    assert abs(scores["fvu"] - (err / (x - x.mean(0)).pow(2).sum()).item()) < 1e-6
+    assert abs(scores["explained_variance"] - (1 - scores["fvu"])) < 1e-12
+    assert abs(scores["mse"] - (err / x.numel()).item()) < 1e-6
+    assert (
+        abs(scores["cosine"] - torch.nn.functional.cosine_similarity(x, x_hat).mean().item()) < 1e-6
+    )
+    assert abs(scores["l2_ratio"] - (x_hat.norm(dim=1) / x.norm(dim=1)).mean().item()) < 1e-6
+
+
+def test_perfect_reconstruction_explains_everything():
+    class Identity(torch.nn.Module):
+        W_enc = torch.zeros(1)
+
+        def forward(self, x):
+            return x
+
+    scores = reconstruction(Identity(), [torch.randn(50, 4), torch.randn(30, 4)])
+    assert (
+        scores["fvu"] == 0
+        and scores["explained_variance"] == 1
+        and abs(scores["cosine"] - 1) < 1e-12
+    )
+
+
+def test_demo_end_to_end_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    summary = run_demo(
+        DemoConfig(out=str(tmp_path), train_tokens=12_288, eval_tokens=2_000, batch_size=1024)
+    )
+    assert set(summary) == {"sae", "batchtopk-k32-x4"}
+    assert summary["sae"]["d_sae"] == 4608 and 20 < summary["sae"]["l0"] <= 32
+    assert 0 < summary["sae"]["explained_variance"] < 1
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert (tmp_path / "sae" / "cfg.json").exists() and list(
+        (tmp_path / "wandb").glob("offline-run-*")
+    )
+    heldout = json.loads((tmp_path / "heldout" / "manifest.json").read_text())
+    assert (
+        heldout["split"] == "test"
+        and json.loads((tmp_path / "cache" / "manifest.json").read_text())["split"] == "train"
+    )
