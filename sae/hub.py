@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from sae.io import FormatError, build, cfg_from_saelens, load_dir
 from sae.models import SAE
 
-SCHEMES = ("hf", "saelens")
+SCHEMES = ("hf", "saelens", "wandb")
 
 
 class HubError(RuntimeError):
@@ -33,6 +37,8 @@ def load(source: str | Path, device: str = "cpu", dtype: str | None = None) -> S
         return load_hf(rest, device, dtype)
     if scheme == "saelens":
         return load_saelens(rest, device, dtype)
+    if scheme == "wandb":
+        return load_wandb(rest, device, dtype)
     raise ValueError(
         f"unknown SAE source {text!r}: use a local directory or one of the schemes {[s + ':' for s in SCHEMES]}"
     )
@@ -132,3 +138,61 @@ def load_saelens(spec: str, device: str = "cpu", dtype: str | None = None) -> SA
             float(factor),
         )
     return build(cfg, state, source, device, dtype)
+
+
+def load_wandb(spec: str, device: str = "cpu", dtype: str | None = None) -> SAE:
+    """`entity/project/name[:version]`, version `latest` (default) or `vN`. Online through the W&B
+    API; with WANDB_MODE=offline from the artifacts that offline runs under $WANDB_DIR recorded
+    (staged files, checked against their MD5 digests), so unsynced runs are loadable too."""
+    path, _, version = spec.partition(":")
+    parts = path.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"wandb:{spec} should be wandb:entity/project/name[:version]")
+    version = version or "latest"
+    target = Path(tempfile.mkdtemp(prefix="sae-forge-wandb-"))
+    if os.environ.get("WANDB_MODE") == "offline":
+        _fetch_offline_artifact(parts[1], parts[2], version, target)
+    else:
+        import wandb
+
+        try:
+            wandb.Api().artifact(f"{path}:{version}", type="model").download(root=str(target))
+        except Exception as e:  # noqa: BLE001 - wandb raises many types for a missing or unreachable artifact
+            raise HubError(
+                f"could not fetch wandb:{spec} through the W&B API ({type(e).__name__}: {e})"
+            ) from e
+    return load_dir(target, device, dtype)
+
+
+def _fetch_offline_artifact(project: str, name: str, version: str, target: Path) -> None:
+    from sae.wandb_offline import read_offline_run
+
+    root = Path(os.environ.get("WANDB_DIR", ".")) / "wandb"
+    runs = sorted(
+        (read_offline_run(d) for d in root.glob("offline-run-*") if list(d.glob("run-*.wandb"))),
+        key=lambda r: r.started,
+    )
+    logged = [
+        a
+        for r in runs
+        if r.project == project
+        for a in r.artifacts
+        if a.name == name and a.type == "model"
+    ]  # oldest first
+    if not logged:
+        raise HubError(
+            f"no offline W&B run under {root} logged a model artifact {name!r} in project {project!r}"
+        )
+    index = len(logged) - 1 if version == "latest" else int(version.removeprefix("v"))
+    if not 0 <= index < len(logged):
+        raise HubError(
+            f"offline W&B artifact {name!r} has versions v0..v{len(logged) - 1}, not {version}"
+        )
+    for rel, (local, digest) in logged[index].files.items():
+        data = Path(local).read_bytes() if Path(local).exists() else None
+        if data is None or base64.b64encode(hashlib.md5(data).digest()).decode() != digest:
+            raise HubError(
+                f"offline W&B artifact {name}:{version}: staged file for {rel} is missing or altered ({local})"
+            )
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).write_bytes(data)

@@ -6,11 +6,10 @@ a warning; if W&B fails mid-run it is switched off with a warning and training g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ class Tracker:
         return self.run.id if self.run is not None else None
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop metrics logged after the checkpoint, which the resumed run logs again."""
+        """Drop metrics logged after `step`: on resume those the run logs again, on a fresh run all."""
         if self.metrics_file.exists():
             kept = [
                 line
@@ -102,7 +101,11 @@ class Tracker:
             f"W&B failed ({type(error).__name__}: {error}); training continues, metrics still go to {self.metrics_file}",
             stacklevel=3,
         )
-        self.run = None
+        run, self.run = self.run, None
+        with contextlib.suppress(
+            Exception
+        ):  # close it, so a later wandb.init in this process starts clean
+            run.finish(exit_code=1)
 
 
 def _has_netrc_key() -> bool:
@@ -110,69 +113,6 @@ def _has_netrc_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text()
 
 
-# -- reading offline runs back ----------------------------------------------------------------------
-@dataclass
-class OfflineRun:
-    """What an offline W&B run recorded: config, every history row, summary, logged artifacts."""
+from sae.wandb_offline import OfflineRun, read_offline_run  # noqa: E402  (re-exported for tests and compare)
 
-    run_id: str
-    config: dict[str, Any]
-    history: list[dict[str, Any]]
-    summary: dict[str, Any]
-    artifacts: list[tuple[str, str]]  # (name, type)
-
-
-def read_offline_run(run_dir: str | Path) -> OfflineRun:
-    """Parse `offline-run-*/run-*.wandb` (W&B's record log: LevelDB log framing of protobuf
-    Records), so tests and `sae compare` can read runs that were never synced."""
-    from wandb.proto import wandb_internal_pb2
-
-    run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("run-*.wandb")) if run_dir.is_dir() else [run_dir]
-    if not files:
-        raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
-    run = OfflineRun(files[0].stem.removeprefix("run-"), {}, [], {}, [])
-    for data in _wandb_records(files[0]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "config":
-            run.config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
-        elif kind == "run":
-            run.config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
-        elif kind == "summary":
-            run.summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
-        elif kind == "artifact":
-            run.artifacts.append((record.artifact.name, record.artifact.type))
-    return run
-
-
-def _key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
-def _wandb_records(path: Path):
-    """Records of a W&B datastore: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of
-    [crc32 u32, length u16, type u8] framed chunks (1 full, 2 first, 3 middle, 4 last)."""
-    block = 32768
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B run file")
-    pos, fragments = 7, []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: zero padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            fragments = [chunk]
-        elif kind == 3:
-            fragments.append(chunk)
-        elif kind == 4:
-            yield b"".join([*fragments, chunk])
+__all__ = ["OfflineRun", "Tracker", "read_offline_run"]

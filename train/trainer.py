@@ -289,8 +289,7 @@ class Trainer:
         tracker = Tracker(
             self.out, cfg.wandb_project, cfg.wandb_entity, config=asdict(cfg), run_id=tracker_id
         )
-        if cfg.resume:
-            tracker.truncate_after(self.step)
+        tracker.truncate_after(self.step)  # a fresh run starts an empty metrics.jsonl
         batches = islice(iter(self.source), self.step, self.total_steps)
         bar = tqdm(
             total=self.total_steps * cfg.batch_size,

@@ -239,7 +239,8 @@ def test_wandb_offline_logs_read_back(tmp_path, monkeypatch):
     ):
         assert key in logged[-1]
     assert run.config["architecture"] == "topk" and run.config["k"] == 4
-    assert ("topk-k4-x64-blocks_6_hook_resid_post", "model") in run.artifacts
+    assert [(a.name, a.type) for a in run.artifacts] == [("topk-k4-x64-blocks_6_hook_resid_post", "model")]
+    assert run.project == "sae-forge-test"
 
 
 def test_no_wandb_key_falls_back_to_offline_with_a_warning(tmp_path, monkeypatch):
@@ -287,3 +288,40 @@ def test_wandb_failing_mid_run_does_not_stop_training(tmp_path, monkeypatch):
     assert any("W&B failed (ConnectionError" in str(w.message) for w in caught)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 10
     assert d.cfg.d_sae == 64
+
+
+def test_trained_sae_loads_back_from_its_offline_wandb_artifact(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    _, batches = synthetic(batch=256)
+    first = train.fit(
+        batches(),
+        d_sae=64,
+        k=4,
+        total_tokens=256 * 3,
+        batch_size=256,
+        out=str(tmp_path),
+        wandb_project="proj",
+    )
+    time.sleep(1.1)  # W&B names offline runs by the second
+    second = train.fit(
+        batches(),
+        d_sae=64,
+        k=4,
+        total_tokens=256 * 5,
+        batch_size=256,
+        out=str(tmp_path),
+        wandb_project="proj",
+    )
+    name = "topk-k4-x64-blocks_6_hook_resid_post"
+    x = torch.randn(10, 32)
+    for spec, expected in [
+        (f"wandb:me/proj/{name}:v0", first),
+        (f"wandb:me/proj/{name}:latest", second),
+        (f"wandb:me/proj/{name}", second),
+    ]:
+        torch.testing.assert_close(sae.load(spec)(x), expected(x))
+    with pytest.raises(sae.hub.HubError, match="versions v0..v1, not v7"):
+        sae.load(f"wandb:me/proj/{name}:v7")
+    with pytest.raises(sae.hub.HubError, match="no offline W&B run .* 'nothing'"):
+        sae.load("wandb:me/proj/nothing")
