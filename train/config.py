@@ -118,6 +118,11 @@ class TrainConfig(SAESpec):
     """W&B entity (user or team)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
+    stream_model: str = ""
+    """Train straight from this model's forward passes instead of a cache (no disk; resuming
+    recomputes the skipped activations)."""
+    stream_dataset: str = "shakespeare"
+    """Text for --stream-model."""
     sweep: list = field(default_factory=list, metadata={"cli": False})
     """SAEs to train together, each a mapping of SAESpec fields (from a --config YAML file)."""
 

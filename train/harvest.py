@@ -133,10 +133,11 @@ class Harvester:
             "seed": c.seed,
         }
 
-    def windows(self) -> Iterator[Window]:
+    def windows(self, epoch: int = 0) -> Iterator[Window]:
         c = self.cfg
-        docs = shuffled(enumerate(load_documents(c.dataset, c.split, c.text_column)), c.seed)
-        return shuffled(token_windows(self.tokenizer, docs, c.context_size, c.pack), c.seed + 1)
+        seed = c.seed + 2 * epoch  # each pass over the data in a new order
+        docs = shuffled(enumerate(load_documents(c.dataset, c.split, c.text_column)), seed)
+        return shuffled(token_windows(self.tokenizer, docs, c.context_size, c.pack), seed + 1)
 
     def shard_rows(
         self, windows: list[Window], first_window: int, first_batch: int
@@ -183,6 +184,19 @@ class Harvester:
         On a CPU box whose cores all run the forward's matmuls it is done in line, and only the
         I/O (write, fsync, rename), which barely uses a core, overlaps the next forward passes."""
         return self.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+
+    def stream(self) -> Iterator[dict[str, Tensor]]:
+        """Rows without a cache, for training straight from the model: each group of
+        shard_windows windows is forwarded and its rows shuffled (seeded), group after group,
+        through the dataset again (in a new order) when it ends."""
+        rng = torch.Generator().manual_seed(self.cfg.seed)
+        for epoch in range(sys.maxsize):
+            windows, first = self.windows(epoch), 0
+            while group := list(islice(windows, self.cfg.shard_windows)):
+                rows = self.shard_rows(group, first, first // self.cfg.batch_size)
+                first += len(group)
+                order = torch.randperm(len(rows["tokens"]), generator=rng)
+                yield {h: rows[acts_key(h)][order] for h in self.cfg.hook}
 
     def run(self) -> ActivationCache:
         c = self.cfg

@@ -23,7 +23,7 @@ from sae.config import SAEConfig
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext
 from train import checkpoint
 from train.cache import ActivationCache
-from train.config import SPARSITY_DEFAULTS, SAESpec, TrainConfig
+from train.config import SPARSITY_DEFAULTS, HarvestConfig, SAESpec, TrainConfig
 from train.harvest import resolve_device
 from train.tracking import Tracker
 
@@ -35,41 +35,45 @@ class NonFiniteLoss(FloatingPointError):
 # -- data -----------------------------------------------------------------------------------------
 class Source:
     """Batches of {hook: [batch_size, d_in]} for as many tokens as asked, from a cache (reshuffled
-    each pass) or any iterable of [n, d_in] tensors (re-batched). Deterministic: resuming skips
-    the batches already used."""
+    each pass), straight from the model (a HarvestConfig: forward passes as training goes, no
+    cache), or any iterable of [n, d_in] tensors (re-batched). Deterministic: resuming skips the
+    batches already used (for a model stream, by recomputing them)."""
 
     def __init__(
         self,
-        data: str | ActivationCache | Iterable[Tensor],
+        data: str | ActivationCache | HarvestConfig | Iterable[Tensor],
         hooks: list[str],
         batch_size: int,
         seed: int,
     ):
+        self.hooks, self.batch_size, self.seed = hooks, batch_size, seed
         self.cache = (
-            ActivationCache(data)
+            ActivationCache(str(data))
             if isinstance(data, (str, Path))
             else data
             if isinstance(data, ActivationCache)
             else None
         )
-        self.iterable = None if self.cache is not None else data
-        self.hooks, self.batch_size, self.seed = hooks, batch_size, seed
         if self.cache is not None:
             self.d_in = {h: self.cache.d_in(h) for h in hooks}
             self.scale = {h: self.cache.stats(h)["norm_scaling_factor"] for h in hooks}
-        else:  # one stream of tensors: peek at the first for its width and scale
-            stream = iter(data)
-            first = next(stream)
-            self.iterable = chain([first], stream)
-            self.d_in = {h: first.shape[-1] for h in hooks}
-            self.scale = {
-                h: math.sqrt(first.shape[-1]) / first.float().norm(dim=-1).mean().item()
-                for h in hooks
-            }
+            return
+        if isinstance(data, HarvestConfig):
+            from train.harvest import Harvester  # loads the model
+
+            chunks = Harvester(replace(data, hook=hooks, seed=seed)).stream()
+        else:
+            chunks = ({hooks[0]: x.reshape(-1, x.shape[-1])} for x in data)
+        first = next(chunks)  # peek: widths and input scales
+        self.chunks = chain([first], chunks)
+        self.d_in = {h: first[h].shape[-1] for h in hooks}
+        self.scale = {
+            h: math.sqrt(self.d_in[h]) / first[h].float().norm(dim=-1).mean().item() for h in hooks
+        }
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         if self.cache is None:
-            yield from ({self.hooks[0]: x} for x in rebatch(self.iterable, self.batch_size))
+            yield from rebatch(self.chunks, self.batch_size)
             return
         for epoch in range(sys.maxsize):
             yield from self.cache.batches(
@@ -77,18 +81,17 @@ class Source:
             )
 
 
-def rebatch(tensors: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
-    """[n, d] tensors of any n -> [batch_size, d] tensors (the remainder is dropped)."""
-    held: list[Tensor] = []
+def rebatch(chunks: Iterable[dict[str, Tensor]], batch_size: int) -> Iterator[dict[str, Tensor]]:
+    """{hook: [n, d]} chunks of any n -> {hook: [batch_size, d]} batches (the remainder is dropped)."""
+    held: list[dict[str, Tensor]] = []
     count = 0
-    for x in tensors:
-        x = x.reshape(-1, x.shape[-1])
-        held.append(x)
-        count += len(x)
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(next(iter(chunk.values())))
         while count >= batch_size:
-            flat = torch.cat(held)
-            yield flat[:batch_size]
-            held, count = [flat[batch_size:]], count - batch_size
+            flat = {k: torch.cat([c[k] for c in held]) for k in chunk}
+            yield {k: v[:batch_size] for k, v in flat.items()}
+            held, count = [{k: v[batch_size:] for k, v in flat.items()}], count - batch_size
 
 
 # -- one SAE --------------------------------------------------------------------------------------
@@ -189,6 +192,15 @@ class Trainer:
                 "model_name": manifest["model"],
                 "context_size": manifest["context_size"],
                 "dataset_path": manifest["dataset"],
+            }
+        elif isinstance(
+            data, HarvestConfig
+        ):  # stream from the model: the SAEs' hookpoints are harvested
+            specs = [replace(s, hook=s.hook or data.hook[0]) for s in cfg.specs()]
+            meta = {
+                "model_name": data.model,
+                "context_size": data.context_size,
+                "dataset_path": data.dataset,
             }
         else:
             specs = [replace(s, hook=s.hook or SAEConfig.hook_name) for s in cfg.specs()]
@@ -383,10 +395,13 @@ def _only(hooks: list[str]) -> str:
     return hooks[0]
 
 
-def fit(data: str | ActivationCache | Iterable[Tensor], **settings: Any) -> SAE | list[SAE]:
-    """Train SAEs on a cache path/URL or on any iterable of [n, d_in] activation tensors. Every
-    TrainConfig field is a keyword with a working default; `sweep=[{...}, ...]` trains several on
-    the same batches. Returns the SAE, or the list of them for a sweep."""
+def fit(
+    data: str | ActivationCache | HarvestConfig | Iterable[Tensor], **settings: Any
+) -> SAE | list[SAE]:
+    """Train SAEs on a cache path/URL, straight from a model (a HarvestConfig: no cache), or on any
+    iterable of [n, d_in] activation tensors. Every TrainConfig field is a keyword with a working
+    default; `sweep=[{...}, ...]` trains several on the same batches. Returns the SAE, or the list
+    of them for a sweep."""
     known = {f.name for f in fields(TrainConfig)}
     if unknown := sorted(set(settings) - known):
         raise TypeError(f"train.fit got unknown settings {unknown}; known: {sorted(known)}")
@@ -396,7 +411,12 @@ def fit(data: str | ActivationCache | Iterable[Tensor], **settings: Any) -> SAE 
 
 
 def train_cli(cfg: TrainConfig) -> None:
-    saes = Trainer(cfg, cfg.cache).run()
+    data = (
+        HarvestConfig(model=cfg.stream_model, dataset=cfg.stream_dataset, device=cfg.device)
+        if cfg.stream_model
+        else cfg.cache
+    )
+    saes = Trainer(cfg, data).run()
     for sae in saes:
         print(f"trained {sae.cfg.architecture} d_sae={sae.cfg.d_sae} on {sae.cfg.hook_name}")
     print(f"SAEs, checkpoint and metrics.jsonl in {cfg.out}")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,35 @@ def test_harvest_to_s3_resumes_and_matches_local(s3_bucket, cache):
         assert (
             fs.cat_file(f"{url}/{entry['name']}") == (Path(cache.url) / entry["name"]).read_bytes()
         )
+
+
+def test_training_straight_from_the_model_sees_the_harvest_rows(cache, tmp_path):
+    """Streaming (no cache) forwards the same windows a harvest would, shuffled within each group."""
+    import train
+    from train.config import HarvestConfig
+    from train.trainer import Source
+
+    stream = HarvestConfig(
+        hook=HOOKS, context_size=32, batch_size=4, shard_windows=8, dtype="float32", device="cpu"
+    )
+    source = Source(stream, HOOKS, batch_size=124, seed=0)
+    first = torch.cat([b[HOOKS[0]] for b in islice(iter(source), 2)])  # 248 rows = the first group
+    shard = cache.read_shard(0)[f"acts.{HOOKS[0]}"]
+    assert len(first) == len(shard) == 248
+    sort = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    torch.testing.assert_close(sort(first), sort(shard))
+    assert not torch.equal(first, shard), "rows are shuffled within the group"
+    d = train.fit(
+        stream,
+        architecture="topk",
+        d_sae=1152,
+        k=16,
+        total_tokens=992,
+        batch_size=248,
+        out=str(tmp_path),
+    )
+    assert (
+        d.cfg.hook_name == HOOKS[0]
+        and d.cfg.model_name == "smollm2-135m"
+        and d.cfg.context_size == 32
+    )
