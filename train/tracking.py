@@ -22,11 +22,14 @@ class Tracker:
         entity: str = "",
         config: dict | None = None,
         run_id: str | None = None,
+        active: bool = True,
     ):
+        """`active=False` (ranks other than 0 under torchrun) records nothing."""
         self.out = out
+        self.active = active
         self.metrics_file = out / "metrics.jsonl"
         self.run = None
-        if project:
+        if project and active:
             self.run = self._start_wandb(project, entity, config or {}, run_id)
 
     def _start_wandb(self, project: str, entity: str, config: dict, run_id: str | None):
@@ -59,7 +62,7 @@ class Tracker:
 
     def truncate_after(self, step: int) -> None:
         """Drop metrics logged after `step`: on resume those the run logs again, on a fresh run all."""
-        if self.metrics_file.exists():
+        if self.active and self.metrics_file.exists():
             kept = [
                 line
                 for line in self.metrics_file.read_text().splitlines()
@@ -68,6 +71,8 @@ class Tracker:
             self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:

@@ -24,6 +24,7 @@ from sae.models import REGISTRY, SAE, LossOutput, TrainContext
 from train import checkpoint
 from train.cache import ActivationCache
 from train.config import SPARSITY_DEFAULTS, HarvestConfig, SAESpec, TrainConfig
+from train.distributed import World
 from train.harvest import resolve_device
 from train.tracking import Tracker
 
@@ -177,7 +178,8 @@ def build_member(
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: str | ActivationCache | Iterable[Tensor]):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.world = World()
+        self.device = self.world.device(resolve_device(cfg.device))
         if isinstance(data, (str, Path)):
             data = ActivationCache(str(data))
         if isinstance(data, ActivationCache):
@@ -241,7 +243,7 @@ class Trainer:
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
         for m in self.members:
-            x = batch[m.hook].to(self.device, non_blocking=True).float()
+            x = self.world.shard(batch[m.hook]).to(self.device, non_blocking=True).float()
             coefficient = m.spec.sparsity_coefficient or SPARSITY_DEFAULTS.get(
                 m.spec.architecture, 0.0
             )
@@ -257,12 +259,14 @@ class Trainer:
                 )
             m.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            self.world.average_gradients(m.sae)
             if m.sae.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
                 m.sae.remove_parallel_grad_()
             m.optimizer.step()
             m.schedule.step()
             m.sae.after_step(out)
-            fired = (out.z > 0).any(0)
+            self.world.average_buffers(m.sae)
+            fired = self.world.any_rank((out.z > 0).any(0))
             m.tokens_since_fired += len(x)
             m.tokens_since_fired[fired] = 0
             metrics.update(self.member_metrics(m, x, out, ctx))
@@ -299,7 +303,12 @@ class Trainer:
         cfg = self.cfg
         tracker_id = self.restore() if cfg.resume else None
         tracker = Tracker(
-            self.out, cfg.wandb_project, cfg.wandb_entity, config=asdict(cfg), run_id=tracker_id
+            self.out,
+            cfg.wandb_project,
+            cfg.wandb_entity,
+            config=asdict(cfg),
+            run_id=tracker_id,
+            active=self.world.is_main,
         )
         tracker.truncate_after(self.step)  # a fresh run starts an empty metrics.jsonl
         batches = islice(iter(self.source), self.step, self.total_steps)
@@ -325,23 +334,29 @@ class Trainer:
             ):
                 self.save_checkpoint(tracker.run_id)
         bar.close()
+        self.world.barrier()
         if self.step < self.total_steps:
             print(
                 f"{cfg.out}: the data ran out after {self.step} of {self.total_steps} steps",
                 file=sys.stderr,
             )
         self.save_checkpoint(tracker.run_id)
-        for m in self.members:
-            m.sae.save(self.out / m.name)
-            tracker.log_model(m.name, self.out / m.name)
+        if self.world.is_main:
+            for m in self.members:
+                m.sae.save(self.out / m.name)
+                tracker.log_model(m.name, self.out / m.name)
         tracker.finish()
+        self.world.barrier()
         return [m.sae for m in self.members]
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, run_id: str | None) -> None:
+        if not self.world.is_main:
+            return
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
         meta: dict[str, Any] = {
             "step": self.step,
+            "world_size": self.world.size,
             "wandb_run_id": run_id,
             "members": {},
             "config": asdict(self.cfg),

@@ -327,3 +327,47 @@ def test_trained_sae_loads_back_from_its_offline_wandb_artifact(tmp_path, monkey
         sae.load(f"wandb:me/proj/{name}:v7")
     with pytest.raises(sae.hub.HubError, match="no offline W&B run .* 'nothing'"):
         sae.load("wandb:me/proj/nothing")
+
+
+def test_two_process_data_parallel_equals_one_process(tmp_path):
+    """torchrun with 2 gloo processes on CPU ends with the same SAEs as one process on the same
+    global batches (per-row losses: topk with AuxK, standard with L1)."""
+    cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
+    (tmp_path / "sweep.yaml").write_text(
+        "sweep:\n  - {architecture: topk, k: 4, name: topk}\n  - {architecture: standard, name: relu}\n"
+    )
+    common = ["--cache", cache.url, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
+              "--batch-size", "500", "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "train", "--out", str(tmp_path / "one"), *common],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    ddp = subprocess.run(
+        [*launcher, "-m", "train", "--out", str(tmp_path / "two"), *common],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    for name in ("topk", "relu"):
+        a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(a.W_dec, sae.create("topk", d_in=32, d_sae=128, k=4).W_dec), (
+            "trained"
+        )
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 20, (
+        "rank 0 alone logs"
+    )
