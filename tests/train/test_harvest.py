@@ -22,6 +22,16 @@ from train.data import load_documents
 from train.harvest import Harvester, NonFiniteActivations, capture, harvest
 
 HOOKS = ["blocks.3.hook_resid_post", "blocks.5.hook_mlp_out"]
+SMALL = {
+    "hook": HOOKS,
+    "tokens": 1500,
+    "context_size": 32,
+    "batch_size": 4,
+    "shard_windows": 8,
+    "dtype": "float32",
+    "device": "cpu",
+}
+"""A fp32 harvest of 1500 rows in 8-window shards: the settings several tests compare against."""
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +39,7 @@ def cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("harvest") / "cache"
     harvest(
         out=str(out),
-        hook=HOOKS,
-        tokens=1500,
-        context_size=32,
-        batch_size=4,
-        shard_windows=8,
-        dtype="float32",
-        device="cpu",
+        **SMALL,
     )
     return load_cache(out)
 
@@ -81,13 +85,7 @@ def test_background_writer_writes_the_same_bytes(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(Harvester, "prepare_in_background", lambda self: not default(self))
     threaded = harvest(
         out=str(tmp_path / "t"),
-        hook=HOOKS,
-        tokens=1500,
-        context_size=32,
-        batch_size=4,
-        shard_windows=8,
-        dtype="float32",
-        device="cpu",
+        **SMALL,
     )
     assert threaded.manifest["shards"] == cache.manifest["shards"]
     for entry in cache.manifest["shards"]:
@@ -132,13 +130,7 @@ def test_existing_cache_from_other_hooks_is_refused_and_complete_one_is_kept(cac
         )
     again = harvest(
         out=cache.url,
-        hook=HOOKS,
-        tokens=1500,
-        context_size=32,
-        batch_size=4,
-        shard_windows=8,
-        dtype="float32",
-        device="cpu",
+        **SMALL,
     )
     assert again.manifest == before
 
@@ -283,13 +275,7 @@ def test_harvest_to_s3_resumes_and_matches_local(s3_bucket, cache):
     died.write_shard(cache.read_shard(0))
     resumed = harvest(
         out=url,
-        hook=HOOKS,
-        tokens=1500,
-        context_size=32,
-        batch_size=4,
-        shard_windows=8,
-        dtype="float32",
-        device="cpu",
+        **SMALL,
     )
     assert resumed.manifest["shards"] == cache.manifest["shards"] and resumed.manifest["complete"]
     resumed.verify()

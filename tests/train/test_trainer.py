@@ -211,18 +211,23 @@ def test_cache_with_other_hookpoint_is_refused(tmp_path):
         )
 
 
-def test_wandb_offline_logs_read_back(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    _, batches = synthetic(batch=512)
-    train.fit(
+def fit_small(out, steps, batch, **settings):
+    """A tiny TopK fit on synthetic data logged to W&B project `settings['wandb_project']`."""
+    _, batches = synthetic(batch=batch)
+    return train.fit(
         batches(),
         d_sae=64,
         k=4,
-        total_tokens=512 * 12,
-        batch_size=512,
-        out=str(tmp_path),
-        wandb_project="sae-forge-test",
+        total_tokens=batch * steps,
+        batch_size=batch,
+        out=str(out),
+        **settings,
     )
+
+
+def test_wandb_offline_logs_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    fit_small(tmp_path, 12, 512, wandb_project="sae-forge-test")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
     ours = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -249,17 +254,8 @@ def test_no_wandb_key_falls_back_to_offline_with_a_warning(tmp_path, monkeypatch
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    _, batches = synthetic(batch=256)
     with pytest.warns(UserWarning, match="no W&B API key: logging offline"):
-        train.fit(
-            batches(),
-            d_sae=64,
-            k=4,
-            total_tokens=256 * 3,
-            batch_size=256,
-            out=str(tmp_path),
-            wandb_project="p",
-        )
+        fit_small(tmp_path, 3, 256, wandb_project="p")
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -275,18 +271,9 @@ def test_wandb_failing_mid_run_does_not_stop_training(tmp_path, monkeypatch):
             raise ConnectionError("W&B connection lost")
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
-    _, batches = synthetic(batch=256)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        d = train.fit(
-            batches(),
-            d_sae=64,
-            k=4,
-            total_tokens=256 * 10,
-            batch_size=256,
-            out=str(tmp_path),
-            wandb_project="p",
-        )
+        d = fit_small(tmp_path, 10, 256, wandb_project="p")
     assert any("W&B failed (ConnectionError" in str(w.message) for w in caught)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 10
     assert d.cfg.d_sae == 64
@@ -295,26 +282,9 @@ def test_wandb_failing_mid_run_does_not_stop_training(tmp_path, monkeypatch):
 def test_trained_sae_loads_back_from_its_offline_wandb_artifact(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    _, batches = synthetic(batch=256)
-    first = train.fit(
-        batches(),
-        d_sae=64,
-        k=4,
-        total_tokens=256 * 3,
-        batch_size=256,
-        out=str(tmp_path),
-        wandb_project="proj",
-    )
+    first = fit_small(tmp_path, 3, 256, wandb_project="proj")
     time.sleep(1.1)  # W&B names offline runs by the second
-    second = train.fit(
-        batches(),
-        d_sae=64,
-        k=4,
-        total_tokens=256 * 5,
-        batch_size=256,
-        out=str(tmp_path),
-        wandb_project="proj",
-    )
+    second = fit_small(tmp_path, 5, 256, wandb_project="proj")
     name = "topk-k4-x64-blocks_6_hook_resid_post"
     x = torch.randn(10, 32)
     for spec, expected in [
