@@ -39,3 +39,35 @@ def smollm2():
     from sae.lm import load_lm
 
     return load_lm("smollm2-135m")
+
+
+def start_sae(*args: str):
+    """`sae ARGS...` in a child process (so that it can be SIGKILLed), two threads like CI."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "sae.cli", *args]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+
+
+def sigkill_when(proc, json_file, ready, timeout: float = 180) -> None:
+    """SIGKILL `proc` as soon as `ready(json.load(json_file))` holds (polled every 20 ms)."""
+    import json
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if ready(json.loads(json_file.read_text())):
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -2,11 +2,6 @@
 corruption, NaN, a dataset that runs out, and refusing to mix caches."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -17,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sae.hooks import record
 from sae.lm import blocks
+from tests.conftest import sigkill_when, start_sae
 from train.cache import IDENTITY, CacheMismatch, CacheWriter, load_cache
 from train.data import load_documents
 from train.harvest import Harvester, NonFiniteActivations, capture, harvest
@@ -135,48 +131,15 @@ def test_existing_cache_from_other_hooks_is_refused_and_complete_one_is_kept(cac
     assert again.manifest == before
 
 
-def run_cli(out, **env):
-    args = [
-        sys.executable,
-        "-m",
-        "sae.cli",
-        "harvest",
-        "--out",
-        str(out),
-        "--tokens",
-        "12000",
-        "--context-size",
-        "64",
-        "--batch-size",
-        "4",
-        "--shard-windows",
-        "8",
-        "--hook",
-        "blocks.4.hook_resid_post",
-        "--hook",
-        "blocks.2.hook_attn_out",
-    ]
-    return subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-    )
+def run_cli(out):
+    return start_sae("harvest", "--out", str(out), "--tokens", "12000", "--context-size", "64", "--batch-size", "4",
+                     "--shard-windows", "8", "--hook", "blocks.4.hook_resid_post", "--hook", "blocks.2.hook_attn_out")  # fmt: skip
 
 
 def test_sigkill_then_resume_gives_identical_shards(tmp_path):
     killed = tmp_path / "killed"
     proc = run_cli(killed)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if len(json.loads((killed / "manifest.json").read_text())["shards"]) >= 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, killed / "manifest.json", lambda m: len(m["shards"]) >= 3)
     partial = json.loads((killed / "manifest.json").read_text())
     assert not partial["complete"] and 3 <= len(partial["shards"]) < 24, "killed part way"
     assert run_cli(killed).wait() == 0

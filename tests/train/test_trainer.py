@@ -3,7 +3,6 @@ logs read back, and the guards (NaN loss, bad configs, mismatched caches)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 import sae
 import train
+from tests.conftest import sigkill_when, start_sae
 from train.cache import ActivationCache, CacheWriter
 from train.tracking import read_offline_run
 from train.trainer import NonFiniteLoss
@@ -105,31 +105,15 @@ def test_sweep_trains_every_config_reading_the_data_once(tmp_path, monkeypatch):
 
 
 def run_cli(cache, out, *extra):
-    args = [sys.executable, "-m", "sae.cli", "train", "--cache", str(cache), "--out", str(out), "--architecture", "topk",
-            "--k", "16", "--d-sae", "4096", "--batch-size", "1000", "--total-tokens", "200000", "--checkpoint-every", "10", *extra]  # fmt: skip
-    return subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
-    )
+    return start_sae("train", "--cache", str(cache), "--out", str(out), "--architecture", "topk", "--k", "16", "--d-sae", "4096",
+                     "--batch-size", "1000", "--total-tokens", "200000", "--checkpoint-every", "10", *extra)  # fmt: skip
 
 
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     cache = synthetic_cache(tmp_path / "cache", rows=30_000, d=256, shard_rows=3_000)
     killed = tmp_path / "killed"
     proc = run_cli(cache.url, killed)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        state = killed / "checkpoint" / "state.json"
-        try:
-            if state.exists() and json.loads(state.read_text())["step"] >= 60:
-                break
-        except json.JSONDecodeError:
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(proc, killed / "checkpoint" / "state.json", lambda state: state["step"] >= 60)
     assert not (killed / "topk-k16-x4096-blocks_6_hook_resid_post").exists(), (
         "killed before the end"
     )
