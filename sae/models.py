@@ -57,6 +57,8 @@ class SAE(nn.Module):
     architecture: ClassVar[str]
     saelens_architecture: ClassVar[str]
     """The architecture SAELens loads the saved weights as (its inference class)."""
+    uses_k: ClassVar[bool] = False
+    """Whether cfg.k sets the sparsity (top-k styles)."""
     latent_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
     """Per-latent encoder tensors that scale with a latent's code (for fold_decoder_norm_)."""
 
@@ -131,6 +133,10 @@ class SAE(nn.Module):
         self, x_s: Tensor, pre: Tensor, z: Tensor, x_hat_s: Tensor, ctx: TrainContext
     ) -> dict[str, Tensor]:
         return {}
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Gradient edits the recipe applies before each optimizer step (none by default)."""
 
     @torch.no_grad()
     def after_step(self, out: LossOutput) -> None:
@@ -244,6 +250,7 @@ class TopKSAE(SAE):
     """TopK SAE (Gao et al. 2024): z = topk(relu(pre), k) per row."""
 
     architecture = saelens_architecture = "topk"
+    uses_k = True
     latent_scaled = ()
 
     def activate(self, pre: Tensor) -> Tensor:
@@ -251,6 +258,10 @@ class TopKSAE(SAE):
 
     def penalties(self, x_s, pre, z, x_hat_s, ctx):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        self.remove_parallel_grad_()
 
     @torch.no_grad()
     def after_step(self, out: LossOutput) -> None:
@@ -331,6 +342,7 @@ class BatchTopKSAE(SAE):
 
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
+    uses_k = True
     latent_scaled = ()
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:
@@ -348,6 +360,10 @@ class BatchTopKSAE(SAE):
 
     def penalties(self, x_s, pre, z, x_hat_s, ctx):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        self.remove_parallel_grad_()
 
     @torch.no_grad()
     def after_step(self, out: LossOutput, rate: float = 0.01) -> None:

@@ -113,7 +113,7 @@ class Member:
 def member_name(spec: SAESpec) -> str:
     if spec.name:
         return spec.name
-    k = f"-k{spec.k}" if spec.architecture in ("topk", "batchtopk", "matryoshka_batchtopk") else ""
+    k = f"-k{spec.k}" if getattr(REGISTRY.get(spec.architecture), "uses_k", False) else ""
     return f"{spec.architecture}{k}-x{spec.expansion_factor if not spec.d_sae else spec.d_sae}-{spec.hook.replace('.', '_')}"
 
 
@@ -260,8 +260,7 @@ class Trainer:
             m.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.world.average_gradients(m.sae)
-            if m.sae.architecture in ("topk", "batchtopk", "matryoshka_batchtopk"):
-                m.sae.remove_parallel_grad_()
+            m.sae.before_step()
             m.optimizer.step()
             m.schedule.step()
             m.sae.after_step(out)
