@@ -1,1 +1,5 @@
 """Scoring dictionaries: reconstruction, spliced-in loss, sparsity and monosemanticity."""
+
+from eval.report import evaluate
+
+__all__ = ["evaluate"]

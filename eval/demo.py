@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from eval.reconstruction import reconstruction
+from eval.reconstruction import ReconstructionStats
+from eval.sparsity import SparsityStats
 from sae.models import SAE
 from train.cache import ActivationCache
 from train.config import TrainConfig
@@ -45,17 +46,16 @@ class DemoConfig:
     """W&B project (offline unless a key is set); empty to skip W&B."""
 
 
-def sparsity(sae: SAE, cache: ActivationCache, hook: str) -> dict[str, float]:
-    """Mean L0 and the share of latents that never fired on the held-out tokens."""
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    total_l0, n = 0.0, 0
-    with torch.no_grad():
-        for x in cache.batches(4096, hook=hook, shuffle=False):
-            z = sae.encode(x.float())
-            total_l0 += (z > 0).sum().item()
-            n += len(z)
-            fired |= (z > 0).any(0)
-    return {"l0": total_l0 / n, "dead_fraction": 1 - fired.float().mean().item()}
+@torch.no_grad()
+def heldout_scores(sae: SAE, cache: ActivationCache, hook: str) -> dict[str, float]:
+    """Reconstruction, mean L0 and dead share on the held-out activations (no LM needed)."""
+    recon, sparsity = ReconstructionStats(), SparsityStats(sae.cfg.d_sae)
+    for x in cache.batches(4096, hook=hook, shuffle=False):
+        z = sae.encode(x.float())
+        recon.add(x.float(), sae.decode(z))
+        sparsity.add(z)
+    spars = sparsity.result()
+    return {**recon.result(), "l0": spars["l0"], "dead_fraction": spars["dead_fraction"]}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -79,12 +79,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     saes = Trainer(train_cfg, cache).run()
     summary = {}
     for spec, sae in zip(sweep, saes, strict=True):
-        scores = reconstruction(sae, heldout.batches(4096, hook=cfg.hook, shuffle=False))
         summary[spec["name"]] = {
             "architecture": sae.cfg.architecture,
             "d_sae": sae.cfg.d_sae,
-            **scores,
-            **sparsity(sae, heldout, cfg.hook),
+            **heldout_scores(sae, heldout, cfg.hook),
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, out, len(heldout))
@@ -103,3 +101,4 @@ def print_summary(summary: dict, out: Path, heldout_tokens: int) -> None:
     print(
         f"\nlook at: {out}/sae (sae.load it), {out}/summary.json, {out}/metrics.jsonl, {out}/wandb (offline W&B run: `wandb sync`)"
     )
+    print(f"score it fully (spliced-in loss, purity, absorption): sae eval {out}/sae --cache {out}/heldout")

@@ -2,8 +2,8 @@
 
     FVU = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2     explained variance = 1 - FVU
 
-The denominator is centred (DESIGN); SAELens's `explained_variance` divides by the uncentred
-per-batch variance instead, which reads higher when activations have a large mean.
+The denominator is centred over all scored tokens (DESIGN), as SAELens >= 6.x computes it too
+(its `explained_variance_legacy` averages a per-token ratio instead); docs/eval.md compares them.
 """
 
 from __future__ import annotations

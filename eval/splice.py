@@ -33,58 +33,65 @@ def _scored(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return logp, ce
 
 
-@torch.no_grad()
-def spliced_losses(
-    model: nn.Module, sae: SAE, batches: Iterable[Tensor], hook: str | None = None
-) -> dict[str, float]:
-    """CE clean / with the SAE / zero-ablated / mean-ablated, CE loss recovered and KL score,
-    averaged over every scored token of `batches` ([batch, seq] token ids starting with BOS)."""
-    hook = hook or sae.cfg.hook_name
-    sums = {
-        k: 0.0
-        for k in (
-            "ce_clean",
-            "ce_sae",
-            "ce_zero_ablation",
-            "ce_mean_ablation",
-            "kl_sae",
-            "kl_zero_ablation",
-            "kl_mean_ablation",
+VARIANTS = ("sae", "zero_ablation", "mean_ablation")
+
+
+class SplicedLosses:
+    """Running sums over batches: add(model, sae, ids, clean_logits, acts) per batch, result().
+
+    The caller runs the clean forward (recording the hook's activation, which the evaluation needs
+    anyway), so each batch costs one clean and three edited forward passes."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(
+            ["ce_clean", *(f"{m}_{v}" for v in VARIANTS for m in ("ce", "kl"))], 0.0
         )
-    }
-    n = 0
-    for ids in batches:
-        clean_logp, clean_ce = _scored(model(ids).logits, ids)
-        mean = _mean_activation(model, ids, hook)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(
+        self, model: nn.Module, sae: SAE, ids: Tensor, clean_logits: Tensor, acts: Tensor
+    ) -> None:
+        """`acts`: the hook's activation [batch, seq, d] in the clean pass (for the mean ablation)."""
+        clean_logp, clean_ce = _scored(clean_logits, ids)
+        mean = acts[:, 1:].flatten(0, -2).mean(0)
+        hook = sae.cfg.hook_name
         variants: dict[str, AbstractContextManager] = {
             "sae": splice(model, sae, hook),
             "zero_ablation": edit(model, hook, _keep_first(torch.zeros_like)),
             "mean_ablation": edit(
-                model, hook, _keep_first(lambda x, m=mean: m.to(x.dtype).expand_as(x))
+                model, hook, _keep_first(lambda x: mean.to(x.dtype).expand_as(x))
             ),
         }
-        sums["ce_clean"] += clean_ce.sum().item()
+        self.sums["ce_clean"] += clean_ce.sum().item()
         for name, context in variants.items():
             with context:
                 logp, ce = _scored(model(ids).logits, ids)
-            sums[f"ce_{name}"] += ce.sum().item()
-            sums[f"kl_{name}"] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
-        n += clean_ce.numel()
-    if n == 0:
-        raise ValueError(
-            "no tokens to score: windows need at least 3 tokens (BOS, context, target)"
+            self.sums[f"ce_{name}"] += ce.sum().item()
+            self.sums[f"kl_{name}"] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
+        self.n += clean_ce.numel()
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError(
+                "no tokens to score: windows need at least 3 tokens (BOS, context, target)"
+            )
+        out = {k: v / self.n for k, v in self.sums.items()}
+        out["ce_loss_recovered"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (
+            out["ce_zero_ablation"] - out["ce_clean"]
         )
-    out = {k: v / n for k, v in sums.items()}
-    out["ce_loss_recovered"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (
-        out["ce_zero_ablation"] - out["ce_clean"]
-    )
-    out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
-    out["tokens"] = n
-    return out
+        out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
+        out["tokens"] = self.n
+        return out
 
 
-def _mean_activation(model: nn.Module, ids: Tensor, hook: str) -> Tensor:
-    """The activation's mean over this batch's positions 1.. (the mean-ablation value)."""
-    with record(model, [hook]) as acts:
-        model(ids)
-    return acts[hook][:, 1:].flatten(0, -2).mean(0)
+@torch.no_grad()
+def spliced_losses(model: nn.Module, sae: SAE, batches: Iterable[Tensor]) -> dict[str, float]:
+    """CE clean / with the SAE / zero-ablated / mean-ablated, CE loss recovered and KL score,
+    averaged over every scored token of `batches` ([batch, seq] token ids starting with BOS)."""
+    losses = SplicedLosses()
+    for ids in batches:
+        with record(model, [sae.cfg.hook_name]) as acts:
+            logits = model(ids).logits
+        losses.add(model, sae, ids, logits, acts[sae.cfg.hook_name])
+    return losses.result()

@@ -173,7 +173,11 @@ COMMANDS: dict[str, Command] = {
         "train.config:TrainConfig",
         "train.trainer:train_cli",
     ),
-    "eval": Command("(not built yet: arrives with the evaluation suite)"),
+    "eval": Command(
+        "score an SAE: reconstruction, spliced-in loss, sparsity, concept purity, absorption",
+        "eval.report:EvalConfig",
+        "eval.report:eval_cli",
+    ),
     "dashboard": Command("(not built yet: arrives with dashboards and auto-interp)"),
     "compare": Command("(not built yet: arrives with run comparison)"),
     "info": Command(

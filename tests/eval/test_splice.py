@@ -1,50 +1,10 @@
 """Spliced-in LM loss on SmolLM2 with a quickly trained SAE."""
 
-from itertools import islice
-
 import pytest
 import torch
 
-import train
 from eval.splice import spliced_losses
 from sae.hooks import splice
-from train.data import load_documents, token_windows
-from train.harvest import harvest
-
-HOOK = "blocks.6.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def heldout_ids(smollm2):
-    windows = islice(
-        token_windows(smollm2[1], enumerate(load_documents("shakespeare", "test")), 64), 8
-    )
-    return torch.stack([torch.from_numpy(w.tokens) for w in windows])
-
-
-@pytest.fixture(scope="module")
-def trained_sae(tmp_path_factory):
-    out = tmp_path_factory.mktemp("splice")
-    cache = harvest(
-        out=str(out / "cache"),
-        hook=[HOOK],
-        tokens=16_384,
-        context_size=64,
-        shard_windows=64,
-        dtype="float32",
-        device="cpu",
-    )
-    return train.fit(
-        cache.url,
-        architecture="topk",
-        k=32,
-        expansion_factor=4,
-        total_tokens=16_384,
-        batch_size=2048,
-        lr=4e-3,
-        warmup_steps=1,
-        out=str(out / "run"),
-    )
 
 
 @torch.no_grad()

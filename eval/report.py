@@ -1,0 +1,278 @@
+"""`eval.evaluate` and `sae eval`: every score of one SAE in one pass over held-out text.
+
+Each batch of token windows runs the clean model once (recording the SAE's hookpoint), then the
+three edited passes of the spliced-in loss; the recorded activations feed reconstruction, sparsity
+and concept purity, so every metric is computed on exactly the same tokens (positions 1..; the
+attention sink at position 0 is never scored). First-letter absorption runs afterwards on its own
+spelling prompts built from the words of the same text. The report is a flat dict of headline
+numbers plus one nested dict per detailed score (schema in docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import sae as sae_lib
+from eval.concepts import (
+    AbsorptionConfig,
+    SparseCodes,
+    concept_labels,
+    first_letter_absorption,
+    latent_purity,
+    purity_report,
+)
+from eval.reconstruction import ReconstructionStats
+from eval.sparsity import SparsityStats
+from eval.splice import SplicedLosses
+from sae.cli import positional
+from sae.hooks import record
+from sae.lm import load_lm, resolve_hook
+from sae.models import SAE
+from train.cache import ActivationCache
+from train.data import load_documents, token_windows
+
+SCHEMA = "sae-forge/eval/1"
+HEADLINE = (
+    "explained_variance", "fvu", "mse", "cosine", "l2_ratio",
+    "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_score",
+    "l0", "dead_fraction", "dense_fraction",
+)  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    """Score an SAE on held-out text: reconstruction, spliced-in LM loss, sparsity, concept purity
+    and first-letter absorption (or, with --synthetic, recovery of known features)."""
+
+    sae: str = positional()
+    """The SAE: a directory, hf:..., saelens:... or wandb:... (anything sae.load takes)."""
+    model: str = ""
+    """LM to run (default: the SAE's model_name, else the cache's model, else smollm2-135m)."""
+    dataset: str = "shakespeare"
+    """Text to score on (any dataset train.data reads)."""
+    split: str = "test"
+    """Dataset split; shakespeare's `test` holds 4 plays never trained on."""
+    cache: str = ""
+    """Take the token windows from this activation cache instead of the dataset (e.g. the held-out
+    cache of `sae demo`), so the scores are on exactly the harvested tokens."""
+    tokens: int = 50_000
+    """Tokens to score (positions 1.. of each window)."""
+    context_size: int = 128
+    """Window length in tokens, BOS included."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    device: str = "cpu"
+    """Device for the LM and the SAE."""
+    concepts: bool = True
+    """Score concept purity."""
+    absorption: bool = True
+    """Score first-letter absorption (SAEBench)."""
+    absorption_words: int = 3000
+    """Single-token words to spell for absorption."""
+    synthetic: str = ""
+    """Score recovery of ground-truth features instead: a YAML/JSON file of
+    eval.synthetic.SyntheticConfig fields, or `default`; the SAE must have been trained on it."""
+    json: str = ""
+    """Write the report here as JSON."""
+
+
+def evaluate(
+    d: SAE | str,
+    model: str = "",
+    dataset: str = "shakespeare",
+    split: str = "test",
+    tokens: int = 50_000,
+    **settings,
+) -> dict:
+    """Every score of one SAE as a dict (the same as `sae eval --json`); keywords as EvalConfig."""
+    cfg = EvalConfig(
+        sae=str(d) if isinstance(d, (str, Path)) else "",
+        model=model,
+        dataset=dataset,
+        split=split,
+        tokens=tokens,
+        **settings,
+    )
+    d = sae_lib.load(d) if isinstance(d, (str, Path)) else d
+    if cfg.synthetic:
+        return _synthetic_report(d, cfg)
+    cache = ActivationCache(cfg.cache) if cfg.cache else None
+    name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else "smollm2-135m")
+    lm, tokenizer = load_lm(name, device=cfg.device)
+    check_fits(d, lm, name)
+    d = d.to(cfg.device).eval()
+    windows = (
+        cache_windows(cache, tokenizer.bos_token_id) if cache else dataset_windows(tokenizer, cfg)
+    )
+    ids = take_tokens(
+        windows, cfg.tokens, cfg.context_size, source=cfg.cache or f"{cfg.dataset} ({cfg.split})"
+    )
+
+    recon, sparsity, codes, losses = (
+        ReconstructionStats(),
+        SparsityStats(d.cfg.d_sae),
+        SparseCodes(d.cfg.d_sae),
+        SplicedLosses(),
+    )
+    hook = d.cfg.hook_name
+    with tqdm(
+        total=ids[:, 1:].numel(), unit="tok", disable=not sys.stderr.isatty(), desc="eval"
+    ) as bar:
+        for batch in ids.split(cfg.batch_size):
+            batch = batch.to(cfg.device)
+            with torch.no_grad(), record(lm, [hook]) as acts:
+                logits = lm(batch).logits
+            x = acts[hook][:, 1:].reshape(-1, d.cfg.d_in).float()
+            with torch.no_grad():
+                z = d.encode(x)
+                recon.add(x, d.decode(z))
+            sparsity.add(z)
+            codes.add(z)
+            losses.add(lm, d, batch, logits, acts[hook])
+            bar.update(x.shape[0])
+
+    spars = sparsity.result()
+    report = {
+        **recon.result(),
+        **losses.result(),
+        **{k: spars[k] for k in ("l0", "dead_fraction", "dense_fraction")},
+    }
+    report["sparsity"] = spars
+    if cfg.concepts:
+        names, labels = concept_labels(ids, tokenizer)
+        report["concepts"] = {
+            "names": names,
+            "positives": labels.sum(0).tolist(),
+            **purity_report(latent_purity(codes, labels), names),
+        }
+    if cfg.absorption:
+        absorption_cfg = AbsorptionConfig(words=cfg.absorption_words)
+        report["absorption"] = first_letter_absorption(lm, tokenizer, d, ids, absorption_cfg)
+    report["meta"] = meta(d, cfg, name, ids)
+    _write(report, cfg.json)
+    return report
+
+
+def check_fits(d: SAE, lm: nn.Module, name: str) -> None:
+    """Refuse, before any forward pass, an SAE whose hookpoint or width the model does not have."""
+    point = resolve_hook(lm, d.cfg.hook_name)  # unknown hookpoints raise, listing valid ones
+    width = getattr(point.module, "out_features", None) if point.layer is None else None
+    width = width or lm.config.hidden_size
+    if d.cfg.d_in != width:
+        raise ValueError(
+            f"SAE d_in={d.cfg.d_in} does not fit {name}'s hookpoint {d.cfg.hook_name!r}, "
+            f"which is {width} wide"
+        )
+
+
+def dataset_windows(tokenizer, cfg: EvalConfig) -> Iterator[Tensor]:
+    docs = enumerate(load_documents(cfg.dataset, cfg.split))
+    return (torch.from_numpy(w.tokens) for w in token_windows(tokenizer, docs, cfg.context_size))
+
+
+def cache_windows(cache: ActivationCache, bos: int) -> Iterator[Tensor]:
+    """The cache's windows as token ids (BOS, then the window's rows by position), in cache order.
+    Harvest writes whole windows per shard and drops only position 0 and padding."""
+    for i in range(len(cache.shards)):
+        shard = cache.read_shard(i)
+        order = torch.argsort(shard["windows"].long() * (1 << 20) + shard["positions"].long())
+        windows, tokens = shard["windows"][order], shard["tokens"][order].long()
+        counts = torch.unique_consecutive(windows, return_counts=True)[1]
+        for span in tokens.split(counts.tolist()):
+            yield torch.cat([torch.tensor([bos]), span])
+
+
+def take_tokens(windows: Iterator[Tensor], tokens: int, context_size: int, source: str) -> Tensor:
+    """Stack windows until `tokens` scored tokens; say how many were needed when the text is short."""
+    per_window = context_size - 1
+    needed = -(-tokens // per_window)
+    chosen = list(islice((w for w in windows if len(w) == context_size), needed))
+    if len(chosen) < needed:
+        raise ValueError(
+            f"{source} gave {len(chosen) * per_window} tokens in windows of {context_size}; "
+            f"the evaluation needs {needed * per_window} (--tokens {tokens}): lower --tokens or use more text"
+        )
+    return torch.stack(chosen)
+
+
+def meta(d: SAE, cfg: EvalConfig, model: str, ids: Tensor) -> dict:
+    return {
+        "schema": SCHEMA,
+        "sae": cfg.sae,
+        "architecture": d.cfg.architecture,
+        "hook_name": d.cfg.hook_name,
+        "d_in": d.cfg.d_in,
+        "d_sae": d.cfg.d_sae,
+        "model": model,
+        "dataset": cfg.cache or cfg.dataset,
+        "split": "" if cfg.cache else cfg.split,
+        "windows": len(ids),
+        "context_size": ids.shape[1],
+        "tokens": ids[:, 1:].numel(),
+    }
+
+
+def _synthetic_report(d: SAE, cfg: EvalConfig) -> dict:
+    from eval.synthetic import SyntheticConfig, SyntheticData, recovery
+
+    fields = {} if cfg.synthetic == "default" else _read_options(cfg.synthetic)
+    data = SyntheticData(SyntheticConfig(**fields))
+    report = {
+        "synthetic": recovery(d, data),
+        "meta": {"schema": SCHEMA, "sae": cfg.sae, "synthetic": fields},
+    }
+    _write(report, cfg.json)
+    return report
+
+
+def _read_options(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def _write(report: dict, path: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1))
+
+
+def table(report: dict) -> str:
+    """The headline numbers and the summary of each detailed score, one line each."""
+    lines = [f"{k:<22} {report[k]:.4f}" for k in HEADLINE if k in report]
+    if "concepts" in report:
+        c = report["concepts"]
+        lines.append(
+            f"{'pure_fraction':<22} {c['pure_fraction']:.4f}  ({c['latents_scored']} latents scored, precision >= {c['purity_threshold']})"
+        )
+    if "absorption" in report:
+        a = report["absorption"]
+        lines.append(
+            f"{'absorption_fraction':<22} {a['mean_absorption_fraction']:.4f}  (full {a['mean_full_absorption_rate']:.4f}, {len(a['letters'])} letters)"
+        )
+    if "synthetic" in report:
+        lines += [
+            f"{k:<22} {v:.4f}" for k, v in report["synthetic"].items() if isinstance(v, float)
+        ]
+    return "\n".join(lines)
+
+
+def eval_cli(cfg: EvalConfig) -> None:
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("sae", "model", "dataset", "split", "tokens")
+    }
+    report = evaluate(cfg.sae, cfg.model, cfg.dataset, cfg.split, cfg.tokens, **settings)
+    print(table(report))
+    if cfg.json:
+        print(f"report written to {cfg.json}")
