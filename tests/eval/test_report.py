@@ -114,8 +114,10 @@ def test_cache_windows_are_the_harvested_tokens(small_cache, smollm2, trained_sa
     cached activations."""
     model, tokenizer = smollm2
     windows = list(cache_windows(small_cache, tokenizer.bos_token_id))
-    assert {len(w) for w in windows} == {64}
     assert sum(len(w) - 1 for w in windows) == len(small_cache)
+    # --tokens trims the last shard to the exact count: one window may be cut short (take_tokens
+    # skips it).
+    assert sum(len(w) != 64 for w in windows) <= 1 and len(windows[-1]) <= 64
     shard = small_cache.read_shard(0)
     rows = (shard["windows"] == shard["windows"][0]).nonzero().flatten()
     rows = rows[shard["positions"][rows].argsort()]
