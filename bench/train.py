@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,10 @@ def ours(batches: list[torch.Tensor], d_sae: int, k: int, device: torch.device, 
     )
     trainer = Trainer(cfg, iter(batches))
     trainer.init_b_dec({"bench": batches[0]})
+    member = trainer.members[0]
 
     def step(x):
+        member.tokens_since_fired[: d_sae // 10] = 10**12  # AuxK on: the same 10% dead as SAELens
         trainer.train_step({"bench": x})
         trainer.step += 1
 
@@ -97,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--expansions", type=int, nargs="+", default=[8])
+    ap.add_argument("--expansions", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -117,6 +120,7 @@ def main() -> None:
             "ours_rows_per_s": ours_rate, "saelens_rows_per_s": lens_rate, "encoder_matmul_rows_per_s": limit,
             "ours_vs_saelens": ours_rate / lens_rate, "ours_vs_encoder_limit": ours_rate / limit,
         }  # fmt: skip
+        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # so far
         if device.type == "cuda":
             row["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         results.append(row)

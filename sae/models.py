@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import SAEConfig
+from sae.kernels import sparse_decode, sparse_encode
 
 REGISTRY: dict[str, type[SAE]] = {}
 
@@ -40,10 +41,14 @@ class LossOutput(NamedTuple):
     """The scalar to minimise: the sum of `parts`."""
     x_hat: Tensor
     """[batch, d_in] reconstruction, in the model's units."""
-    z: Tensor
-    """[batch, d_sae] codes used for the reconstruction."""
     parts: dict[str, Tensor]
     """Named loss terms (SAELens's names: mse_loss, l1_loss, l0_loss, auxiliary_reconstruction_loss)."""
+    fired: Tensor
+    """[d_sae] bool: latents active on some row of the batch (dead-latent tracking)."""
+    l0: Tensor
+    """Mean active latents per row."""
+    z: Tensor | None = None
+    """[batch, d_sae] codes used for the reconstruction; None on the sparse top-k path."""
 
 
 def register(cls: type[SAE]) -> type[SAE]:
@@ -119,7 +124,11 @@ class SAE(nn.Module):
         z = self.train_activate(x, pre, ctx)
         mse, x_hat_s = self.reconstruction_loss(z, x_s)
         parts = {"mse_loss": mse, **self.penalties(x_s, pre, z, x_hat_s, ctx)}
-        return LossOutput(sum(parts.values()), x_hat_s / self.input_scale, z, parts)
+        active = z.detach() > 0
+        return LossOutput(
+            sum(parts.values()), x_hat_s / self.input_scale, parts, active.any(0),
+            active.sum(-1).float().mean(), z,
+        )  # fmt: skip
 
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         """The sparsity rule while training (differs from `activate` for JumpReLU and BatchTopK)."""
@@ -142,16 +151,31 @@ class SAE(nn.Module):
     def after_step(self, out: LossOutput) -> None:
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
+    def aux_k(self, ctx: TrainContext) -> int:
+        """AuxK's k_aux = d_in/2 dead latents, fewer when fewer are dead (0: no AuxK)."""
+        return 0 if ctx.dead is None else min(self.cfg.d_in // 2, int(ctx.dead.sum()))
+
+    def dead_topk(self, pre: Tensor, ctx: TrainContext) -> Tensor:
+        """Indices of each row's aux_k largest pre-activations among the dead latents (selected
+        among the dead columns only: usually a small share of d_sae)."""
+        dead = ctx.dead.nonzero().squeeze(1)
+        return dead[pre[:, dead].topk(self.aux_k(ctx), dim=-1).indices]
+
     def auxk_loss(self, x_s: Tensor, x_hat_s: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         """AuxK (Gao et al. 2024): the top k_aux = d_in/2 dead latents reconstruct the residual
         the live ones left, which gives dead latents a gradient back to useful directions."""
-        if ctx.dead is None or not bool(ctx.dead.any()):
+        if not self.aux_k(ctx):
             return pre.new_zeros(())
-        n_dead = int(ctx.dead.sum())
-        k_aux = min(self.cfg.d_in // 2, n_dead)
-        scale = min(n_dead / (self.cfg.d_in // 2), 1.0)  # fewer dead latents, smaller loss
-        values, indices = pre.masked_fill(~ctx.dead, -torch.inf).topk(k_aux, dim=-1)
-        residual_hat = torch.zeros_like(pre).scatter_(-1, indices, values.relu()) @ self.W_dec
+        indices = self.dead_topk(pre, ctx)
+        codes = torch.zeros_like(pre).scatter_(-1, indices, pre.gather(-1, indices).relu())
+        return self.auxk_penalty(codes @ self.W_dec, x_s, x_hat_s, ctx)
+
+    def auxk_penalty(
+        self, residual_hat: Tensor, x_s: Tensor, x_hat_s: Tensor, ctx: TrainContext
+    ) -> Tensor:
+        """AuxK's loss given the dead latents' reconstruction of the residual, scaled down when
+        fewer than k_aux latents are dead."""
+        scale = min(int(ctx.dead.sum()) / (self.cfg.d_in // 2), 1.0)
         residual = (x_s - x_hat_s).detach()
         return ctx.aux_coefficient * scale * (residual_hat - residual).pow(2).sum(-1).mean()
 
@@ -257,7 +281,38 @@ class TopKSAE(SAE):
         return topk_activation(pre, self.cfg.k)
 
     def penalties(self, x_s, pre, z, x_hat_s, ctx):
+        """AuxK, as the dense reference (SAE.training_loss) computes it; training takes the
+        sparse path below."""
         return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+
+    def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
+        """The base class's loss (MSE + AuxK) on the sparse path of sae/kernels.py: the top-k and
+        the AuxK picks are selected in one encoder pass and only they are decoded and differentiated."""
+        k, k_aux = self.cfg.k, self.aux_k(ctx)
+
+        def select(pre: Tensor) -> Tensor:
+            top = pre.topk(k, dim=-1, sorted=False).indices
+            return torch.cat([top, self.dead_topk(pre, ctx)], -1) if k_aux else top
+
+        x_s = x.to(self.W_enc.dtype) * self.input_scale
+        values, indices = sparse_encode(self.sae_input(x), self.W_enc, self.b_enc, select)
+        values = values.relu()
+        x_hat_s = sparse_decode(values[:, :k], indices[:, :k], self.W_dec) + self.b_dec
+        parts = {"mse_loss": (x_hat_s - x_s).pow(2).sum(-1).mean()}
+        parts["auxiliary_reconstruction_loss"] = (
+            self.auxk_penalty(
+                sparse_decode(values[:, k:], indices[:, k:], self.W_dec), x_s, x_hat_s, ctx
+            )
+            if k_aux
+            else x_s.new_zeros(())
+        )
+        active = values[:, :k].detach() > 0
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[indices[:, :k][active]] = True
+        return LossOutput(
+            sum(parts.values()), x_hat_s / self.input_scale, parts, fired,
+            active.sum(-1).float().mean(),
+        )  # fmt: skip
 
     @torch.no_grad()
     def before_step(self) -> None:

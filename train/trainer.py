@@ -265,7 +265,7 @@ class Trainer:
             m.schedule.step()
             m.sae.after_step(out)
             self.world.average_buffers(m.sae)
-            fired = self.world.any_rank((out.z > 0).any(0))
+            fired = self.world.any_rank(out.fired)
             m.tokens_since_fired += len(x)
             m.tokens_since_fired[fired] = 0
             metrics.update(self.member_metrics(m, x, out, ctx))
@@ -282,7 +282,7 @@ class Trainer:
             values["metrics/explained_variance"] = (
                 1 - ((x - out.x_hat).pow(2).sum() / variance).item()
             )
-            values["metrics/l0"] = (out.z > 0).sum(-1).float().mean().item()
+            values["metrics/l0"] = out.l0.item()
             values["sparsity/dead_features"] = int((m.tokens_since_fired > self.dead_tokens).sum())
             values["details/current_learning_rate"] = m.optimizer.param_groups[0]["lr"]
         suffix = f"/{m.name}" if len(self.members) > 1 else ""

@@ -1,0 +1,103 @@
+"""The sparse top-k path against the dense reference: values, loss terms and every gradient."""
+
+import pytest
+import torch
+
+from sae.kernels import sparse_decode, sparse_encode
+from sae.models import SAE, TrainContext
+from tests.conftest import make_sae
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def needs(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_encode_and_decode_match_dense_autograd(device):
+    needs(device)
+    torch.manual_seed(0)
+    batch, d_in, d_sae, k = 64, 24, 96, 5
+    x = torch.randn(batch, d_in, device=device, requires_grad=True)
+    W_enc = torch.randn(d_in, d_sae, device=device, requires_grad=True)
+    b_enc = torch.randn(d_sae, device=device, requires_grad=True)
+    W_dec = torch.randn(d_sae, d_in, device=device, requires_grad=True)
+    target = torch.randn(batch, d_in, device=device)
+    params = [x, W_enc, b_enc, W_dec]
+
+    def select(pre):  # top-k plus a few more picks that may repeat a latent
+        return torch.cat([pre.topk(k, -1).indices, pre[:, :7].topk(2, -1).indices], -1)
+
+    values, indices = sparse_encode(x, W_enc, b_enc, select)
+    z = values.relu()
+    loss = (sparse_decode(z, indices, W_dec) - target).pow(2).sum() + z[:, -2:].sum()
+    loss.backward()
+    sparse = grads(params)
+
+    pre = x @ W_enc + b_enc
+    picks = select(pre.detach())
+    torch.testing.assert_close(values, pre.gather(-1, picks))
+    z = pre.gather(-1, picks).relu()
+    dense_codes = torch.zeros_like(pre).scatter_add(-1, picks, z)
+    loss = (dense_codes @ W_dec - target).pow(2).sum() + z[:, -2:].sum()
+    loss.backward()
+    for got, want in zip(sparse, grads(params), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dead", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_topk_training_loss_equals_the_dense_reference(device, dead, normalize):
+    needs(device)
+    fields = {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.7}
+    d = make_sae("topk", d_in=16, d_sae=64, k=4, **(fields if normalize else {})).to(device)
+    x = torch.randn(128, 16, device=device) * 2 + 1
+    mask = torch.rand(64, device=device) < 0.4 if dead else None
+    ctx = TrainContext(aux_coefficient=0.5, dead=mask)
+    params = list(d.parameters())
+
+    sparse = d.training_loss(x, ctx)
+    sparse.loss.backward()
+    sparse_grads = grads(params)
+    dense = SAE.training_loss(d, x, ctx)  # the base class: dense codes, dense matmuls
+    dense.loss.backward()
+
+    assert set(sparse.parts) == set(dense.parts)
+    for name in dense.parts:
+        torch.testing.assert_close(sparse.parts[name], dense.parts[name], atol=1e-5, rtol=1e-5)
+    assert dense.parts["auxiliary_reconstruction_loss"].item() > 0 if dead else True
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sparse.fired, dense.fired) and sparse.l0 == dense.l0
+    for got, want in zip(sparse_grads, grads(params), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_no_dense_code_tensor_is_kept_for_backward():
+    batch, d_sae = 256, 512
+    d = make_sae("topk", d_in=32, d_sae=d_sae, k=8)
+    x = torch.randn(batch, 32)
+    ctx = TrainContext(dead=torch.rand(d_sae) < 0.5)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        d.training_loss(x, ctx).loss.backward()
+    assert saved and all(s[-1] != d_sae or s[0] != batch for s in saved if len(s) == 2), saved
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        SAE.training_loss(d, x, ctx)  # the dense path does keep [batch, d_sae] tensors
+    assert (batch, d_sae) in saved
