@@ -101,4 +101,6 @@ def print_summary(summary: dict, out: Path, heldout_tokens: int) -> None:
     print(
         f"\nlook at: {out}/sae (sae.load it), {out}/summary.json, {out}/metrics.jsonl, {out}/wandb (offline W&B run: `wandb sync`)"
     )
-    print(f"score it fully (spliced-in loss, purity, absorption): sae eval {out}/sae --cache {out}/heldout")
+    print(
+        f"score it fully (spliced-in loss, purity, absorption): sae eval {out}/sae --cache {out}/heldout"
+    )

@@ -7,6 +7,10 @@ its two gradients. Here the encoder's forward stays dense (the selection needs e
 pre-activation), the selection keeps only [batch, m] values and indices, and everything after it
 runs on those m entries per row through `embedding_bag`: the decode and its gradients, and the
 encoder's gradients. No [batch, d_sae] tensor is kept for backward.
+
+AuxK needs the dead latents' pre-activations; they leave the encoder as one dense block of
+columns, and its matmuls stay dense over those columns only (a few percent of d_sae once training
+settles): BLAS on a narrow block is faster than scattering k_aux = d_in/2 entries per row.
 """
 
 from __future__ import annotations
@@ -19,33 +23,38 @@ from torch.nn import functional as F
 
 
 class SparseEncode(torch.autograd.Function):
-    """values = (x @ W_enc + b_enc).gather(-1, indices), indices = select(pre), with a backward
-    that touches only the selected entries."""
+    """pre = x @ W_enc + b_enc, of which only two parts leave: values = pre.gather(-1, indices) for
+    indices = select(pre) ([batch, m]), and the dense block pre[:, columns]. Backward touches
+    only those: embedding_bag over the selected entries, dense matmuls over the columns."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Callable[[Tensor], Tensor]):
+    def forward(ctx, x, W_enc, b_enc, select: Callable[[Tensor], Tensor], columns: Tensor):
         pre = torch.addmm(b_enc, x, W_enc)
         indices = select(pre)
         values = pre.gather(-1, indices)
-        ctx.save_for_backward(x, W_enc, indices)
+        ctx.save_for_backward(x, W_enc, indices, columns)
         ctx.mark_non_differentiable(indices)
-        return values, indices
+        return values, indices, pre[:, columns]
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices: Tensor | None):
-        x, W_enc, indices = ctx.saved_tensors
+    def backward(ctx, grad_values: Tensor, _grad_indices, grad_columns: Tensor):
+        x, W_enc, indices, columns = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        grad_x = grad_W_enc = grad_b_enc = None
-        if ctx.needs_input_grad[0]:  # x's gradient: sum_j g[b, j] * W_enc[:, idx[b, j]]
-            grad_x = F.embedding_bag(
-                indices, W_enc.T.contiguous(), per_sample_weights=grad_values, mode="sum"
-            )
-        if ctx.needs_input_grad[1]:  # W_enc's: for each latent, sum of g * x over its rows
-            grad_W_enc = latent_sums(indices, grad_values, x, d_sae).T
-        if ctx.needs_input_grad[2]:
-            grad_b_enc = torch.zeros(d_sae, dtype=grad_values.dtype, device=grad_values.device)
-            grad_b_enc.index_add_(0, indices.flatten(), grad_values.flatten())
-        return grad_x, grad_W_enc, grad_b_enc, None
+        dense = len(columns) > 0
+        # x's gradient: sum_j g[b, j] * W_enc[:, idx[b, j]], plus the block's
+        grad_x = F.embedding_bag(
+            indices, W_enc.T.contiguous(), per_sample_weights=grad_values, mode="sum"
+        )
+        if dense:
+            grad_x = grad_x.addmm(grad_columns, W_enc[:, columns].T)
+        # W_enc's: for each latent, the sum of g * x over the rows that selected it
+        grad_W_enc = latent_sums(indices, grad_values, x, d_sae).T.contiguous()
+        grad_b_enc = torch.zeros(d_sae, dtype=grad_values.dtype, device=grad_values.device)
+        grad_b_enc.index_add_(0, indices.flatten(), grad_values.flatten())
+        if dense:
+            grad_W_enc.index_add_(1, columns, x.T @ grad_columns)
+            grad_b_enc.index_add_(0, columns, grad_columns.sum(0))
+        return grad_x, grad_W_enc, grad_b_enc, None, None
 
 
 def latent_sums(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
@@ -62,10 +71,17 @@ def latent_sums(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> T
 
 
 def sparse_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Callable[[Tensor], Tensor]
-) -> tuple[Tensor, Tensor]:
-    """(values, indices) [batch, m] of the pre-activations `select` picks ([batch, m] indices)."""
-    return SparseEncode.apply(x, W_enc, b_enc, select)
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    select: Callable[[Tensor], Tensor],
+    columns: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(values, indices) [batch, m] of the pre-activations `select` picks, and the pre-activations
+    of `columns` [batch, n_columns] (AuxK's dead latents), all differentiable."""
+    if columns is None:
+        columns = torch.zeros(0, dtype=torch.long, device=x.device)
+    return SparseEncode.apply(x, W_enc, b_enc, select, columns)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:

@@ -151,32 +151,29 @@ class SAE(nn.Module):
     def after_step(self, out: LossOutput) -> None:
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
-    def aux_k(self, ctx: TrainContext) -> int:
-        """AuxK's k_aux = d_in/2 dead latents, fewer when fewer are dead (0: no AuxK)."""
-        return 0 if ctx.dead is None else min(self.cfg.d_in // 2, int(ctx.dead.sum()))
-
-    def dead_topk(self, pre: Tensor, ctx: TrainContext) -> Tensor:
-        """Indices of each row's aux_k largest pre-activations among the dead latents (selected
-        among the dead columns only: usually a small share of d_sae)."""
-        dead = ctx.dead.nonzero().squeeze(1)
-        return dead[pre[:, dead].topk(self.aux_k(ctx), dim=-1).indices]
+    def dead_latents(self, ctx: TrainContext) -> Tensor:
+        """Indices of the latents AuxK trains (the dead ones; none when the trainer sent no mask)."""
+        if ctx.dead is None:
+            return torch.zeros(0, dtype=torch.long, device=self.W_dec.device)
+        return ctx.dead.nonzero().squeeze(1)
 
     def auxk_loss(self, x_s: Tensor, x_hat_s: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         """AuxK (Gao et al. 2024): the top k_aux = d_in/2 dead latents reconstruct the residual
         the live ones left, which gives dead latents a gradient back to useful directions."""
-        if not self.aux_k(ctx):
+        dead = self.dead_latents(ctx)
+        if not len(dead):
             return pre.new_zeros(())
-        indices = self.dead_topk(pre, ctx)
-        codes = torch.zeros_like(pre).scatter_(-1, indices, pre.gather(-1, indices).relu())
-        return self.auxk_penalty(codes @ self.W_dec, x_s, x_hat_s, ctx)
+        return self.dead_auxk_loss(x_s, x_hat_s, pre[:, dead], dead, ctx)
 
-    def auxk_penalty(
-        self, residual_hat: Tensor, x_s: Tensor, x_hat_s: Tensor, ctx: TrainContext
+    def dead_auxk_loss(
+        self, x_s: Tensor, x_hat_s: Tensor, pre_dead: Tensor, dead: Tensor, ctx: TrainContext
     ) -> Tensor:
-        """AuxK's loss given the dead latents' reconstruction of the residual, scaled down when
-        fewer than k_aux latents are dead."""
-        scale = min(int(ctx.dead.sum()) / (self.cfg.d_in // 2), 1.0)
+        """AuxK from the dead latents' pre-activations [batch, n_dead] alone: dense matmuls over
+        the dead columns, usually a small share of d_sae; scaled down when fewer than k_aux."""
+        k_aux = min(self.cfg.d_in // 2, len(dead))
+        residual_hat = topk_activation(pre_dead, k_aux) @ self.W_dec[dead]
         residual = (x_s - x_hat_s).detach()
+        scale = k_aux / (self.cfg.d_in // 2)
         return ctx.aux_coefficient * scale * (residual_hat - residual).pow(2).sum(-1).mean()
 
     @torch.no_grad()
@@ -286,29 +283,29 @@ class TopKSAE(SAE):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
 
     def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
-        """The base class's loss (MSE + AuxK) on the sparse path of sae/kernels.py: the top-k and
-        the AuxK picks are selected in one encoder pass and only they are decoded and differentiated."""
-        k, k_aux = self.cfg.k, self.aux_k(ctx)
-
-        def select(pre: Tensor) -> Tensor:
-            top = pre.topk(k, dim=-1, sorted=False).indices
-            return torch.cat([top, self.dead_topk(pre, ctx)], -1) if k_aux else top
-
+        """The base class's loss (MSE + AuxK) on the sparse path of sae/kernels.py: one encoder
+        pass yields the top-k entries and the dead latents' columns; only those are decoded and
+        differentiated."""
+        k, dead = self.cfg.k, self.dead_latents(ctx)
         x_s = x.to(self.W_enc.dtype) * self.input_scale
-        values, indices = sparse_encode(self.sae_input(x), self.W_enc, self.b_enc, select)
+        values, indices, pre_dead = sparse_encode(
+            self.sae_input(x),
+            self.W_enc,
+            self.b_enc,
+            lambda pre: pre.topk(k, dim=-1, sorted=False).indices,
+            dead,
+        )
         values = values.relu()
-        x_hat_s = sparse_decode(values[:, :k], indices[:, :k], self.W_dec) + self.b_dec
+        x_hat_s = sparse_decode(values, indices, self.W_dec) + self.b_dec
         parts = {"mse_loss": (x_hat_s - x_s).pow(2).sum(-1).mean()}
         parts["auxiliary_reconstruction_loss"] = (
-            self.auxk_penalty(
-                sparse_decode(values[:, k:], indices[:, k:], self.W_dec), x_s, x_hat_s, ctx
-            )
-            if k_aux
+            self.dead_auxk_loss(x_s, x_hat_s, pre_dead, dead, ctx)
+            if len(dead)
             else x_s.new_zeros(())
         )
-        active = values[:, :k].detach() > 0
+        active = values.detach() > 0
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[:, :k][active]] = True
+        fired[indices[active]] = True
         return LossOutput(
             sum(parts.values()), x_hat_s / self.input_scale, parts, fired,
             active.sum(-1).float().mean(),

@@ -27,31 +27,37 @@ def test_sparse_encode_and_decode_match_dense_autograd(device):
     needs(device)
     torch.manual_seed(0)
     batch, d_in, d_sae, k = 64, 24, 96, 5
-    x = torch.randn(batch, d_in, device=device, requires_grad=True)
-    W_enc = torch.randn(d_in, d_sae, device=device, requires_grad=True)
-    b_enc = torch.randn(d_sae, device=device, requires_grad=True)
-    W_dec = torch.randn(d_sae, d_in, device=device, requires_grad=True)
-    target = torch.randn(batch, d_in, device=device)
+    f64 = {"device": device, "dtype": torch.float64}  # exact up to summation order
+    x = torch.randn(batch, d_in, **f64, requires_grad=True)
+    W_enc = torch.randn(d_in, d_sae, **f64, requires_grad=True)
+    b_enc = torch.randn(d_sae, **f64, requires_grad=True)
+    W_dec = torch.randn(d_sae, d_in, **f64, requires_grad=True)
+    target = torch.randn(batch, d_in, **f64)
     params = [x, W_enc, b_enc, W_dec]
 
     def select(pre):  # top-k plus a few more picks that may repeat a latent
         return torch.cat([pre.topk(k, -1).indices, pre[:, :7].topk(2, -1).indices], -1)
 
-    values, indices = sparse_encode(x, W_enc, b_enc, select)
+    columns = torch.tensor([3, 50, 7, 90], device=device)  # a dense block, overlapping the picks
+
+    def loss_of(z, indices, block):
+        decoded = torch.zeros(batch, d_sae, **f64).scatter_add(-1, indices, z) @ W_dec
+        return (decoded - target).pow(2).sum() + z[:, -2:].sum() + (block.relu() ** 3).sum()
+
+    values, indices, block = sparse_encode(x, W_enc, b_enc, select, columns)
     z = values.relu()
-    loss = (sparse_decode(z, indices, W_dec) - target).pow(2).sum() + z[:, -2:].sum()
-    loss.backward()
+    (sparse_decode(z, indices, W_dec) - target).pow(2).sum().add(
+        z[:, -2:].sum() + (block.relu() ** 3).sum()
+    ).backward()
     sparse = grads(params)
 
     pre = x @ W_enc + b_enc
     picks = select(pre.detach())
     torch.testing.assert_close(values, pre.gather(-1, picks))
-    z = pre.gather(-1, picks).relu()
-    dense_codes = torch.zeros_like(pre).scatter_add(-1, picks, z)
-    loss = (dense_codes @ W_dec - target).pow(2).sum() + z[:, -2:].sum()
-    loss.backward()
+    torch.testing.assert_close(block, pre[:, columns])
+    loss_of(pre.gather(-1, picks).relu(), picks, pre[:, columns]).backward()
     for got, want in zip(sparse, grads(params), strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
