@@ -21,70 +21,106 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+Selection = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""pre [batch, d_sae] -> (rows, latents) of the entries to keep, sorted by row."""
+
 
 class SparseEncode(torch.autograd.Function):
-    """pre = x @ W_enc + b_enc, of which only two parts leave: values = pre.gather(-1, indices) for
-    indices = select(pre) ([batch, m]), and the dense block pre[:, columns]. Backward touches
-    only those: embedding_bag over the selected entries, dense matmuls over the columns."""
+    """pre = (x - shift) @ W_enc + b_enc, of which only two parts leave: the entries (rows,
+    latents) that select(pre) picks, as values, and the dense block pre[:, columns]. Backward
+    touches only those: embedding_bag over the picked entries, dense matmuls over the block.
+
+    `shift` is the SAE's b_dec: its gradient is minus the column sum of x's, which equals
+    -W_enc @ grad(b_enc), a matrix-vector product, so x's own gradient (data) is never formed."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, select: Callable[[Tensor], Tensor], columns: Tensor):
-        pre = torch.addmm(b_enc, x, W_enc)
-        indices = select(pre)
-        values = pre.gather(-1, indices)
-        ctx.save_for_backward(x, W_enc, indices, columns)
-        ctx.mark_non_differentiable(indices)
-        return values, indices, pre[:, columns]
+    def forward(ctx, x, shift, W_enc, b_enc, select: Selection, columns: Tensor):
+        pre = torch.addmm(b_enc, x - shift, W_enc)
+        rows, latents = select(pre)
+        ctx.save_for_backward(x - shift, W_enc, rows, latents, columns)
+        ctx.mark_non_differentiable(rows, latents)
+        return pre[rows, latents], rows, latents, pre[:, columns]
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices, grad_columns: Tensor):
-        x, W_enc, indices, columns = ctx.saved_tensors
+    def backward(ctx, grad_values: Tensor, _rows, _latents, grad_columns: Tensor):
+        x_in, W_enc, rows, latents, columns = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        dense = len(columns) > 0
-        # x's gradient: sum_j g[b, j] * W_enc[:, idx[b, j]], plus the block's
-        grad_x = F.embedding_bag(
-            indices, W_enc.T.contiguous(), per_sample_weights=grad_values, mode="sum"
-        )
-        if dense:
-            grad_x = grad_x.addmm(grad_columns, W_enc[:, columns].T)
-        # W_enc's: for each latent, the sum of g * x over the rows that selected it
-        grad_W_enc = latent_sums(indices, grad_values, x, d_sae).T.contiguous()
+        # W_enc's: for each latent, the sum of g * x_in[row] over its entries
+        grad_W_enc = latent_sums(rows, latents, grad_values, x_in, d_sae).T.contiguous()
         grad_b_enc = torch.zeros(d_sae, dtype=grad_values.dtype, device=grad_values.device)
-        grad_b_enc.index_add_(0, indices.flatten(), grad_values.flatten())
-        if dense:
-            grad_W_enc.index_add_(1, columns, x.T @ grad_columns)
+        grad_b_enc.index_add_(0, latents, grad_values)
+        if len(columns):
+            grad_W_enc.index_add_(1, columns, x_in.T @ grad_columns)
             grad_b_enc.index_add_(0, columns, grad_columns.sum(0))
-        return grad_x, grad_W_enc, grad_b_enc, None, None
+        grad_x = grad_shift = None
+        if ctx.needs_input_grad[0]:  # for each row, the sum of g * W_enc[:, latent]
+            grad_x = F.embedding_bag(
+                latents, W_enc.T.contiguous(), bag_offsets(rows, len(x_in)),
+                mode="sum", per_sample_weights=grad_values,
+            )  # fmt: skip
+            if len(columns):
+                grad_x = grad_x.addmm(grad_columns, W_enc[:, columns].T)
+        if ctx.needs_input_grad[1]:
+            grad_shift = -(W_enc @ grad_b_enc)
+        return grad_x, grad_shift, grad_W_enc, grad_b_enc, None, None
 
 
-def latent_sums(indices: Tensor, weights: Tensor, rows: Tensor, d_sae: int) -> Tensor:
-    """[d_sae, d]: for each latent l, sum over (b, j) with indices[b, j] == l of weights[b, j] *
-    rows[b]; the sparse product S^T @ rows as one embedding_bag over entries sorted by latent."""
-    flat = indices.flatten()
-    order = flat.argsort()
-    counts = torch.bincount(flat, minlength=d_sae)
-    offsets = counts.cumsum(0) - counts
-    row_of = torch.arange(len(rows), device=rows.device).repeat_interleave(indices.shape[1])
+def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """embedding_bag offsets of entries sorted by row (rows without entries get empty bags)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return counts.cumsum(0) - counts
+
+
+def latent_sums(rows: Tensor, latents: Tensor, weights: Tensor, x: Tensor, d_sae: int) -> Tensor:
+    """[d_sae, d]: for each latent, the sum of weight * x[row] over its entries; the sparse
+    product S^T @ x as one embedding_bag over the entries sorted by latent."""
+    order = latents.argsort()
     return F.embedding_bag(
-        row_of[order], rows, offsets, mode="sum", per_sample_weights=weights.flatten()[order]
-    )
+        rows[order], x, bag_offsets(latents[order], d_sae), mode="sum",
+        per_sample_weights=weights[order],
+    )  # fmt: skip
+
+
+def topk_selection(k: int) -> Selection:
+    """Each row's k largest pre-activations (TopK)."""
+
+    def select(pre: Tensor) -> tuple[Tensor, Tensor]:
+        latents = pre.topk(k, dim=-1, sorted=False).indices.flatten()
+        return torch.arange(len(pre), device=pre.device).repeat_interleave(k), latents
+
+    return select
+
+
+def batch_topk_selection(k: int) -> Selection:
+    """The batch's k * n_rows largest pre-activations (BatchTopK), sorted by row."""
+
+    def select(pre: Tensor) -> tuple[Tensor, Tensor]:
+        flat = pre.flatten().topk(min(k * len(pre), pre.numel()), sorted=False).indices.sort()
+        return flat.values // pre.shape[1], flat.values % pre.shape[1]
+
+    return select
 
 
 def sparse_encode(
     x: Tensor,
+    shift: Tensor,
     W_enc: Tensor,
     b_enc: Tensor,
-    select: Callable[[Tensor], Tensor],
+    select: Selection,
     columns: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(values, indices) [batch, m] of the pre-activations `select` picks, and the pre-activations
-    of `columns` [batch, n_columns] (AuxK's dead latents), all differentiable."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For pre = (x - shift) @ W_enc + b_enc: (values, rows, latents) [n_entries] of the entries
+    `select` picks (rows in order), and pre[:, columns] [batch, n_columns] (AuxK's dead latents)."""
     if columns is None:
         columns = torch.zeros(0, dtype=torch.long, device=x.device)
-    return SparseEncode.apply(x, W_enc, b_enc, select, columns)
+    return SparseEncode.apply(x, shift, W_enc, b_enc, select, columns)
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j values[b, j] * W_dec[indices[b, j]]: the decode of a sparse code, and (autograd of
-    embedding_bag) its gradients, in O(batch * m * d_in)."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+def sparse_decode(
+    values: Tensor, rows: Tensor, latents: Tensor, W_dec: Tensor, n_rows: int
+) -> Tensor:
+    """[n_rows, d_in]: each row's sum of value * W_dec[latent] over its entries, the decode of a
+    sparse code, and (autograd of embedding_bag) its gradients, in O(entries * d_in)."""
+    return F.embedding_bag(
+        latents, W_dec, bag_offsets(rows, n_rows), mode="sum", per_sample_weights=values
+    )

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import SAEConfig
-from sae.kernels import sparse_decode, sparse_encode
+from sae.kernels import (
+    Selection,
+    batch_topk_selection,
+    sparse_decode,
+    sparse_encode,
+    topk_selection,
+)
 
 REGISTRY: dict[str, type[SAE]] = {}
 
@@ -48,7 +54,9 @@ class LossOutput(NamedTuple):
     l0: Tensor
     """Mean active latents per row."""
     z: Tensor | None = None
-    """[batch, d_sae] codes used for the reconstruction; None on the sparse top-k path."""
+    """[batch, d_sae] codes used for the reconstruction; None on the sparse top-k path..."""
+    kept: Tensor | None = None
+    """...which gives the kept activations instead (1-D)."""
 
 
 def register(cls: type[SAE]) -> type[SAE]:
@@ -88,13 +96,16 @@ class SAE(nn.Module):
     def input_scale(self) -> float:
         return self.cfg.norm_scaling_factor if self.cfg.normalize_activations != "none" else 1.0
 
-    def sae_input(self, x: Tensor) -> Tensor:
-        """x_in = x * s - b_dec, in the parameters' dtype; refuses activations of the wrong width."""
+    def check_width(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(
                 f"SAE for {self.cfg.hook_name!r} expects activations with last dimension "
                 f"d_in={self.cfg.d_in}, got shape {tuple(x.shape)}"
             )
+
+    def sae_input(self, x: Tensor) -> Tensor:
+        """x_in = x * s - b_dec, in the parameters' dtype; refuses activations of the wrong width."""
+        self.check_width(x)
         x = x.to(self.W_enc.dtype) * self.input_scale
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
@@ -150,6 +161,33 @@ class SAE(nn.Module):
     @torch.no_grad()
     def after_step(self, out: LossOutput) -> None:
         """Constraints the recipe applies after each optimizer step (none by default)."""
+
+    def sparse_training_loss(self, x: Tensor, ctx: TrainContext, select: Selection) -> LossOutput:
+        """The dense loss (MSE + AuxK) of the top-k styles on the sparse path of sae/kernels.py:
+        one encoder pass yields the selected entries and the dead latents' columns; only those
+        are decoded and differentiated."""
+        dead = self.dead_latents(ctx)
+        self.check_width(x)
+        x_s = x.to(self.W_enc.dtype) * self.input_scale
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else torch.zeros_like(self.b_dec)
+        values, rows, latents, pre_dead = sparse_encode(
+            x_s, shift, self.W_enc, self.b_enc, select, dead
+        )
+        values = values.relu()
+        x_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(x)) + self.b_dec
+        parts = {"mse_loss": (x_hat_s - x_s).pow(2).sum(-1).mean()}
+        parts["auxiliary_reconstruction_loss"] = (
+            self.dead_auxk_loss(x_s, x_hat_s, pre_dead, dead, ctx)
+            if len(dead)
+            else x_s.new_zeros(())
+        )
+        active = values.detach() > 0
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[latents[active]] = True
+        return LossOutput(
+            sum(parts.values()), x_hat_s / self.input_scale, parts, fired,
+            active.sum() / len(x), kept=values.detach()[active],
+        )  # fmt: skip
 
     def dead_latents(self, ctx: TrainContext) -> Tensor:
         """Indices of the latents AuxK trains (the dead ones; none when the trainer sent no mask)."""
@@ -283,33 +321,7 @@ class TopKSAE(SAE):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
 
     def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
-        """The base class's loss (MSE + AuxK) on the sparse path of sae/kernels.py: one encoder
-        pass yields the top-k entries and the dead latents' columns; only those are decoded and
-        differentiated."""
-        k, dead = self.cfg.k, self.dead_latents(ctx)
-        x_s = x.to(self.W_enc.dtype) * self.input_scale
-        values, indices, pre_dead = sparse_encode(
-            self.sae_input(x),
-            self.W_enc,
-            self.b_enc,
-            lambda pre: pre.topk(k, dim=-1, sorted=False).indices,
-            dead,
-        )
-        values = values.relu()
-        x_hat_s = sparse_decode(values, indices, self.W_dec) + self.b_dec
-        parts = {"mse_loss": (x_hat_s - x_s).pow(2).sum(-1).mean()}
-        parts["auxiliary_reconstruction_loss"] = (
-            self.dead_auxk_loss(x_s, x_hat_s, pre_dead, dead, ctx)
-            if len(dead)
-            else x_s.new_zeros(())
-        )
-        active = values.detach() > 0
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[indices[active]] = True
-        return LossOutput(
-            sum(parts.values()), x_hat_s / self.input_scale, parts, fired,
-            active.sum(-1).float().mean(),
-        )  # fmt: skip
+        return self.sparse_training_loss(x, ctx, topk_selection(self.cfg.k))
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -413,6 +425,9 @@ class BatchTopKSAE(SAE):
     def penalties(self, x_s, pre, z, x_hat_s, ctx):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
 
+    def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
+        return self.sparse_training_loss(x, ctx, batch_topk_selection(self.cfg.k))
+
     @torch.no_grad()
     def before_step(self) -> None:
         self.remove_parallel_grad_()
@@ -422,7 +437,7 @@ class BatchTopKSAE(SAE):
         """Unit decoder rows, and the inference threshold tracks (EMA) the smallest activation
         the batch top-k kept."""
         self.normalize_decoder_()
-        kept = out.z[out.z > 0]
+        kept = out.kept if out.z is None else out.z[out.z > 0]
         if kept.numel():
             smallest = kept.min().to(self.threshold.dtype)
             if not self.threshold.any():  # first step: start the average at the value, not at 0
@@ -438,6 +453,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     refine them. Inference is BatchTopK's."""
 
     architecture = "matryoshka_batchtopk"
+    training_loss = SAE.training_loss  # dense: every prefix width decodes its own reconstruction
 
     @property
     def widths(self) -> list[int]:

@@ -29,44 +29,47 @@ def test_sparse_encode_and_decode_match_dense_autograd(device):
     batch, d_in, d_sae, k = 64, 24, 96, 5
     f64 = {"device": device, "dtype": torch.float64}  # exact up to summation order
     x = torch.randn(batch, d_in, **f64, requires_grad=True)
+    shift = torch.randn(d_in, **f64, requires_grad=True)
     W_enc = torch.randn(d_in, d_sae, **f64, requires_grad=True)
     b_enc = torch.randn(d_sae, **f64, requires_grad=True)
     W_dec = torch.randn(d_sae, d_in, **f64, requires_grad=True)
     target = torch.randn(batch, d_in, **f64)
-    params = [x, W_enc, b_enc, W_dec]
+    params = [x, shift, W_enc, b_enc, W_dec]
 
-    def select(pre):  # top-k plus a few more picks that may repeat a latent
-        return torch.cat([pre.topk(k, -1).indices, pre[:, :7].topk(2, -1).indices], -1)
+    def select(pre):  # top-k plus two more picks per row that may repeat a latent, row-sorted
+        picks = torch.cat([pre.topk(k, -1).indices, pre[:, :7].topk(2, -1).indices], -1)
+        return torch.arange(batch, device=device).repeat_interleave(k + 2), picks.flatten()
 
     columns = torch.tensor([3, 50, 7, 90], device=device)  # a dense block, overlapping the picks
 
-    def loss_of(z, indices, block):
-        decoded = torch.zeros(batch, d_sae, **f64).scatter_add(-1, indices, z) @ W_dec
-        return (decoded - target).pow(2).sum() + z[:, -2:].sum() + (block.relu() ** 3).sum()
+    def loss(decoded, z, block):
+        extra = z.view(batch, -1)[:, -2:].sum() + (block.relu() ** 3).sum()
+        return (decoded - target).pow(2).sum() + extra
 
-    values, indices, block = sparse_encode(x, W_enc, b_enc, select, columns)
+    values, rows, latents, block = sparse_encode(x, shift, W_enc, b_enc, select, columns)
     z = values.relu()
-    (sparse_decode(z, indices, W_dec) - target).pow(2).sum().add(
-        z[:, -2:].sum() + (block.relu() ** 3).sum()
-    ).backward()
+    loss(sparse_decode(z, rows, latents, W_dec, batch), z, block).backward()
     sparse = grads(params)
 
-    pre = x @ W_enc + b_enc
-    picks = select(pre.detach())
-    torch.testing.assert_close(values, pre.gather(-1, picks))
+    pre = (x - shift) @ W_enc + b_enc
+    rows, latents = select(pre.detach())
+    z = pre[rows, latents].relu()
+    torch.testing.assert_close(values, pre[rows, latents])
     torch.testing.assert_close(block, pre[:, columns])
-    loss_of(pre.gather(-1, picks).relu(), picks, pre[:, columns]).backward()
+    codes = torch.zeros(batch, d_sae, **f64).index_put((rows, latents), z, accumulate=True)
+    loss(codes @ W_dec, z, pre[:, columns]).backward()
     for got, want in zip(sparse, grads(params), strict=True):
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 @pytest.mark.parametrize("dead", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_topk_training_loss_equals_the_dense_reference(device, dead, normalize):
+def test_training_loss_equals_the_dense_reference(device, architecture, dead, normalize):
     needs(device)
     fields = {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.7}
-    d = make_sae("topk", d_in=16, d_sae=64, k=4, **(fields if normalize else {})).to(device)
+    d = make_sae(architecture, d_in=16, d_sae=64, k=4, **(fields if normalize else {})).to(device)
     x = torch.randn(128, 16, device=device) * 2 + 1
     mask = torch.rand(64, device=device) < 0.4 if dead else None
     ctx = TrainContext(aux_coefficient=0.5, dead=mask)
@@ -84,13 +87,15 @@ def test_topk_training_loss_equals_the_dense_reference(device, dead, normalize):
     assert dense.parts["auxiliary_reconstruction_loss"].item() > 0 if dead else True
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, atol=1e-5, rtol=1e-5)
     assert torch.equal(sparse.fired, dense.fired) and sparse.l0 == dense.l0
+    assert sparse.kept.min() == dense.z[dense.z > 0].min()  # BatchTopK's threshold statistic
     for got, want in zip(sparse_grads, grads(params), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_no_dense_code_tensor_is_kept_for_backward():
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_no_dense_code_tensor_is_kept_for_backward(architecture):
     batch, d_sae = 256, 512
-    d = make_sae("topk", d_in=32, d_sae=d_sae, k=8)
+    d = make_sae(architecture, d_in=32, d_sae=d_sae, k=8)
     x = torch.randn(batch, 32)
     ctx = TrainContext(dead=torch.rand(d_sae) < 0.5)
     saved = []

@@ -70,18 +70,15 @@ def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     d = make_sae("batchtopk", k=2)
     d.threshold.zero_()
     x = torch.randn(8, 6)
-    out = d.training_loss(x, TrainContext())
-    assert (out.z > 0).sum() == 16
+    out = d.training_loss(x, TrainContext())  # the sparse path: kept activations, no dense z
+    assert len(out.kept) == 16 and (out.kept > 0).all()
     d.after_step(out)
-    first = out.z[out.z > 0].min().item()
-    (
-        torch.testing.assert_close(d.threshold, torch.full((16,), first)),
-        "the first step sets the average",
-    )
+    first = out.kept.min().item()
+    torch.testing.assert_close(d.threshold, torch.full((16,), first))  # the first step sets it
     out = d.training_loss(torch.randn(8, 6), TrainContext())
     d.after_step(out)
     torch.testing.assert_close(
-        d.threshold, torch.full((16,), 0.99 * first + 0.01 * out.z[out.z > 0].min().item())
+        d.threshold, torch.full((16,), 0.99 * first + 0.01 * out.kept.min().item())
     )
     torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(16))
 
