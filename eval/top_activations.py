@@ -1,0 +1,87 @@
+"""Per latent, its top activating tokens and a uniform sample of the tokens it fires on, gathered in
+one streaming pass with memory fixed by d_sae (not by the number of tokens).
+
+Both are the same operation on tensors: keep each latent's n best entries by some key, merging
+every batch into [d_sae, n] buffers with one topk. The key is the activation for the top list, and
+an independent uniform random number for the sample (the n smallest of i.i.d. keys are a uniform
+sample without replacement: a mergeable reservoir). Quantile examples, which show what a latent
+does at moderate strength and keep explanations honest, are drawn from the sample afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Best:
+    """Each latent's n entries with the largest keys so far: activation values, global token
+    indices and keys [d_sae, n]; a key of -inf marks an empty slot."""
+
+    def __init__(self, d_sae: int, n: int) -> None:
+        self.values = torch.zeros(d_sae, n)
+        self.tokens = torch.full((d_sae, n), -1, dtype=torch.long)
+        self.keys = torch.full((d_sae, n), -torch.inf)
+
+    def merge(self, values: Tensor, tokens: Tensor, keys: Tensor) -> None:
+        """Fold in new entries [d_sae, m] with one topk per latent."""
+        keys = torch.cat([self.keys, keys], 1)
+        best = keys.topk(self.keys.shape[1], dim=1).indices
+        self.keys = keys.gather(1, best)
+        self.values = torch.cat([self.values, values], 1).gather(1, best)
+        self.tokens = torch.cat([self.tokens, tokens], 1).gather(1, best)
+
+    def entries(self, latent: int) -> tuple[Tensor, Tensor]:
+        """(values, tokens) of a latent's filled slots, in key order."""
+        filled = self.keys[latent] > -torch.inf
+        return self.values[latent][filled], self.tokens[latent][filled]
+
+
+class TopActivations:
+    """add(z, first_token) per batch of codes [batch, d_sae] (row i is token first_token + i)."""
+
+    def __init__(self, d_sae: int, top: int = 20, sample: int = 200, seed: int = 0) -> None:
+        self.top = Best(d_sae, top)
+        self.sample = Best(d_sae, sample)
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def add(self, z: Tensor, first_token: int) -> None:
+        values = z.detach().float().cpu().T  # [d_sae, batch]
+        silent = values <= 0
+        self.fires += (~silent).sum(1)
+        tokens = torch.arange(first_token, first_token + values.shape[1]).expand_as(values)
+        self.top.merge(values, tokens, values.masked_fill(silent, -torch.inf))
+        keys = torch.rand(values.shape, generator=self.generator)
+        self.sample.merge(values, tokens, (-keys).masked_fill(silent, -torch.inf))
+
+    def top_examples(self, latent: int) -> tuple[Tensor, Tensor]:
+        """(values, tokens) of the latent's top activations, largest first."""
+        return self.top.entries(latent)
+
+    def quantile_examples(
+        self, latent: int, bins: int = 4, per_bin: int = 3
+    ) -> list[tuple[Tensor, Tensor]]:
+        """The uniform sample split into `bins` activation quantiles (low to high), up to
+        `per_bin` (values, tokens) spread evenly over each."""
+        values, tokens = self.sample.entries(latent)
+        order = values.argsort()
+        values, tokens = values[order], tokens[order]
+        out = []
+        for chunk in torch.arange(len(values)).tensor_split(bins):
+            picks = torch.linspace(0, len(chunk) - 1, min(per_bin, len(chunk))).long()
+            out.append((values[chunk[picks]], tokens[chunk[picks]]))
+        return out
+
+
+def token_context(
+    ids: Tensor, token: int, before: int = 16, after: int = 4
+) -> tuple[list[int], int]:
+    """The token ids around scored token number `token` (tokens numbered in scoring order:
+    positions 1.. of each window of ids [n_windows, seq]), BOS left out, and that token's index
+    in them."""
+    window, position = divmod(token, ids.shape[1] - 1)
+    position += 1
+    start = max(1, position - before)
+    return ids[window, start : position + after + 1].tolist(), position - start
