@@ -178,7 +178,11 @@ COMMANDS: dict[str, Command] = {
         "eval.report:EvalConfig",
         "eval.report:eval_cli",
     ),
-    "dashboard": Command("(not built yet: arrives with dashboards and auto-interp)"),
+    "dashboard": Command(
+        "write a static HTML dashboard: overview, latent table, a page per latent",
+        "eval.dashboard:DashboardConfig",
+        "eval.dashboard:dashboard_cli",
+    ),
     "compare": Command("(not built yet: arrives with run comparison)"),
     "info": Command(
         "print a dictionary's config and weight statistics",

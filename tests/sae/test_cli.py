@@ -65,4 +65,4 @@ def test_convert_and_info(tmp_path, capsys):
 
 def test_unbuilt_subcommand_says_so():
     with pytest.raises(SystemExit, match="not built yet"):
-        main(["dashboard"])
+        main(["compare"])

@@ -1,0 +1,300 @@
+"""`sae dashboard`: a static HTML site about one SAE that opens from disk (no server, no CDN).
+
+index.html: the headline scores of `eval.evaluate`, the log-density histogram and a sortable table
+of latents (density, best concept and its purity). latents/<i>.html for the most active latents:
+top and quantile contexts with per-token highlighting, the activation histogram, the logit-lens
+effects of the decoder direction (tokens it promotes and suppresses through the unembedding),
+and the explanation when auto-interp has written one.
+
+Two passes keep memory bounded: the first streams the text through the SAE keeping per-latent top
+activations and samples (eval/top_activations.py); the second runs the model again on just the
+windows those examples come from, to colour every token of each shown context.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import sae as sae_lib
+from eval.report import check_fits, dataset_windows, evaluate, take_tokens
+from eval.top_activations import TopActivations, token_context
+from sae.cli import positional
+from sae.hooks import record
+from sae.lm import load_lm
+from sae.models import SAE
+
+
+@dataclass
+class DashboardConfig:
+    """Write a static HTML dashboard of an SAE: overview, latent table and a page per latent."""
+
+    sae: str = positional()
+    """The SAE (anything sae.load takes)."""
+    out: str = "dashboard"
+    """Folder to write index.html and latents/ into."""
+    model: str = ""
+    """LM (default: the SAE's model_name, else smollm2-135m)."""
+    dataset: str = "shakespeare"
+    """Text the contexts come from."""
+    split: str = "test"
+    """Dataset split."""
+    tokens: int = 20_000
+    """Tokens streamed for examples and scores."""
+    context_size: int = 64
+    """Window length, BOS included."""
+    latents: int = 50
+    """Pages for this many latents, the most frequently firing first."""
+    top: int = 10
+    """Top-activating contexts per page."""
+    report: str = ""
+    """An `sae eval --json` report to show; by default the overview is scored on the same tokens
+    (absorption left out for speed)."""
+
+
+def build_dashboard(cfg: DashboardConfig) -> Path:
+    d = sae_lib.load(cfg.sae)
+    lm, tokenizer = load_lm(cfg.model or d.cfg.model_name or "smollm2-135m")
+    check_fits(d, lm, cfg.model or d.cfg.model_name)
+    ids = take_tokens(dataset_windows(tokenizer, cfg), cfg.tokens, cfg.context_size, cfg.dataset)
+    report = (
+        json.loads(Path(cfg.report).read_text())
+        if cfg.report
+        else evaluate(
+            d,
+            cfg.model,
+            cfg.dataset,
+            cfg.split,
+            cfg.tokens,
+            context_size=cfg.context_size,
+            absorption=False,
+        )
+    )
+    examples = gather(lm, d, ids, top=cfg.top)
+    chosen = examples.fires.argsort(descending=True)[: cfg.latents]
+    chosen = chosen[examples.fires[chosen] > 0].tolist()
+    strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    lens = logit_lens(lm, d, chosen)
+
+    out = Path(cfg.out)
+    (out / "latents").mkdir(parents=True, exist_ok=True)
+    (out / "index.html").write_text(overview(d, report, chosen))
+    shown = {latent: page_tokens(examples, latent) for latent in chosen}
+    acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
+    for latent in chosen:
+        page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
+        (out / "latents" / f"{latent}.html").write_text(page)
+    return out
+
+
+def dashboard_cli(cfg: DashboardConfig) -> None:
+    out = build_dashboard(cfg)
+    print(f"dashboard written to {out}/index.html (open it from disk)")
+
+
+@torch.no_grad()
+def gather(lm, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopActivations:
+    """One pass: each latent's top activations and a uniform sample of its activations."""
+    examples = TopActivations(d.cfg.d_sae, top=top)
+    n = 0
+    for windows in ids.split(batch):
+        x = _hook_acts(lm, d, windows)
+        examples.add(d.encode(x), n)
+        n += len(x)
+    return examples
+
+
+@torch.no_grad()
+def _hook_acts(lm, d: SAE, windows: Tensor) -> Tensor:
+    with record(lm, [d.cfg.hook_name]) as acts:
+        lm(windows)
+    return acts[d.cfg.hook_name][:, 1:].reshape(-1, d.cfg.d_in).float()
+
+
+def page_tokens(examples: TopActivations, latent: int) -> list[int]:
+    """The scored tokens whose contexts a latent's page shows."""
+    tokens = examples.top_examples(latent)[1].tolist()
+    for _, quantile_tokens in examples.quantile_examples(latent):
+        tokens += quantile_tokens.tolist()
+    return tokens
+
+
+@torch.no_grad()
+def activations_at(
+    lm, d: SAE, ids: Tensor, tokens: list[int], latents: list[int]
+) -> dict[int, dict]:
+    """{latent: {window: [activation per position 1..]}} for the windows holding `tokens`."""
+    per_window = ids.shape[1] - 1
+    windows = sorted({t // per_window for t in tokens})
+    out: dict[int, dict] = {latent: {} for latent in latents}
+    for start in range(0, len(windows), 8):
+        chunk = windows[start : start + 8]
+        z = d.encode(_hook_acts(lm, d, ids[chunk])).view(len(chunk), per_window, -1)
+        for i, w in enumerate(chunk):
+            for latent in latents:
+                out[latent][w] = z[i, :, latent].tolist()
+    return out
+
+
+@torch.no_grad()
+def logit_lens(lm, d: SAE, latents: list[int], n: int = 10) -> dict[int, dict[str, list]]:
+    """Tokens each decoder direction promotes and suppresses most through the unembedding."""
+    unembed = lm.get_output_embeddings().weight.float()  # [vocab, d_model]
+    effects = d.W_dec[latents].float() @ unembed.T  # [n_latents, vocab]
+    return {
+        latent: {
+            "promoted": effects[i].topk(n).indices.tolist(),
+            "suppressed": (-effects[i]).topk(n).indices.tolist(),
+        }
+        for i, latent in enumerate(latents)
+    }
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+STYLE = """body{font:14px system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}
+td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}th{cursor:pointer;background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}.ctx{font-family:monospace;white-space:pre-wrap;margin:3px 0;
+padding:3px;border:1px solid #eee}.tok{border-radius:2px}.hit{outline:1px solid #c00}.muted{color:#888}"""
+
+SORT_SCRIPT = """document.querySelectorAll('th').forEach((th,i)=>th.onclick=()=>{
+const body=th.closest('table').tBodies[0],rows=[...body.rows],dir=th.dataset.dir=th.dataset.dir==='d'?'a':'d';
+const key=r=>{const v=r.cells[i].dataset.v??r.cells[i].textContent;const f=parseFloat(v);return isNaN(f)?v:f};
+rows.sort((a,b)=>(key(a)>key(b)?1:key(a)<key(b)?-1:0)*(dir==='d'?-1:1));rows.forEach(r=>body.appendChild(r));});"""
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{body}<script>{script}</script></body></html>"
+    )
+
+
+def histogram_svg(counts: list[int], labels: list[str], width: int = 480, height: int = 120) -> str:
+    """Bars for counts, with the first and last labels under the axis."""
+    top = max(max(counts), 1)
+    w = width / max(len(counts), 1)
+    bars = "".join(
+        f"<rect x='{i * w:.1f}' y='{height - c / top * height:.1f}' width='{w * 0.9:.1f}' "
+        f"height='{c / top * height:.1f}' fill='#4a7'><title>{html.escape(label)}: {c}</title></rect>"
+        for i, (c, label) in enumerate(zip(counts, labels, strict=True))
+    )
+    axis = (
+        f"<text x='0' y='{height + 14}' font-size='11'>{html.escape(labels[0])}</text>"
+        f"<text x='{width}' y='{height + 14}' font-size='11' text-anchor='end'>{html.escape(labels[-1])}</text>"
+        if labels
+        else ""
+    )
+    return f"<svg width='{width}' height='{height + 18}'>{bars}{axis}</svg>"
+
+
+def overview(d: SAE, report: dict, pages: list[int]) -> str:
+    headline = [
+        "explained_variance",
+        "ce_loss_recovered",
+        "kl_score",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+    ]
+    scores = "".join(
+        f"<tr><td>{k}</td><td>{report[k]:.4f}</td></tr>" for k in headline if k in report
+    )
+    sparsity = report["sparsity"]
+    edges = sparsity["log10_density_edges"]
+    labels = [f"10^{a:g} to 10^{b:g}" for a, b in zip(edges, edges[1:], strict=False)]
+    density_svg = histogram_svg(sparsity["log10_density_histogram"], labels)
+    concepts = report.get("concepts", {})
+    rows = []
+    for latent, density in enumerate(sparsity["density"]):
+        concept = (concepts.get("latent_concept") or [None] * len(sparsity["density"]))[latent]
+        precision = (concepts.get("latent_precision") or [None] * len(sparsity["density"]))[latent]
+        name = f"<a href='latents/{latent}.html'>{latent}</a>" if latent in pages else str(latent)
+        rows.append(
+            f"<tr><td data-v='{latent}'>{name}</td><td>{density:.2e}</td>"
+            f"<td>{html.escape(concept or '')}</td><td data-v='{precision if precision is not None else -1}'>"
+            f"{'' if precision is None else f'{precision:.2f}'}</td></tr>"
+        )
+    body = (
+        f"<h1>{html.escape(d.cfg.architecture)} SAE, {d.cfg.d_sae} latents on {html.escape(d.cfg.hook_name)}</h1>"
+        f"<table id='scores'>{scores}</table><h2>Firing density (log10, live latents)</h2>{density_svg}"
+        f"<p>{sparsity['dead_fraction']:.1%} dead on {sparsity['tokens']:,} tokens.</p>"
+        f"<h2>Latents</h2><table id='latents'><thead><tr><th>latent</th><th>density</th><th>concept</th>"
+        f"<th>purity</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    return _page("SAE dashboard", body, SORT_SCRIPT)
+
+
+def context_html(
+    tokens: list[int], values: list[float], hit: int, strings: list[str], peak: float
+) -> str:
+    """Tokens with a background whose opacity is the activation relative to the latent's peak."""
+    spans = []
+    for i, (t, v) in enumerate(zip(tokens, values, strict=True)):
+        alpha = min(max(v / peak, 0.0), 1.0) if peak > 0 else 0.0
+        cls = "tok hit" if i == hit else "tok"
+        spans.append(
+            f"<span class='{cls}' style='background:rgba(255,120,0,{alpha:.2f})' "
+            f"title='{v:.3f}'>{html.escape(strings[t].replace(chr(10), '↵' + chr(10)))}</span>"
+        )
+    return f"<div class='ctx'>{''.join(spans)}</div>"
+
+
+def latent_page(
+    latent: int,
+    report: dict,
+    examples: TopActivations,
+    acts: dict[int, list[float]],
+    ids: Tensor,
+    lens: dict[str, list],
+    strings: list[str],
+) -> str:
+    top_values, top_tokens = examples.top_examples(latent)
+    peak = float(top_values.max())
+    per_window = ids.shape[1] - 1
+
+    def contexts(tokens: Tensor) -> str:
+        divs = []
+        for token in tokens.tolist():
+            window, offset = divmod(token, per_window)
+            context, hit = token_context(ids, token)
+            first = offset - hit  # scored index of the context's first token
+            values = acts[window][first : first + len(context)]
+            divs.append(context_html(context, values, hit, strings, peak))
+        return "".join(divs)
+
+    bins = examples.quantile_examples(latent)
+    sections = [("Top activations", top_tokens)] + [
+        (f"Quantile {i + 1} of {len(bins)} (activation {v.min():.2f} to {v.max():.2f})", t)
+        for i, (v, t) in reversed(list(enumerate(bins)))
+        if len(t)
+    ]
+    sample = examples.sample.entries(latent)[0]
+    counts = torch.histc(sample, 20, 0, float(sample.max())).long().tolist()
+    hist = histogram_svg(
+        counts, [f"{x:.2f}" for x in torch.linspace(0, float(sample.max()), 20).tolist()]
+    )
+    density = report["sparsity"]["density"][latent]
+    concepts = report.get("concepts", {})
+    concept = (concepts.get("latent_concept") or [None] * (latent + 1))[latent]
+    purity = (
+        f"best concept <b>{html.escape(concept)}</b>: AUROC {concepts['latent_auroc'][latent]:.2f}, "
+        f"precision on top activations {concepts['latent_precision'][latent]:.2f}"
+        if concept
+        else "<span class='muted'>no concept scored</span>"
+    )
+    words = {k: ", ".join(html.escape(repr(strings[t])) for t in v) for k, v in lens.items()}
+    explanation = report.get("explanations", {}).get(str(latent))
+    body = (
+        f"<p><a href='../index.html'>overview</a></p><h1>Latent {latent}</h1>"
+        f"<p>fires on {density:.3%} of tokens ({int(examples.fires[latent])}); {purity}</p>"
+        + (f"<p>Explanation: {html.escape(explanation)}</p>" if explanation else "")
+        + f"<h2>Activation histogram (sample of {len(sample)})</h2>{hist}"
+        f"<h2>Logit lens</h2><p>promotes: {words['promoted']}</p><p>suppresses: {words['suppressed']}</p>"
+        + "".join(f"<h2>{html.escape(title)}</h2>{contexts(t)}" for title, t in sections)
+    )
+    return _page(f"latent {latent}", body)

@@ -1,0 +1,66 @@
+"""`sae dashboard` on SmolLM2: the static site is complete, and loads in headless Chromium without
+script errors."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import eval.dashboard
+import eval.report
+from eval.dashboard import DashboardConfig, build_dashboard
+
+CHROMIUM = shutil.which("chromium")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site(trained_sae, smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dashboard")
+    trained_sae.save(root / "sae")
+    with pytest.MonkeyPatch.context() as patch:  # the session's SmolLM2, not a second copy
+        patch.setattr(eval.dashboard, "load_lm", lambda name, device="cpu": smollm2)
+        patch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+        cfg = DashboardConfig(
+            sae=str(root / "sae"), out=str(root / "site"), tokens=16 * 63, latents=4
+        )
+        return build_dashboard(cfg), trained_sae
+
+
+def test_overview_lists_every_latent_and_links_the_pages(site):
+    out, d = site
+    index = (out / "index.html").read_text()
+    pages = sorted(int(p.stem) for p in (out / "latents").glob("*.html"))
+    assert len(pages) == 4
+    assert index.count("<tr><td data-v=") == d.cfg.d_sae
+    assert sorted(int(i) for i in re.findall(r"href='latents/(\d+)\.html'", index)) == pages
+    assert "explained_variance" in index and "ce_loss_recovered" in index
+
+
+def test_latent_pages_show_highlighted_contexts_and_logit_lens(site):
+    out, _ = site
+    for page in (out / "latents").glob("*.html"):
+        text = page.read_text()
+        assert "Top activations" in text and "Quantile" in text and "promotes:" in text
+        hits = re.findall(r"class='tok hit' style='background:rgba\(255,120,0,([\d.]+)\)'", text)
+        assert hits and max(float(a) for a in hits) == 1.0  # the peak token is fully coloured
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install adds it)")
+def test_pages_load_in_headless_chromium_without_script_errors(site, tmp_path):
+    out, d = site
+    for page in [out / "index.html", *sorted((out / "latents").glob("*.html"))[:1]]:
+        run = subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path}", "--enable-logging=stderr", "--v=0",
+             "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "Uncaught" not in run.stderr, run.stderr[-2000:]
+        assert "</body>" in run.stdout
+        if page.name == "index.html":
+            assert run.stdout.count("<tr><td data-v=") == d.cfg.d_sae
