@@ -23,9 +23,8 @@ from torch import Tensor
 
 import sae as sae_lib
 from eval.report import check_fits, dataset_windows, evaluate, take_tokens
-from eval.top_activations import TopActivations, token_context
+from eval.top_activations import TopActivations, activations_at, gather, token_context
 from sae.cli import positional
-from sae.hooks import record
 from sae.lm import load_lm
 from sae.models import SAE
 
@@ -97,48 +96,12 @@ def dashboard_cli(cfg: DashboardConfig) -> None:
     print(f"dashboard written to {out}/index.html (open it from disk)")
 
 
-@torch.no_grad()
-def gather(lm, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopActivations:
-    """One pass: each latent's top activations and a uniform sample of its activations."""
-    examples = TopActivations(d.cfg.d_sae, top=top)
-    n = 0
-    for windows in ids.split(batch):
-        x = _hook_acts(lm, d, windows)
-        examples.add(d.encode(x), n)
-        n += len(x)
-    return examples
-
-
-@torch.no_grad()
-def _hook_acts(lm, d: SAE, windows: Tensor) -> Tensor:
-    with record(lm, [d.cfg.hook_name]) as acts:
-        lm(windows)
-    return acts[d.cfg.hook_name][:, 1:].reshape(-1, d.cfg.d_in).float()
-
-
 def page_tokens(examples: TopActivations, latent: int) -> list[int]:
     """The scored tokens whose contexts a latent's page shows."""
     tokens = examples.top_examples(latent)[1].tolist()
     for _, quantile_tokens in examples.quantile_examples(latent):
         tokens += quantile_tokens.tolist()
     return tokens
-
-
-@torch.no_grad()
-def activations_at(
-    lm, d: SAE, ids: Tensor, tokens: list[int], latents: list[int]
-) -> dict[int, dict]:
-    """{latent: {window: [activation per position 1..]}} for the windows holding `tokens`."""
-    per_window = ids.shape[1] - 1
-    windows = sorted({t // per_window for t in tokens})
-    out: dict[int, dict] = {latent: {} for latent in latents}
-    for start in range(0, len(windows), 8):
-        chunk = windows[start : start + 8]
-        z = d.encode(_hook_acts(lm, d, ids[chunk])).view(len(chunk), per_window, -1)
-        for i, w in enumerate(chunk):
-            for latent in latents:
-                out[latent][w] = z[i, :, latent].tolist()
-    return out
 
 
 @torch.no_grad()

@@ -11,7 +11,10 @@ does at moderate strength and keep explanations honest, are drawn from the sampl
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from sae.hooks import record
+from sae.models import SAE
 
 
 class Best:
@@ -85,3 +88,40 @@ def token_context(
     position += 1
     start = max(1, position - before)
     return ids[window, start : position + after + 1].tolist(), position - start
+
+
+# -- from a running model ------------------------------------------------------------------
+@torch.no_grad()
+def gather(lm: nn.Module, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopActivations:
+    """One pass: each latent's top activations and a uniform sample of its activations."""
+    examples = TopActivations(d.cfg.d_sae, top=top)
+    n = 0
+    for windows in ids.split(batch):
+        x = _hook_acts(lm, d, windows)
+        examples.add(d.encode(x), n)
+        n += len(x)
+    return examples
+
+
+@torch.no_grad()
+def _hook_acts(lm: nn.Module, d: SAE, windows: Tensor) -> Tensor:
+    with record(lm, [d.cfg.hook_name]) as acts:
+        lm(windows)
+    return acts[d.cfg.hook_name][:, 1:].reshape(-1, d.cfg.d_in).float()
+
+
+@torch.no_grad()
+def activations_at(
+    lm, d: SAE, ids: Tensor, tokens: list[int], latents: list[int]
+) -> dict[int, dict]:
+    """{latent: {window: [activation per position 1..]}} for the windows holding `tokens`."""
+    per_window = ids.shape[1] - 1
+    windows = sorted({t // per_window for t in tokens})
+    out: dict[int, dict] = {latent: {} for latent in latents}
+    for start in range(0, len(windows), 8):
+        chunk = windows[start : start + 8]
+        z = d.encode(_hook_acts(lm, d, ids[chunk])).view(len(chunk), per_window, -1)
+        for i, w in enumerate(chunk):
+            for latent in latents:
+                out[latent][w] = z[i, :, latent].tolist()
+    return out
