@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import sae as sae_lib
+from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.report import check_fits, dataset_windows, evaluate, take_tokens
 from eval.top_activations import TopActivations, activations_at, gather, token_context
 from sae.cli import positional
@@ -54,6 +55,9 @@ class DashboardConfig:
     report: str = ""
     """An `sae eval --json` report to show; by default the overview is scored on the same tokens
     (absorption left out for speed)."""
+    autointerp: str = ""
+    """Explain and score the paged latents: `local` (the embedded SmolLM2-Instruct, offline),
+    `openai:MODEL` (OPENAI_BASE_URL / OPENAI_API_KEY), or empty for none."""
 
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
@@ -79,6 +83,10 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     chosen = chosen[examples.fires[chosen] > 0].tolist()
     strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
     lens = logit_lens(lm, d, chosen)
+    if cfg.autointerp:
+        scores = interpret(lm, tokenizer, d, ids, chosen, make_client(cfg.autointerp))
+        report["autointerp"] = {str(latent): r for latent, r in scores.items()}
+        report["explanations"] = {str(latent): r["explanation"] for latent, r in scores.items()}
 
     out = Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
@@ -89,6 +97,14 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
         (out / "latents" / f"{latent}.html").write_text(page)
     return out
+
+
+def make_client(spec: str) -> LLMClient:
+    if spec == "local":
+        return LocalClient()
+    if spec.startswith("openai:"):
+        return OpenAIClient(spec.removeprefix("openai:"))
+    raise ValueError(f"--autointerp takes `local` or `openai:MODEL`, not {spec!r}")
 
 
 def dashboard_cli(cfg: DashboardConfig) -> None:
@@ -172,6 +188,7 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
     labels = [f"10^{a:g} to 10^{b:g}" for a, b in zip(edges, edges[1:], strict=False)]
     density_svg = histogram_svg(sparsity["log10_density_histogram"], labels)
     concepts = report.get("concepts", {})
+    autointerp = report.get("autointerp", {})
     rows = []
     for latent, density in enumerate(sparsity["density"]):
         concept = (concepts.get("latent_concept") or [None] * len(sparsity["density"]))[latent]
@@ -180,16 +197,21 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
         rows.append(
             f"<tr><td data-v='{latent}'>{name}</td><td>{density:.2e}</td>"
             f"<td>{html.escape(concept or '')}</td><td data-v='{precision if precision is not None else -1}'>"
-            f"{'' if precision is None else f'{precision:.2f}'}</td></tr>"
+            f"{'' if precision is None else f'{precision:.2f}'}</td>"
+            f"<td>{_score(autointerp.get(str(latent)))}</td></tr>"
         )
     body = (
         f"<h1>{html.escape(d.cfg.architecture)} SAE, {d.cfg.d_sae} latents on {html.escape(d.cfg.hook_name)}</h1>"
         f"<table id='scores'>{scores}</table><h2>Firing density (log10, live latents)</h2>{density_svg}"
         f"<p>{sparsity['dead_fraction']:.1%} dead on {sparsity['tokens']:,} tokens.</p>"
         f"<h2>Latents</h2><table id='latents'><thead><tr><th>latent</th><th>density</th><th>concept</th>"
-        f"<th>purity</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<th>purity</th><th>auto-interp (detection)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     return _page("SAE dashboard", body, SORT_SCRIPT)
+
+
+def _score(result: dict | None) -> str:
+    return "" if result is None else f"{result['detection']:.2f}"
 
 
 def context_html(
@@ -252,6 +274,9 @@ def latent_page(
     )
     words = {k: ", ".join(html.escape(repr(strings[t])) for t in v) for k, v in lens.items()}
     explanation = report.get("explanations", {}).get(str(latent))
+    if explanation and str(latent) in report.get("autointerp", {}):
+        scores = report["autointerp"][str(latent)]
+        explanation += f" (detection {scores['detection']:.2f}, fuzzing {scores['fuzzing']:.2f})"
     body = (
         f"<p><a href='../index.html'>overview</a></p><h1>Latent {latent}</h1>"
         f"<p>fires on {density:.3%} of tokens ({int(examples.fires[latent])}); {purity}</p>"

@@ -6,6 +6,8 @@ every batch into [d_sae, n] buffers with one topk. The key is the activation for
 an independent uniform random number for the sample (the n smallest of i.i.d. keys are a uniform
 sample without replacement: a mergeable reservoir). Quantile examples, which show what a latent
 does at moderate strength and keep explanations honest, are drawn from the sample afterwards.
+`gather` runs that pass over token windows; `activations_at` re-runs only the windows of chosen
+examples to read a latent's activation at every token of their contexts.
 """
 
 from __future__ import annotations

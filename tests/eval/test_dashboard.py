@@ -9,6 +9,7 @@ import pytest
 
 import eval.dashboard
 import eval.report
+from eval.autointerp import ScriptedClient
 from eval.dashboard import DashboardConfig, build_dashboard
 
 CHROMIUM = shutil.which("chromium")
@@ -25,9 +26,12 @@ def site(trained_sae, smollm2, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the session's SmolLM2, not a second copy
         patch.setattr(eval.dashboard, "load_lm", lambda name, device="cpu": smollm2)
         patch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+        judge = ScriptedClient(lambda p: "line ends" if "short phrase" in p else "[1, 0, 1, 0, 1]")
+        patch.setattr(eval.dashboard, "make_client", lambda spec: judge)
         cfg = DashboardConfig(
-            sae=str(root / "sae"), out=str(root / "site"), tokens=16 * 63, latents=4
-        )
+            sae=str(root / "sae"), out=str(root / "site"), tokens=16 * 63, latents=4,
+            autointerp="local",
+        )  # fmt: skip
         return build_dashboard(cfg), trained_sae
 
 
@@ -39,6 +43,8 @@ def test_overview_lists_every_latent_and_links_the_pages(site):
     assert index.count("<tr><td data-v=") == d.cfg.d_sae
     assert sorted(int(i) for i in re.findall(r"href='latents/(\d+)\.html'", index)) == pages
     assert "explained_variance" in index and "ce_loss_recovered" in index
+    scored = re.findall(r"<td>(\d\.\d\d)</td></tr>", index)  # the auto-interp column
+    assert len(scored) == 4
 
 
 def test_latent_pages_show_highlighted_contexts_and_logit_lens(site):
@@ -46,6 +52,7 @@ def test_latent_pages_show_highlighted_contexts_and_logit_lens(site):
     for page in (out / "latents").glob("*.html"):
         text = page.read_text()
         assert "Top activations" in text and "Quantile" in text and "promotes:" in text
+        assert "Explanation: line ends (detection" in text
         hits = re.findall(r"class='tok hit' style='background:rgba\(255,120,0,([\d.]+)\)'", text)
         assert hits and max(float(a) for a in hits) == 1.0  # the peak token is fully coloured
 
