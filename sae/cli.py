@@ -56,7 +56,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("cli") is False:  # set from a --config file only
             continue
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
+            many = {"nargs": "+"} if isinstance(default, list) else {}
+            parser.add_argument(f.name, metavar=f.name.upper(), help=help_text, **many)
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{help_text} (default: {default})"
@@ -148,8 +149,8 @@ class Command:
     only when needed so that `sae --help` does not load torch models or the trainer."""
 
     help: str
-    options: str | None = None
-    run: str | None = None
+    options: str
+    run: str
 
 
 def _resolve(ref: str) -> Any:
@@ -183,7 +184,11 @@ COMMANDS: dict[str, Command] = {
         "eval.dashboard:DashboardConfig",
         "eval.dashboard:dashboard_cli",
     ),
-    "compare": Command("(not built yet: arrives with run comparison)"),
+    "compare": Command(
+        "runs side by side: config differences, metrics, frontiers, dictionary similarity",
+        "eval.compare:CompareConfig",
+        "eval.compare:compare_cli",
+    ),
     "info": Command(
         "print a dictionary's config and weight statistics",
         "sae.cli:InfoOptions",
@@ -204,7 +209,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, spec in COMMANDS.items():
-        options = _resolve(spec.options) if spec.options and command in (None, name) else None
+        options = _resolve(spec.options) if command in (None, name) else None
         p = sub.add_parser(
             name, help=spec.help, description=options.__doc__ if options else spec.help
         )
@@ -219,8 +224,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = next((a for a in argv if a in COMMANDS), None)
     args = parser(command).parse_args(argv)
     spec = COMMANDS[args.command]
-    if spec.run is None:
-        raise SystemExit(f"sae {args.command}: {spec.help}")
     try:
         opts = build_options(_resolve(spec.options), args)
     except (TypeError, ValueError) as e:

@@ -61,8 +61,3 @@ def test_convert_and_info(tmp_path, capsys):
     main(["info", str(tmp_path / "dst")])
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{") : out.rindex("}") + 1])["architecture"] == "gated"
-
-
-def test_unbuilt_subcommand_says_so():
-    with pytest.raises(SystemExit, match="not built yet"):
-        main(["compare"])

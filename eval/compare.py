@@ -1,0 +1,225 @@
+"""`sae compare`: training runs side by side, and how alike their dictionaries are.
+
+A run is a local run directory of `sae train` (metrics.jsonl, checkpoint/state.json, one folder
+per SAE), an offline W&B run folder (`wandb/offline-run-*`), or a W&B run path `entity/project/id`
+read through the W&B API (needs a key). Each SAE is a point on the L0 vs explained-variance
+frontier, and on the L0 vs CE-loss-recovered one when `sae eval --json <sae>/eval.json` has scored
+it (held-out numbers then replace the training ones). Dictionary similarity matches every decoder
+row of one SAE to its most similar row in another (cosine): the share with a match above 0.9 says
+how much of a dictionary another seed, layer or checkpoint reproduces.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import sae as sae_lib
+
+
+@dataclass
+class CompareConfig:
+    """Put training runs side by side: config differences, final metrics, frontiers, and
+    dictionary similarity between their SAEs."""
+
+    runs: list[str] = field(default_factory=list, metadata={"positional": True})
+    """Run directories, offline W&B run folders, or W&B run paths entity/project/id."""
+    out: str = "compare"
+    """Folder for compare.html, frontier.png and compare.json."""
+    threshold: float = 0.9
+    """Decoder cosine above which a latent counts as matched."""
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict
+    history: list[dict]
+    saes: dict[str, Path] = field(default_factory=dict)
+    """SAE name -> local folder, where the run has them on disk."""
+
+    def final(self) -> dict[str, float]:
+        """The last logged value of every metric."""
+        last: dict[str, float] = {}
+        for row in self.history:
+            last.update({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        return last
+
+
+def load_run(ref: str) -> Run:
+    path = Path(ref)
+    if (path / "metrics.jsonl").exists():
+        state = path / "checkpoint" / "state.json"
+        config = json.loads(state.read_text()).get("config", {}) if state.exists() else {}
+        history = [
+            json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line
+        ]
+        saes = {p.parent.name: p.parent for p in sorted(path.glob("*/cfg.json"))}
+        return Run(path.name, config, history, saes)
+    if path.is_dir() and list(path.glob("run-*.wandb")):
+        from sae.wandb_offline import read_offline_run
+
+        run = read_offline_run(path)
+        return Run(f"{run.project}/{run.run_id}", run.config, run.history)
+    if not path.exists() and ref.count("/") == 2:
+        import wandb
+
+        api_run = wandb.Api().run(ref)
+        return Run(ref, dict(api_run.config), list(api_run.scan_history()))
+    raise ValueError(
+        f"{ref!r} is not a run: expected a `sae train` output folder (metrics.jsonl), an offline "
+        f"W&B run folder (run-*.wandb) or a W&B path entity/project/run_id"
+    )
+
+
+def config_differences(runs: list[Run]) -> dict[str, list]:
+    """Config keys whose values are not the same in every run (missing counts as None)."""
+    keys = sorted({k for r in runs for k in r.config})
+    values = {k: [r.config.get(k) for r in runs] for k in keys}
+    return {k: v for k, v in values.items() if any(x != v[0] for x in v)}
+
+
+def points(run: Run) -> list[dict]:
+    """One frontier point per SAE: L0, explained variance and CE recovered (held-out when an
+    eval.json sits beside the SAE, else the last training values)."""
+    final = run.final()
+    names = run.saes or {"": None}
+    out = []
+    for name, folder in names.items():
+        suffix = f"/{name}" if f"metrics/l0/{name}" in final else ""
+        point = {
+            "run": run.name,
+            "sae": name,
+            "l0": final.get(f"metrics/l0{suffix}"),
+            "explained_variance": final.get(f"metrics/explained_variance{suffix}"),
+            "ce_loss_recovered": None,
+            "source": "training",
+        }
+        if folder is not None and (folder / "eval.json").exists():
+            report = json.loads((folder / "eval.json").read_text())
+            point.update(
+                {k: report.get(k) for k in ("l0", "explained_variance", "ce_loss_recovered")}
+            )
+            point["source"] = "eval.json"
+        out.append(point)
+    return out
+
+
+@torch.no_grad()
+def dictionary_similarity(a, b, threshold: float = 0.9, chunk: int = 4096) -> dict[str, float]:
+    """Share of a's decoder rows whose best cosine match among b's exceeds `threshold`, and the
+    other way round, with the mean best cosines (chunked: memory chunk x d_sae)."""
+    da, db = F.normalize(a.W_dec.float(), dim=-1), F.normalize(b.W_dec.float(), dim=-1)
+    if da.shape[1] != db.shape[1]:
+        raise ValueError(f"dictionaries of different widths: d_in {da.shape[1]} vs {db.shape[1]}")
+
+    def best(x, y):
+        return torch.cat([(part @ y.T).max(1).values for part in x.split(chunk)])
+
+    ab, ba = best(da, db), best(db, da)
+    return {
+        "matched_a_in_b": float((ab > threshold).double().mean()),
+        "matched_b_in_a": float((ba > threshold).double().mean()),
+        "mean_max_cosine_a_in_b": float(ab.mean()),
+        "mean_max_cosine_b_in_a": float(ba.mean()),
+    }
+
+
+def frontier_png(all_points: list[dict], path: Path) -> None:
+    """L0 vs explained variance and L0 vs CE loss recovered, one marker series per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("explained_variance", "ce_loss_recovered"), strict=True):
+        known = [p for p in all_points if p["l0"] is not None and p[metric] is not None]
+        for run in dict.fromkeys(p["run"] for p in known):
+            mine = [p for p in known if p["run"] == run]
+            ax.scatter([p["l0"] for p in mine], [p[metric] for p in mine], label=run)
+        ax.set(xlabel="L0", ylabel=metric, xscale="log" if known else "linear")
+        if not known:
+            ax.text(0.5, 0.5, "no SAE scored yet:\nsae eval SAE --json SAE/eval.json",
+                    ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        ax.grid(alpha=0.3)
+    if axes[0].collections:
+        axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(cfg: CompareConfig) -> dict:
+    if len(cfg.runs) < 1:
+        raise ValueError("give at least one run to compare")
+    runs = [load_run(r) for r in cfg.runs]
+    result = {
+        "runs": [r.name for r in runs],
+        "config_differences": config_differences(runs),
+        "final_metrics": {r.name: r.final() for r in runs},
+        "points": [p for r in runs for p in points(r)],
+        "similarity": [],
+    }
+    saes = [(f"{r.name}/{n}", f) for r in runs for n, f in r.saes.items()]
+    for i, (name_a, a) in enumerate(saes):
+        for name_b, b in saes[i + 1 :]:
+            sim = dictionary_similarity(sae_lib.load(a), sae_lib.load(b), cfg.threshold)
+            result["similarity"].append({"a": name_a, "b": name_b, **sim})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frontier_png(result["points"], out / "frontier.png")
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    (out / "compare.html").write_text(page(result, out / "frontier.png"))
+    return result
+
+
+def page(result: dict, png: Path) -> str:
+    import base64
+
+    def table(header: list[str], rows: list[list]) -> str:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
+            for row in rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    metrics = sorted({k for m in result["final_metrics"].values() for k in m})
+    image = base64.b64encode(png.read_bytes()).decode()
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>sae compare</title><style>"
+        "body{font:14px system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+        "</style></head><body><h1>Runs compared</h1>"
+        f"<h2>Config differences</h2>{table(['key', *result['runs']], [[k, *v] for k, v in result['config_differences'].items()])}"
+        f"<h2>Final training metrics</h2>{table(['metric', *result['runs']], [[k, *(m.get(k) for m in result['final_metrics'].values())] for k in metrics])}"
+        f"<h2>Frontiers</h2><img alt='frontiers' src='data:image/png;base64,{image}'>"
+        f"{table(['run', 'sae', 'L0', 'explained variance', 'CE recovered', 'from'], [[p['run'], p['sae'], p['l0'], p['explained_variance'], p['ce_loss_recovered'], p['source']] for p in result['points']])}"
+        f"<h2>Dictionary similarity (decoder cosine &gt; threshold)</h2>"
+        f"{table(['a', 'b', 'a matched in b', 'b matched in a'], [[s['a'], s['b'], s['matched_a_in_b'], s['matched_b_in_a']] for s in result['similarity']])}"
+        "</body></html>"
+    )
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def compare_cli(cfg: CompareConfig) -> None:
+    result = compare(cfg)
+    for key, values in result["config_differences"].items():
+        print(f"{key:<24} " + "  ".join(_fmt(v) for v in values))
+    for p in result["points"]:
+        print(
+            f"{p['run']}/{p['sae']}: L0 {_fmt(p['l0'])}, explained variance {_fmt(p['explained_variance'])}, CE recovered {_fmt(p['ce_loss_recovered'])} ({p['source']})"
+        )
+    for s in result["similarity"]:
+        print(
+            f"{s['a']} vs {s['b']}: {s['matched_a_in_b']:.1%} / {s['matched_b_in_a']:.1%} of latents matched"
+        )
+    print(f"written to {cfg.out}/compare.html, frontier.png, compare.json")
