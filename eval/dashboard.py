@@ -143,7 +143,9 @@ padding:3px;border:1px solid #eee}.tok{border-radius:2px}.hit{outline:1px solid 
 SORT_SCRIPT = """document.querySelectorAll('th').forEach((th,i)=>th.onclick=()=>{
 const body=th.closest('table').tBodies[0],rows=[...body.rows],dir=th.dataset.dir=th.dataset.dir==='d'?'a':'d';
 const key=r=>{const v=r.cells[i].dataset.v??r.cells[i].textContent;const f=parseFloat(v);return isNaN(f)?v:f};
-rows.sort((a,b)=>(key(a)>key(b)?1:key(a)<key(b)?-1:0)*(dir==='d'?-1:1));rows.forEach(r=>body.appendChild(r));});"""
+rows.sort((a,b)=>(key(a)>key(b)?1:key(a)<key(b)?-1:0)*(dir==='d'?-1:1));rows.forEach(r=>body.appendChild(r));});
+const s=location.hash.match(/sort=(\d+)/);if(s)document.querySelectorAll('#latents th')[+s[1]].click();"""
+"""Click a header to sort by it (again to reverse); index.html#sort=N opens sorted by column N."""
 
 
 def _page(title: str, body: str, script: str = "") -> str:

@@ -71,3 +71,17 @@ def test_pages_load_in_headless_chromium_without_script_errors(site, tmp_path):
         assert "</body>" in run.stdout
         if page.name == "index.html":
             assert run.stdout.count("<tr><td data-v=") == d.cfg.d_sae
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install adds it)")
+def test_the_latent_table_sorts_in_the_browser(site, tmp_path):
+    out, _ = site
+    url = (out / "index.html").as_uri() + "#sort=1"  # by density, largest first
+    run = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    table = run.stdout.split('id="latents"')[1]
+    rows = re.findall(r'<tr><td data-v="\d+">.*?</td><td>([^<]+)</td>', table)
+    densities = [float(v) for v in rows]
+    assert len(densities) > 100 and densities == sorted(densities, reverse=True)
