@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,11 +23,12 @@ from torch import Tensor
 
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
-from eval.report import check_fits, dataset_windows, evaluate, take_tokens
+from eval.report import cache_windows, check_fits, dataset_windows, evaluate, take_tokens
 from eval.top_activations import TopActivations, activations_at, gather, token_context
 from sae.cli import positional
 from sae.lm import load_lm
 from sae.models import SAE
+from train.cache import ActivationCache
 
 
 @dataclass
@@ -44,6 +45,8 @@ class DashboardConfig:
     """Text the contexts come from."""
     split: str = "test"
     """Dataset split."""
+    cache: str = ""
+    """Take the token windows from this activation cache instead (e.g. runs/demo/heldout)."""
     tokens: int = 20_000
     """Tokens streamed for examples and scores."""
     context_size: int = 64
@@ -64,7 +67,13 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     d = sae_lib.load(cfg.sae)
     lm, tokenizer = load_lm(cfg.model or d.cfg.model_name or "smollm2-135m")
     check_fits(d, lm, cfg.model or d.cfg.model_name)
-    ids = take_tokens(dataset_windows(tokenizer, cfg), cfg.tokens, cfg.context_size, cfg.dataset)
+    if cfg.cache:
+        cache = ActivationCache(cfg.cache)
+        cfg = replace(cfg, context_size=cache.manifest["context_size"])
+        windows = cache_windows(cache, tokenizer.bos_token_id)
+    else:
+        windows = dataset_windows(tokenizer, cfg)
+    ids = take_tokens(windows, cfg.tokens, cfg.context_size, cfg.cache or cfg.dataset)
     report = (
         json.loads(Path(cfg.report).read_text())
         if cfg.report
@@ -74,6 +83,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
             cfg.dataset,
             cfg.split,
             cfg.tokens,
+            cache=cfg.cache,
             context_size=cfg.context_size,
             absorption=False,
         )

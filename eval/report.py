@@ -63,7 +63,7 @@ class EvalConfig:
     """Dataset split; shakespeare's `test` holds 4 plays never trained on."""
     cache: str = ""
     """Take the token windows from this activation cache instead of the dataset (e.g. the held-out
-    cache of `sae demo`), so the scores are on exactly the harvested tokens."""
+    cache of `sae demo`), so the scores are on exactly the harvested tokens (and its context size)."""
     tokens: int = 50_000
     """Tokens to score (positions 1.. of each window)."""
     context_size: int = 128
@@ -106,6 +106,8 @@ def evaluate(
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
     cache = ActivationCache(cfg.cache) if cfg.cache else None
+    if cache:  # its windows have the length they were harvested with
+        cfg.context_size = cache.manifest["context_size"]
     name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else "smollm2-135m")
     lm, tokenizer = load_lm(name, device=cfg.device)
     check_fits(d, lm, name)

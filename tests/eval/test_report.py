@@ -158,3 +158,11 @@ def test_short_dataset_says_how_many_tokens_it_needed(tmp_path, same_model):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="gave 0 tokens"):
         ev.evaluate(d, dataset=str(tmp_path / "empty.txt"), tokens=600, context_size=64)
+
+
+def test_evaluate_on_a_caches_windows_takes_its_context_size(small_cache, trained_sae, same_model):
+    rep = ev.evaluate(
+        trained_sae, cache=small_cache.url, tokens=630, concepts=False, absorption=False
+    )
+    assert rep["meta"]["context_size"] == 64 and rep["meta"]["dataset"] == small_cache.url
+    assert rep["meta"]["tokens"] == 630 and rep["ce_clean"] < rep["ce_sae"]
