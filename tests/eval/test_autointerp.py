@@ -203,7 +203,7 @@ def test_scored_contexts_are_never_the_ones_shown(smollm2, trained_sae, windows)
 
 def test_the_whole_loop_runs_with_the_local_smollm2(smollm2, trained_sae, windows):
     client = LocalClient(max_new_tokens=30)
-    latents = busiest_latents(smollm2[0], trained_sae, windows, 1)  # generation is slow on CPU
+    latents = busiest_latents(smollm2[0], trained_sae, windows, 3)
     results = interpret(*smollm2, trained_sae, windows, latents, client, show=4, score=4)
     for result in results.values():
         assert isinstance(result["explanation"], str) and result["explanation"]
