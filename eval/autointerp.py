@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from eval.concepts import token_strings
+from eval.top_activations import activations_at, context_activations, gather
+
 Messages = list[dict[str, str]]
 
 
@@ -230,9 +233,6 @@ def interpret(
     """Explain each latent from its top and quantile contexts in `ids` ([windows, seq] token ids),
     then score the explanation on held-out contexts: `score` activating ones from the latent's
     activation sample whose windows the explainer never saw, and `score` silent ones."""
-    from eval.concepts import token_strings
-    from eval.top_activations import activations_at, gather, token_context
-
     strings = token_strings(tokenizer)
     per_window = ids.shape[1] - 1
     examples = gather(lm, d, ids, top=show)
@@ -255,9 +255,7 @@ def interpret(
     acts = activations_at(lm, d, ids, tokens, latents)
 
     def example(latent: int, token: int) -> Example:
-        context, hit = token_context(ids, token)
-        window, first = token // per_window, token % per_window - hit
-        values = acts[latent][window][first : first + len(context)]
+        context, values, _ = context_activations(ids, token, acts[latent])
         return Example([strings[i] for i in context], values)
 
     results = {}

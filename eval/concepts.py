@@ -20,6 +20,7 @@ whether a single such latent takes over while the main ones are silent (full abs
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -40,8 +41,10 @@ STAGE = re.compile(r"(?<![A-Za-z0-9])_([^_\n]+)_(?![A-Za-z0-9])")
 
 
 # -- concept labels from text ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
 def token_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Each vocabulary id decoded alone; special tokens decode to "" (they carry no text)."""
+    """Each vocabulary id decoded alone; special tokens decode to "" (they carry no text).
+    Cached per tokenizer: labels, absorption, dashboards and auto-interp all read it."""
     special = set(tokenizer.all_special_ids)
     return ["" if i in special else tokenizer.decode([i]) for i in range(len(tokenizer))]
 

@@ -23,8 +23,9 @@ from torch import Tensor
 
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
+from eval.concepts import token_strings
 from eval.report import cache_windows, check_fits, dataset_windows, evaluate, take_tokens
-from eval.top_activations import TopActivations, activations_at, gather, token_context
+from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
 from sae.lm import load_lm
 from sae.models import SAE
@@ -91,7 +92,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     examples = gather(lm, d, ids, top=cfg.top)
     chosen = examples.fires.argsort(descending=True)[: cfg.latents]
     chosen = chosen[examples.fires[chosen] > 0].tolist()
-    strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    strings = token_strings(tokenizer)
     lens = logit_lens(lm, d, chosen)
     if cfg.autointerp:
         scores = interpret(lm, tokenizer, d, ids, chosen, make_client(cfg.autointerp))
@@ -252,15 +253,11 @@ def latent_page(
 ) -> str:
     top_values, top_tokens = examples.top_examples(latent)
     peak = float(top_values.max())
-    per_window = ids.shape[1] - 1
 
     def contexts(tokens: Tensor) -> str:
         divs = []
         for token in tokens.tolist():
-            window, offset = divmod(token, per_window)
-            context, hit = token_context(ids, token)
-            first = offset - hit  # scored index of the context's first token
-            values = acts[window][first : first + len(context)]
+            context, values, hit = context_activations(ids, token, acts)
             divs.append(context_html(context, values, hit, strings, peak))
         return "".join(divs)
 

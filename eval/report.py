@@ -119,12 +119,10 @@ def evaluate(
         windows, cfg.tokens, cfg.context_size, source=cfg.cache or f"{cfg.dataset} ({cfg.split})"
     )
 
-    recon, sparsity, codes, losses = (
-        ReconstructionStats(),
-        SparsityStats(d.cfg.d_sae),
-        SparseCodes(d.cfg.d_sae),
-        SplicedLosses(),
-    )
+    recon, sparsity, losses = ReconstructionStats(), SparsityStats(d.cfg.d_sae), SplicedLosses()
+    codes = (
+        SparseCodes(d.cfg.d_sae) if cfg.concepts else None
+    )  # tokens x L0 entries: only for purity
     hook = d.cfg.hook_name
     with tqdm(
         total=ids[:, 1:].numel(), unit="tok", disable=not sys.stderr.isatty(), desc="eval"
@@ -138,7 +136,8 @@ def evaluate(
                 z = d.encode(x)
                 recon.add(x, d.decode(z))
             sparsity.add(z)
-            codes.add(z)
+            if codes is not None:
+                codes.add(z)
             losses.add(lm, d, batch, logits, acts[hook])
             bar.update(x.shape[0])
 

@@ -92,6 +92,17 @@ def token_context(
     return ids[window, start : position + after + 1].tolist(), position - start
 
 
+def context_activations(
+    ids: Tensor, token: int, window_acts: dict[int, list[float]]
+) -> tuple[list[int], list[float], int]:
+    """token_context, with a latent's activation at each of its tokens read from its
+    per-window activations (as `activations_at` returns them)."""
+    context, hit = token_context(ids, token)
+    window, offset = divmod(token, ids.shape[1] - 1)
+    first = offset - hit  # scored index of the context's first token
+    return context, window_acts[window][first : first + len(context)], hit
+
+
 # -- from a running model ------------------------------------------------------------------
 @torch.no_grad()
 def gather(lm: nn.Module, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopActivations:

@@ -35,9 +35,10 @@ class SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, shift, W_enc, b_enc, select: Selection, columns: Tensor):
-        pre = torch.addmm(b_enc, x - shift, W_enc)
+        x_in = x - shift
+        pre = torch.addmm(b_enc, x_in, W_enc)
         rows, latents = select(pre)
-        ctx.save_for_backward(x - shift, W_enc, rows, latents, columns)
+        ctx.save_for_backward(x_in, W_enc, rows, latents, columns)
         ctx.mark_non_differentiable(rows, latents)
         return pre[rows, latents], rows, latents, pre[:, columns]
 
