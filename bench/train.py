@@ -13,6 +13,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,19 +25,34 @@ from train.config import TrainConfig  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
-def rows_per_s(step, batches: list[torch.Tensor], device: torch.device) -> float:
-    step(batches[0])  # warm-up
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+
+
+def rows_per_s(steps: dict[str, Callable], batches: list[torch.Tensor], device) -> dict[str, float]:
+    """Rows/s of each step function. They take turns on every batch, so a drift in the machine's
+    speed (large on shared CPUs) hits all of them alike and the ratios stay meaningful."""
+    elapsed = dict.fromkeys(steps, 0.0)
     for x in batches:
-        step(x)
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step(x)
+            sync(device)
+            elapsed[name] += time.perf_counter() - start
+    rows = sum(len(x) for x in batches)
+    return {name: rows / t for name, t in elapsed.items()}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA max allocated, or the process's peak RSS on CPU (which never goes down)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return sum(len(x) for x in batches) / (time.perf_counter() - start)
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(batches: list[torch.Tensor], d_sae: int, k: int, device: torch.device, out: Path):
+def ours(batches, d_sae: int, k: int, dead: int, autocast: bool, device, out: Path):
     cfg = TrainConfig(
         architecture="topk",
         d_sae=d_sae,
@@ -46,20 +62,21 @@ def ours(batches: list[torch.Tensor], d_sae: int, k: int, device: torch.device, 
         out=str(out),
         device=str(device),
         hook="bench",
+        autocast=autocast,
     )
     trainer = Trainer(cfg, iter(batches))
     trainer.init_b_dec({"bench": batches[0]})
     member = trainer.members[0]
 
     def step(x):
-        member.tokens_since_fired[: d_sae // 10] = 10**12  # AuxK on: the same 10% dead as SAELens
+        member.tokens_since_fired[:dead] = 10**12  # AuxK on: the same dead latents as SAELens
         trainer.train_step({"bench": x})
         trainer.step += 1
 
     return step
 
 
-def saelens(d_in: int, d_sae: int, k: int, device: torch.device):
+def saelens(d_in: int, d_sae: int, k: int, dead: int, autocast: bool, device: torch.device):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
@@ -69,20 +86,21 @@ def saelens(d_in: int, d_sae: int, k: int, device: torch.device):
         )
     )
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
-    dead[: d_sae // 10] = True  # AuxK on, as in a real run
+    mask = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    mask[:dead] = True
     n = [0]
 
-    def step(x):
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={},
-                dead_neuron_mask=dead,
-                n_training_steps=n[0],
-                is_logging_step=False,
+    def step(x):  # as SAELens's SAETrainer: the forward pass under autocast, backward outside
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients={},
+                    dead_neuron_mask=mask,
+                    n_training_steps=n[0],
+                    is_logging_step=False,
+                )
             )
-        )
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -101,6 +119,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--expansions", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dead", type=float, nargs="+", default=[0.1, 0.0],
+                    help="fractions of dead latents, which AuxK trains (the same for both sides)")  # fmt: skip
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -111,24 +132,36 @@ def main() -> None:
     results = []
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "sae-forge-bench-train"
     for expansion in args.expansions:
-        d_sae = expansion * d_in
-        ours_rate = rows_per_s(ours(batches, d_sae, args.k, device, scratch), batches, device)
-        lens_rate = rows_per_s(saelens(d_in, d_sae, args.k, device), batches, device)
-        limit = rows_per_s(encoder_limit(d_in, d_sae, device, torch.float32), batches, device)
-        row = {
-            "d_in": d_in, "d_sae": d_sae, "k": args.k, "batch": args.batch, "dtype": "float32",
-            "ours_rows_per_s": ours_rate, "saelens_rows_per_s": lens_rate, "encoder_matmul_rows_per_s": limit,
-            "ours_vs_saelens": ours_rate / lens_rate, "ours_vs_encoder_limit": ours_rate / limit,
-        }  # fmt: skip
-        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # so far
-        if device.type == "cuda":
-            row["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        results.append(row)
-        print(
-            f"{expansion}x (d_sae {d_sae}), k {args.k}, batch {args.batch}, fp32: ours {ours_rate:7.0f} rows/s | SAELens {lens_rate:7.0f} "
-            f"(ours/SAELens {row['ours_vs_saelens']:.2f}x) | encoder matmul {limit:7.0f} (ours/limit {row['ours_vs_encoder_limit']:.0%})",
-            flush=True,
-        )
+        for dtype in args.dtypes:
+            for dead_fraction in args.dead:
+                d_sae = expansion * d_in
+                dead, autocast = int(dead_fraction * d_sae), dtype == "bfloat16"
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                step = ours(batches, d_sae, args.k, dead, autocast, device, scratch)
+                step(batches[0])  # warm-up, and our peak memory before the baseline allocates
+                memory = peak_memory_mib(device)
+                lens = saelens(d_in, d_sae, args.k, dead, autocast, device)
+                limit = encoder_limit(d_in, d_sae, device, getattr(torch, dtype))
+                lens(batches[0]), limit(batches[0])
+                rate = rows_per_s({"ours": step, "saelens": lens, "limit": limit}, batches, device)
+                row = {
+                    "d_in": d_in, "d_sae": d_sae, "k": args.k, "batch": args.batch, "dtype": dtype,
+                    "dead_fraction": dead_fraction, "ours_rows_per_s": rate["ours"],
+                    "saelens_rows_per_s": rate["saelens"], "encoder_matmul_rows_per_s": rate["limit"],
+                    "ours_vs_saelens": rate["ours"] / rate["saelens"],
+                    "ours_vs_encoder_limit": rate["ours"] / rate["limit"],
+                    "ours_peak_memory_mib": memory,
+                    "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+                }  # fmt: skip
+                results.append(row)
+                print(
+                    f"{expansion}x (d_sae {d_sae}), k {args.k}, batch {args.batch}, {dtype}, {dead_fraction:.0%} dead: "
+                    f"ours {rate['ours']:7.0f} rows/s | SAELens {rate['saelens']:7.0f} (ours/SAELens {row['ours_vs_saelens']:.2f}x) | "
+                    f"encoder matmul {rate['limit']:7.0f} (ours/limit {row['ours_vs_encoder_limit']:.0%}) | ours peak {memory:.0f} MiB",
+                    flush=True,
+                )
+                del step, lens, limit
     machine = {"device": str(device), "name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
     out = Path(args.out) / f"train-{device.type}.json"

@@ -8,6 +8,9 @@ pre-activation), the selection keeps only [batch, m] values and indices, and eve
 runs on those m entries per row through `embedding_bag`: the decode and its gradients, and the
 encoder's gradients. No [batch, d_sae] tensor is kept for backward.
 
+The gather-reduce products run as torch's embedding_bag everywhere, and as the Triton kernels of
+sae/triton_kernels.py on CUDA when Triton is installed.
+
 AuxK needs the dead latents' pre-activations; they leave the encoder as one dense block of
 columns, and its matmuls stay dense over those columns only (a few percent of d_sae once training
 settles): BLAS on a narrow block is faster than scattering k_aux = d_in/2 entries per row.
@@ -15,6 +18,9 @@ settles): BLAS on a narrow block is faster than scattering k_aux = d_in/2 entrie
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,6 +35,7 @@ class SparseEncode(torch.autograd.Function):
     """pre = (x - shift) @ W_enc + b_enc, of which only two parts leave: the entries (rows,
     latents) that select(pre) picks, as values, and the dense block pre[:, columns]. Backward
     touches only those: embedding_bag over the picked entries, dense matmuls over the block.
+    Under autocast the matmul runs in its dtype and the picked values come out in x's.
 
     `shift` is the SAE's b_dec: its gradient is minus the column sum of x's, which equals
     -W_enc @ grad(b_enc), a matrix-vector product, so x's own gradient (data) is never formed."""
@@ -36,50 +43,78 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, W_enc, b_enc, select: Selection, columns: Tensor):
         x_in = x - shift
-        pre = torch.addmm(b_enc, x_in, W_enc)
-        rows, latents = select(pre)
+        dtype = matmul_dtype(x_in)
+        with torch.autocast(x.device.type, enabled=False):
+            pre = torch.addmm(b_enc.to(dtype), x_in.to(dtype), W_enc.to(dtype))
+            rows, latents = select(pre)
         ctx.save_for_backward(x_in, W_enc, rows, latents, columns)
         ctx.mark_non_differentiable(rows, latents)
-        return pre[rows, latents], rows, latents, pre[:, columns]
+        return pre[rows, latents].to(x_in.dtype), rows, latents, pre[:, columns]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, _rows, _latents, grad_columns: Tensor):
         x_in, W_enc, rows, latents, columns = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         # W_enc's: for each latent, the sum of g * x_in[row] over its entries
-        grad_W_enc = latent_sums(rows, latents, grad_values, x_in, d_sae).T.contiguous()
+        # [d_in, d_sae] as a transposed view, the layout of W_enc itself (a clone of W_dec.T)
+        grad_W_enc = latent_sums(rows, latents, grad_values, x_in, d_sae).T
         grad_b_enc = torch.zeros(d_sae, dtype=grad_values.dtype, device=grad_values.device)
         grad_b_enc.index_add_(0, latents, grad_values)
-        if len(columns):
-            grad_W_enc.index_add_(1, columns, x_in.T @ grad_columns)
-            grad_b_enc.index_add_(0, columns, grad_columns.sum(0))
+        if len(columns):  # dense over the block, in the forward's matmul precision
+            block = x_in.T.to(grad_columns.dtype) @ grad_columns
+            grad_W_enc.index_add_(1, columns, block.to(grad_W_enc.dtype))
+            grad_b_enc.index_add_(0, columns, grad_columns.to(grad_b_enc.dtype).sum(0))
         grad_x = grad_shift = None
         if ctx.needs_input_grad[0]:  # for each row, the sum of g * W_enc[:, latent]
-            grad_x = F.embedding_bag(
-                latents, W_enc.T.contiguous(), bag_offsets(rows, len(x_in)),
-                mode="sum", per_sample_weights=grad_values,
-            )  # fmt: skip
+            grad_x = bag_sum(latents, grad_values, bag_offsets(rows, len(x_in)), W_enc.T)
             if len(columns):
-                grad_x = grad_x.addmm(grad_columns, W_enc[:, columns].T)
+                grad_x = grad_x.addmm(grad_columns.to(W_enc.dtype), W_enc[:, columns].T)
         if ctx.needs_input_grad[1]:
             grad_shift = -(W_enc @ grad_b_enc)
         return grad_x, grad_shift, grad_W_enc, grad_b_enc, None, None
 
 
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast gives matmuls on x's device (x's own when autocast is off): the
+    encoder's dense matmul follows it; the sparse sums after the selection stay in x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def use_triton(t: Tensor) -> bool:
+    """The Triton kernels serve CUDA tensors when Triton is installed (SAE_FORGE_TRITON=0: never)."""
+    return t.is_cuda and os.environ.get("SAE_FORGE_TRITON") != "0" and triton_installed()
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
-    """embedding_bag offsets of entries sorted by row (rows without entries get empty bags)."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return counts.cumsum(0) - counts
+    """[n_rows + 1] bag boundaries of entries sorted by row (rows without entries: empty bags)."""
+    ends = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return torch.cat([ends.new_zeros(1), ends])
+
+
+def bag_sum(index: Tensor, weight: Tensor, offsets: Tensor, table: Tensor) -> Tensor:
+    """[len(offsets) - 1, d]: bag b sums weight[j] * table[index[j]] over its entries
+    offsets[b]:offsets[b+1]; embedding_bag, or the Triton kernel on CUDA."""
+    if use_triton(table):
+        from sae import triton_kernels
+
+        return triton_kernels.bag_sum(index, weight, offsets, table)
+    return F.embedding_bag(
+        index, table, offsets, mode="sum", per_sample_weights=weight, include_last_offset=True
+    )
 
 
 def latent_sums(rows: Tensor, latents: Tensor, weights: Tensor, x: Tensor, d_sae: int) -> Tensor:
     """[d_sae, d]: for each latent, the sum of weight * x[row] over its entries; the sparse
-    product S^T @ x as one embedding_bag over the entries sorted by latent."""
+    product S^T @ x as one bag sum over the entries sorted by latent."""
     order = latents.argsort()
-    return F.embedding_bag(
-        rows[order], x, bag_offsets(latents[order], d_sae), mode="sum",
-        per_sample_weights=weights[order],
-    )  # fmt: skip
+    return bag_sum(rows[order], weights[order], bag_offsets(latents[order], d_sae), x)
 
 
 def topk_selection(k: int) -> Selection:
@@ -121,7 +156,35 @@ def sparse_decode(
     values: Tensor, rows: Tensor, latents: Tensor, W_dec: Tensor, n_rows: int
 ) -> Tensor:
     """[n_rows, d_in]: each row's sum of value * W_dec[latent] over its entries, the decode of a
-    sparse code, and (autograd of embedding_bag) its gradients, in O(entries * d_in)."""
+    sparse code, and its gradients, in O(entries * d_in): embedding_bag and its autograd, or the
+    Triton kernels on CUDA."""
+    offsets = bag_offsets(rows, n_rows)
+    if use_triton(W_dec):
+        return TritonDecode.apply(values, rows, latents, W_dec, offsets)
     return F.embedding_bag(
-        latents, W_dec, bag_offsets(rows, n_rows), mode="sum", per_sample_weights=values
+        latents, W_dec, offsets, mode="sum", per_sample_weights=values, include_last_offset=True
     )
+
+
+class TritonDecode(torch.autograd.Function):
+    """The decode with the Triton kernels: values' gradient as one dot product per entry, W_dec's
+    as a bag sum over the entries sorted by latent (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, values, rows, latents, W_dec, offsets):
+        from sae import triton_kernels
+
+        ctx.save_for_backward(values, rows, latents, W_dec)
+        return triton_kernels.bag_sum(latents, values, offsets, W_dec)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        from sae import triton_kernels
+
+        values, rows, latents, W_dec = ctx.saved_tensors
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = triton_kernels.entry_dots(grad, rows, W_dec, latents).to(values.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_W_dec = latent_sums(rows, latents, values, grad.to(W_dec.dtype), len(W_dec))
+        return grad_values, None, None, grad_W_dec, None

@@ -11,6 +11,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU, Triton's kernels run in its interpreter on CPU tensors (tests/sae/test_triton.py).
+# It must be chosen before triton is first imported: its own helpers are decorated at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import sae  # noqa: E402
 
 

@@ -60,12 +60,18 @@ def flatten_optimizer(
 
 
 def unflatten_optimizer(
-    prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    prefix: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], params: list[torch.Tensor]
 ) -> dict[str, Any]:
+    """The state_dict back, each moment laid out like its parameter: fused Adam walks parameter,
+    gradient and moments as flat memory, and silently mixes elements when their strides differ
+    (W_enc is stored transposed; safetensors saves it contiguous)."""
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith(prefix + "."):
             index, key = name[len(prefix) + 1 :].split(".", 1)
+            param = params[int(index)]
+            if value.shape == param.shape:
+                value = torch.empty_like(param, dtype=value.dtype).copy_(value)
             state.setdefault(int(index), {})[key] = value
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)

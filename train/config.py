@@ -118,6 +118,9 @@ class TrainConfig(SAESpec):
     """W&B entity (user or team)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
+    autocast: bool = False
+    """Run the SAEs' matmuls in bfloat16 (torch.autocast, as SAELens's `autocast`); parameters,
+    Adam moments and the sparse gradient sums stay float32."""
     stream_model: str = ""
     """Train straight from this model's forward passes instead of a cache (no disk; resuming
     recomputes the skipped activations)."""

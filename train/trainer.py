@@ -7,7 +7,9 @@ checkpoint.py, metrics in tracking.py; the architectures' losses are in sae/mode
 
 from __future__ import annotations
 
+import ctypes
 import math
+import platform
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
@@ -162,7 +164,9 @@ def build_member(
         with torch.no_grad():
             sae.threshold.fill_(0.01)
     lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+    # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     return Member(
         spec,
@@ -174,12 +178,28 @@ def build_member(
     )
 
 
+def keep_freed_memory() -> None:
+    """On glibc, keep freed memory in the heap instead of returning it to the OS. A CPU step
+    allocates the same large tensors every time ([batch, d_sae] pre-activations: 75 MB at 8x), and
+    glibc serves each from a fresh mmap, so every step pays page faults and zeroing on first touch
+    (a third of the encoder's time here). PyTorch's CPU tuning guide suggests jemalloc or tcmalloc
+    for the same reason; this needs no preloaded library. The process keeps its peak memory."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 # -- the run --------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: str | ActivationCache | Iterable[Tensor]):
         self.cfg = cfg
         self.world = World()
         self.device = self.world.device(resolve_device(cfg.device))
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if isinstance(data, (str, Path)):
             data = ActivationCache(str(data))
         if isinstance(data, ActivationCache):
@@ -252,7 +272,8 @@ class Trainer:
                 self.cfg.aux_coefficient,
                 m.tokens_since_fired > self.dead_tokens,
             )
-            out = m.sae.training_loss(x, ctx)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
+                out = m.sae.training_loss(x, ctx)
             if not torch.isfinite(out.loss):
                 raise NonFiniteLoss(
                     f"SAE {m.name}: loss is {out.loss.item()} at step {self.step}; the last checkpoint is kept in {self.out}"
@@ -392,8 +413,11 @@ class Trainer:
             m.tokens_since_fired.copy_(tensors[f"m{i}.tokens_since_fired"])
             m.optimizer.load_state_dict(
                 checkpoint.unflatten_optimizer(
-                    f"m{i}.opt", tensors, meta["members"][m.name]["optimizer"]
-                )
+                    f"m{i}.opt",
+                    tensors,
+                    meta["members"][m.name]["optimizer"],
+                    list(m.sae.parameters()),
+                )  # fmt: skip
             )
             m.schedule.load_state_dict(meta["members"][m.name]["schedule"])
         torch.set_rng_state(tensors["rng.torch"])

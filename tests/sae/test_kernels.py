@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.kernels import sparse_decode, sparse_encode
+from sae.kernels import sparse_decode, sparse_encode, topk_selection
 from sae.models import SAE, TrainContext
 from tests.conftest import make_sae
 
@@ -112,3 +112,24 @@ def test_no_dense_code_tensor_is_kept_for_backward(architecture):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         SAE.training_loss(d, x, ctx)  # the dense path does keep [batch, d_sae] tensors
     assert (batch, d_sae) in saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_the_encoder_in_bf16_and_keeps_fp32_gradients(device):
+    needs(device)
+    torch.manual_seed(0)
+    d = make_sae("topk", d_in=32, d_sae=128, k=4).to(device)
+    x = torch.randn(256, 32, device=device)
+    ctx = TrainContext(aux_coefficient=0.5, dead=torch.arange(128, device=device) < 40)
+    params = list(d.parameters())
+    d.training_loss(x, ctx).loss.backward()
+    reference = grads(params)
+    with torch.autocast(device, torch.bfloat16):
+        out = d.training_loss(x, ctx)
+        columns = torch.arange(3, device=device)
+        block = sparse_encode(x, d.b_dec, d.W_enc, d.b_enc, topk_selection(4), columns)[3]
+    assert block.dtype == torch.bfloat16 and out.x_hat.dtype == torch.float32
+    out.loss.backward()
+    for got, want in zip(grads(params), reference, strict=True):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() <= 0.03 * want.norm()  # bf16 rounding of the matmuls only

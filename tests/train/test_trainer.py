@@ -74,6 +74,16 @@ def test_topk_recovers_ground_truth_features(tmp_path):
     )
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_bf16_autocast_training_recovers_ground_truth_features(tmp_path, architecture):
+    features, batches = synthetic()
+    d = train.fit(batches(), architecture=architecture, d_sae=128, k=3, total_tokens=1_000_000,
+                  batch_size=2048, out=str(tmp_path), autocast=True)  # fmt: skip
+    assert all(p.dtype == torch.float32 for p in d.parameters())
+    cos = torch.nn.functional.normalize(d.W_dec, dim=1) @ features.T
+    assert cos.max(0).values.mean() >= 0.95
+
+
 def test_sweep_trains_every_config_reading_the_data_once(tmp_path, monkeypatch):
     cache = synthetic_cache(tmp_path / "cache")
     reads = []
