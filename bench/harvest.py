@@ -62,9 +62,11 @@ class PeakRSS:
         self.thread.join()
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device | None = None) -> float:
     start = time.perf_counter()
     fn()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -76,17 +78,20 @@ def batches_of(harvester: Harvester, n_batches: int) -> list[torch.Tensor]:
 
 
 def bare_forward(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype) -> float:
-    """The base model with its block list cut after the hooked block: the forward's floor."""
+    """The base model with its block list cut after the hooked block: the forward's floor (on a
+    GPU, the tokens already there and the activations left there)."""
     base = model.model
     full = base.layers
     base.layers = nn.ModuleList(list(full)[: LAYER + 1])
+    device = next(base.parameters()).device
+    on_device = [b.to(device) for b in batches]
     try:
         with (
             torch.inference_mode(),
-            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32),
+            torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
         ):
-            base(batches[0], use_cache=False)  # warm-up
-            return timed(lambda: [base(b, use_cache=False) for b in batches])
+            base(on_device[0], use_cache=False)  # warm-up
+            return timed(lambda: [base(b, use_cache=False) for b in on_device], device)
     finally:
         base.layers = full
 
@@ -100,14 +105,14 @@ def ours(harvester: Harvester, out: Path) -> tuple[float, float]:
 
 
 def saelens_stores(
-    model_dir: str, batches: list[torch.Tensor], hooks: list[str], dtype: torch.dtype
+    model_dir: str, batches: list[torch.Tensor], hooks: list[str], dtype: torch.dtype, device
 ) -> list:
     """One SAELens ActivationsStore per hookpoint on a TransformerBridge of the same model."""
     import datasets
     from sae_lens.analysis.sae_transformer_bridge import SAETransformerBridge
     from sae_lens.training.activations_store import ActivationsStore
 
-    bridge = SAETransformerBridge.boot_transformers(model_dir, device="cpu")
+    bridge = SAETransformerBridge.boot_transformers(model_dir, device=str(device))
     tokens = torch.cat(batches)
     return [
         ActivationsStore(
@@ -124,7 +129,7 @@ def saelens_stores(
             train_batch_size_tokens=4096,
             prepend_bos=True,
             normalize_activations="none",
-            device=torch.device("cpu"),
+            device=device,
             dtype="float32",
             autocast_lm=dtype != torch.float32,
         )  # fmt: skip
@@ -132,20 +137,23 @@ def saelens_stores(
     ]
 
 
-def saelens(stores: list, batches: list[torch.Tensor]) -> float:
+def saelens(stores: list, batches: list[torch.Tensor], device: torch.device) -> float:
     """Seconds for SAELens to produce the same activations: one pass per hookpoint."""
+    on_device = [b.to(device) for b in batches]
     with torch.no_grad():
-        stores[0].get_activations(batches[0])  # warm-up
-        return sum(timed(lambda s=s: [s.get_activations(b) for b in batches]) for s in stores)
+        stores[0].get_activations(on_device[0])  # warm-up
+        return sum(
+            timed(lambda s=s: [s.get_activations(b) for b in on_device], device) for s in stores
+        )
 
 
-def memory_growth(scratch: Path, batches: int) -> dict:
+def memory_growth(scratch: Path, batches: int, device: torch.device) -> dict:
     """Peak RSS of the same harvest at 1x and 4x the tokens: bounded memory means no growth."""
     out = {}
     for factor in (1, 4):
         cfg = HarvestConfig(
             dtype="bfloat16",
-            device="cpu",
+            device=str(device),
             tokens=factor * batches * 8 * 127,
             shard_windows=64,
             out=str(scratch / f"mem-{factor}"),
@@ -159,7 +167,10 @@ def memory_growth(scratch: Path, batches: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--batches", type=int, default=16, help="forward batches of 8 x 128 tokens per measurement"
+        "--batches", type=int, default=16, help="forward batches of B x 128 tokens per measurement"
+    )
+    ap.add_argument(
+        "--batch-size", type=int, default=0, help="B: windows per forward (0: 8 on CPU, 64 on CUDA)"
     )
     ap.add_argument(
         "--rounds",
@@ -176,26 +187,28 @@ def main() -> None:
     from sae.lm import smollm2_dir
 
     model_dir = str(smollm2_dir())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     results = []
     scratch = Path(tempfile.mkdtemp())
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for hooks in (ONE, FOUR):
             cfg = HarvestConfig(
-                hook=hooks, dtype=dtype_name, device="cpu", batch_size=8, context_size=128,
-                tokens=args.batches * 8 * 127, shard_windows=64, out=str(scratch / "probe"),
+                hook=hooks, dtype=dtype_name, device=str(device), batch_size=batch_size, context_size=128,
+                tokens=args.batches * batch_size * 127, shard_windows=8 * batch_size, out=str(scratch / "probe"),
             )  # fmt: skip
             harvester = Harvester(cfg)  # model load is not part of a harvest's throughput
             batches = batches_of(harvester, args.batches)
             window_tokens = sum(b.numel() for b in batches)
-            stores = saelens_stores(model_dir, batches, hooks, dtype)
+            stores = saelens_stores(model_dir, batches, hooks, dtype, device)
             runs: dict[str, list[float]] = {"ours": [], "bare": [], "saelens": [], "rss": []}
             for r in range(args.rounds):  # interleaved, so drifts in machine speed hit all three
                 runs["bare"].append(window_tokens / bare_forward(harvester.model, batches, dtype))
                 seconds, peak = ours(harvester, scratch / f"{dtype_name}-{len(hooks)}-{r}")
                 runs["ours"].append(cfg.tokens / seconds)
                 runs["rss"].append(peak)
-                runs["saelens"].append(window_tokens / saelens(stores, batches))
+                runs["saelens"].append(window_tokens / saelens(stores, batches, device))
             med = {k: float(np.median(v)) for k, v in runs.items()}
             row = {
                 "dtype": dtype_name,
@@ -218,23 +231,24 @@ def main() -> None:
                 flush=True,
             )
             del harvester, stores
-    memory = {} if args.skip_memory else memory_growth(scratch, args.batches)
+    memory = {} if args.skip_memory else memory_growth(scratch, args.batches, device)
     shutil.rmtree(scratch, ignore_errors=True)
     machine = {
-        "device": "cpu",
+        "device": device.type,
         "cpu": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    out = Path(args.out) / "harvest-cpu.json"
+    out = Path(args.out) / f"harvest-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "benchmark": "harvest",
         "model": "smollm2-135m",
         "layer": LAYER,
-        "batch": "8 x 128",
+        "batch": f"{batch_size} x 128",
         "machine": machine,
     }
     out.write_text(json.dumps({**meta, "results": results, "memory": memory}, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -25,23 +26,34 @@ from train.config import TrainConfig  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 
+def make_batches(steps: int, batch: int, d_in: int, device: torch.device) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(batch, d_in, device=device) * 3 + 1 for _ in range(steps)]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def rows_per_s(steps: dict[str, Callable], batches: list[torch.Tensor], device) -> dict[str, float]:
-    """Rows/s of each step function. They take turns on every batch, so a drift in the machine's
-    speed (large on shared CPUs) hits all of them alike and the ratios stay meaningful."""
-    elapsed = dict.fromkeys(steps, 0.0)
-    for x in batches:
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step(x)
-            sync(device)
-            elapsed[name] += time.perf_counter() - start
-    rows = sum(len(x) for x in batches)
+def rows_per_s(
+    steps: dict[str, Callable], baseline: SAELensProcess, batches: list, device, rounds: int
+) -> dict[str, float]:
+    """Rows/s of each in-process step function, taking turns on every batch, and of the baseline,
+    which runs all the batches in its process after each round: a drift in the machine's speed
+    (large on shared CPUs) hits all of them alike. (Taking turns with another process per batch
+    would not do: each side's idle OpenMP threads spin for a while and steal the cores.)"""
+    elapsed = dict.fromkeys([*steps, "saelens"], 0.0)
+    for _ in range(rounds):
+        for x in batches:
+            for name, step in steps.items():
+                sync(device)
+                start = time.perf_counter()
+                step(x)
+                sync(device)
+                elapsed[name] += time.perf_counter() - start
+        elapsed["saelens"] += baseline.run()
+    rows = rounds * sum(len(x) for x in batches)
     return {name: rows / t for name, t in elapsed.items()}
 
 
@@ -109,6 +121,45 @@ def saelens(d_in: int, d_sae: int, k: int, dead: int, autocast: bool, device: to
     return step
 
 
+def saelens_worker(conn, args: dict) -> None:
+    """SAELens in a process of its own, as its users run it: our trainer tunes the process's
+    allocator (train.trainer.keep_freed_memory), which would speed SAELens up too. Each request
+    runs a step on every batch and answers with the seconds it took."""
+    device = torch.device(args.pop("device"))
+    batches = make_batches(args.pop("steps"), args.pop("batch"), args["d_in"], device)
+    step = saelens(**args, device=device)
+    step(batches[0])  # warm-up
+    conn.send("ready")
+    while conn.recv():
+        sync(device)
+        start = time.perf_counter()
+        for x in batches:
+            step(x)
+        sync(device)
+        conn.send(time.perf_counter() - start)
+
+
+class SAELensProcess:
+    """The baseline, stepping in its own process on the same batches (made from the same seed)."""
+
+    def __init__(self, **args):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=saelens_worker, args=(child, args), daemon=True)
+        self.process.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the SAELens process did not start")
+
+    def run(self) -> float:
+        """Seconds for a step on every batch."""
+        self.conn.send(True)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(False)
+        self.process.join()
+
+
 def encoder_limit(d_in: int, d_sae: int, device: torch.device, dtype: torch.dtype):
     W = torch.randn(d_in, d_sae, device=device, dtype=dtype)
     return lambda x: x.to(dtype) @ W
@@ -116,7 +167,8 @@ def encoder_limit(d_in: int, d_sae: int, device: torch.device, dtype: torch.dtyp
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="batches per round")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--expansions", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -127,8 +179,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d_in = 576
-    torch.manual_seed(0)
-    batches = [torch.randn(args.batch, d_in, device=device) * 3 + 1 for _ in range(args.steps)]
+    batches = make_batches(args.steps, args.batch, d_in, device)
     results = []
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "sae-forge-bench-train"
     for expansion in args.expansions:
@@ -139,12 +190,15 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 step = ours(batches, d_sae, args.k, dead, autocast, device, scratch)
-                step(batches[0])  # warm-up, and our peak memory before the baseline allocates
+                step(batches[0])  # warm-up, and our peak memory before anything else allocates
                 memory = peak_memory_mib(device)
-                lens = saelens(d_in, d_sae, args.k, dead, autocast, device)
+                lens = SAELensProcess(d_in=d_in, d_sae=d_sae, k=args.k, dead=dead, autocast=autocast,
+                                      device=str(device), steps=args.steps, batch=args.batch)  # fmt: skip
                 limit = encoder_limit(d_in, d_sae, device, getattr(torch, dtype))
-                lens(batches[0]), limit(batches[0])
-                rate = rows_per_s({"ours": step, "saelens": lens, "limit": limit}, batches, device)
+                limit(batches[0])
+                steps = {"ours": step, "limit": limit}
+                rate = rows_per_s(steps, lens, batches, device, args.rounds)
+                lens.close()
                 row = {
                     "d_in": d_in, "d_sae": d_sae, "k": args.k, "batch": args.batch, "dtype": dtype,
                     "dead_fraction": dead_fraction, "ours_rows_per_s": rate["ours"],
@@ -161,7 +215,6 @@ def main() -> None:
                     f"encoder matmul {rate['limit']:7.0f} (ours/limit {row['ours_vs_encoder_limit']:.0%}) | ours peak {memory:.0f} MiB",
                     flush=True,
                 )
-                del step, lens, limit
     machine = {"device": str(device), "name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
     out = Path(args.out) / f"train-{device.type}.json"
