@@ -7,6 +7,9 @@
 
 Prints ratios and writes bench/results/harvest-<device>.json. Tokens/s count the rows a harvest
 stores (position 0 excluded) for ours, and window tokens for the baselines, which favours them.
+A harvest pays ~0.2 s of start-up (reading the corpus, tokenizing enough text to fill the window
+shuffle buffer), so the default run (48 batches) is long enough for the rate to be the steady one
+of a real harvest; at 16 batches the start-up alone costs ~6%.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -28,8 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.config import HarvestConfig
-from train.harvest import DTYPES, Harvester
+# bench/train.py sits beside this file: keep this folder from shadowing the `train` package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from train.config import HarvestConfig  # noqa: E402
+from train.harvest import DTYPES, Harvester  # noqa: E402
 
 LAYER = 6
 ONE = [f"blocks.{LAYER}.hook_resid_post"]
@@ -167,7 +174,7 @@ def memory_growth(scratch: Path, batches: int, device: torch.device) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--batches", type=int, default=16, help="forward batches of B x 128 tokens per measurement"
+        "--batches", type=int, default=48, help="forward batches of B x 128 tokens per measurement"
     )
     ap.add_argument(
         "--batch-size", type=int, default=0, help="B: windows per forward (0: 8 on CPU, 64 on CUDA)"
@@ -176,7 +183,7 @@ def main() -> None:
         "--rounds",
         type=int,
         default=3,
-        help="interleaved rounds; the median of each method is reported",
+        help="rounds of bare, ours, bare, SAELens; medians of the rates and of each round's ratios",
     )
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--out", default="bench/results")
@@ -203,12 +210,19 @@ def main() -> None:
             window_tokens = sum(b.numel() for b in batches)
             stores = saelens_stores(model_dir, batches, hooks, dtype, device)
             runs: dict[str, list[float]] = {"ours": [], "bare": [], "saelens": [], "rss": []}
-            for r in range(args.rounds):  # interleaved, so drifts in machine speed hit all three
-                runs["bare"].append(window_tokens / bare_forward(harvester.model, batches, dtype))
+            ratios: dict[str, list[float]] = {"bare": [], "saelens": []}
+            for r in range(args.rounds):
+                # the bare forward before and after ours: a linear drift in the machine's speed
+                # (large on shared CPUs) cancels out of each round's ratio
+                bare = [window_tokens / bare_forward(harvester.model, batches, dtype)]
                 seconds, peak = ours(harvester, scratch / f"{dtype_name}-{len(hooks)}-{r}")
+                bare.append(window_tokens / bare_forward(harvester.model, batches, dtype))
                 runs["ours"].append(cfg.tokens / seconds)
+                runs["bare"].append(float(np.mean(bare)))
                 runs["rss"].append(peak)
                 runs["saelens"].append(window_tokens / saelens(stores, batches, device))
+                for name in ratios:
+                    ratios[name].append(runs["ours"][-1] / runs[name][-1])
             med = {k: float(np.median(v)) for k, v in runs.items()}
             row = {
                 "dtype": dtype_name,
@@ -218,8 +232,8 @@ def main() -> None:
                 "ours_tokens_per_s": med["ours"],
                 "bare_forward_tokens_per_s": med["bare"],
                 "saelens_tokens_per_s": med["saelens"],
-                "ours_vs_bare": med["ours"] / med["bare"],
-                "ours_vs_saelens": med["ours"] / med["saelens"],
+                "ours_vs_bare": float(np.median(ratios["bare"])),  # medians of each round's ratio
+                "ours_vs_saelens": float(np.median(ratios["saelens"])),
                 "ours_peak_rss_mib": max(runs["rss"]),
                 "all_rounds": runs,
             }

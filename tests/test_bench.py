@@ -1,0 +1,40 @@
+"""The benchmarks run end to end on a tiny configuration and write the JSON they promise (their
+figures are measured by running them in full, never asserted here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, out: Path, *args: str) -> dict:
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(out), *args],
+                   check=True, cwd=ROOT, capture_output=True, timeout=600)  # fmt: skip
+    (result,) = out.glob("*.json")
+    return json.loads(result.read_text())
+
+
+def test_train_bench_compares_ours_saelens_and_the_limit(tmp_path):
+    report = run_bench("train.py", tmp_path, "--expansions", "1", "--batch", "256", "--steps", "1",
+                       "--rounds", "1", "--dead", "0.1", "--dtypes", "float32", "bfloat16")  # fmt: skip
+    rows = report["results"]
+    assert [(r["dtype"], r["d_sae"], r["dead_fraction"]) for r in rows] == [
+        ("float32", 576, 0.1), ("bfloat16", 576, 0.1),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["ours_rows_per_s"] > 0 and r["saelens_rows_per_s"] > 0
+        assert r["ours_vs_saelens"] == r["ours_rows_per_s"] / r["saelens_rows_per_s"]
+        assert r["ours_peak_memory_mib"] > 0
+    assert report["machine"]["device"] == "cpu"
+
+
+def test_harvest_bench_compares_ours_the_bare_forward_and_saelens(tmp_path):
+    report = run_bench("harvest.py", tmp_path, "--batches", "1", "--rounds", "1",
+                       "--dtypes", "bfloat16", "--skip-memory")  # fmt: skip
+    assert [(r["dtype"], r["hookpoints"]) for r in report["results"]] == [
+        ("bfloat16", 1), ("bfloat16", 4),
+    ]  # fmt: skip
+    for r in report["results"]:
+        assert r["ours_vs_bare"] > 0 and r["ours_vs_saelens"] > 0 and r["ours_peak_rss_mib"] > 0
