@@ -70,9 +70,12 @@ class PeakRSS:
 
 
 def timed(fn, device: torch.device | None = None) -> float:
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)  # queued warm-up work is not ours to count
     start = time.perf_counter()
     fn()
-    if device is not None and device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
@@ -154,15 +157,16 @@ def saelens(stores: list, batches: list[torch.Tensor], device: torch.device) -> 
         )
 
 
-def memory_growth(scratch: Path, batches: int, device: torch.device) -> dict:
+def memory_growth(scratch: Path, batches: int, batch_size: int, device: torch.device) -> dict:
     """Peak RSS of the same harvest at 1x and 4x the tokens: bounded memory means no growth."""
     out = {}
     for factor in (1, 4):
         cfg = HarvestConfig(
             dtype="bfloat16",
             device=str(device),
-            tokens=factor * batches * 8 * 127,
-            shard_windows=64,
+            batch_size=batch_size,
+            tokens=factor * batches * batch_size * 127,
+            shard_windows=8 * batch_size,
             out=str(scratch / f"mem-{factor}"),
         )
         _, peak = ours(Harvester(cfg), scratch / f"mem-{factor}")
@@ -245,7 +249,7 @@ def main() -> None:
                 flush=True,
             )
             del harvester, stores
-    memory = {} if args.skip_memory else memory_growth(scratch, args.batches, device)
+    memory = {} if args.skip_memory else memory_growth(scratch, args.batches, batch_size, device)
     shutil.rmtree(scratch, ignore_errors=True)
     machine = {
         "device": device.type,

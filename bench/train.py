@@ -7,6 +7,7 @@ dense matmul alone (x @ W_enc). Prints rows/s and ratios; writes bench/results/t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -199,6 +200,10 @@ def main() -> None:
                 steps = {"ours": step, "limit": limit}
                 rate = rows_per_s(steps, lens, batches, device, args.rounds)
                 lens.close()
+                del step, steps, limit  # before the next configuration measures its memory
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 row = {
                     "d_in": d_in, "d_sae": d_sae, "k": args.k, "batch": args.batch, "dtype": dtype,
                     "dead_fraction": dead_fraction, "ours_rows_per_s": rate["ours"],

@@ -34,7 +34,7 @@ Selection = Callable[[Tensor], tuple[Tensor, Tensor]]
 class SparseEncode(torch.autograd.Function):
     """pre = (x - shift) @ W_enc + b_enc, of which only two parts leave: the entries (rows,
     latents) that select(pre) picks, as values, and the dense block pre[:, columns]. Backward
-    touches only those: embedding_bag over the picked entries, dense matmuls over the block.
+    touches only those: bag sums over the picked entries, dense matmuls over the block.
     Under autocast the matmul runs in its dtype and the picked values come out in x's.
 
     `shift` is the SAE's b_dec: its gradient is minus the column sum of x's, which equals

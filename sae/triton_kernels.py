@@ -13,6 +13,8 @@ Tested here on CPU tensors with TRITON_INTERPRET=1 (tests/sae/test_triton.py).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,7 @@ def _bag_sum(
     index_ptr, weight_ptr, offsets_ptr, table_ptr, out_ptr, d, table_stride, out_stride,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bag = tl.program_id(0)
+    bag = tl.program_id(0).to(tl.int64)  # bag * out_stride can pass 2**31
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     start = tl.load(offsets_ptr + bag)
@@ -49,7 +51,7 @@ def _entry_dots(
     a_ptr, rows_ptr, table_ptr, index_ptr, out_ptr, n, d, a_stride, table_stride,
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    entries = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    entries = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     entry_ok = entries < n
     rows = tl.load(rows_ptr + entries, mask=entry_ok, other=0)
     index = tl.load(index_ptr + entries, mask=entry_ok, other=0)
@@ -63,6 +65,11 @@ def _entry_dots(
     tl.store(out_ptr + entries, acc.to(out_ptr.dtype.element_ty), mask=entry_ok)
 
 
+def current_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it t's (the interpreter takes CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def bag_sum(index: Tensor, weight: Tensor, offsets: Tensor, table: Tensor) -> Tensor:
     """[len(offsets) - 1, d]: bag b sums weight[j] * table[index[j]] for j in offsets[b]:offsets[b+1]."""
     table = table.contiguous()
@@ -71,10 +78,11 @@ def bag_sum(index: Tensor, weight: Tensor, offsets: Tensor, table: Tensor) -> Te
     if n_bags and d:
         block_d = min(128, triton.next_power_of_2(d))
         grid = (n_bags, triton.cdiv(d, block_d))
-        _bag_sum[grid](
-            index.contiguous(), weight.contiguous(), offsets.contiguous(), table, out, d,
-            table.stride(0), out.stride(0), BLOCK_E=16, BLOCK_D=block_d,
-        )  # fmt: skip
+        with current_device(table):
+            _bag_sum[grid](
+                index.contiguous(), weight.contiguous(), offsets.contiguous(), table, out, d,
+                table.stride(0), out.stride(0), BLOCK_E=16, BLOCK_D=block_d,
+            )  # fmt: skip
     return out
 
 
@@ -85,8 +93,9 @@ def entry_dots(a: Tensor, rows: Tensor, table: Tensor, index: Tensor) -> Tensor:
     out = torch.empty(n, dtype=torch.promote_types(a.dtype, table.dtype), device=a.device)
     if n:
         block_e = 32
-        _entry_dots[(triton.cdiv(n, block_e),)](
-            a, rows.contiguous(), table, index.contiguous(), out, n, d, a.stride(0),
-            table.stride(0), BLOCK_E=block_e, BLOCK_D=min(128, triton.next_power_of_2(d)),
-        )  # fmt: skip
+        with current_device(a):
+            _entry_dots[(triton.cdiv(n, block_e),)](
+                a, rows.contiguous(), table, index.contiguous(), out, n, d, a.stride(0),
+                table.stride(0), BLOCK_E=block_e, BLOCK_D=min(128, triton.next_power_of_2(d)),
+            )  # fmt: skip
     return out

@@ -36,6 +36,7 @@ class World:
     def device(self, requested: torch.device) -> torch.device:
         """One GPU per rank under torchrun."""
         if requested.type == "cuda" and self.size > 1:
+            torch.cuda.set_device(self.local_rank)  # NCCL and Triton launch on the current device
             return torch.device("cuda", self.local_rank)
         return requested
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import platform
 import sys
 from collections.abc import Iterable, Iterator
@@ -183,8 +184,11 @@ def keep_freed_memory() -> None:
     allocates the same large tensors every time ([batch, d_sae] pre-activations: 75 MB at 8x), and
     glibc serves each from a fresh mmap, so every step pays page faults and zeroing on first touch
     (a third of the encoder's time here). PyTorch's CPU tuning guide suggests jemalloc or tcmalloc
-    for the same reason; this needs no preloaded library. The process keeps its peak memory."""
+    for the same reason; this needs no preloaded library. The process keeps its peak memory;
+    SAE_FORGE_KEEP_FREED_MEMORY=0 leaves glibc as it is (say, when training from a notebook)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    if os.environ.get("SAE_FORGE_KEEP_FREED_MEMORY") == "0":
         return
     libc = ctypes.CDLL(None)
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -419,6 +423,8 @@ class Trainer:
                     list(m.sae.parameters()),
                 )  # fmt: skip
             )
+            for group in m.optimizer.param_groups:  # as this run builds it, not as saved
+                group["fused"] = m.optimizer.defaults["fused"]
             m.schedule.load_state_dict(meta["members"][m.name]["schedule"])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = meta["step"]
