@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from eval.concepts import token_strings
-from eval.top_activations import activations_at, context_activations, gather
+from eval.top_activations import TopActivations, activations_at, context_activations, gather
 
 Messages = list[dict[str, str]]
 
@@ -228,19 +228,20 @@ def fuzzing(
 # -- on a model ---------------------------------------------------------------------------------
 def interpret(
     lm, tokenizer, d, ids, latents: list[int], client: LLMClient, show: int = 10, score: int = 10,
-    seed: int = 0,
+    seed: int = 0, examples: TopActivations | None = None,
 ) -> dict[int, dict]:  # fmt: skip
-    """Explain each latent from its top and quantile contexts in `ids` ([windows, seq] token ids),
-    then score the explanation on held-out contexts: `score` activating ones from the latent's
-    activation sample whose windows the explainer never saw, and `score` silent ones."""
+    """Explain each latent from its `show` top and its quantile contexts in `ids` ([windows, seq]
+    token ids), then score the explanation on held-out contexts: `score` activating ones from the
+    latent's activation sample whose windows the explainer never saw, and `score` silent ones.
+    `examples`: a gather over the same ids already made, reused when it keeps >= `show` top ones."""
     strings = token_strings(tokenizer)
     per_window = ids.shape[1] - 1
-    examples = gather(lm, d, ids, top=show)
+    if examples is None or examples.n_top < show:
+        examples = gather(lm, d, ids, top=show)
     rng = random.Random(seed)
     plans = {}
     for latent in latents:
-        shown = examples.top_examples(latent)[1].tolist()
-        shown += [t for _, ts in examples.quantile_examples(latent) for t in ts.tolist()]
+        shown = examples.shown_tokens(latent, show)
         seen = {t // per_window for t in shown}
         held = [
             t for t in examples.sample.entries(latent)[1].tolist() if t // per_window not in seen

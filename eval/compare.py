@@ -166,10 +166,10 @@ def compare(cfg: CompareConfig) -> dict:
         "points": [p for r in runs for p in points(r)],
         "similarity": [],
     }
-    saes = [(f"{r.name}/{n}", f) for r in runs for n, f in r.saes.items()]
+    saes = [(f"{r.name}/{n}", sae_lib.load(f)) for r in runs for n, f in r.saes.items()]
     for i, (name_a, a) in enumerate(saes):
         for name_b, b in saes[i + 1 :]:
-            sim = dictionary_similarity(sae_lib.load(a), sae_lib.load(b), cfg.threshold)
+            sim = dictionary_similarity(a, b, cfg.threshold)
             result["similarity"].append({"a": name_a, "b": name_b, **sim})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ top and quantile contexts with per-token highlighting, the activation histogram,
 effects of the decoder direction (tokens it promotes and suppresses through the unembedding),
 and the explanation when auto-interp has written one.
 
-Two passes keep memory bounded: the first streams the text through the SAE keeping per-latent top
-activations and samples (eval/top_activations.py); the second runs the model again on just the
+Two passes keep memory bounded: the first is eval.report's scoring pass, which also keeps per-latent
+top activations and samples (eval/top_activations.py); the second runs the model again on just the
 windows those examples come from, to colour every token of each shown context.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,12 +24,10 @@ from torch import Tensor
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.concepts import token_strings
-from eval.report import cache_windows, check_fits, dataset_windows, evaluate, take_tokens
+from eval.report import EvalConfig, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
-from sae.lm import load_lm
 from sae.models import SAE
-from train.cache import ActivationCache
 
 
 @dataclass
@@ -65,44 +63,31 @@ class DashboardConfig:
 
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
-    d = sae_lib.load(cfg.sae)
-    lm, tokenizer = load_lm(cfg.model or d.cfg.model_name or "smollm2-135m")
-    check_fits(d, lm, cfg.model or d.cfg.model_name)
-    if cfg.cache:
-        cache = ActivationCache(cfg.cache)
-        cfg = replace(cfg, context_size=cache.manifest["context_size"])
-        windows = cache_windows(cache, tokenizer.bos_token_id)
-    else:
-        windows = dataset_windows(tokenizer, cfg)
-    ids = take_tokens(windows, cfg.tokens, cfg.context_size, cfg.cache or cfg.dataset)
-    report = (
-        json.loads(Path(cfg.report).read_text())
-        if cfg.report
-        else evaluate(
-            d,
-            cfg.model,
-            cfg.dataset,
-            cfg.split,
-            cfg.tokens,
-            cache=cfg.cache,
-            context_size=cfg.context_size,
-            absorption=False,
-        )
-    )
-    examples = gather(lm, d, ids, top=cfg.top)
+    d = sae_lib.load(cfg.sae).eval()
+    scoring = EvalConfig(sae=cfg.sae, model=cfg.model, dataset=cfg.dataset, split=cfg.split,
+                         cache=cfg.cache, tokens=cfg.tokens, context_size=cfg.context_size,
+                         absorption=False)  # fmt: skip
+    lm, tokenizer, ids, name = load_inputs(d, scoring)
+    if cfg.report:
+        report = json.loads(Path(cfg.report).read_text())
+        examples = gather(lm, d, ids, top=cfg.top)
+    else:  # one pass over the windows gives the scores and the examples
+        examples = TopActivations(d.cfg.d_sae, top=cfg.top)
+        report = score(d, lm, tokenizer, ids, scoring, name, examples)
     chosen = examples.fires.argsort(descending=True)[: cfg.latents]
     chosen = chosen[examples.fires[chosen] > 0].tolist()
     strings = token_strings(tokenizer)
     lens = logit_lens(lm, d, chosen)
     if cfg.autointerp:
-        scores = interpret(lm, tokenizer, d, ids, chosen, make_client(cfg.autointerp))
+        client = make_client(cfg.autointerp)
+        scores = interpret(lm, tokenizer, d, ids, chosen, client, examples=examples)
         report["autointerp"] = {str(latent): r for latent, r in scores.items()}
         report["explanations"] = {str(latent): r["explanation"] for latent, r in scores.items()}
 
     out = Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(overview(d, report, chosen))
-    shown = {latent: page_tokens(examples, latent) for latent in chosen}
+    shown = {latent: examples.shown_tokens(latent) for latent in chosen}
     acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
     for latent in chosen:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
@@ -121,14 +106,6 @@ def make_client(spec: str) -> LLMClient:
 def dashboard_cli(cfg: DashboardConfig) -> None:
     out = build_dashboard(cfg)
     print(f"dashboard written to {out}/index.html (open it from disk)")
-
-
-def page_tokens(examples: TopActivations, latent: int) -> list[int]:
-    """The scored tokens whose contexts a latent's page shows."""
-    tokens = examples.top_examples(latent)[1].tolist()
-    for _, quantile_tokens in examples.quantile_examples(latent):
-        tokens += quantile_tokens.tolist()
-    return tokens
 
 
 @torch.no_grad()

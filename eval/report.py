@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from eval.concepts import (
 from eval.reconstruction import ReconstructionStats
 from eval.sparsity import SparsityStats
 from eval.splice import SplicedLosses
+from eval.top_activations import TopActivations
 from sae.cli import positional
 from sae.hooks import record
 from sae.lm import load_lm, resolve_hook
@@ -105,25 +107,45 @@ def evaluate(
     d = sae_lib.load(d) if isinstance(d, (str, Path)) else d
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
+    lm, tokenizer, ids, name = load_inputs(d, cfg)
+    return score(d.to(cfg.device).eval(), lm, tokenizer, ids, cfg, name)
+
+
+def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
+    """The LM (refused before any forward pass if the SAE does not fit it), its tokenizer, the
+    token windows to score [n, context_size] and the model's name. A cache's windows keep the
+    length they were harvested with: cfg.context_size is set from it."""
     cache = ActivationCache(cfg.cache) if cfg.cache else None
-    if cache:  # its windows have the length they were harvested with
+    if cache:
         cfg.context_size = cache.manifest["context_size"]
     name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else "smollm2-135m")
     lm, tokenizer = load_lm(name, device=cfg.device)
     check_fits(d, lm, name)
-    d = d.to(cfg.device).eval()
     windows = (
         cache_windows(cache, tokenizer.bos_token_id) if cache else dataset_windows(tokenizer, cfg)
     )
     ids = take_tokens(
         windows, cfg.tokens, cfg.context_size, source=cfg.cache or f"{cfg.dataset} ({cfg.split})"
     )
+    return lm, tokenizer, ids, name
 
+
+def score(
+    d: SAE,
+    lm: nn.Module,
+    tokenizer,
+    ids: Tensor,
+    cfg: EvalConfig,
+    name: str,
+    examples: TopActivations | None = None,
+) -> dict:
+    """The report on windows `ids`; `examples`, when given, also collects each latent's top
+    activations and sample from the same pass (the dashboard's pages)."""
     recon, sparsity, losses = ReconstructionStats(), SparsityStats(d.cfg.d_sae), SplicedLosses()
     codes = (
         SparseCodes(d.cfg.d_sae) if cfg.concepts else None
     )  # tokens x L0 entries: only for purity
-    hook = d.cfg.hook_name
+    hook, scored = d.cfg.hook_name, 0
     with tqdm(
         total=ids[:, 1:].numel(), unit="tok", disable=not sys.stderr.isatty(), desc="eval"
     ) as bar:
@@ -138,8 +160,11 @@ def evaluate(
             sparsity.add(z)
             if codes is not None:
                 codes.add(z)
+            if examples is not None:
+                examples.add(z, scored)
             losses.add(lm, d, batch, logits, acts[hook])
-            bar.update(x.shape[0])
+            scored += len(x)
+            bar.update(len(x))
 
     spars = sparsity.result()
     report = {

@@ -61,9 +61,21 @@ class TopActivations:
         keys = torch.rand(values.shape, generator=self.generator)
         self.sample.merge(values, tokens, (-keys).masked_fill(silent, -torch.inf))
 
+    @property
+    def n_top(self) -> int:
+        """How many top activations are kept per latent."""
+        return self.top.keys.shape[1]
+
     def top_examples(self, latent: int) -> tuple[Tensor, Tensor]:
         """(values, tokens) of the latent's top activations, largest first."""
         return self.top.entries(latent)
+
+    def shown_tokens(self, latent: int, top: int | None = None) -> list[int]:
+        """The tokens whose contexts show a latent: its (first `top`) top and quantile examples."""
+        tokens = self.top_examples(latent)[1][:top].tolist()
+        for _, quantile_tokens in self.quantile_examples(latent):
+            tokens += quantile_tokens.tolist()
+        return tokens
 
     def quantile_examples(
         self, latent: int, bins: int = 4, per_bin: int = 3

@@ -24,7 +24,6 @@ def site(trained_sae, smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     trained_sae.save(root / "sae")
     with pytest.MonkeyPatch.context() as patch:  # the session's SmolLM2, not a second copy
-        patch.setattr(eval.dashboard, "load_lm", lambda name, device="cpu": smollm2)
         patch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
         judge = ScriptedClient(lambda p: "line ends" if "short phrase" in p else "[1, 0, 1, 0, 1]")
         patch.setattr(eval.dashboard, "make_client", lambda spec: judge)
