@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-Selection = Callable[[Tensor], tuple[Tensor, Tensor]]
-"""pre [batch, d_sae] -> (rows, latents) of the entries to keep, sorted by row."""
+Selection = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+"""pre [batch, d_sae] -> (values, rows, latents) of the entries to keep, sorted by row (the values
+come with the selection: gathering them again from pre costs as much as a tenth of a CPU step)."""
 
 
 class SparseEncode(torch.autograd.Function):
@@ -46,10 +47,10 @@ class SparseEncode(torch.autograd.Function):
         dtype = matmul_dtype(x_in)
         with torch.autocast(x.device.type, enabled=False):
             pre = torch.addmm(b_enc.to(dtype), x_in.to(dtype), W_enc.to(dtype))
-            rows, latents = select(pre)
+            values, rows, latents = select(pre)
         ctx.save_for_backward(x_in, W_enc, rows, latents, columns)
         ctx.mark_non_differentiable(rows, latents)
-        return pre[rows, latents].to(x_in.dtype), rows, latents, pre[:, columns]
+        return values.to(x_in.dtype), rows, latents, pre[:, columns]
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, _rows, _latents, grad_columns: Tensor):
@@ -120,19 +121,44 @@ def latent_sums(rows: Tensor, latents: Tensor, weights: Tensor, x: Tensor, d_sae
 def topk_selection(k: int) -> Selection:
     """Each row's k largest pre-activations (TopK)."""
 
-    def select(pre: Tensor) -> tuple[Tensor, Tensor]:
-        latents = pre.topk(k, dim=-1, sorted=False).indices.flatten()
-        return torch.arange(len(pre), device=pre.device).repeat_interleave(k), latents
+    def select(pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        values, latents = pre.topk(k, dim=-1, sorted=False)
+        rows = torch.arange(len(pre), device=pre.device).repeat_interleave(k)
+        return values.flatten(), rows, latents.flatten()
 
     return select
+
+
+def largest(flat: Tensor, k: int, chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """flat.topk(k, sorted=False) for a 1-D tensor with k a small share of it (BatchTopK picks
+    batch x k of batch x d_sae), ~10x faster on CPU: torch runs a single row's topk as one
+    nth_element on one core, 0.3 s for 4096 x 4608 entries, more than the encoder's matmul. The
+    k-th largest of the maxima of chunks of 32 entries is a lower bound on the k-th largest entry
+    (k chunks hold an entry at least that large), and so few entries clear it (~1.5 k on
+    Gaussian pre-activations) that topk over them is cheap. On CUDA topk is a fast radix select
+    and the compaction would make the host wait for the device."""
+    n_chunks = flat.numel() // chunk
+    if flat.is_cuda or n_chunks <= k:
+        return flat.topk(k, sorted=False)
+    body, tail = flat.detach().split([n_chunks * chunk, len(flat) - n_chunks * chunk])
+    maxima = body.view(n_chunks, chunk).amax(1)
+    if len(tail):
+        maxima = torch.cat([maxima, tail.amax(0, keepdim=True)])
+    bound = maxima.topk(k, sorted=False).values.min()  # NaN when there is one (amax keeps NaN)
+    candidates = (flat >= bound).nonzero().squeeze(1)
+    if len(candidates) < k:  # a NaN bound: torch's topk, which ranks NaN highest
+        return flat.topk(k, sorted=False)
+    values, picks = flat[candidates].topk(k, sorted=False)
+    return values, candidates[picks]
 
 
 def batch_topk_selection(k: int) -> Selection:
     """The batch's k * n_rows largest pre-activations (BatchTopK), sorted by row."""
 
-    def select(pre: Tensor) -> tuple[Tensor, Tensor]:
-        flat = pre.flatten().topk(min(k * len(pre), pre.numel()), sorted=False).indices.sort()
-        return flat.values // pre.shape[1], flat.values % pre.shape[1]
+    def select(pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        values, flat = largest(pre.flatten(), min(k * len(pre), pre.numel()))
+        flat, order = flat.sort()
+        return values[order], flat // pre.shape[1], flat % pre.shape[1]
 
     return select
 

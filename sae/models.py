@@ -10,6 +10,7 @@ Every architecture reads the same way (shapes: x [..., d_in], z [..., d_sae]):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -20,6 +21,7 @@ from sae.config import SAEConfig
 from sae.kernels import (
     Selection,
     batch_topk_selection,
+    largest,
     sparse_decode,
     sparse_encode,
     topk_selection,
@@ -149,6 +151,13 @@ class SAE(nn.Module):
         x_hat_s = z @ self.W_dec + self.b_dec
         return (x_hat_s - x_s).pow(2).sum(-1).mean(), x_hat_s
 
+    def sparse_reconstruction_loss(
+        self, values: Tensor, rows: Tensor, latents: Tensor, x_s: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """reconstruction_loss for a code given as its entries (sorted by row)."""
+        x_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(x_s)) + self.b_dec
+        return (x_hat_s - x_s).pow(2).sum(-1).mean(), x_hat_s
+
     def penalties(
         self, x_s: Tensor, pre: Tensor, z: Tensor, x_hat_s: Tensor, ctx: TrainContext
     ) -> dict[str, Tensor]:
@@ -174,8 +183,8 @@ class SAE(nn.Module):
             x_s, shift, self.W_enc, self.b_enc, select, dead
         )
         values = values.relu()
-        x_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(x)) + self.b_dec
-        parts = {"mse_loss": (x_hat_s - x_s).pow(2).sum(-1).mean()}
+        mse, x_hat_s = self.sparse_reconstruction_loss(values, rows, latents, x_s)
+        parts = {"mse_loss": mse}
         parts["auxiliary_reconstruction_loss"] = (
             self.dead_auxk_loss(x_s, x_hat_s, pre_dead, dead, ctx)
             if len(dead)
@@ -209,7 +218,7 @@ class SAE(nn.Module):
         """AuxK from the dead latents' pre-activations [batch, n_dead] alone: dense matmuls over
         the dead columns, usually a small share of d_sae; scaled down when fewer than k_aux."""
         k_aux = min(self.cfg.d_in // 2, len(dead))
-        residual_hat = topk_activation(pre_dead, k_aux) @ self.W_dec[dead]
+        residual_hat = auxk_activation(pre_dead, k_aux) @ self.W_dec[dead]
         residual = (x_s - x_hat_s).detach()
         scale = k_aux / (self.cfg.d_in // 2)
         return ctx.aux_coefficient * scale * (residual_hat - residual).pow(2).sum(-1).mean()
@@ -289,13 +298,23 @@ def topk_activation(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
 
+def auxk_activation(pre: Tensor, k: int) -> Tensor:
+    """topk_activation for AuxK's dead latents, where k = d_in/2 is a large share of the columns:
+    when no row has more than k positive pre-activations (dead latents' are mostly negative), the
+    ReLU'd top k is the ReLU itself, and on CPU that skips a topk costing a twentieth of a training
+    step. On CUDA topk is cheap and the check would make the host wait for the device."""
+    if pre.device.type != "cuda" and int((pre > 0).sum(-1).max()) <= k:
+        return pre.relu()
+    return topk_activation(pre, k)
+
+
 def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
     """Keep the k * n_rows largest ReLU'd pre-activations of the whole batch, so rows that need
     more latents get more while the batch averages k."""
     acts = pre.relu()
     flat = acts.flatten()
     n_rows = acts.shape[:-1].numel()
-    values, indices = flat.topk(min(k * n_rows, flat.numel()), sorted=False)
+    values, indices = largest(flat, min(k * n_rows, flat.numel()))
     return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
 
 
@@ -453,7 +472,6 @@ class MatryoshkaSAE(BatchTopKSAE):
     refine them. Inference is BatchTopK's."""
 
     architecture = "matryoshka_batchtopk"
-    training_loss = SAE.training_loss  # dense: every prefix width decodes its own reconstruction
 
     @property
     def widths(self) -> list[int]:
@@ -463,20 +481,44 @@ class MatryoshkaSAE(BatchTopKSAE):
         return sorted({max(1, d >> shift) for shift in (3, 2, 1, 0)})
 
     def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[Tensor, Tensor]:
-        """The mean of the MSEs of every prefix's reconstruction; the last prefix is the full SAE."""
-        decodes = self.prefix_decodes(z, scaled=True)
-        mses = [(x_hat - x_s).pow(2).sum(-1).mean() for x_hat in decodes]
-        return torch.stack(mses).mean(), decodes[-1]
+        return prefix_mse(self.prefix_decodes(z, scaled=True), x_s)
+
+    def sparse_reconstruction_loss(
+        self, values: Tensor, rows: Tensor, latents: Tensor, x_s: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Each group of latents decodes its own entries; the groups' decodes add up to the
+        prefixes', so the decoder costs what one full sparse decode costs."""
+
+        def group(start: int, end: int) -> Tensor:
+            keep = (latents >= start) & (latents < end)
+            return sparse_decode(values[keep], rows[keep], latents[keep], self.W_dec, len(x_s))
+
+        return prefix_mse(self.prefix_sums(group), x_s)
 
     def prefix_decodes(self, z: Tensor, scaled: bool = False) -> list[Tensor]:
         """x_hat from the first m latents, for each prefix width m; the last equals decode(z).
         `scaled` keeps them in the SAE's normalized units (for the loss)."""
-        out, partial, start = [], self.b_dec.expand(*z.shape[:-1], -1), 0
+        dtype = self.W_dec.dtype
+        decodes = self.prefix_sums(
+            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end]
+        )
+        return decodes if scaled else [x_hat / self.input_scale for x_hat in decodes]
+
+    def prefix_sums(self, group: Callable[[int, int], Tensor]) -> list[Tensor]:
+        """b_dec plus the decode of latents [0, m), for each prefix width m, from group(start,
+        end), the decode of latents [start, end)."""
+        out, partial, start = [], self.b_dec, 0
         for end in self.widths:
-            partial = partial + z[..., start:end].to(self.W_dec.dtype) @ self.W_dec[start:end]
-            out.append(partial if scaled else partial / self.input_scale)
+            partial = partial + group(start, end)
+            out.append(partial)
             start = end
         return out
+
+
+def prefix_mse(decodes: list[Tensor], x_s: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean of the MSEs of every prefix's reconstruction, and the last (the full SAE's)."""
+    mses = [(x_hat - x_s).pow(2).sum(-1).mean() for x_hat in decodes]
+    return torch.stack(mses).mean(), decodes[-1]
 
 
 @register

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.kernels import sparse_decode, sparse_encode, topk_selection
+from sae.kernels import largest, sparse_decode, sparse_encode, topk_selection
 from sae.models import SAE, TrainContext
 from tests.conftest import make_sae
 
@@ -38,7 +38,8 @@ def test_sparse_encode_and_decode_match_dense_autograd(device):
 
     def select(pre):  # top-k plus two more picks per row that may repeat a latent, row-sorted
         picks = torch.cat([pre.topk(k, -1).indices, pre[:, :7].topk(2, -1).indices], -1)
-        return torch.arange(batch, device=device).repeat_interleave(k + 2), picks.flatten()
+        rows = torch.arange(batch, device=device).repeat_interleave(k + 2)
+        return pre.gather(1, picks).flatten(), rows, picks.flatten()
 
     columns = torch.tensor([3, 50, 7, 90], device=device)  # a dense block, overlapping the picks
 
@@ -52,7 +53,7 @@ def test_sparse_encode_and_decode_match_dense_autograd(device):
     sparse = grads(params)
 
     pre = (x - shift) @ W_enc + b_enc
-    rows, latents = select(pre.detach())
+    _, rows, latents = select(pre.detach())
     z = pre[rows, latents].relu()
     torch.testing.assert_close(values, pre[rows, latents])
     torch.testing.assert_close(block, pre[:, columns])
@@ -63,7 +64,7 @@ def test_sparse_encode_and_decode_match_dense_autograd(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 @pytest.mark.parametrize("dead", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_training_loss_equals_the_dense_reference(device, architecture, dead, normalize):
@@ -92,7 +93,28 @@ def test_training_loss_equals_the_dense_reference(device, architecture, dead, no
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize(
+    "flat",
+    [
+        torch.randn(64, 3000) * torch.rand(64, 1) * 3 + torch.randn(3000),  # rows of unlike scale
+        torch.randn(40_007).round(decimals=1),  # ties at the bound; n not a multiple of 32
+        torch.randn(64, 3000).relu(),  # half zeros
+        torch.cat([torch.randn(5000), torch.tensor([float("nan")])]),  # no bound: torch's topk
+        torch.randn(200),  # too few chunks for a bound: torch's topk
+    ],
+    ids=["scaled", "ties", "relu", "nan", "small"],
+)
+def test_largest_picks_the_same_values_as_topk(flat):
+    flat = flat.flatten()
+    k = min(len(flat) // 100 + 1, 1000)
+    values, indices = largest(flat, k)
+    want = flat.topk(k, sorted=False).values
+    assert indices.unique().numel() == k
+    torch.testing.assert_close(flat[indices], values, equal_nan=True)
+    torch.testing.assert_close(values.sort().values, want.sort().values, equal_nan=True)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 def test_no_dense_code_tensor_is_kept_for_backward(architecture):
     batch, d_sae = 256, 512
     d = make_sae(architecture, d_in=32, d_sae=d_sae, k=8)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sae
-from sae.models import batch_topk_activation
+from sae.models import auxk_activation, batch_topk_activation, topk_activation
 from tests.conftest import make_sae
 
 
@@ -189,6 +189,20 @@ def test_batch_topk_function_handles_leading_dims():
     pre = torch.randn(2, 3, 10)
     z = batch_topk_activation(pre, 2)
     assert z.shape == pre.shape and (z != 0).sum() <= 12
+
+
+@pytest.mark.parametrize("shift", [-1.5, 0.0])  # few positives per row (the ReLU), many (topk)
+def test_auxk_activation_is_the_relu_d_top_k_with_its_gradient(shift):
+    k = 12
+    pre = (torch.randn(64, 40) + shift).requires_grad_()
+    assert ((pre > 0).sum(-1).max() <= k) == (shift < 0)
+    weights = torch.randn(64, 40)
+    got = auxk_activation(pre, k)
+    (got * weights).sum().backward()
+    grad, pre.grad = pre.grad, None
+    want = topk_activation(pre, k)
+    (want * weights).sum().backward()
+    assert torch.equal(got, want) and torch.equal(grad, pre.grad)
 
 
 def test_wrong_d_in_is_refused_naming_the_hook():
