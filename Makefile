@@ -30,6 +30,7 @@ test: install
 
 bench: install
 	@for b in bench/*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) bench/train.py --architectures batchtopk matryoshka_batchtopk --expansions 8 --name train-batchtopk
 
 lint: install
 	$(PY) -m ruff check sae train eval tests bench

@@ -1,7 +1,8 @@
 """Training throughput, in one run on the same batches: our trainer's step (forward, losses, backward,
-Adam, decoder constraint, dead-latent tracking, metrics) vs SAELens's TopK training step
-(TopKTrainingSAE.training_forward_pass with AuxK, backward, Adam), and the limit: the encoder's
-dense matmul alone (x @ W_enc). Prints rows/s and ratios; writes bench/results/train-<device>.json.
+Adam, decoder constraint, dead-latent tracking, metrics) vs SAELens's training step for the same
+architecture (TopKTrainingSAE, BatchTopKTrainingSAE or MatryoshkaBatchTopKTrainingSAE:
+training_forward_pass with AuxK, backward, Adam), and the limit: the encoder's dense matmul alone
+(x @ W_enc). Prints rows/s and ratios; writes bench/results/<name>-<device>.json.
 """
 
 from __future__ import annotations
@@ -65,9 +66,16 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(batches, d_sae: int, k: int, dead: int, autocast: bool, device, out: Path):
+def matryoshka_widths(d_sae: int) -> list[int]:
+    """Our default prefix widths (d/8, d/4, d/2, d), given to SAELens too."""
+    return [d_sae >> shift for shift in (3, 2, 1, 0)]
+
+
+def ours(
+    batches, architecture: str, d_sae: int, k: int, dead: int, autocast: bool, device, out: Path
+):
     cfg = TrainConfig(
-        architecture="topk",
+        architecture=architecture,
         d_sae=d_sae,
         k=k,
         batch_size=len(batches[0]),
@@ -89,13 +97,24 @@ def ours(batches, d_sae: int, k: int, dead: int, autocast: bool, device, out: Pa
     return step
 
 
-def saelens(d_in: int, d_sae: int, k: int, dead: int, autocast: bool, device: torch.device):
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+def saelens(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    k: int,
+    dead: int,
+    autocast: bool,
+    device: torch.device,
+):
+    import sae_lens
     from sae_lens.saes.sae import TrainStepInput
 
-    sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, k=k, aux_loss_coefficient=1 / 32, device=str(device)
+    name = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka_batchtopk": "MatryoshkaBatchTopK"}
+    cls, config = (getattr(sae_lens, f"{name[architecture]}TrainingSAE{c}") for c in ("", "Config"))
+    extra = {"matryoshka_widths": matryoshka_widths(d_sae)} if "matryoshka" in architecture else {}
+    sae = cls(
+        config(
+            d_in=d_in, d_sae=d_sae, k=k, aux_loss_coefficient=1 / 32, device=str(device), **extra
         )
     )
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
@@ -175,54 +194,56 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--dead", type=float, nargs="+", default=[0.1, 0.0],
                     help="fractions of dead latents, which AuxK trains (the same for both sides)")  # fmt: skip
+    ap.add_argument("--architectures", nargs="+", default=["topk"],
+                    choices=["topk", "batchtopk", "matryoshka_batchtopk"])  # fmt: skip
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default="train", help="results file: <name>-<device>.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d_in = 576
     batches = make_batches(args.steps, args.batch, d_in, device)
     results = []
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "sae-forge-bench-train"
-    for expansion in args.expansions:
-        for dtype in args.dtypes:
-            for dead_fraction in args.dead:
-                d_sae = expansion * d_in
-                dead, autocast = int(dead_fraction * d_sae), dtype == "bfloat16"
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                step = ours(batches, d_sae, args.k, dead, autocast, device, scratch)
-                step(batches[0])  # warm-up, and our peak memory before anything else allocates
-                memory = peak_memory_mib(device)
-                lens = SAELensProcess(d_in=d_in, d_sae=d_sae, k=args.k, dead=dead, autocast=autocast,
-                                      device=str(device), steps=args.steps, batch=args.batch)  # fmt: skip
-                limit = encoder_limit(d_in, d_sae, device, getattr(torch, dtype))
-                limit(batches[0])
-                steps = {"ours": step, "limit": limit}
-                rate = rows_per_s(steps, lens, batches, device, args.rounds)
-                lens.close()
-                del step, steps, limit  # before the next configuration measures its memory
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                row = {
-                    "d_in": d_in, "d_sae": d_sae, "k": args.k, "batch": args.batch, "dtype": dtype,
-                    "dead_fraction": dead_fraction, "ours_rows_per_s": rate["ours"],
-                    "saelens_rows_per_s": rate["saelens"], "encoder_matmul_rows_per_s": rate["limit"],
-                    "ours_vs_saelens": rate["ours"] / rate["saelens"],
-                    "ours_vs_encoder_limit": rate["ours"] / rate["limit"],
-                    "ours_peak_memory_mib": memory,
-                    "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
-                }  # fmt: skip
-                results.append(row)
-                print(
-                    f"{expansion}x (d_sae {d_sae}), k {args.k}, batch {args.batch}, {dtype}, {dead_fraction:.0%} dead: "
-                    f"ours {rate['ours']:7.0f} rows/s | SAELens {rate['saelens']:7.0f} (ours/SAELens {row['ours_vs_saelens']:.2f}x) | "
-                    f"encoder matmul {rate['limit']:7.0f} (ours/limit {row['ours_vs_encoder_limit']:.0%}) | ours peak {memory:.0f} MiB",
-                    flush=True,
-                )
+    grid = [(a, e, t, f) for a in args.architectures for e in args.expansions for t in args.dtypes for f in args.dead]  # fmt: skip
+    for architecture, expansion, dtype, dead_fraction in grid:
+        d_sae = expansion * d_in
+        dead, autocast = int(dead_fraction * d_sae), dtype == "bfloat16"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step = ours(batches, architecture, d_sae, args.k, dead, autocast, device, scratch)
+        step(batches[0])  # warm-up, and our peak memory before anything else allocates
+        memory = peak_memory_mib(device)
+        lens = SAELensProcess(architecture=architecture, d_in=d_in, d_sae=d_sae, k=args.k, dead=dead,
+                              autocast=autocast, device=str(device), steps=args.steps, batch=args.batch)  # fmt: skip
+        limit = encoder_limit(d_in, d_sae, device, getattr(torch, dtype))
+        limit(batches[0])
+        steps = {"ours": step, "limit": limit}
+        rate = rows_per_s(steps, lens, batches, device, args.rounds)
+        lens.close()
+        del step, steps, limit  # before the next configuration measures its memory
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        row = {
+            "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": args.k, "batch": args.batch,
+            "dtype": dtype, "dead_fraction": dead_fraction, "ours_rows_per_s": rate["ours"],
+            "saelens_rows_per_s": rate["saelens"], "encoder_matmul_rows_per_s": rate["limit"],
+            "ours_vs_saelens": rate["ours"] / rate["saelens"],
+            "ours_vs_encoder_limit": rate["ours"] / rate["limit"],
+            "ours_peak_memory_mib": memory,
+            "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+        }  # fmt: skip
+        results.append(row)
+        print(
+            f"{architecture} {expansion}x (d_sae {d_sae}), k {args.k}, batch {args.batch}, {dtype}, {dead_fraction:.0%} dead: "
+            f"ours {rate['ours']:7.0f} rows/s | SAELens {rate['saelens']:7.0f} (ours/SAELens {row['ours_vs_saelens']:.2f}x) | "
+            f"encoder matmul {rate['limit']:7.0f} (ours/limit {row['ours_vs_encoder_limit']:.0%}) | ours peak {memory:.0f} MiB",
+            flush=True,
+        )
     machine = {"device": str(device), "name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
-    out = Path(args.out) / f"train-{device.type}.json"
+    out = Path(args.out) / f"{args.name}-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps({"benchmark": "train", "machine": machine, "results": results}, indent=2)

@@ -18,11 +18,13 @@ def run_bench(script: str, out: Path, *args: str) -> dict:
 
 def test_train_bench_compares_ours_saelens_and_the_limit(tmp_path):
     report = run_bench("train.py", tmp_path, "--expansions", "1", "--batch", "256", "--steps", "1",
-                       "--rounds", "1", "--dead", "0.1", "--dtypes", "float32", "bfloat16")  # fmt: skip
+                       "--rounds", "1", "--dead", "0.1", "--dtypes", "bfloat16",
+                       "--architectures", "topk", "batchtopk", "matryoshka_batchtopk", "--name", "t")  # fmt: skip
     rows = report["results"]
-    assert [(r["dtype"], r["d_sae"], r["dead_fraction"]) for r in rows] == [
-        ("float32", 576, 0.1), ("bfloat16", 576, 0.1),
+    assert [(r["architecture"], r["dtype"], r["d_sae"], r["dead_fraction"]) for r in rows] == [
+        (a, "bfloat16", 576, 0.1) for a in ("topk", "batchtopk", "matryoshka_batchtopk")
     ]  # fmt: skip
+    assert (tmp_path / "t-cpu.json").exists() or (tmp_path / "t-cuda.json").exists()
     for r in rows:
         assert r["ours_rows_per_s"] > 0 and r["saelens_rows_per_s"] > 0
         assert r["ours_vs_saelens"] == r["ours_rows_per_s"] / r["saelens_rows_per_s"]
