@@ -24,6 +24,7 @@ import torch
 # this file is bench/train.py: keep its folder from shadowing the `train` package
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from sae.models import default_matryoshka_widths  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -66,11 +67,6 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matryoshka_widths(d_sae: int) -> list[int]:
-    """Our default prefix widths (d/8, d/4, d/2, d), given to SAELens too."""
-    return [d_sae >> shift for shift in (3, 2, 1, 0)]
-
-
 def ours(
     batches, architecture: str, d_sae: int, k: int, dead: int, autocast: bool, device, out: Path
 ):
@@ -111,7 +107,8 @@ def saelens(
 
     name = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka_batchtopk": "MatryoshkaBatchTopK"}
     cls, config = (getattr(sae_lens, f"{name[architecture]}TrainingSAE{c}") for c in ("", "Config"))
-    extra = {"matryoshka_widths": matryoshka_widths(d_sae)} if "matryoshka" in architecture else {}
+    widths = default_matryoshka_widths(d_sae)  # ours, given to SAELens too
+    extra = {"matryoshka_widths": widths} if "matryoshka" in architecture else {}
     sae = cls(
         config(
             d_in=d_in, d_sae=d_sae, k=k, aux_loss_coefficient=1 / 32, device=str(device), **extra

@@ -139,7 +139,7 @@ def largest(flat: Tensor, k: int, chunk: int = 32) -> tuple[Tensor, Tensor]:
     and the compaction would make the host wait for the device."""
     n_chunks = flat.numel() // chunk
     if flat.is_cuda or n_chunks <= k:
-        return flat.topk(k, sorted=False)
+        return tuple(flat.topk(k, sorted=False))
     body, tail = flat.detach().split([n_chunks * chunk, len(flat) - n_chunks * chunk])
     maxima = body.view(n_chunks, chunk).amax(1)
     if len(tail):
@@ -147,7 +147,7 @@ def largest(flat: Tensor, k: int, chunk: int = 32) -> tuple[Tensor, Tensor]:
     bound = maxima.topk(k, sorted=False).values.min()  # NaN when there is one (amax keeps NaN)
     candidates = (flat >= bound).nonzero().squeeze(1)
     if len(candidates) < k:  # a NaN bound: torch's topk, which ranks NaN highest
-        return flat.topk(k, sorted=False)
+        return tuple(flat.topk(k, sorted=False))
     values, picks = flat[candidates].topk(k, sorted=False)
     return values, candidates[picks]
 
@@ -156,9 +156,9 @@ def batch_topk_selection(k: int) -> Selection:
     """The batch's k * n_rows largest pre-activations (BatchTopK), sorted by row."""
 
     def select(pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        values, flat = largest(pre.flatten(), min(k * len(pre), pre.numel()))
-        flat, order = flat.sort()
-        return values[order], flat // pre.shape[1], flat % pre.shape[1]
+        values, index = largest(pre.flatten(), min(k * len(pre), pre.numel()))
+        index, order = index.sort()
+        return values[order], index // pre.shape[1], index % pre.shape[1]
 
     return select
 

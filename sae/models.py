@@ -475,10 +475,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     @property
     def widths(self) -> list[int]:
-        if self.cfg.matryoshka_widths:
-            return list(self.cfg.matryoshka_widths)
-        d = self.cfg.d_sae
-        return sorted({max(1, d >> shift) for shift in (3, 2, 1, 0)})
+        return list(self.cfg.matryoshka_widths) or default_matryoshka_widths(self.cfg.d_sae)
 
     def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[Tensor, Tensor]:
         return prefix_mse(self.prefix_decodes(z, scaled=True), x_s)
@@ -513,6 +510,11 @@ class MatryoshkaSAE(BatchTopKSAE):
             out.append(partial)
             start = end
         return out
+
+
+def default_matryoshka_widths(d_sae: int) -> list[int]:
+    """d/8, d/4, d/2, d: four nested prefixes (fewer when d_sae is tiny)."""
+    return sorted({max(1, d_sae >> shift) for shift in (3, 2, 1, 0)})
 
 
 def prefix_mse(decodes: list[Tensor], x_s: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,20 @@ if not torch.cuda.is_available():
 import sae  # noqa: E402
 
 
+class TopkSizes(torch.overrides.TorchFunctionMode):
+    """Records the number of entries of every Tensor.topk call made inside it: shows which path a
+    selection took (a topk over the whole input, or over a pruned few)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.topk:
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
 def make_sae(
     architecture: str, d_in: int = 6, d_sae: int = 16, k: int = 3, seed: int = 0, **fields
 ) -> sae.SAE:

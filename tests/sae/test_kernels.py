@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+import sae.models
 from sae.kernels import largest, sparse_decode, sparse_encode, topk_selection
 from sae.models import SAE, TrainContext
-from tests.conftest import make_sae
+from tests.conftest import TopkSizes, make_sae
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -67,19 +68,24 @@ def test_sparse_encode_and_decode_match_dense_autograd(device):
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 @pytest.mark.parametrize("dead", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_training_loss_equals_the_dense_reference(device, architecture, dead, normalize):
+def test_training_loss_equals_the_dense_reference(
+    device, architecture, dead, normalize, monkeypatch
+):
     needs(device)
     fields = {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.7}
-    d = make_sae(architecture, d_in=16, d_sae=64, k=4, **(fields if normalize else {})).to(device)
+    # 1024 latents: 4096 chunk maxima for 512 picks, so BatchTopK's selection is pruned (on CPU)
+    d = make_sae(architecture, d_in=16, d_sae=1024, k=4, **(fields if normalize else {})).to(device)
     x = torch.randn(128, 16, device=device) * 2 + 1
-    mask = torch.rand(64, device=device) < 0.4 if dead else None
+    mask = torch.rand(1024, device=device) < 0.4 if dead else None
     ctx = TrainContext(aux_coefficient=0.5, dead=mask)
     params = list(d.parameters())
 
     sparse = d.training_loss(x, ctx)
     sparse.loss.backward()
     sparse_grads = grads(params)
-    dense = SAE.training_loss(d, x, ctx)  # the base class: dense codes, dense matmuls
+    # the base class: dense codes, dense matmuls, and torch's own topk for BatchTopK
+    monkeypatch.setattr(sae.models, "largest", lambda flat, k: flat.topk(k, sorted=False))
+    dense = SAE.training_loss(d, x, ctx)
     dense.loss.backward()
 
     assert set(sparse.parts) == set(dense.parts)
@@ -94,24 +100,28 @@ def test_training_loss_equals_the_dense_reference(device, architecture, dead, no
 
 
 @pytest.mark.parametrize(
-    "flat",
+    "flat, k, pruned",
     [
-        torch.randn(64, 3000) * torch.rand(64, 1) * 3 + torch.randn(3000),  # rows of unlike scale
-        torch.randn(40_007).round(decimals=1),  # ties at the bound; n not a multiple of 32
-        torch.randn(64, 3000).relu(),  # half zeros
-        torch.cat([torch.randn(5000), torch.tensor([float("nan")])]),  # no bound: torch's topk
-        torch.randn(200),  # too few chunks for a bound: torch's topk
+        (torch.randn(64, 3000) * torch.rand(64, 1) * 3 + torch.randn(3000), 1000, True),
+        (torch.randn(40_007).round(decimals=1), 400, True),  # ties at the bound; n % 32 != 0
+        (torch.randn(64, 3000).relu(), 1000, True),  # half zeros
+        (torch.randn(64, 3000).relu().bfloat16(), 1000, True),
+        (torch.cat([torch.randn(5000), torch.tensor([float("nan")])]), 50, False),  # NaN bound
+        (torch.randn(64), 2, False),  # too few chunks (2) for a bound
     ],
-    ids=["scaled", "ties", "relu", "nan", "small"],
+    ids=["scaled", "ties", "relu", "bf16", "nan", "small"],
 )
-def test_largest_picks_the_same_values_as_topk(flat):
+def test_largest_picks_the_same_values_as_topk(flat, k, pruned):
     flat = flat.flatten()
-    k = min(len(flat) // 100 + 1, 1000)
-    values, indices = largest(flat, k)
+    with TopkSizes() as spy:
+        values, indices = largest(flat, k)
     want = flat.topk(k, sorted=False).values
     assert indices.unique().numel() == k
     torch.testing.assert_close(flat[indices], values, equal_nan=True)
     torch.testing.assert_close(values.sort().values, want.sort().values, equal_nan=True)
+    # pruned: topk over the chunk maxima, then over a few candidates; else over everything
+    assert (max(spy.sizes) < len(flat)) == pruned, spy.sizes
+    assert spy.sizes[-1] < 3 * k if pruned else spy.sizes[-1] == len(flat)
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])

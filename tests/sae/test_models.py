@@ -5,7 +5,7 @@ import torch
 
 import sae
 from sae.models import auxk_activation, batch_topk_activation, topk_activation
-from tests.conftest import make_sae
+from tests.conftest import TopkSizes, make_sae
 
 
 def hand_pre(d, x):
@@ -197,7 +197,9 @@ def test_auxk_activation_is_the_relu_d_top_k_with_its_gradient(shift):
     pre = (torch.randn(64, 40) + shift).requires_grad_()
     assert ((pre > 0).sum(-1).max() <= k) == (shift < 0)
     weights = torch.randn(64, 40)
-    got = auxk_activation(pre, k)
+    with TopkSizes() as spy:
+        got = auxk_activation(pre, k)
+    assert bool(spy.sizes) == (shift == 0)  # few positives: the ReLU, no topk
     (got * weights).sum().backward()
     grad, pre.grad = pre.grad, None
     want = topk_activation(pre, k)

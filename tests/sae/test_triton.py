@@ -59,7 +59,7 @@ def test_entry_dots_equal_the_gathered_products(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk"])
 def test_training_loss_with_triton_kernels_equals_the_dense_reference(
     monkeypatch, device, architecture
 ):
