@@ -93,10 +93,11 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def bag_offsets(rows: Tensor, n_rows: int) -> Tensor:
-    """[n_rows + 1] bag boundaries of entries sorted by row (rows without entries: empty bags)."""
-    ends = torch.bincount(rows, minlength=n_rows).cumsum(0)
-    return torch.cat([ends.new_zeros(1), ends])
+def bag_offsets(bags: Tensor, n_bags: int) -> Tensor:
+    """[n_bags + 1] boundaries of entries sorted by bag (row or latent; bags without entries are
+    empty). A search, not a count: on CUDA bincount reads its input's maximum back to the host,
+    which would stall the device several times a step."""
+    return torch.searchsorted(bags, torch.arange(n_bags + 1, device=bags.device))
 
 
 def bag_sum(index: Tensor, weight: Tensor, offsets: Tensor, table: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ Every architecture reads the same way (shapes: x [..., d_in], z [..., d_sae]):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -57,8 +58,9 @@ class LossOutput(NamedTuple):
     """Mean active latents per row."""
     z: Tensor | None = None
     """[batch, d_sae] codes used for the reconstruction; None on the sparse top-k path..."""
-    kept: Tensor | None = None
-    """...which gives the kept activations instead (1-D)."""
+    smallest: Tensor | None = None
+    """...which gives the smallest activation it kept instead (inf when none): BatchTopK's
+    threshold statistic."""
 
 
 def register(cls: type[SAE]) -> type[SAE]:
@@ -191,11 +193,14 @@ class SAE(nn.Module):
             else x_s.new_zeros(())
         )
         active = values.detach() > 0
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[latents[active]] = True
+        # entries ReLU'd to zero mark a spare slot past the end: a boolean index would make the
+        # host wait for the device (as would anything here that depends on the data's values)
+        slots = latents.masked_fill(~active, self.cfg.d_sae)
+        fired = torch.zeros(self.cfg.d_sae + 1, dtype=torch.bool, device=x.device)
+        fired = fired.index_fill_(0, slots, True)[:-1]
         return LossOutput(
             sum(parts.values()), x_hat_s / self.input_scale, parts, fired,
-            active.sum() / len(x), kept=values.detach()[active],
+            active.sum() / len(x), smallest=smallest_active(values.detach()),
         )  # fmt: skip
 
     def dead_latents(self, ctx: TrainContext) -> Tensor:
@@ -316,6 +321,11 @@ def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
     n_rows = acts.shape[:-1].numel()
     values, indices = largest(flat, min(k * n_rows, flat.numel()))
     return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
+
+
+def smallest_active(z: Tensor) -> Tensor:
+    """The smallest positive entry of z, inf when there is none."""
+    return z.masked_fill(z <= 0, math.inf).min()
 
 
 def jumprelu_activation(pre: Tensor, threshold: Tensor) -> Tensor:
@@ -456,13 +466,14 @@ class BatchTopKSAE(SAE):
         """Unit decoder rows, and the inference threshold tracks (EMA) the smallest activation
         the batch top-k kept."""
         self.normalize_decoder_()
-        kept = out.kept if out.z is None else out.z[out.z > 0]
-        if kept.numel():
-            smallest = kept.min().to(self.threshold.dtype)
-            if not self.threshold.any():  # first step: start the average at the value, not at 0
-                self.threshold.fill_(smallest)
-            else:
-                self.threshold.mul_(1 - rate).add_(rate * smallest)
+        smallest = out.smallest if out.z is None else smallest_active(out.z)
+        smallest = smallest.to(self.threshold.dtype)
+        # the first step starts the average at the value, not at 0; a batch where nothing fired
+        # leaves it; both decided on the device, without a host sync
+        average = torch.where(
+            self.threshold.any(), self.threshold * (1 - rate) + rate * smallest, smallest
+        )
+        self.threshold.copy_(torch.where(smallest.isfinite(), average, self.threshold))
 
 
 @register

@@ -146,6 +146,7 @@ class Harvester:
         parts: dict[str, list[Tensor]] = {
             k: [] for k in [*map(acts_key, self.cfg.hook), *META_KEYS]
         }
+        sums: list[Tensor] = []  # NaN/inf reach their row's sum: one cheap reduction per batch
         for b, batch in enumerate(batched(iter(windows), self.cfg.batch_size)):
             tokens = torch.from_numpy(np.stack([w.tokens for w in batch]))
             docs = torch.from_numpy(np.stack([w.docs for w in batch]))
@@ -154,17 +155,7 @@ class Harvester:
             keep[:, 0] = False  # position 0: BOS, the attention sink
             for hook, a in acts.items():
                 rows = a[keep.to(a.device)]
-                # NaN/inf reach their row's sum: one cheap reduction, the full check only if it trips
-                if (
-                    not torch.isfinite(rows.float().sum(-1)).all()
-                    and not torch.isfinite(rows).all()
-                ):
-                    bad = (~torch.isfinite(rows)).sum().item()
-                    raise NonFiniteActivations(
-                        f"{bad} NaN/inf values at hookpoint {hook!r} in batch {first_batch + b} "
-                        f"(windows {first_window + b * self.cfg.batch_size}..{first_window + b * self.cfg.batch_size + len(batch) - 1}); "
-                        "nothing from this shard was written"
-                    )
+                sums.append(rows.float().sum())
                 parts[acts_key(hook)].append(_to_host(rows))
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
             windows_idx = (first_window + b * self.cfg.batch_size + torch.arange(len(batch)))[
@@ -176,7 +167,28 @@ class Harvester:
             parts["windows"].append(windows_idx[keep].to(torch.int64))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the pinned copies have landed
+        # read once per shard: a check per batch would make the host wait for the device each time
+        if not torch.isfinite(torch.stack(sums)).all():
+            self.raise_non_finite(parts, len(windows), first_window, first_batch)
         return {k: torch.cat(v) for k, v in parts.items()}
+
+    def raise_non_finite(
+        self, parts: dict[str, list[Tensor]], n_windows: int, first_window: int, first_batch: int
+    ) -> None:
+        """Name the first batch and hookpoint with a NaN/inf value (a sum can also overflow to
+        inf from finite values: then there is none, and the shard is fine)."""
+        size = self.cfg.batch_size
+        for b in range(len(parts["tokens"])):
+            for hook in self.cfg.hook:
+                rows = parts[acts_key(hook)][b]
+                if bad := int((~torch.isfinite(rows)).sum()):
+                    start = first_window + b * size
+                    end = first_window + min(n_windows, (b + 1) * size) - 1
+                    raise NonFiniteActivations(
+                        f"{bad} NaN/inf values at hookpoint {hook!r} in batch {first_batch + b} "
+                        f"(windows {start}..{end}); "
+                        "nothing from this shard was written"
+                    )
 
     def prepare_in_background(self) -> bool:
         """Serializing and hashing a shard is CPU work: give it to the writer thread where that

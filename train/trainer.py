@@ -261,8 +261,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
 
     # one optimizer step for every SAE on one batch
-    def train_step(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
+    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
+        """Steps every member; returns the metrics, still on the device (`host_metrics` reads
+        them). Nothing here waits for the device but AuxK's dead-latent index."""
+        metrics: dict[str, Tensor | float] = {}
         warm = min(
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
@@ -278,10 +280,6 @@ class Trainer:
             )
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
                 out = m.sae.training_loss(x, ctx)
-            if not torch.isfinite(out.loss):
-                raise NonFiniteLoss(
-                    f"SAE {m.name}: loss is {out.loss.item()} at step {self.step}; the last checkpoint is kept in {self.out}"
-                )
             m.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.world.average_gradients(m.sae)
@@ -292,26 +290,37 @@ class Trainer:
             self.world.average_buffers(m.sae)
             fired = self.world.any_rank(out.fired)
             m.tokens_since_fired += len(x)
-            m.tokens_since_fired[fired] = 0
-            metrics.update(self.member_metrics(m, x, out, ctx))
+            m.tokens_since_fired.masked_fill_(fired, 0)
+            metrics.update(self.member_metrics(m, x, out))
         return metrics
 
-    def member_metrics(
-        self, m: Member, x: Tensor, out: LossOutput, ctx: TrainContext
-    ) -> dict[str, float]:
+    def member_metrics(self, m: Member, x: Tensor, out: LossOutput) -> dict[str, Tensor | float]:
         """SAELens's W&B names; suffixed with the SAE's name when a run trains several."""
         with torch.no_grad():
             variance = (x - x.mean(0)).pow(2).sum()
-            values = {f"losses/{k}": v.item() for k, v in out.parts.items()}
-            values["losses/overall_loss"] = out.loss.item()
-            values["metrics/explained_variance"] = (
-                1 - ((x - out.x_hat).pow(2).sum() / variance).item()
-            )
-            values["metrics/l0"] = out.l0.item()
-            values["sparsity/dead_features"] = int((m.tokens_since_fired > self.dead_tokens).sum())
+            values = {f"losses/{k}": v.detach() for k, v in out.parts.items()}
+            values["losses/overall_loss"] = out.loss.detach()
+            values["metrics/explained_variance"] = 1 - (x - out.x_hat).pow(2).sum() / variance
+            values["metrics/l0"] = out.l0
+            values["sparsity/dead_features"] = (m.tokens_since_fired > self.dead_tokens).sum()
             values["details/current_learning_rate"] = m.optimizer.param_groups[0]["lr"]
-        suffix = f"/{m.name}" if len(self.members) > 1 else ""
-        return {k + suffix: v for k, v in values.items()}
+        return {k + self.suffix(m): v for k, v in values.items()}
+
+    def suffix(self, m: Member) -> str:
+        return f"/{m.name}" if len(self.members) > 1 else ""
+
+    def record(self, tracker: Tracker, metrics: dict[str, Tensor | float], step: int) -> None:
+        """Log a step's metrics, stopping the run if a loss is not finite (before any checkpoint
+        holds its weights). The run calls this after queueing the next step, so on a GPU reading
+        them back waits for that step only, while the next one runs."""
+        values = host_metrics(metrics)
+        for m in self.members:
+            loss = values["losses/overall_loss" + self.suffix(m)]
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"SAE {m.name}: loss is {loss} at step {step}; the last checkpoint is kept in {self.out}"
+                )
+        tracker.log(values, step)
 
     def init_b_dec(self, batch: dict[str, Tensor]) -> None:
         """b_dec starts at the geometric median (or mean) of the first batch, in the SAE's units."""
@@ -344,19 +353,26 @@ class Trainer:
             desc="train",
             disable=None,
         )
+        pending = None  # the last step's metrics, recorded once the next step is queued
         for batch in batches:
             if self.step == 0:
                 self.init_b_dec(batch)
             metrics = self.train_step(batch)
             self.step += 1
-            tracker.log(metrics, self.step)
+            if pending is not None:
+                self.record(tracker, *pending)
+            pending = (metrics, self.step)
             bar.update(cfg.batch_size)
             if (
                 cfg.checkpoint_every
                 and self.step % cfg.checkpoint_every == 0
                 and self.step < self.total_steps
             ):
+                self.record(tracker, *pending)
+                pending = None
                 self.save_checkpoint(tracker.run_id)
+        if pending is not None:
+            self.record(tracker, *pending)
         bar.close()
         self.world.barrier()
         if self.step < self.total_steps:
@@ -429,6 +445,19 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.step = meta["step"]
         return meta.get("wandb_run_id")
+
+
+def host_metrics(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """The device's metrics as numbers, in one copy (an .item() each would wait once each);
+    counts stay integers."""
+    names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
+    if not names:
+        return dict(metrics)
+    numbers = torch.stack([metrics[k].double() for k in names]).tolist()
+    values = dict(metrics)
+    for name, number in zip(names, numbers, strict=True):
+        values[name] = number if metrics[name].is_floating_point() else int(number)
+    return values
 
 
 def _only(hooks: list[str]) -> str:

@@ -94,7 +94,7 @@ def test_training_loss_equals_the_dense_reference(
     assert dense.parts["auxiliary_reconstruction_loss"].item() > 0 if dead else True
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, atol=1e-5, rtol=1e-5)
     assert torch.equal(sparse.fired, dense.fired) and sparse.l0 == dense.l0
-    assert sparse.kept.min() == dense.z[dense.z > 0].min()  # BatchTopK's threshold statistic
+    assert sparse.smallest == dense.z[dense.z > 0].min()  # BatchTopK's threshold statistic
     for got, want in zip(sparse_grads, grads(params), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

@@ -2,6 +2,7 @@
 corruption, NaN, a dataset that runs out, and refusing to mix caches."""
 
 import json
+import re
 from itertools import islice
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from sae.hooks import record
 from sae.lm import blocks
 from tests.conftest import sigkill_when, start_sae
 from train.cache import IDENTITY, CacheMismatch, CacheWriter, load_cache
+from train.config import HarvestConfig
 from train.data import load_documents
 from train.harvest import Harvester, NonFiniteActivations, capture, harvest
 
@@ -196,36 +198,42 @@ def poisoned_model(tmp_path, smollm2):
     for i in range(6):
         (data / f"{i}.txt").write_text(clean_text)
     (data / "9.txt").write_text("Zounds! quoth Falstaff. " * 10)
-    return tmp_path / "model", data
+    return tmp_path / "model", data, bad
 
 
-def test_nan_activations_raise_and_nothing_bad_is_written(tmp_path, poisoned_model):
-    model, data = poisoned_model
+@pytest.mark.parametrize(("batch_size", "shard_windows"), [(2, 2), (2, 6)])
+def test_nan_activations_raise_and_nothing_bad_is_written(
+    tmp_path, poisoned_model, batch_size, shard_windows
+):
+    model, data, bad = poisoned_model
     out = tmp_path / "cache"
-    with pytest.raises(
-        NonFiniteActivations,
-        match=r"NaN/inf values at hookpoint 'blocks.1.hook_resid_post' in batch \d+ \(windows \d+\.\.\d+\)",
-    ):
-        harvest(
-            model=str(model),
-            dataset=str(data),
-            out=str(out),
-            hook=["blocks.1.hook_resid_post"],
-            tokens=10_000,
-            context_size=16,
-            batch_size=2,
-            shard_windows=2,
-            pack=False,
-            device="cpu",
-        )
-    c = load_cache(out)
-    assert not c.manifest["complete"] and len(c.manifest["shards"]) > 0, (
-        "shards before the bad batch are kept"
+    cfg = HarvestConfig(
+        model=str(model), dataset=str(data), out=str(out), hook=["blocks.1.hook_resid_post"],
+        tokens=10_000, context_size=16, batch_size=batch_size, shard_windows=shard_windows,
+        pack=False, device="cpu",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteActivations) as error:
+        harvest(cfg)
+    found = re.search(
+        r"NaN/inf values at hookpoint 'blocks.1.hook_resid_post' in batch (\d+) \(windows (\d+)\.\.(\d+)\)",
+        str(error.value),
     )
-    c.verify()
-    for i in range(len(c.manifest["shards"])):
-        assert torch.isfinite(c.read_shard(i)["acts.blocks.1.hook_resid_post"]).all()
+    assert found, str(error.value)
+    batch, first, last = map(int, found.groups())
+    # the message names the first batch holding the poisoned token, and its windows
+    windows = [bad in w.tokens for w in islice(Harvester(cfg).windows(), last + 1)]
+    assert windows.index(True) // batch_size == batch
+    assert (first, last) == (batch * batch_size, (batch + 1) * batch_size - 1)
     assert not list(out.glob(".tmp-*")), "no partial files"
+    kept = first // shard_windows  # the shards before the poisoned batch's
+    if not kept:
+        assert not list(out.glob("*")), "nothing was written"
+        return
+    c = load_cache(out)
+    assert not c.manifest["complete"] and len(c.manifest["shards"]) == kept
+    c.verify()
+    for i in range(kept):
+        assert torch.isfinite(c.read_shard(i)["acts.blocks.1.hook_resid_post"]).all()
 
 
 def test_harvest_to_s3_resumes_and_matches_local(s3_bucket, cache):

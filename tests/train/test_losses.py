@@ -70,17 +70,23 @@ def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     d = make_sae("batchtopk", k=2)
     d.threshold.zero_()
     x = torch.randn(8, 6)
-    out = d.training_loss(x, TrainContext())  # the sparse path: kept activations, no dense z
-    assert len(out.kept) == 16 and (out.kept > 0).all()
+    z = d.batch_activate(d.pre_acts(x))
+    out = d.training_loss(x, TrainContext())  # the sparse path: no dense z, its smallest kept value
+    assert out.z is None and out.smallest == z[z > 0].min()
     d.after_step(out)
-    first = out.kept.min().item()
+    first = out.smallest.item()
     torch.testing.assert_close(d.threshold, torch.full((16,), first))  # the first step sets it
     out = d.training_loss(torch.randn(8, 6), TrainContext())
     d.after_step(out)
-    torch.testing.assert_close(
-        d.threshold, torch.full((16,), 0.99 * first + 0.01 * out.kept.min().item())
-    )
+    second = 0.99 * first + 0.01 * out.smallest.item()
+    torch.testing.assert_close(d.threshold, torch.full((16,), second))
     torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(16))
+    with torch.no_grad():
+        d.b_enc.fill_(-1e4)  # nothing fires: the threshold stays
+    out = d.training_loss(torch.randn(8, 6), TrainContext())
+    assert out.l0 == 0 and out.smallest == float("inf") and not out.fired.any()
+    d.after_step(out)
+    torch.testing.assert_close(d.threshold, torch.full((16,), second))
 
 
 def test_matryoshka_loss_is_mean_of_prefix_mses():

@@ -154,7 +154,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                 x[3, 2] = float("nan")
             yield x
 
-    with pytest.raises(NonFiniteLoss, match="loss is nan at step 7"):
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 8"):
         train.fit(
             batches(),
             d_sae=64,
@@ -335,3 +335,33 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 20, (
         "rank 0 alone logs"
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_a_cuda_step_waits_for_the_device_only_for_the_dead_latents(tmp_path, architecture):
+    """A step that reads nothing back keeps the GPU busy while the host queues the next one: the
+    only sync is AuxK's index of the dead latents (their number sizes its matmuls)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from train.config import TrainConfig
+    from train.trainer import Trainer
+
+    x = torch.randn(1024, 64, device="cuda")
+    cfg = TrainConfig(architecture=architecture, d_sae=512, k=8, batch_size=1024,
+                      total_tokens=10**6, out=str(tmp_path), device="cuda", hook="h")  # fmt: skip
+    trainer = Trainer(cfg, iter([x]))
+    (member,) = trainer.members
+    trainer.train_step({"h": x})  # Triton compiles, the allocator warms up
+    member.tokens_since_fired[:32] = 10**12  # dead latents: AuxK runs
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            metrics = trainer.train_step({"h": x})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert metrics["losses/auxiliary_reconstruction_loss"].item() > 0
