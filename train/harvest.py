@@ -64,6 +64,13 @@ def capture(model: nn.Module, hooks: list[str], **inputs: Tensor) -> dict[str, T
     return acts
 
 
+def host_core_spare(device: torch.device) -> bool:
+    """Whether host-side work (serializing shards, reading batches) gets a thread of its own: with
+    CUDA, where the host mostly waits for the GPU, or where torch leaves a core unused. On a CPU box
+    whose cores all run the model's or the SAE's matmuls a thread would only take turns with them."""
+    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,11 +198,10 @@ class Harvester:
                     )
 
     def prepare_in_background(self) -> bool:
-        """Serializing and hashing a shard is CPU work: give it to the writer thread where that
-        thread has a core of its own (always with CUDA, where the host mostly waits for the GPU).
-        On a CPU box whose cores all run the forward's matmuls it is done in line, and only the
-        I/O (write, fsync, rename), which barely uses a core, overlaps the next forward passes."""
-        return self.device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
+        """Serializing and hashing a shard is CPU work: the writer thread does it where it has a
+        core (`host_core_spare`); otherwise it is done in line, and only the I/O (write, fsync,
+        rename), which barely uses a core, overlaps the next forward passes."""
+        return host_core_spare(self.device)
 
     def stream(self) -> Iterator[dict[str, Tensor]]:
         """Rows without a cache, for training straight from the model: each group of

@@ -12,11 +12,13 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,8 +30,10 @@ from train import checkpoint
 from train.cache import ActivationCache
 from train.config import SPARSITY_DEFAULTS, HarvestConfig, SAESpec, TrainConfig
 from train.distributed import World
-from train.harvest import resolve_device
+from train.harvest import host_core_spare, resolve_device
 from train.tracking import Tracker
+
+T = TypeVar("T")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -83,6 +87,34 @@ class Source:
             yield from self.cache.batches(
                 self.batch_size, hook=self.hooks, seed=self.seed + epoch, drop_last=True
             )
+
+
+def prefetched(
+    items: Iterable[T], depth: int = 2, prepare: Callable[[T], T] | None = None
+) -> Iterator[T]:
+    """The items in order, each read (and `prepare`d) up to `depth` ahead by a worker thread, so
+    a cache's shard reads, hash checks and shuffles, or a pinned copy, happen while the device
+    steps. An error is raised where its item would have come; closing stops the reading."""
+    it = iter(items)
+    done = object()
+
+    def take():
+        item = next(it, done)
+        return item if item is done or prepare is None else prepare(item)
+
+    pool = ThreadPoolExecutor(max_workers=1)  # one worker: the iterator is never run twice at once
+    try:
+        ahead = deque(pool.submit(take) for _ in range(depth))
+        while (item := ahead.popleft().result()) is not done:
+            ahead.append(pool.submit(take))
+            yield item
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def pinned(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Page-locked host copies: the copy to the GPU can then run without the host waiting."""
+    return {k: v.pin_memory() for k, v in batch.items()}
 
 
 def rebatch(chunks: Iterable[dict[str, Tensor]], batch_size: int) -> Iterator[dict[str, Tensor]]:
@@ -345,6 +377,8 @@ class Trainer:
         )
         tracker.truncate_after(self.step)  # a fresh run starts an empty metrics.jsonl
         batches = islice(iter(self.source), self.step, self.total_steps)
+        if host_core_spare(self.device):
+            batches = prefetched(batches, prepare=pinned if self.device.type == "cuda" else None)
         bar = tqdm(
             total=self.total_steps * cfg.batch_size,
             initial=self.step * cfg.batch_size,

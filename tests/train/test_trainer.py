@@ -16,7 +16,7 @@ import train
 from tests.conftest import sigkill_when, start_sae
 from train.cache import ActivationCache, CacheWriter
 from train.tracking import read_offline_run
-from train.trainer import NonFiniteLoss
+from train.trainer import NonFiniteLoss, prefetched
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -144,6 +144,50 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     torch.testing.assert_close(
         torch.tensor(curve(killed)), torch.tensor(curve(tmp_path / "clean")), atol=1e-5, rtol=1e-4
     )
+
+
+def test_prefetched_keeps_order_raises_in_place_and_stops_reading_when_closed():
+    read = []
+
+    def shards(bad: int | None = None):
+        for i in range(1000):
+            read.append(i)
+            if i == bad:
+                raise ValueError(f"shard {i} is corrupt")
+            yield i
+
+    assert list(prefetched(shards(), prepare=lambda i: -i))[:5] == [0, -1, -2, -3, -4]
+    got = []
+    with pytest.raises(ValueError, match="shard 5 is corrupt"):
+        got.extend(prefetched(shards(bad=5), depth=3))
+    assert got == [0, 1, 2, 3, 4]
+    read.clear()
+    items = prefetched(shards(), depth=2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    time.sleep(0.2)
+    assert len(read) <= 3 + 2, "reads at most `depth` ahead, and stops when closed"
+
+
+def test_batches_read_in_a_background_thread_train_the_same(tmp_path, monkeypatch):
+    synthetic_cache(tmp_path / "cache", rows=12_000, shard_rows=1_000)
+    threads = []
+    monkeypatch.setattr(
+        train.trainer,
+        "prefetched",
+        lambda items, **kw: threads.append(1) or prefetched(items, **kw),
+    )
+    runs = {}
+    for background in (False, True):
+        monkeypatch.setattr(train.trainer, "host_core_spare", lambda device, b=background: b)
+        out = tmp_path / f"run-{background}"
+        sae_ = train.fit(str(tmp_path / "cache"), d_sae=128, k=8, total_tokens=10_000,
+                         batch_size=500, checkpoint_every=7, out=str(out))  # fmt: skip
+        runs[background] = (sae_.state_dict(), (out / "metrics.jsonl").read_text())
+    assert threads == [1], "the background run, and only it, read through a worker thread"
+    assert runs[True][1] == runs[False][1] and len(runs[True][1].splitlines()) == 20
+    for name, weight in runs[False][0].items():
+        assert torch.equal(runs[True][0][name], weight), name
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
