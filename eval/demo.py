@@ -75,6 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_cfg = TrainConfig(
         cache=cache.url, out=str(out), total_tokens=cfg.train_tokens, batch_size=cfg.batch_size, lr=cfg.lr,
         warmup_steps=cfg.warmup_steps, sweep=sweep, wandb_project=cfg.wandb_project, device="cpu",
+        overwrite=True,  # running the demo again trains it again
     )  # fmt: skip
     saes = Trainer(train_cfg, cache).run()
     summary = {}
@@ -102,5 +103,5 @@ def print_summary(summary: dict, out: Path, heldout_tokens: int) -> None:
         f"\nlook at: {out}/sae (sae.load it), {out}/summary.json, {out}/metrics.jsonl, {out}/wandb (offline W&B run: `wandb sync`)"
     )
     print(
-        f"score it fully (spliced-in loss, purity, absorption): sae eval {out}/sae --cache {out}/heldout"
+        f"score it fully (spliced-in loss, purity, absorption): sae eval {out}/sae --cache {out}/heldout --tokens 0 --json {out}/sae/eval.json"
     )

@@ -67,7 +67,8 @@ class EvalConfig:
     """Take the token windows from this activation cache instead of the dataset (e.g. the held-out
     cache of `sae demo`), so the scores are on exactly the harvested tokens (and its context size)."""
     tokens: int = 50_000
-    """Tokens to score (positions 1.. of each window)."""
+    """Tokens to score (positions 1.. of each window, rounded up to whole windows); 0: every whole
+    window of the dataset split or cache."""
     context_size: int = 128
     """Window length in tokens, BOS included."""
     batch_size: int = 8
@@ -218,14 +219,22 @@ def cache_windows(cache: ActivationCache, bos: int) -> Iterator[Tensor]:
 
 
 def take_tokens(windows: Iterator[Tensor], tokens: int, context_size: int, source: str) -> Tensor:
-    """Stack windows until `tokens` scored tokens; say how many were needed when the text is short."""
+    """Stack whole windows until `tokens` scored tokens (0: every whole window the source has);
+    say how many were needed when the text is short."""
     per_window = context_size - 1
+    whole = (w for w in windows if len(w) == context_size)
+    if tokens <= 0:
+        chosen = list(whole)
+        if not chosen:
+            raise ValueError(f"{source} has no whole window of {context_size} tokens to score")
+        return torch.stack(chosen)
     needed = -(-tokens // per_window)
-    chosen = list(islice((w for w in windows if len(w) == context_size), needed))
+    chosen = list(islice(whole, needed))
     if len(chosen) < needed:
         raise ValueError(
             f"{source} gave {len(chosen) * per_window} tokens in windows of {context_size}; "
-            f"the evaluation needs {needed * per_window} (--tokens {tokens}): lower --tokens or use more text"
+            f"the evaluation needs {needed * per_window} (--tokens {tokens}, in whole windows): "
+            "lower --tokens, or --tokens 0 for all of it"
         )
     return torch.stack(chosen)
 

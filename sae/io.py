@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +76,32 @@ def save(sae: SAE, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {name: t.contiguous().cpu() for name, t in sae.folded_state_dict().items()}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     text = json.dumps(saelens_cfg(sae), indent=2)
-    _atomic_write(path / CFG_FILE, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / CFG_FILE, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
-def _atomic_write(target: Path, write) -> None:
+def _new_file_mode() -> int:
+    """The mode a new file gets under the umask (read once, at import: setting the umask to read it
+    is not thread-safe). mkstemp and safetensors make owner-only files, which no one else could
+    read in a shared run or cache folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _new_file_mode()
+
+
+def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
+    """`write(tmp)` a temporary file beside `target`, then fsync and rename it into place, so
+    readers see either nothing or all of it; with the mode a new file gets."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -16,8 +16,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import fsspec
@@ -27,6 +27,8 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from sae.io import atomic_write
 
 FORMAT = "sae-forge-activations/1"
 MANIFEST = "manifest.json"
@@ -68,18 +70,7 @@ def acts_key(hook: str) -> str:
 def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` so that readers see either nothing or all of it."""
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
     else:
         fs.pipe_file(path, data)  # one PUT: objects appear whole or not at all
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.io import FILE_MODE
+
 NAME = "checkpoint"
 
 
@@ -26,6 +28,7 @@ def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors"
     )
+    (tmp / "state.safetensors").chmod(FILE_MODE)  # safetensors makes it owner-only
     (tmp / "state.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -112,6 +112,8 @@ class TrainConfig(SAESpec):
     """Steps between checkpoints (0: only at the end)."""
     resume: bool = False
     """Continue from the run directory's checkpoint."""
+    overwrite: bool = False
+    """Replace a run already in `out`; without it (or --resume) such a directory is refused."""
     wandb_project: str = ""
     """Log to this W&B project (offline when no API key is set); empty: no W&B."""
     wandb_entity: str = ""

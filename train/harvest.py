@@ -220,6 +220,11 @@ class Harvester:
         c = self.cfg
         writer = CacheWriter(c.out, self.identity())
         if writer.manifest["complete"]:
+            if writer.rows_done < c.tokens and "note" not in writer.manifest:
+                raise FileExistsError(
+                    f"{c.out} is a finished cache of {writer.rows_done:,} tokens, and a finished "
+                    f"cache is not extended (to {c.tokens:,}): harvest into a new --out"
+                )
             print(
                 f"{c.out}: harvest already complete ({writer.rows_done:,} tokens)", file=sys.stderr
             )

@@ -366,6 +366,11 @@ class Trainer:
 
     def run(self) -> list[SAE]:
         cfg = self.cfg
+        if not (cfg.resume or cfg.overwrite) and (found := self.previous_run()):
+            raise FileExistsError(
+                f"{self.out} already holds a run ({', '.join(found)}): --resume continues it, "
+                "--overwrite replaces it, or choose another --out"
+            )
         tracker_id = self.restore() if cfg.resume else None
         tracker = Tracker(
             self.out,
@@ -422,6 +427,10 @@ class Trainer:
         tracker.finish()
         self.world.barrier()
         return [m.sae for m in self.members]
+
+    def previous_run(self) -> list[str]:
+        """What an earlier run left in the run directory (its metrics and checkpoint)."""
+        return [name for name in ("metrics.jsonl", checkpoint.NAME) if (self.out / name).exists()]
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, run_id: str | None) -> None:
@@ -497,7 +506,7 @@ def host_metrics(metrics: dict[str, Tensor | float]) -> dict[str, float]:
 def _only(hooks: list[str]) -> str:
     if len(hooks) != 1:
         raise ValueError(
-            f"the cache holds several hookpoints {hooks}; name one with --hook (or `hook` per sweep entry)"
+            f"the cache holds several hookpoints {hooks}; name one with --hook (`hook=` in train.fit, or `hook` per sweep entry)"
         )
     return hooks[0]
 

@@ -130,6 +130,16 @@ def test_cache_windows_are_the_harvested_tokens(small_cache, smollm2, trained_sa
     torch.testing.assert_close(acts[hook][0, 1:], cached, atol=1e-4, rtol=1e-4)
 
 
+def test_tokens_0_scores_every_whole_window(small_cache, smollm2):
+    _, tokenizer = smollm2
+    windows = list(cache_windows(small_cache, tokenizer.bos_token_id))
+    ids = take_tokens(iter(windows), 0, 64, source="the cache")
+    whole = [w for w in windows if len(w) == 64]
+    assert len(whole) > 1 and torch.equal(ids, torch.stack(whole))
+    with pytest.raises(ValueError, match="the cache has no whole window of 64 tokens"):
+        take_tokens(iter(windows[-1:-1]), 0, 64, source="the cache")
+
+
 def test_mismatched_sae_is_refused_before_any_forward(same_model):
     model, _ = same_model
     calls = []
@@ -152,7 +162,7 @@ def test_short_dataset_says_how_many_tokens_it_needed(tmp_path, same_model):
     d = sae.create("topk", d_in=576, d_sae=64, k=4, hook_name="blocks.6.hook_resid_post")
     with pytest.raises(
         ValueError,
-        match=r"gave \d+ tokens in windows of 64; the evaluation needs 630 \(--tokens 600\)",
+        match=r"gave \d+ tokens in windows of 64; the evaluation needs 630 \(--tokens 600, in whole windows\): lower --tokens, or --tokens 0",
     ):
         ev.evaluate(d, dataset=str(text), tokens=600, context_size=64)
     (tmp_path / "empty.txt").write_text("")

@@ -131,6 +131,9 @@ def test_existing_cache_from_other_hooks_is_refused_and_complete_one_is_kept(cac
         **SMALL,
     )
     assert again.manifest == before
+    with pytest.raises(FileExistsError, match=r"a finished cache of 1,500 tokens.*not extended"):
+        harvest(out=cache.url, **{**SMALL, "tokens": 3000})
+    assert json.loads((Path(cache.url) / "manifest.json").read_text()) == before
 
 
 def run_cli(out):
@@ -159,18 +162,13 @@ def test_dataset_shorter_than_tokens_stops_cleanly(tmp_path, capsys):
     (tmp_path / "text.txt").write_text(
         "Now is the winter of our discontent made glorious summer by this sun of York. " * 20
     )
-    c = harvest(
-        out=str(tmp_path / "c"),
-        dataset=str(tmp_path / "text.txt"),
-        tokens=100_000,
-        context_size=32,
-        batch_size=2,
-        shard_windows=4,
-        device="cpu",
-    )
+    settings = {"out": str(tmp_path / "c"), "dataset": str(tmp_path / "text.txt"), "tokens": 100_000,
+                "context_size": 32, "batch_size": 2, "shard_windows": 4, "device": "cpu"}  # fmt: skip
+    c = harvest(**settings)
     assert c.manifest["complete"] and 0 < len(c) < 100_000
     assert "the dataset ended after" in c.manifest["note"]
     assert "the dataset ended after" in capsys.readouterr().err
+    assert harvest(**settings).manifest == c.manifest, "the same command again: already complete"
 
 
 @pytest.fixture
@@ -224,7 +222,7 @@ def test_nan_activations_raise_and_nothing_bad_is_written(
     windows = [bad in w.tokens for w in islice(Harvester(cfg).windows(), last + 1)]
     assert windows.index(True) // batch_size == batch
     assert (first, last) == (batch * batch_size, (batch + 1) * batch_size - 1)
-    assert not list(out.glob(".tmp-*")), "no partial files"
+    assert not list(out.glob(".*")), "no partial files"
     kept = first // shard_windows  # the shards before the poisoned batch's
     if not kept:
         assert not list(out.glob("*")), "nothing was written"

@@ -3,10 +3,12 @@ logs read back, and the guards (NaN loss, bad configs, mismatched caches)."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,6 +190,41 @@ def test_batches_read_in_a_background_thread_train_the_same(tmp_path, monkeypatc
     assert runs[True][1] == runs[False][1] and len(runs[True][1].splitlines()) == 20
     for name, weight in runs[False][0].items():
         assert torch.equal(runs[True][0][name], weight), name
+
+
+def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
+    """Caches and runs are often shared folders: no file may come out readable by its owner only
+    (mkstemp and safetensors would make them so)."""
+    synthetic_cache(tmp_path / "cache", rows=4000)
+    train.fit(str(tmp_path / "cache"), d_sae=64, k=4, total_tokens=2000, batch_size=500,
+              checkpoint_every=2, out=str(tmp_path / "run"))  # fmt: skip
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {
+        str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+        for p in tmp_path.rglob("*")
+        if p.is_file()
+    }
+    kinds = {Path(name).name.split(".")[-1] for name in modes}
+    assert {"safetensors", "json", "jsonl"} <= kinds and any("checkpoint" in n for n in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o666 & ~mask} == {}
+
+
+def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    def fit(**settings):
+        data = (torch.randn(100, 16) for _ in range(4))
+        return train.fit(data, d_sae=32, k=4, total_tokens=400, batch_size=100, out=str(tmp_path),
+                         checkpoint_every=2, **settings)  # fmt: skip
+
+    fit()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(
+        FileExistsError, match=r"holds a run \(metrics.jsonl, checkpoint\): --resume"
+    ):
+        fit()
+    assert (tmp_path / "metrics.jsonl").read_text() == before, "nothing of the first run is lost"
+    fit(overwrite=True)
+    assert (tmp_path / "metrics.jsonl").read_text() != before
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
