@@ -261,8 +261,12 @@ def _synthetic_report(d: SAE, cfg: EvalConfig) -> dict:
 
     fields = {} if cfg.synthetic == "default" else _read_options(cfg.synthetic)
     data = SyntheticData(SyntheticConfig(**fields))
+    try:
+        scores = recovery(d, data)
+    except ValueError as e:  # say which spec did not fit the SAE
+        raise ValueError(f"--synthetic {cfg.synthetic}: {e}") from e
     report = {
-        "synthetic": recovery(d, data),
+        "synthetic": scores,
         "meta": {"schema": SCHEMA, "sae": cfg.sae, "synthetic": fields},
     }
     _write(report, cfg.json)

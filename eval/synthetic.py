@@ -345,6 +345,11 @@ def recovery(
     split_features (list of {feature, latents}); absorption (mean over pairs whose child fired,
     None without any) and absorption_pairs (list of {parent, child, parent_latent, child_latent,
     child_latent_parent_cosine, child_samples, absorption})."""
+    if data.cfg.d != sae.cfg.d_in:
+        raise ValueError(
+            f"the synthetic data has width d={data.cfg.d} but the SAE has d_in={sae.cfg.d_in}; "
+            "score an SAE with the synthetic spec it was trained on"
+        )
     cos = feature_cosines(data.features, sae)  # [n_features, d_sae]
     pairs = torch.tensor(data.hierarchy, dtype=torch.long, device=cos.device).view(-1, 2)
     parent_latent = cos[pairs[:, 0]].argmax(1)  # [n_pairs]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib
 import inspect
 import json
@@ -15,7 +16,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 import yaml
@@ -23,7 +24,16 @@ import yaml
 
 # -- dataclass -> argparse ------------------------------------------------------------------------
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (the sparsify/simple_parsing style)."""
+    """The docstring written under each field of a dataclass (the sparsify/simple_parsing style),
+    inherited ones included: base dataclasses first, so that a subclass's own docstring wins."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
@@ -202,12 +212,33 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that rejects unknown flags itself. A stock subparser hands them up
+    to `sae`, whose error shows the top-level usage instead of the subcommand's; this one names
+    the subcommand and suggests the closest flag."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            hints = [
+                f"did you mean {close[0]}?"
+                for extra in extras
+                if extra.startswith("-")
+                and (close := difflib.get_close_matches(extra.split("=")[0], flags, n=1))
+            ]
+            self.error("; ".join([f"unrecognized arguments: {' '.join(extras)}", *hints]))
+        return namespace, extras
+
+
 def parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only `command`'s options are imported and added (all when None)."""
     top = argparse.ArgumentParser(
         prog="sae", description="sae-forge: train, evaluate and use sparse autoencoders."
     )
-    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = top.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=SubcommandParser
+    )
     for name, spec in COMMANDS.items():
         options = _resolve(spec.options) if command in (None, name) else None
         p = sub.add_parser(
@@ -217,6 +248,31 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
             add_options(p, options)
             p.add_argument("--config", help="YAML or JSON file of options (flags override it)")
     return top
+
+
+USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError, ArithmeticError)
+"""Errors of what the user gave (files, names, shapes, settings): printed as one line."""
+
+
+def remote_errors() -> tuple[type[Exception], ...]:
+    """botocore's errors of remote storage set-up (credentials, region, endpoint, access), which
+    s3fs passes up unchanged and which are not OSErrors. Looked up only if botocore was imported:
+    when it was not, nothing could have raised them, and `sae --help` stays free of it."""
+    boto = sys.modules.get("botocore.exceptions")
+    if boto is None:
+        return ()
+    return (
+        boto.NoCredentialsError,
+        boto.PartialCredentialsError,
+        boto.NoRegionError,
+        boto.ConnectionError,  # EndpointConnectionError, timeouts, proxy and SSL failures
+        boto.ClientError,  # the server's refusals: AccessDenied, NoSuchBucket, ...
+    )
+
+
+def urls(opts: Any) -> list[str]:
+    """The options' values that are URLs (s3://bucket/prefix, ...): where a remote error came from."""
+    return [v for f in fields(opts) if isinstance(v := getattr(opts, f.name), str) and "://" in v]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -230,10 +286,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"sae {args.command}: {e}") from e
     try:
         _resolve(spec.run)(opts)
-    except (ValueError, OSError, KeyError, RuntimeError, ArithmeticError) as e:
-        if os.environ.get("SAE_DEBUG"):
+    except Exception as e:
+        remote = isinstance(e, remote_errors())
+        if os.environ.get("SAE_DEBUG") or not (remote or isinstance(e, USER_ERRORS)):
             raise
-        raise SystemExit(f"sae {args.command}: {type(e).__name__}: {e}") from e
+        where = f" (accessing {', '.join(urls(opts))})" if remote and urls(opts) else ""
+        raise SystemExit(f"sae {args.command}: {type(e).__name__}: {e}{where}") from e
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -93,12 +94,24 @@ def load_lm(
     loss); encoders (BERT) as the bare model."""
     path = model_path(name)
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; ours show the real work
-    config = AutoConfig.from_pretrained(path)
-    causal = any(
-        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or [])
-    )
-    auto = AutoModelForCausalLM if causal else AutoModel
-    model = auto.from_pretrained(path, dtype=dtype).to(device).eval()
+    try:
+        config = AutoConfig.from_pretrained(path)
+        causal = any(
+            a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
+            for a in (config.architectures or [])
+        )
+        auto = AutoModelForCausalLM if causal else AutoModel
+        model = auto.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        if Path(path).is_dir():  # transformers' own message names the folder and the missing file
+            raise
+        where = (
+            "available offline in the Hugging Face cache (offline mode is set)"
+            if is_offline_mode()
+            else f"fetchable from the Hugging Face Hub ({str(e).splitlines()[0]})"
+        )
+        raise OSError(f"model {name!r} is neither a local folder nor {where}") from e
+    model = model.to(device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -25,6 +25,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PAD_DOC = -1
 TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
+HUB_ID = re.compile(r"^[\w-][\w.-]*(/[\w.-]+)?$")
+"""A Hugging Face dataset id: `name` or `org/name`."""
 T = TypeVar("T")
 
 
@@ -77,7 +79,12 @@ def load_documents(
     if dataset == DEFAULT_DATASET:
         yield from (clean_markdown(f.read_text()) for f in shakespeare_split(split))
         return
-    path = Path(dataset)
+    path = Path(dataset).expanduser()
+    if not path.exists() and looks_like_path(dataset):
+        raise FileNotFoundError(
+            f"no such file or folder: {dataset} (a dataset is a local folder/file of text, "
+            "or a Hugging Face dataset id)"
+        )
     if path.is_file() and path.suffix in TEXT_SUFFIXES:
         yield path.read_text()
         return
@@ -101,6 +108,16 @@ def load_documents(
                 f"dataset {dataset!r} has no column {text_column!r}; columns: {sorted(row)}"
             )
         yield row[text_column]
+
+
+def looks_like_path(dataset: str) -> bool:
+    """Whether a dataset name means a local file or folder rather than a Hugging Face id: it
+    starts with '.', '~' or '/', has a data-file suffix, or is no `org/name` id (e.g. `my_txts/`)."""
+    return (
+        dataset.startswith((".", "~", "/"))
+        or Path(dataset).suffix in (*TEXT_SUFFIXES, *DATA_FILE_BUILDERS)
+        or not HUB_ID.match(dataset)
+    )
 
 
 def token_windows(

@@ -266,7 +266,7 @@ class Trainer:
                 raise ValueError(
                     "a stream of tensors feeds one hookpoint; give every SAE the same `hook`"
                 )
-            meta = {}
+            meta = {"model_name": "", "dataset_path": ""}  # unknown: not the defaults' SmolLM2
         self.source = Source(data, sorted({s.hook for s in specs}), cfg.batch_size, cfg.seed)
         self.total_steps = cfg.total_tokens // cfg.batch_size
         torch.manual_seed(cfg.seed)

@@ -70,10 +70,9 @@ def test_topk_recovers_ground_truth_features(tmp_path):
     )
     cos = torch.nn.functional.normalize(d.W_dec, dim=1) @ features.T
     assert cos.max(0).values.mean() >= 0.95, "mean max cosine similarity to the true features"
-    assert (
-        sae.load(tmp_path / d.cfg.hook_name.replace(".", "_").join(["topk-k3-x128-", ""])).cfg.k
-        == 3
-    )
+    saved = sae.load(tmp_path / d.cfg.hook_name.replace(".", "_").join(["topk-k3-x128-", ""]))
+    assert saved.cfg.k == 3
+    assert (saved.cfg.model_name, saved.cfg.dataset_path) == ("", ""), "tensors: source unknown"
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

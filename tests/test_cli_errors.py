@@ -1,0 +1,112 @@
+"""What the `sae` command says when something is wrong: one line naming the thing (a flag, file,
+model, URL or width) and what was expected, instead of a library's traceback or usage."""
+
+from dataclasses import dataclass
+
+import fsspec
+import pytest
+import yaml
+from botocore.exceptions import NoCredentialsError
+
+import sae
+from eval.synthetic import SyntheticData, recovery
+from sae.cli import field_docs, main
+from sae.lm import load_lm
+from train.config import SAESpec, TrainConfig
+from train.data import load_documents
+
+MISSING_MODEL = "sae-forge-tests/no-such-model"  # never in the HF cache; tests run offline
+
+
+def test_train_help_documents_the_inherited_sae_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for name in ("architecture", "expansion_factor", "d_sae", "k", "lr", "hook", "name"):
+        assert field_docs(SAESpec)[name] in help_text
+    assert "--lr FLOAT Adam learning rate; 0 scales it by width" in help_text
+    assert "--sparsity-coefficient FLOAT L1 weight" in help_text
+    assert "0 picks the architecture's default. (default: 0.0)" in help_text
+
+
+def test_a_subclass_field_docstring_overrides_the_inherited_one():
+    @dataclass
+    class Narrower(TrainConfig):
+        k: int = 8
+        """Active latents per row, fewer here."""
+
+    docs = field_docs(Narrower)
+    assert docs["k"] == "Active latents per row, fewer here."
+    assert (
+        docs["lr"] == field_docs(SAESpec)["lr"]
+        and docs["cache"] == field_docs(TrainConfig)["cache"]
+    )
+
+
+@pytest.mark.parametrize("typo", ["--expension-factor", "--expansion_factor"])
+def test_a_mistyped_flag_is_the_subcommands_error_with_a_suggestion(typo, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", typo, "4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: sae train ")
+    assert f"sae train: error: unrecognized arguments: {typo} 4; " in err
+    assert "did you mean --expansion-factor?" in err
+
+
+@pytest.mark.parametrize("dataset", ["my_txts/", "./my_txts", "~/no/such/folder", "notes.jsonl"])
+def test_a_missing_local_dataset_is_named(dataset):
+    with pytest.raises(FileNotFoundError, match=f"no such file or folder: {dataset} "):
+        next(load_documents(dataset))
+
+
+def test_a_hub_dataset_id_still_goes_to_datasets(monkeypatch):
+    import datasets
+
+    asked = []
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, **kw: asked.append(name) or [{"text": "a row"}]
+    )
+    assert list(load_documents("roneneldan/TinyStories")) == ["a row"]
+    assert asked == ["roneneldan/TinyStories"]
+
+
+def test_a_model_neither_local_nor_cached_is_named(capsys):
+    with pytest.raises(OSError, match="neither a local folder nor available offline") as e:
+        load_lm(MISSING_MODEL)
+    assert MISSING_MODEL in str(e.value) and isinstance(e.value.__cause__, OSError)
+    with pytest.raises(SystemExit, match=f"sae harvest: OSError: model '{MISSING_MODEL}' is"):
+        main(["harvest", "--model", MISSING_MODEL])
+
+
+def test_missing_s3_credentials_are_one_line_naming_the_url(monkeypatch, tmp_path):
+    def no_credentials(url, **kwargs):
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_credentials)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--cache", "s3://nobucket/x", "--out", str(tmp_path)])
+    assert str(e.value.code) == (
+        "sae train: NoCredentialsError: Unable to locate credentials (accessing s3://nobucket/x)"
+    )
+
+
+def test_a_programming_error_keeps_its_traceback(monkeypatch, tmp_path):
+    def bug(url, **kwargs):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", bug)
+    with pytest.raises(AttributeError, match="a bug"):
+        main(["train", "--cache", "s3://nobucket/x", "--out", str(tmp_path)])
+
+
+def test_synthetic_data_of_another_width_than_the_sae_is_named(tmp_path):
+    d = sae.create("topk", d_in=64, d_sae=128, k=4)
+    with pytest.raises(ValueError, match=r"synthetic data has width d=32 but the SAE has d_in=64"):
+        recovery(d, SyntheticData(d=32, n_features=48), n=64)
+    d.save(tmp_path / "sae")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"d": 32, "n_features": 48}))
+    with pytest.raises(
+        SystemExit, match=r"sae eval: ValueError: --synthetic .*spec.yaml: .*d=32 .*d_in=64"
+    ):
+        main(["eval", str(tmp_path / "sae"), "--synthetic", str(tmp_path / "spec.yaml")])
