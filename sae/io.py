@@ -172,7 +172,13 @@ def cfg_from_dict(data: dict[str, Any], source: str) -> SAEConfig:
             return SAEConfig.from_dict(data["sae_forge"], source)
         return cfg_from_saelens(data, source)
     except ConfigError as e:
-        raise FormatError(str(e)) from e
+        raise invalid(source, e) from e
+
+
+def invalid(source: str, error: ConfigError) -> FormatError:
+    """A config check's error, naming the file it came from (the checks do not know it)."""
+    message = str(error)
+    return FormatError(message if message.startswith(source) else f"{source}: {message}")
 
 
 SAELENS_TO_OURS = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
@@ -312,7 +318,7 @@ def load_sparsify(path: Path, device: str = "cpu", dtype: str | None = None) -> 
     try:
         cfg = SAEConfig.from_dict(values, source)
     except ConfigError as e:
-        raise FormatError(str(e)) from e
+        raise invalid(source, e) from e
     state = {
         "W_enc": weights["encoder.weight"].T.contiguous(),
         "b_enc": weights["encoder.bias"],

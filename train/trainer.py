@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -269,6 +270,12 @@ class Trainer:
             meta = {"model_name": "", "dataset_path": ""}  # unknown: not the defaults' SmolLM2
         self.source = Source(data, sorted({s.hook for s in specs}), cfg.batch_size, cfg.seed)
         self.total_steps = cfg.total_tokens // cfg.batch_size
+        if cfg.warmup_steps > self.total_steps:
+            warnings.warn(
+                f"warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
+                "the learning rate never reaches lr; lower --warmup-steps",
+                stacklevel=2,
+            )
         torch.manual_seed(cfg.seed)
         self.members = [
             build_member(

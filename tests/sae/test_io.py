@@ -144,13 +144,13 @@ def test_missing_key_is_named(saved):
 
 def test_wrong_type_is_named(saved):
     edit_cfg(saved, lambda c: c["sae_forge"].update(d_sae="16"))
-    with pytest.raises(sae.FormatError, match="d_sae should be int, got str"):
+    with pytest.raises(sae.FormatError, match=r"cfg\.json.*d_sae should be int, got str"):
         sae.load(saved)
 
 
 def test_unknown_architecture_is_named(saved):
     edit_cfg(saved, lambda c: c["sae_forge"].update(architecture="relu2"))
-    with pytest.raises(sae.FormatError, match="unknown architecture 'relu2'"):
+    with pytest.raises(sae.FormatError, match=r"cfg\.json: unknown architecture 'relu2'"):
         sae.load(saved)
 
 

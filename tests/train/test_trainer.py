@@ -226,6 +226,12 @@ def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_
     assert (tmp_path / "metrics.jsonl").read_text() != before
 
 
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"warmup_steps=100 is longer than the run \(4 steps\)"):
+        train.fit((torch.randn(100, 16) for _ in range(4)), d_sae=32, k=4, total_tokens=400,
+                  batch_size=100, out=str(tmp_path))  # fmt: skip
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     def batches():
         for i in range(100):
