@@ -364,7 +364,7 @@ def test_trained_sae_loads_back_from_its_offline_wandb_artifact(tmp_path, monkey
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     first = fit_small(tmp_path, 3, 256, wandb_project="proj")
     time.sleep(1.1)  # W&B names offline runs by the second
-    second = fit_small(tmp_path, 5, 256, wandb_project="proj")
+    second = fit_small(tmp_path, 5, 256, wandb_project="proj", overwrite=True)  # the same W&B dir
     name = "topk-k4-x64-blocks_6_hook_resid_post"
     x = torch.randn(10, 32)
     for spec, expected in [
