@@ -221,9 +221,11 @@ def cache_windows(cache: ActivationCache, bos: int) -> Iterator[Tensor]:
 def take_tokens(windows: Iterator[Tensor], tokens: int, context_size: int, source: str) -> Tensor:
     """Stack whole windows until `tokens` scored tokens (0: every whole window the source has);
     say how many were needed when the text is short."""
+    if tokens < 0:
+        raise ValueError(f"--tokens must be positive, or 0 for every whole window; got {tokens}")
     per_window = context_size - 1
     whole = (w for w in windows if len(w) == context_size)
-    if tokens <= 0:
+    if tokens == 0:
         chosen = list(whole)
         if not chosen:
             raise ValueError(f"{source} has no whole window of {context_size} tokens to score")

@@ -37,6 +37,12 @@ def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove(run_dir: Path) -> None:
+    """Delete the run directory's checkpoints (an overwritten run's)."""
+    for name in (NAME, f"{NAME}.old", f".{NAME}.tmp"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
 def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest complete checkpoint, or None."""
     for name in (NAME, f"{NAME}.old"):

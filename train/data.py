@@ -101,7 +101,8 @@ def load_documents(
             DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split=split, streaming=True
         )
     else:
-        ds = datasets.load_dataset(dataset, split=split, streaming=True)
+        source = str(path) if path.exists() else dataset  # a folder of data files, or a hub id
+        ds = datasets.load_dataset(source, split=split, streaming=True)
     for row in ds:
         if text_column not in row:
             raise KeyError(

@@ -16,7 +16,9 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,11 +93,15 @@ class Source:
 
 
 def prefetched(
-    items: Iterable[T], depth: int = 2, prepare: Callable[[T], T] | None = None
+    items: Iterable[T],
+    depth: int = 2,
+    prepare: Callable[[T], T] | None = None,
+    setup: Callable[[], Any] | None = None,
 ) -> Iterator[T]:
-    """The items in order, each read (and `prepare`d) up to `depth` ahead by a worker thread, so
-    a cache's shard reads, hash checks and shuffles, or a pinned copy, happen while the device
-    steps. An error is raised where its item would have come; closing stops the reading."""
+    """The items in order, each read (and `prepare`d) up to `depth` ahead by a worker thread
+    (started with `setup`), so a cache's shard reads, hash checks and shuffles, or a pinned copy,
+    happen while the device steps; depth 0 reads in line. An error is raised where its item would
+    have come; closing stops the reading."""
     it = iter(items)
     done = object()
 
@@ -103,7 +109,12 @@ def prefetched(
         item = next(it, done)
         return item if item is done or prepare is None else prepare(item)
 
-    pool = ThreadPoolExecutor(max_workers=1)  # one worker: the iterator is never run twice at once
+    if depth == 0:
+        while (item := take()) is not done:
+            yield item
+        return
+    # one worker: the iterator is never run twice at once
+    pool = ThreadPoolExecutor(max_workers=1, initializer=setup)
     try:
         ahead = deque(pool.submit(take) for _ in range(depth))
         while (item := ahead.popleft().result()) is not done:
@@ -114,8 +125,38 @@ def prefetched(
 
 
 def pinned(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Page-locked host copies: the copy to the GPU can then run without the host waiting."""
-    return {k: v.pin_memory() for k, v in batch.items()}
+    """Page-locked copies of host tensors: their copy to the GPU then runs without the host
+    waiting (tensors already on a GPU stay)."""
+    return {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in batch.items()}
+
+
+class StepMetrics:
+    """A step's metrics on their way to the host: stacked into one tensor whose copy is queued
+    right behind the step, with an event marking its end, so reading them waits for that step
+    and never for the one queued after it (an .item() each would also wait once each)."""
+
+    def __init__(self, values: dict[str, Tensor | float], diverged: dict[str, Tensor]):
+        self.values = values
+        self.tensors = [k for k, v in values.items() if isinstance(v, Tensor)]
+        self.diverged = list(diverged)
+        stacked = torch.stack(
+            [v.double() for v in [*map(values.get, self.tensors), *diverged.values()]]
+        )
+        self.host = stacked.to("cpu", non_blocking=True)
+        self.done = torch.cuda.Event() if stacked.is_cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def read(self) -> tuple[dict[str, float], list[str]]:
+        """The metrics as numbers (counts as integers), and the SAEs whose loss was NaN/inf."""
+        if self.done is not None:
+            self.done.synchronize()
+        numbers = self.host.tolist()
+        values = dict(self.values)
+        for name, number in zip(self.tensors, numbers, strict=False):
+            values[name] = number if self.values[name].is_floating_point() else int(number)
+        flags = numbers[len(self.tensors) :]
+        return values, [name for name, flag in zip(self.diverged, flags, strict=True) if flag]
 
 
 def rebatch(chunks: Iterable[dict[str, Tensor]], batch_size: int) -> Iterator[dict[str, Tensor]]:
@@ -273,7 +314,7 @@ class Trainer:
         if cfg.warmup_steps > self.total_steps:
             warnings.warn(
                 f"warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
-                "the learning rate never reaches lr; lower --warmup-steps",
+                "the learning rate never reaches lr; lower warmup_steps (--warmup-steps)",
                 stacklevel=2,
             )
         torch.manual_seed(cfg.seed)
@@ -300,10 +341,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
 
     # one optimizer step for every SAE on one batch
-    def train_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor | float]:
-        """Steps every member; returns the metrics, still on the device (`host_metrics` reads
-        them). Nothing here waits for the device but AuxK's dead-latent index."""
+    def train_step(self, batch: dict[str, Tensor]) -> StepMetrics:
+        """Steps every member; returns the metrics on their way to the host. Nothing here waits
+        for the device but AuxK's dead-latent index."""
         metrics: dict[str, Tensor | float] = {}
+        diverged: dict[str, Tensor] = {}
         warm = min(
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
@@ -327,11 +369,14 @@ class Trainer:
             m.schedule.step()
             m.sae.after_step(out)
             self.world.average_buffers(m.sae)
-            fired = self.world.any_rank(out.fired)
+            # a NaN/inf loss on any rank stops the run: ORed with the fired latents over ranks
+            bad = ~out.loss.detach().isfinite().reshape(1)
+            flags = self.world.any_rank(torch.cat([out.fired, bad]))
+            fired, diverged[m.name] = flags[:-1], flags[-1]
             m.tokens_since_fired += len(x)
             m.tokens_since_fired.masked_fill_(fired, 0)
             metrics.update(self.member_metrics(m, x, out))
-        return metrics
+        return StepMetrics(metrics, diverged)
 
     def member_metrics(self, m: Member, x: Tensor, out: LossOutput) -> dict[str, Tensor | float]:
         """SAELens's W&B names; suffixed with the SAE's name when a run trains several."""
@@ -348,16 +393,20 @@ class Trainer:
     def suffix(self, m: Member) -> str:
         return f"/{m.name}" if len(self.members) > 1 else ""
 
-    def record(self, tracker: Tracker, metrics: dict[str, Tensor | float], step: int) -> None:
-        """Log a step's metrics, stopping the run if a loss is not finite (before any checkpoint
-        holds its weights). The run calls this after queueing the next step, so on a GPU reading
-        them back waits for that step only, while the next one runs."""
-        values = host_metrics(metrics)
+    def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:
+        """Log a step's metrics, stopping the run if a loss was NaN/inf on any rank (before any
+        checkpoint holds its weights). The run calls this after queueing the next step."""
+        values, diverged = metrics.read()
         for m in self.members:
-            loss = values["losses/overall_loss" + self.suffix(m)]
-            if not math.isfinite(loss):
+            if m.name in diverged:
+                loss = values["losses/overall_loss" + self.suffix(m)]
+                what = (
+                    f"loss is {loss}"
+                    if not math.isfinite(loss)
+                    else "loss is NaN/inf on another rank"
+                )
                 raise NonFiniteLoss(
-                    f"SAE {m.name}: loss is {loss} at step {step}; the last checkpoint is kept in {self.out}"
+                    f"SAE {m.name}: {what} at step {step}; the last checkpoint is kept in {self.out}"
                 )
         tracker.log(values, step)
 
@@ -373,11 +422,14 @@ class Trainer:
 
     def run(self) -> list[SAE]:
         cfg = self.cfg
-        if not (cfg.resume or cfg.overwrite) and (found := self.previous_run()):
-            raise FileExistsError(
-                f"{self.out} already holds a run ({', '.join(found)}): --resume continues it, "
-                "--overwrite replaces it, or choose another --out"
-            )
+        if not cfg.resume and (found := self.previous_run()):
+            if not cfg.overwrite:
+                raise FileExistsError(
+                    f"{self.out} already holds a run ({', '.join(found)}): --resume continues "
+                    "it, --overwrite replaces it, or choose another --out"
+                )
+            if self.world.is_main:  # a later --resume must not pick up the old run's state
+                checkpoint.remove(self.out)
         tracker_id = self.restore() if cfg.resume else None
         tracker = Tracker(
             self.out,
@@ -388,9 +440,7 @@ class Trainer:
             active=self.world.is_main,
         )
         tracker.truncate_after(self.step)  # a fresh run starts an empty metrics.jsonl
-        batches = islice(iter(self.source), self.step, self.total_steps)
-        if host_core_spare(self.device):
-            batches = prefetched(batches, prepare=pinned if self.device.type == "cuda" else None)
+        batches = self.batches()
         bar = tqdm(
             total=self.total_steps * cfg.batch_size,
             initial=self.step * cfg.batch_size,
@@ -399,26 +449,27 @@ class Trainer:
             desc="train",
             disable=None,
         )
-        pending = None  # the last step's metrics, recorded once the next step is queued
-        for batch in batches:
-            if self.step == 0:
-                self.init_b_dec(batch)
-            metrics = self.train_step(batch)
-            self.step += 1
+        with closing(batches):  # stops a read-ahead thread on any way out
+            pending = None  # the last step's metrics, recorded once the next step is queued
+            for batch in batches:
+                if self.step == 0:
+                    self.init_b_dec(batch)
+                metrics = self.train_step(batch)
+                self.step += 1
+                if pending is not None:
+                    self.record(tracker, *pending)
+                pending = (metrics, self.step)
+                bar.update(cfg.batch_size)
+                if (
+                    cfg.checkpoint_every
+                    and self.step % cfg.checkpoint_every == 0
+                    and self.step < self.total_steps
+                ):
+                    self.record(tracker, *pending)
+                    pending = None
+                    self.save_checkpoint(tracker.run_id)
             if pending is not None:
                 self.record(tracker, *pending)
-            pending = (metrics, self.step)
-            bar.update(cfg.batch_size)
-            if (
-                cfg.checkpoint_every
-                and self.step % cfg.checkpoint_every == 0
-                and self.step < self.total_steps
-            ):
-                self.record(tracker, *pending)
-                pending = None
-                self.save_checkpoint(tracker.run_id)
-        if pending is not None:
-            self.record(tracker, *pending)
         bar.close()
         self.world.barrier()
         if self.step < self.total_steps:
@@ -434,6 +485,18 @@ class Trainer:
         tracker.finish()
         self.world.barrier()
         return [m.sae for m in self.members]
+
+    def batches(self) -> Iterator[dict[str, Tensor]]:
+        """The run's batches from its current step on, read ahead by a worker thread where the
+        host has a core to spare (always with CUDA: pinned there, on this rank's device)."""
+        batches = islice(iter(self.source), self.step, self.total_steps)
+        if not host_core_spare(self.device):
+            return prefetched(batches, depth=0)
+        if self.device.type != "cuda":
+            return prefetched(batches)
+        # a thread's current CUDA device starts at 0: give the worker this rank's
+        setup = partial(torch.cuda.set_device, torch.cuda.current_device())
+        return prefetched(batches, prepare=pinned, setup=setup)
 
     def previous_run(self) -> list[str]:
         """What an earlier run left in the run directory (its metrics and checkpoint)."""
@@ -497,19 +560,6 @@ class Trainer:
         return meta.get("wandb_run_id")
 
 
-def host_metrics(metrics: dict[str, Tensor | float]) -> dict[str, float]:
-    """The device's metrics as numbers, in one copy (an .item() each would wait once each);
-    counts stay integers."""
-    names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
-    if not names:
-        return dict(metrics)
-    numbers = torch.stack([metrics[k].double() for k in names]).tolist()
-    values = dict(metrics)
-    for name, number in zip(names, numbers, strict=True):
-        values[name] = number if metrics[name].is_floating_point() else int(number)
-    return values
-
-
 def _only(hooks: list[str]) -> str:
     if len(hooks) != 1:
         raise ValueError(
@@ -524,10 +574,12 @@ def fit(
     """Train SAEs on a cache path/URL, straight from a model (a HarvestConfig: no cache), or on any
     iterable of [n, d_in] activation tensors. Every TrainConfig field is a keyword with a working
     default; `sweep=[{...}, ...]` trains several on the same batches. Returns the SAE, or the list
-    of them for a sweep."""
+    of them for a sweep. Without `out`, the default run directory is scratch: each call replaces
+    it; a run directory given by name is protected (`overwrite=True` replaces it)."""
     known = {f.name for f in fields(TrainConfig)}
     if unknown := sorted(set(settings) - known):
         raise TypeError(f"train.fit got unknown settings {unknown}; known: {sorted(known)}")
+    settings.setdefault("overwrite", "out" not in settings)
     cfg = TrainConfig(**{"cache": str(data) if isinstance(data, (str, Path)) else "", **settings})
     saes = Trainer(cfg, data).run()
     return saes[0] if len(saes) == 1 else saes

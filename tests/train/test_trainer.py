@@ -6,6 +6,8 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -150,33 +152,40 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
 def test_prefetched_keeps_order_raises_in_place_and_stops_reading_when_closed():
     read = []
 
-    def shards(bad: int | None = None):
+    def shards(bad: int | None = None, seconds: float = 0.0):
         for i in range(1000):
+            time.sleep(seconds)
             read.append(i)
             if i == bad:
                 raise ValueError(f"shard {i} is corrupt")
             yield i
 
-    assert list(prefetched(shards(), prepare=lambda i: -i))[:5] == [0, -1, -2, -3, -4]
+    for depth in (0, 2):
+        assert list(prefetched(shards(), depth=depth, prepare=lambda i: -i))[:3] == [0, -1, -2]
     got = []
     with pytest.raises(ValueError, match="shard 5 is corrupt"):
         got.extend(prefetched(shards(bad=5), depth=3))
     assert got == [0, 1, 2, 3, 4]
+    # slow reads: when the consumer stops after 3, the 4th is being read and the 5th only queued
     read.clear()
-    items = prefetched(shards(), depth=2)
+    items = prefetched(shards(seconds=0.2), depth=2)
     assert [next(items) for _ in range(3)] == [0, 1, 2]
     items.close()
-    time.sleep(0.2)
-    assert len(read) <= 3 + 2, "reads at most `depth` ahead, and stops when closed"
+    time.sleep(0.6)
+    assert read == [0, 1, 2, 3], "closing cancels the reads not yet started"
+    worker = []
+    items = prefetched(shards(), setup=lambda: worker.append(threading.current_thread()))
+    assert next(items) == 0 and worker[0] is not threading.current_thread()
+    items.close()
 
 
 def test_batches_read_in_a_background_thread_train_the_same(tmp_path, monkeypatch):
     synthetic_cache(tmp_path / "cache", rows=12_000, shard_rows=1_000)
-    threads = []
+    depths = []
     monkeypatch.setattr(
         train.trainer,
         "prefetched",
-        lambda items, **kw: threads.append(1) or prefetched(items, **kw),
+        lambda items, depth=2, **kw: depths.append(depth) or prefetched(items, depth, **kw),
     )
     runs = {}
     for background in (False, True):
@@ -185,7 +194,7 @@ def test_batches_read_in_a_background_thread_train_the_same(tmp_path, monkeypatc
         sae_ = train.fit(str(tmp_path / "cache"), d_sae=128, k=8, total_tokens=10_000,
                          batch_size=500, checkpoint_every=7, out=str(out))  # fmt: skip
         runs[background] = (sae_.state_dict(), (out / "metrics.jsonl").read_text())
-    assert threads == [1], "the background run, and only it, read through a worker thread"
+    assert depths == [0, 2], "in line, then through a worker thread"
     assert runs[True][1] == runs[False][1] and len(runs[True][1].splitlines()) == 20
     for name, weight in runs[False][0].items():
         assert torch.equal(runs[True][0][name], weight), name
@@ -199,6 +208,8 @@ def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
               checkpoint_every=2, out=str(tmp_path / "run"))  # fmt: skip
     mask = os.umask(0)
     os.umask(mask)
+    if mask & 0o044 == 0o044:
+        pytest.skip(f"umask {mask:03o} makes new files owner-only anyway")
     modes = {
         str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
         for p in tmp_path.rglob("*")
@@ -210,10 +221,16 @@ def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
 
 
 def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
-    def fit(**settings):
-        data = (torch.randn(100, 16) for _ in range(4))
-        return train.fit(data, d_sae=32, k=4, total_tokens=400, batch_size=100, out=str(tmp_path),
-                         checkpoint_every=2, **settings)  # fmt: skip
+    def fit(nan_at: int | None = None, **settings):
+        def data():
+            for i in range(4):
+                x = torch.randn(100, 16)
+                if i == nan_at:
+                    x[0, 0] = float("nan")
+                yield x
+
+        return train.fit(data(), d_sae=32, k=4, total_tokens=400, batch_size=100,
+                         out=str(tmp_path), checkpoint_every=2, **settings)  # fmt: skip
 
     fit()
     before = (tmp_path / "metrics.jsonl").read_text()
@@ -223,7 +240,21 @@ def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_
         fit()
     assert (tmp_path / "metrics.jsonl").read_text() == before, "nothing of the first run is lost"
     fit(overwrite=True)
-    assert (tmp_path / "metrics.jsonl").read_text() != before
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4] and (tmp_path / "metrics.jsonl").read_text() != before
+    with pytest.raises(NonFiniteLoss):  # an overwriting run that dies before its first checkpoint
+        fit(nan_at=1, overwrite=True)
+    assert not (tmp_path / "checkpoint").exists(), "--resume must not continue the replaced run"
+
+
+def test_fit_without_out_replaces_its_scratch_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        train.fit((torch.randn(100, 16) for _ in range(2)), d_sae=32, k=4, total_tokens=200,
+                  batch_size=100, warmup_steps=1)  # fmt: skip
+    assert (tmp_path / "runs" / "demo" / "train" / "metrics.jsonl").exists()
 
 
 def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path):
@@ -232,15 +263,16 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path):
                   batch_size=100, out=str(tmp_path))  # fmt: skip
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("bad", [7, 8])  # 8: the NaN step is a checkpoint step (9)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
     def batches():
         for i in range(100):
             x = torch.randn(500, 16)
-            if i == 7:
+            if i == bad:
                 x[3, 2] = float("nan")
             yield x
 
-    with pytest.raises(NonFiniteLoss, match="loss is nan at step 8"):
+    with pytest.raises(NonFiniteLoss, match=f"loss is nan at step {bad + 1}"):
         train.fit(
             batches(),
             d_sae=64,
@@ -423,6 +455,39 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     )
 
 
+def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
+    """The gradients are averaged over ranks, so a NaN on rank 1 reaches rank 0's weights: rank 0
+    must not save them, though its own loss was finite."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        textwrap.dedent(f"""
+            import torch, train
+            def batches():
+                for i in range(100):
+                    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(i))
+                    if i == 5:
+                        x[150, 2] = float("nan")  # a row of rank 1's half, at step 6
+                    yield x
+            train.fit(batches(), d_sae=32, k=4, total_tokens=4000, batch_size=200,
+                      checkpoint_every=3, out={str(tmp_path / "run")!r}, device="cpu")
+        """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    ddp = subprocess.run([*launcher, str(script)], env=env, capture_output=True, text=True)
+    assert ddp.returncode != 0
+    assert "loss is nan at step 6" in ddp.stderr and "loss is NaN/inf on another rank" in ddp.stderr
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_a_cuda_step_waits_for_the_device_only_for_the_dead_latents(tmp_path, architecture):
@@ -450,4 +515,5 @@ def test_a_cuda_step_waits_for_the_device_only_for_the_dead_latents(tmp_path, ar
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
-    assert metrics["losses/auxiliary_reconstruction_loss"].item() > 0
+    values, diverged = metrics.read()
+    assert values["losses/auxiliary_reconstruction_loss"] > 0 and diverged == []
