@@ -411,6 +411,20 @@ def test_trained_sae_loads_back_from_its_offline_wandb_artifact(tmp_path, monkey
         sae.load("wandb:me/proj/nothing")
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Two gloo processes on CPU, one thread each."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
+
+
 def test_two_process_data_parallel_equals_one_process(tmp_path):
     """torchrun with 2 gloo processes on CPU ends with the same SAEs as one process on the same
     global batches (per-row losses: topk with AuxK, standard with L1)."""
@@ -428,20 +442,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
         text=True,
     )
     assert single.returncode == 0, single.stderr[-2000:]
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    ddp = subprocess.run(
-        [*launcher, "-m", "train", "--out", str(tmp_path / "two"), *common],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     for name in ("topk", "relu"):
         a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
@@ -472,16 +473,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path)
                       checkpoint_every=3, out={str(tmp_path / "run")!r}, device="cpu")
         """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    ddp = subprocess.run([*launcher, str(script)], env=env, capture_output=True, text=True)
+    ddp = torchrun(str(script))
     assert ddp.returncode != 0
     assert "loss is nan at step 6" in ddp.stderr and "loss is NaN/inf on another rank" in ddp.stderr
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
