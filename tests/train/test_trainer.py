@@ -59,6 +59,15 @@ def synthetic_cache(path, rows=20_000, d=64, shard_rows=2_000, seed=0):
     return ActivationCache(str(path))
 
 
+def random_batches(n: int, rows: int, d: int = 16, nan_at: int | None = None):
+    """n Gaussian batches; batch `nan_at` has one NaN."""
+    for i in range(n):
+        x = torch.randn(rows, d)
+        if i == nan_at:
+            x[rows // 2, 2] = float("nan")
+        yield x
+
+
 def test_topk_recovers_ground_truth_features(tmp_path):
     features, batches = synthetic()
     d = train.fit(
@@ -222,14 +231,8 @@ def test_written_files_get_the_umask_mode_not_owner_only(tmp_path):
 
 def test_a_directory_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     def fit(nan_at: int | None = None, **settings):
-        def data():
-            for i in range(4):
-                x = torch.randn(100, 16)
-                if i == nan_at:
-                    x[0, 0] = float("nan")
-                yield x
-
-        return train.fit(data(), d_sae=32, k=4, total_tokens=400, batch_size=100,
+        data = random_batches(4, 100, nan_at=nan_at)
+        return train.fit(data, d_sae=32, k=4, total_tokens=400, batch_size=100,
                          out=str(tmp_path), checkpoint_every=2, **settings)  # fmt: skip
 
     fit()
@@ -265,16 +268,9 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path):
 
 @pytest.mark.parametrize("bad", [7, 8])  # 8: the NaN step is a checkpoint step (9)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
-    def batches():
-        for i in range(100):
-            x = torch.randn(500, 16)
-            if i == bad:
-                x[3, 2] = float("nan")
-            yield x
-
     with pytest.raises(NonFiniteLoss, match=f"loss is nan at step {bad + 1}"):
         train.fit(
-            batches(),
+            random_batches(100, 500, nan_at=bad),
             d_sae=64,
             k=4,
             total_tokens=50_000,
