@@ -105,6 +105,8 @@ def evaluate(
         tokens=tokens,
         **settings,
     )
+    if cfg.tokens < 0:  # before any model loads
+        raise ValueError(f"--tokens must be positive, or 0 for every whole window; got {tokens}")
     d = sae_lib.load(d) if isinstance(d, (str, Path)) else d
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
@@ -221,8 +223,6 @@ def cache_windows(cache: ActivationCache, bos: int) -> Iterator[Tensor]:
 def take_tokens(windows: Iterator[Tensor], tokens: int, context_size: int, source: str) -> Tensor:
     """Stack whole windows until `tokens` scored tokens (0: every whole window the source has);
     say how many were needed when the text is short."""
-    if tokens < 0:
-        raise ValueError(f"--tokens must be positive, or 0 for every whole window; got {tokens}")
     per_window = context_size - 1
     whole = (w for w in windows if len(w) == context_size)
     if tokens == 0:

@@ -144,8 +144,8 @@ class StepMetrics:
         )
         self.host = stacked.to("cpu", non_blocking=True)
         self.done = torch.cuda.Event() if stacked.is_cuda else None
-        if self.done is not None:
-            self.done.record()
+        if self.done is not None:  # on the copy's stream: the current device may be another GPU
+            self.done.record(torch.cuda.current_stream(stacked.device))
 
     def read(self) -> tuple[dict[str, float], list[str]]:
         """The metrics as numbers (counts as integers), and the SAEs whose loss was NaN/inf."""
@@ -494,8 +494,9 @@ class Trainer:
             return prefetched(batches, depth=0)
         if self.device.type != "cuda":
             return prefetched(batches)
-        # a thread's current CUDA device starts at 0: give the worker this rank's
-        setup = partial(torch.cuda.set_device, torch.cuda.current_device())
+        # a thread's current CUDA device starts at 0: give the worker the run's
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        setup = partial(torch.cuda.set_device, index)
         return prefetched(batches, prepare=pinned, setup=setup)
 
     def previous_run(self) -> list[str]:

@@ -138,8 +138,9 @@ def test_tokens_0_scores_every_whole_window(small_cache, smollm2):
     assert len(whole) > 1 and torch.equal(ids, torch.stack(whole))
     with pytest.raises(ValueError, match="the cache has no whole window of 64 tokens"):
         take_tokens(iter(windows[-1:-1]), 0, 64, source="the cache")
+    d = sae.create("topk", d_in=576, d_sae=64, k=4, hook_name="blocks.6.hook_resid_post")
     with pytest.raises(ValueError, match="--tokens must be positive, or 0 .*; got -5"):
-        take_tokens(iter(windows), -5, 64, source="the cache")
+        ev.evaluate(d, tokens=-5)
 
 
 def test_mismatched_sae_is_refused_before_any_forward(same_model):
