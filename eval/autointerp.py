@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from eval.concepts import token_strings
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
@@ -108,10 +108,20 @@ class OpenAIClient:
 class LocalClient:
     """A transformers chat model, greedy decoding (the embedded SmolLM2-135M-Instruct by default)."""
 
-    def __init__(self, model: str = "smollm2-135m", max_new_tokens: int = 60, device: str = "cpu"):
+    MODEL = "smollm2-135m"
+
+    def __init__(
+        self,
+        model: str = MODEL,
+        max_new_tokens: int = 60,
+        device: str = "cpu",
+        loaded: tuple[Any, Any] | None = None,
+    ):
+        """`loaded`: the (model, tokenizer) already in memory for `model` (say, the dashboard's
+        subject LM when it is the judge too), instead of a second copy."""
         from sae.lm import load_lm
 
-        self.lm, self.tokenizer = load_lm(model, device=device)
+        self.lm, self.tokenizer = loaded or load_lm(model, device=device)
         self.max_new_tokens = max_new_tokens
 
     def complete(self, messages: Messages) -> str:

@@ -17,6 +17,7 @@ import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,7 +80,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     strings = token_strings(tokenizer)
     lens = logit_lens(lm, d, chosen)
     if cfg.autointerp:
-        client = make_client(cfg.autointerp)
+        client = make_client(cfg.autointerp, (lm, tokenizer) if name == LocalClient.MODEL else None)
         scores = interpret(lm, tokenizer, d, ids, chosen, client, examples=examples)
         report["autointerp"] = {str(latent): r for latent, r in scores.items()}
         report["explanations"] = {str(latent): r["explanation"] for latent, r in scores.items()}
@@ -95,9 +96,10 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     return out
 
 
-def make_client(spec: str) -> LLMClient:
+def make_client(spec: str, local_lm: tuple[Any, Any] | None = None) -> LLMClient:
+    """`local_lm`: the local judge's model and tokenizer, when they are already loaded."""
     if spec == "local":
-        return LocalClient()
+        return LocalClient(loaded=local_lm)
     if spec.startswith("openai:"):
         return OpenAIClient(spec.removeprefix("openai:"))
     raise ValueError(f"--autointerp takes `local` or `openai:MODEL`, not {spec!r}")

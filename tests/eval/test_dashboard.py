@@ -26,12 +26,17 @@ def site(trained_sae, smollm2, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the session's SmolLM2, not a second copy
         patch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
         judge = ScriptedClient(lambda p: "line ends" if "short phrase" in p else "[1, 0, 1, 0, 1]")
-        patch.setattr(eval.dashboard, "make_client", lambda spec: judge)
+        judges = []
+        patch.setattr(
+            eval.dashboard, "make_client", lambda spec, local_lm: judges.append(local_lm) or judge
+        )
         cfg = DashboardConfig(
             sae=str(root / "sae"), out=str(root / "site"), tokens=16 * 63, latents=4,
             autointerp="local",
         )  # fmt: skip
-        return build_dashboard(cfg), trained_sae
+        built = build_dashboard(cfg)
+        assert judges == [smollm2], "the local judge is the LM already loaded, not a second copy"
+        return built, trained_sae
 
 
 def test_overview_lists_every_latent_and_links_the_pages(site):
