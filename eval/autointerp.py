@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from eval.concepts import token_strings
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
+from sae.lm import DEFAULT_MODEL, load_lm
 
 Messages = list[dict[str, str]]
 
@@ -108,19 +109,15 @@ class OpenAIClient:
 class LocalClient:
     """A transformers chat model, greedy decoding (the embedded SmolLM2-135M-Instruct by default)."""
 
-    MODEL = "smollm2-135m"
-
     def __init__(
         self,
-        model: str = MODEL,
+        model: str = DEFAULT_MODEL,
         max_new_tokens: int = 60,
         device: str = "cpu",
         loaded: tuple[Any, Any] | None = None,
     ):
         """`loaded`: the (model, tokenizer) already in memory for `model` (say, the dashboard's
         subject LM when it is the judge too), instead of a second copy."""
-        from sae.lm import load_lm
-
         self.lm, self.tokenizer = loaded or load_lm(model, device=device)
         self.max_new_tokens = max_new_tokens
 

@@ -28,6 +28,7 @@ from eval.concepts import token_strings
 from eval.report import EvalConfig, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
+from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
 
 
@@ -80,7 +81,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     strings = token_strings(tokenizer)
     lens = logit_lens(lm, d, chosen)
     if cfg.autointerp:
-        client = make_client(cfg.autointerp, (lm, tokenizer) if name == LocalClient.MODEL else None)
+        client = make_client(cfg.autointerp, (lm, tokenizer) if name == DEFAULT_MODEL else None)
         scores = interpret(lm, tokenizer, d, ids, chosen, client, examples=examples)
         report["autointerp"] = {str(latent): r for latent, r in scores.items()}
         report["explanations"] = {str(latent): r["explanation"] for latent, r in scores.items()}

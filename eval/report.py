@@ -37,7 +37,7 @@ from eval.splice import SplicedLosses
 from eval.top_activations import TopActivations
 from sae.cli import positional
 from sae.hooks import record
-from sae.lm import load_lm, resolve_hook
+from sae.lm import DEFAULT_MODEL, load_lm, resolve_hook
 from sae.models import SAE
 from train.cache import ActivationCache
 from train.data import load_documents, token_windows
@@ -121,7 +121,7 @@ def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
     cache = ActivationCache(cfg.cache) if cfg.cache else None
     if cache:
         cfg.context_size = cache.manifest["context_size"]
-    name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else "smollm2-135m")
+    name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
     lm, tokenizer = load_lm(name, device=cfg.device)
     check_fits(d, lm, name)
     windows = (

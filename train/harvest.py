@@ -153,7 +153,7 @@ class Harvester:
         parts: dict[str, list[Tensor]] = {
             k: [] for k in [*map(acts_key, self.cfg.hook), *META_KEYS]
         }
-        sums: list[Tensor] = []  # NaN/inf reach their row's sum: one cheap reduction per batch
+        sums: list[Tensor] = []  # NaN/inf reach a sum: one cheap reduction per batch and hook
         for b, batch in enumerate(batched(iter(windows), self.cfg.batch_size)):
             tokens = torch.from_numpy(np.stack([w.tokens for w in batch]))
             docs = torch.from_numpy(np.stack([w.docs for w in batch]))
@@ -197,12 +197,6 @@ class Harvester:
                         "nothing from this shard was written"
                     )
 
-    def prepare_in_background(self) -> bool:
-        """Serializing and hashing a shard is CPU work: the writer thread does it where it has a
-        core (`host_core_spare`); otherwise it is done in line, and only the I/O (write, fsync,
-        rename), which barely uses a core, overlaps the next forward passes."""
-        return host_core_spare(self.device)
-
     def stream(self) -> Iterator[dict[str, Tensor]]:
         """Rows without a cache, for training straight from the model: each group of
         shard_windows windows is forwarded and its rows shuffled (seeded), group after group,
@@ -243,7 +237,10 @@ class Harvester:
             disable=None,
         )
         pending: Future | None = None
-        background = self.prepare_in_background()
+        # serializing and hashing a shard is CPU work: the writer thread does it where it has a
+        # core; otherwise it is done in line, and only the I/O (write, fsync, rename), which
+        # barely uses a core, overlaps the next forward passes
+        background = host_core_spare(self.device)
         with ThreadPoolExecutor(max_workers=1) as pool:
             while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
                 first_window = shard_index * c.shard_windows

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import train.harvest
 from sae.hooks import record
 from sae.lm import blocks
 from tests.conftest import sigkill_when, start_sae
@@ -79,8 +80,8 @@ def test_rows_know_their_document(cache, smollm2):
 
 def test_background_writer_writes_the_same_bytes(cache, tmp_path, monkeypatch):
     """Preparing shards in the writer thread (CUDA, or spare cores) or in line gives identical shards."""
-    default = Harvester.prepare_in_background
-    monkeypatch.setattr(Harvester, "prepare_in_background", lambda self: not default(self))
+    default = train.harvest.host_core_spare
+    monkeypatch.setattr(train.harvest, "host_core_spare", lambda device: not default(device))
     threaded = harvest(
         out=str(tmp_path / "t"),
         **SMALL,
