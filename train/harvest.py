@@ -113,9 +113,8 @@ class Harvester:
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
         """[batch, seq] token ids -> {hook: [batch, seq, d]} in the cache dtype."""
         inputs = {"input_ids": tokens.to(self.device, non_blocking=True)}
-        if mask is not None and not bool(
-            mask.all()
-        ):  # no mask lets attention take its causal fast path
+        # no mask where nothing is padded lets attention take its causal fast path
+        if mask is not None and not bool(mask.all()):
             inputs["attention_mask"] = mask.to(self.device, non_blocking=True)
         if self.takes_use_cache:
             inputs["use_cache"] = False  # no KV cache to build: nothing generates here
@@ -165,9 +164,8 @@ class Harvester:
                 sums.append(rows.float().sum())
                 parts[acts_key(hook)].append(_to_host(rows))
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-            windows_idx = (first_window + b * self.cfg.batch_size + torch.arange(len(batch)))[
-                :, None
-            ].expand_as(tokens)
+            first = first_window + b * self.cfg.batch_size
+            windows_idx = (first + torch.arange(len(batch)))[:, None].expand_as(tokens)
             parts["tokens"].append(tokens[keep].to(torch.int32))
             parts["docs"].append(docs[keep])
             parts["positions"].append(positions[keep].to(torch.int32))
@@ -223,10 +221,8 @@ class Harvester:
                 f"{c.out}: harvest already complete ({writer.rows_done:,} tokens)", file=sys.stderr
             )
             return ActivationCache(c.out)
-        shard_index, submitted = (
-            writer.shards_done,
-            writer.rows_done,
-        )  # counted here, not by the writer thread
+        # counted here, not by the writer thread
+        shard_index, submitted = writer.shards_done, writer.rows_done
         windows = islice(self.windows(), shard_index * c.shard_windows, None)
         bar = tqdm(
             total=c.tokens,
