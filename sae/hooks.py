@@ -7,6 +7,7 @@ hookpoint by f(activation).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -63,18 +64,72 @@ def record(model: nn.Module, hooks: Sequence[str]) -> Iterator[dict[str, Tensor]
         yield acts
 
 
-def _positions(fn: Edit, skip_first: bool) -> Edit:
-    """Apply fn to every position but the first when skip_first: position 0 (BOS) is an attention
-    sink with a ~7x larger norm that SAEs are not trained on, so it passes through untouched."""
+@contextmanager
+def _first_positions(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
+    """Yield a function from a hooked activation [batch, seq, ...] to a [batch, seq] mask of each
+    row's true position 0 (its first attended token) within this forward call. With a KV cache
+    (`generate`) a call holds only the new tokens, which lie past position 0; with left padding a
+    row starts after its pads. Both are read from the call's attention_mask (a 2-D mask spans the
+    cached tokens too), cache_position or past_key_values, captured by a pre-hook on `model`."""
+    names = list(inspect.signature(model.forward).parameters)
+    call: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        call.clear()
+        call.update(zip(names, args, strict=False), **kwargs)
+
+    def first_mask(x: Tensor) -> Tensor:
+        batch, seq = x.shape[:2]
+        mask = call.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] >= seq:
+            first = mask.to(x.device).long().argmax(1)  # a row's first 1 (0 when unpadded)
+            positions = torch.arange(mask.shape[1] - seq, mask.shape[1], device=x.device)
+        else:
+            first = torch.zeros(batch, dtype=torch.long, device=x.device)
+            positions = call.get("cache_position")
+            if isinstance(positions, Tensor):
+                positions = positions.to(x.device)
+            else:
+                positions = _past_length(call) + torch.arange(seq, device=x.device)
+        return positions[None, :] == first[:, None]
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield first_mask
+    finally:
+        handle.remove()
+
+
+def _past_length(call: dict) -> int:
+    """Tokens already in the KV cache when a call brings no cache_position: a Cache object's
+    length, or a legacy tuple's key length."""
+    past = call.get("past_key_values")
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+@contextmanager
+def _edit_positions(model: nn.Module, hook: str, fn: Edit, skip_first: bool) -> Iterator[None]:
+    """`edit` with fn applied to every position but each row's first when skip_first: position 0
+    (BOS) is an attention sink with a ~7x larger norm that SAEs are not trained on, so it passes
+    through untouched, wherever it falls in the call (see _first_positions)."""
     if not skip_first:
-        return fn
+        with edit(model, hook, fn):
+            yield
+        return
 
-    def wrapped(x: Tensor) -> Tensor:
-        if x.ndim < 3:
-            return fn(x)
-        return torch.cat([x[:, :1], fn(x[:, 1:])], dim=1)
+    with _first_positions(model) as first_mask:
 
-    return wrapped
+        def wrapped(x: Tensor) -> Tensor:
+            if x.ndim < 3:
+                return fn(x)
+            return torch.where(first_mask(x)[..., None], x, fn(x))
+
+        with edit(model, hook, wrapped):
+            yield
 
 
 @contextmanager
@@ -100,7 +155,7 @@ def splice(
             x_hat = x_hat + (x.to(x_hat.dtype) - (sae.decode(z) if latent_edit else x_hat))
         return x_hat.to(x.dtype)
 
-    with edit(model, hook or sae.cfg.hook_name, _positions(fn, skip_first)):
+    with _edit_positions(model, hook or sae.cfg.hook_name, fn, skip_first):
         yield
 
 
@@ -140,5 +195,5 @@ def steer(
     def fn(x: Tensor) -> Tensor:
         return x + scale * direction.to(x.dtype)
 
-    with edit(model, hook or sae.cfg.hook_name, _positions(fn, skip_first)):
+    with _edit_positions(model, hook or sae.cfg.hook_name, fn, skip_first):
         yield

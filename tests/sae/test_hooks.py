@@ -116,3 +116,63 @@ def test_splice_into_bf16_model_with_fp32_sae(smollm2, ids, topk_sae):
     with torch.autocast("cpu", dtype=torch.bfloat16), splice(model, topk_sae, error_term=True):
         logits = model(ids).logits
     assert logits.isfinite().all()
+
+
+# -- where position 0 falls: a KV cache and left padding ------------------------------------------
+TINY_HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A random two-layer Llama: generation with and without a cache in well under a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+EDITS = {
+    "steer": lambda model, d: steer(model, d, latent=3, scale=40.0),
+    "splice": lambda model, d: splice(model, d),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+@torch.no_grad()
+def test_cached_generation_edits_every_new_token(tiny_llama, edit):
+    """With a KV cache each call after the prompt holds one new token, at a position past 0: it is
+    edited like the same token in a full forward pass (it used to be taken for position 0 and left
+    alone, so cached and uncached generation parted ways)."""
+    d = sae.create("topk", d_in=64, d_sae=256, k=8, hook_name=TINY_HOOK)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 1
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    plain = tiny_llama.generate(ids, **greedy)
+    with EDITS[edit](tiny_llama, d):
+        cached = tiny_llama.generate(ids, use_cache=True, **greedy)
+        uncached = tiny_llama.generate(ids, use_cache=False, **greedy)
+        full = tiny_llama(cached[:, :-1]).logits[:, -1]
+        prefix = tiny_llama(cached[:, :-2], use_cache=True)  # then one step with no mask given
+        step = tiny_llama(cached[:, -2:-1], past_key_values=prefix.past_key_values).logits[:, -1]
+    assert not torch.equal(cached, plain), "the edit should change what is generated"
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("edit", EDITS)
+@torch.no_grad()
+def test_left_padded_rows_are_edited_like_unpadded_ones(tiny_llama, edit):
+    """A left-padded row's position 0 is its first attended token, not column 0."""
+    d = sae.create("topk", d_in=64, d_sae=256, k=8, hook_name=TINY_HOOK)
+    long, short = [1, 5, 9, 17, 33, 40, 41, 42], [1, 7, 8, 9]
+    pad = len(long) - len(short)
+    ids = torch.tensor([long, [0] * pad + short])
+    mask = torch.tensor([[1] * len(long), [0] * pad + [1] * len(short)])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with EDITS[edit](tiny_llama, d):
+        alone = tiny_llama(torch.tensor([short])).logits[0]
+        batched = tiny_llama(ids, attention_mask=mask, position_ids=positions).logits[1, pad:]
+    assert (alone - tiny_llama(torch.tensor([short])).logits[0]).abs().max() > 0.01
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
