@@ -14,10 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from sae.io import FormatError, build, cfg_from_saelens, load_dir
+from sae.io import FormatError, build, cfg_from_saelens, load_dir, saelens_state
 from sae.models import SAE
 
 SCHEMES = ("hf", "saelens", "wandb")
@@ -27,7 +28,7 @@ class HubError(RuntimeError):
     """A remote source could not be reached or does not hold what was asked for."""
 
 
-def load(source: str | Path, device: str = "cpu", dtype: str | None = None) -> SAE:
+def load(source: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None) -> SAE:
     """Load a dictionary from a local directory, `hf:` repo or `saelens:` release (see module doc)."""
     text = str(source)
     scheme, sep, rest = text.partition(":")
@@ -44,7 +45,7 @@ def load(source: str | Path, device: str = "cpu", dtype: str | None = None) -> S
     )
 
 
-def load_hf(spec: str, device: str = "cpu", dtype: str | None = None) -> SAE:
+def load_hf(spec: str, device: str = "cpu", dtype: str | torch.dtype | None = None) -> SAE:
     """`org/repo[/subdir][@revision]`: fetch only the subdir into the HF cache, then load it."""
     spec, _, revision = spec.partition("@")
     parts = spec.strip("/").split("/")
@@ -100,7 +101,7 @@ def resolve_saelens(spec: str) -> SAELensRef:
     return SAELensRef(release, sae_id, repo_id, folder_name, get_conversion_loader_name(release))
 
 
-def load_saelens(spec: str, device: str = "cpu", dtype: str | None = None) -> SAE:
+def load_saelens(spec: str, device: str = "cpu", dtype: str | torch.dtype | None = None) -> SAE:
     """Fetch through SAELens's own converter for the release (which knows each release's file
     layout), then build our SAE from the config and weights it returns."""
     from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
@@ -127,6 +128,7 @@ def load_saelens(spec: str, device: str = "cpu", dtype: str | None = None) -> SA
         ) from e
     source = f"saelens:{spec} (hf:{ref.repo_id}/{ref.folder_name})"
     cfg = cfg_from_saelens(cfg_dict, source)
+    state = saelens_state(cfg_dict, state)
     if cfg_dict.get("normalize_activations") == "expected_average_only_in":
         factor = get_norm_scaling_factor(ref.release, ref.sae_id)
         if factor is None:
@@ -140,7 +142,7 @@ def load_saelens(spec: str, device: str = "cpu", dtype: str | None = None) -> SA
     return build(cfg, state, source, device, dtype)
 
 
-def load_wandb(spec: str, device: str = "cpu", dtype: str | None = None) -> SAE:
+def load_wandb(spec: str, device: str = "cpu", dtype: str | torch.dtype | None = None) -> SAE:
     """`entity/project/name[:version]`, version `latest` (default) or `vN`. Online through the W&B
     API; with WANDB_MODE=offline from the artifacts that offline runs under $WANDB_DIR recorded
     (staged files, checked against their MD5 digests), so unsynced runs are loadable too."""

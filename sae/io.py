@@ -111,7 +111,9 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
 
 
 # -- load -----------------------------------------------------------------------------------------
-def load_dir(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> SAE:
+def load_dir(
+    path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None
+) -> SAE:
     """Load an SAE directory in our/SAELens layout or sparsify's layout."""
     path = Path(path)
     if path.is_file():
@@ -125,9 +127,8 @@ def load_dir(path: str | os.PathLike, device: str = "cpu", dtype: str | None = N
     if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
         cfg_dict = read_cfg(path / CFG_FILE)
         cfg = cfg_from_dict(cfg_dict, source=str(path / CFG_FILE))
-        return build(
-            cfg, read_weights(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE), device, dtype
-        )
+        state = saelens_state(cfg_dict, read_weights(path / WEIGHTS_FILE))
+        return build(cfg, state, str(path / WEIGHTS_FILE), device, dtype)
     if (path / CFG_FILE).exists() and (path / SPARSIFY_WEIGHTS_FILE).exists():
         return load_sparsify(path, device, dtype)
     pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
@@ -169,6 +170,10 @@ def cfg_from_dict(data: dict[str, Any], source: str) -> SAEConfig:
     """Our cfg.json carries the full config under `sae_forge`; a SAELens one is translated."""
     try:
         if "sae_forge" in data:
+            if not isinstance(data["sae_forge"], dict):
+                raise FormatError(
+                    f"{source}: sae_forge should hold a JSON object of SAEConfig fields"
+                )
             return SAEConfig.from_dict(data["sae_forge"], source)
         return cfg_from_saelens(data, source)
     except ConfigError as e:
@@ -189,7 +194,18 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
     missing = [key for key in ("d_in", "d_sae") if key not in data]
     if missing:
         raise FormatError(f"{source}: missing required keys {missing}")
+    if not isinstance(data.get("metadata") or {}, dict):
+        raise FormatError(f"{source}: metadata should hold a JSON object")
     meta = {**data, **(data.get("metadata") or {})}  # SAELens 6 nests provenance under metadata
+    normalization = data.get("normalize_activations") or "none"
+    if normalization not in ("none", "expected_average_only_in"):
+        # expected_average_only_in without a factor is the identity in SAELens too; the others
+        # normalize each row by its own statistics, which a fixed linear map cannot reproduce
+        raise FormatError(
+            f"{source}: normalize_activations {normalization!r} is not supported (each input row "
+            "is normalized by its own norm or moments at run time); only 'none' and "
+            "'expected_average_only_in' are"
+        )
     arch = data.get("architecture", "standard")
     if arch == "standard" and meta.get("activation_fn_str", meta.get("activation_fn")) == "topk":
         arch = "topk"  # legacy SAELens (< 6) wrote TopK SAEs as standard + activation_fn "topk"
@@ -210,15 +226,13 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
     if arch == "topk":
         if k is None:
             raise FormatError(f"{source}: a topk SAE needs k")
-        if data.get("rescale_acts_by_decoder_norm"):
-            raise FormatError(
-                f"{source}: rescale_acts_by_decoder_norm=True TopK SAEs are not supported"
-            )
         values["k"] = k
     elif isinstance(data["d_sae"], int):
         values["k"] = min(
             SAEConfig.k, data["d_sae"]
         )  # k is unused here; keep it valid for tiny SAEs
+    # provenance the file does not give stays empty, rather than our defaults (SmolLM2's layer 6)
+    values.update(hook_name="", model_name="", dataset_path="")
     for key in ("hook_name", "model_name", "context_size", "prepend_bos", "dataset_path"):
         if meta.get(key) is not None:
             values[key] = meta[key]
@@ -227,12 +241,27 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
     return SAEConfig.from_dict(values, source)
 
 
+def saelens_state(data: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SAELens weights in our SAE's terms. A TopK SAE with rescale_acts_by_decoder_norm (what
+    SAELens's TopK training saves) multiplies its pre-activations by the decoder rows' norms n and
+    divides its codes by n before decoding: the same map as W_enc * n, b_enc * n, W_dec / n, which
+    is our TopK SAE with unit decoder rows (same codes, same outputs)."""
+    if not data.get("rescale_acts_by_decoder_norm") or "sae_forge" in data:
+        return state
+    if not {"W_enc", "b_enc", "W_dec"} <= set(state):
+        return state  # build names what is missing
+    n = state["W_dec"].float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = {"W_enc": state["W_enc"].float() * n, "b_enc": state["b_enc"].float() * n,
+              "W_dec": state["W_dec"].float() / n[:, None]}  # fmt: skip
+    return {**state, **{name: t.to(state[name].dtype) for name, t in scaled.items()}}
+
+
 def build(
     cfg: SAEConfig,
     state: dict[str, torch.Tensor],
     source: str,
     device: str = "cpu",
-    dtype: str | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> SAE:
     """Instantiate cfg's architecture and load `state`, refusing missing, extra or misshapen tensors."""
     cls = REGISTRY[cfg.architecture]
@@ -253,7 +282,12 @@ def build(
             f"{source} does not fit a {cfg.architecture} SAE with d_in={cfg.d_in}, d_sae={cfg.d_sae}: "
             + "; ".join(problems)
         )
-    dtype = dtype or str(next(iter(state.values())).dtype).removeprefix("torch.")
+    if dtype is None:
+        stored = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        if stored not in DTYPES:
+            raise FormatError(f"{source} stores {stored} weights; expected one of {sorted(DTYPES)}")
+        dtype = stored
+    dtype = str(dtype).removeprefix("torch.")  # torch.float16 as well as "float16"
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     cfg.dtype, cfg.device = dtype, device
@@ -278,7 +312,7 @@ SPARSIFY_UNSUPPORTED = {
 }
 
 
-def load_sparsify(path: Path, device: str = "cpu", dtype: str | None = None) -> SAE:
+def load_sparsify(path: Path, device: str = "cpu", dtype: str | torch.dtype | None = None) -> SAE:
     """Import EleutherAI sparsify's layout: cfg.json (d_in, k, num_latents or expansion_factor)
     and sae.safetensors (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec).
     sparsify subtracts b_dec before encoding and applies ReLU then per-row top-k: our TopK SAE."""

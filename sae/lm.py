@@ -132,11 +132,14 @@ class Family:
     mlp: str
 
 
+LLAMA_LAYOUT = Family("layers", "self_attn", "mlp")
+# Gemma 2 and 3 normalize each sublayer's output before adding it to the residual stream; what
+# the stream receives (TransformerLens's hook_attn_out / hook_mlp_out) is the post-norm's output.
+POST_NORM_LAYOUT = Family("layers", "post_attention_layernorm", "post_feedforward_layernorm")
+
 FAMILIES = {
-    "llama": Family("layers", "self_attn", "mlp"),
-    "mistral": Family("layers", "self_attn", "mlp"),
-    "qwen2": Family("layers", "self_attn", "mlp"),
-    "gemma2": Family("layers", "self_attn", "mlp"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), LLAMA_LAYOUT),
+    **dict.fromkeys(("gemma2", "gemma3_text"), POST_NORM_LAYOUT),
     "gpt2": Family("h", "attn", "mlp"),
     "gpt_neox": Family("layers", "attention", "mlp"),
     # BERT's attention and MLP outputs are added to the residual inside `*.output`; hook the
@@ -180,16 +183,22 @@ def _block_path(model: nn.Module) -> str:
 
 
 def hook_names(model: nn.Module) -> list[str]:
-    """Every TransformerLens-style hookpoint this model supports."""
+    """Every TransformerLens-style hookpoint this model supports (the residual stream in any
+    family; attention and MLP outputs where the family's modules are mapped)."""
+    kinds = ["resid_pre", "resid_post"]
+    if model.config.model_type in FAMILIES:
+        kinds += ["attn_out", "mlp_out"]
     return [
-        f"blocks.{i}.hook_{kind}"
-        for i in range(model.config.num_hidden_layers)
-        for kind in ("resid_pre", "resid_post", "attn_out", "mlp_out")
+        f"blocks.{i}.hook_{kind}" for i in range(model.config.num_hidden_layers) for kind in kinds
     ]
 
 
 def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
     """Map a hook name (or raw module path) to its module; unknown names list the valid ones."""
+    if not name:  # "" is the model itself as a module path: never what was meant
+        raise ValueError(
+            "no hookpoint given: this SAE's config names none (hook_name is empty); pass hook="
+        )
     match = HOOK_RE.match(name)
     if match is None:
         try:

@@ -125,6 +125,10 @@ class SAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """[..., d_sae] -> [..., d_in]: x_hat = (z @ W_dec + b_dec) / s."""
+        if z.shape[-1] != self.cfg.d_sae:
+            raise ValueError(
+                f"decode expects codes with last dimension d_sae={self.cfg.d_sae}, got shape {tuple(z.shape)}"
+            )
         return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
 
     def forward(self, x: Tensor) -> Tensor:

@@ -209,3 +209,28 @@ def test_missing_directory_and_empty_directory(tmp_path):
 def test_unknown_scheme(tmp_path):
     with pytest.raises(ValueError, match="unknown SAE source 'ftp:x'"):
         sae.load("ftp:x")
+
+
+def test_non_object_sections_are_named(saved):
+    edit_cfg(saved, lambda c: c.update(sae_forge=None))
+    with pytest.raises(sae.FormatError, match="sae_forge should hold a JSON object"):
+        sae.load(saved)
+    edit_cfg(saved, lambda c: (c.pop("sae_forge"), c.update(metadata=["blocks.6"])))
+    with pytest.raises(sae.FormatError, match="metadata should hold a JSON object"):
+        sae.load(saved)
+
+
+def test_integer_weights_are_named_with_their_file(saved):
+    state = {n: t.to(torch.int32) for n, t in load_file(saved / WEIGHTS_FILE).items()}
+    save_file(state, saved / WEIGHTS_FILE)
+    with pytest.raises(sae.FormatError, match=r"sae_weights\.safetensors stores int32 weights"):
+        sae.load(saved)
+
+
+def test_dtype_may_be_a_torch_dtype(saved):
+    assert sae.load(saved, dtype=torch.float16).W_enc.dtype == torch.float16
+
+
+def test_decode_refuses_codes_of_another_width():
+    with pytest.raises(ValueError, match=r"d_sae=16, got shape \(3, 15\)"):
+        make_sae("topk").decode(torch.zeros(3, 15))

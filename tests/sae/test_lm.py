@@ -2,7 +2,19 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from sae.hooks import record
 from sae.lm import hook_names, load_lm, resolve_hook
@@ -24,11 +36,22 @@ TINY = {
         vocab_size=100,
     ),
 }
+DECODER = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+               intermediate_size=64, vocab_size=100)  # fmt: skip
+MORE_TINY = {  # the other mapped families: hookpoints only
+    "mistral": MistralConfig(**DECODER),
+    "qwen2": Qwen2Config(**DECODER),
+    "qwen3": Qwen3Config(**DECODER, head_dim=16),
+    "phi3": Phi3Config(**DECODER, pad_token_id=0),
+    "gemma": GemmaConfig(**DECODER, head_dim=16),
+    "gemma2": Gemma2Config(**DECODER, head_dim=16),  # sublayer outputs normalized before the add
+    "gemma3_text": Gemma3TextConfig(**DECODER, head_dim=16),
+}
 
 
 def tiny(family):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(TINY[family]).eval()
+    return AutoModelForCausalLM.from_config({**TINY, **MORE_TINY}[family]).eval()
 
 
 def all_hooks(layer):
@@ -47,9 +70,10 @@ def check_residual_stream(model, ids, layer, parallel_or_prenorm=True):
         torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", list(TINY))
+@pytest.mark.parametrize("family", [*TINY, *MORE_TINY])
 def test_tiny_models_hookpoints(family):
     model = tiny(family)
+    assert model.config.model_type == family
     ids = torch.randint(0, 100, (2, 9))
     check_residual_stream(model, ids, layer=1)
 

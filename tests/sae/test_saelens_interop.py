@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sae
+from sae.hooks import splice
 from tests.conftest import make_sae
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -62,3 +63,46 @@ def test_saelens_saved_loads_in_ours_with_same_outputs(tmp_path, architecture):
     assert ours.cfg.architecture == architecture
     assert ours.cfg.hook_name == "blocks.3.hook_resid_pre" and ours.cfg.model_name == "gpt2"
     assert_same_outputs(ours, theirs)
+
+
+@torch.no_grad()
+def test_saelens_topk_training_output_loads_with_its_decoder_norm_rescale_folded(tmp_path):
+    """SAELens's TopK training saves rescale_acts_by_decoder_norm=True (codes scaled by the decoder
+    rows' norms before the top-k, divided by them before decoding); the map folds into our TopK."""
+    cfg = sae_lens.TopKTrainingSAEConfig(d_in=12, d_sae=40, k=3)
+    assert cfg.rescale_acts_by_decoder_norm
+    trained = sae_lens.TopKTrainingSAE(cfg)
+    torch.manual_seed(0)
+    for p in trained.parameters():
+        p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.5))  # rows of unequal norm
+    trained.save_inference_model(str(tmp_path))
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    ours = sae.load(tmp_path)
+    assert_same_outputs(ours, theirs)
+    torch.testing.assert_close(ours.W_dec.norm(dim=-1), torch.ones(40))
+
+
+@pytest.mark.parametrize("normalization", ["layer_norm", "constant_norm_rescale"])
+def test_saelens_per_row_normalization_is_refused(tmp_path, normalization):
+    """These normalize each input by its own statistics at run time, which no fixed weights
+    reproduce: loading them as plain SAEs gave codes off by tens."""
+    theirs = sae_lens.StandardSAE(
+        sae_lens.StandardSAEConfig(d_in=12, d_sae=40, normalize_activations=normalization)
+    )
+    theirs.save_model(str(tmp_path))
+    with pytest.raises(sae.FormatError, match=f"normalize_activations '{normalization}'"):
+        sae.load(tmp_path)
+
+
+def test_saelens_file_without_provenance_claims_none(tmp_path):
+    """No hook_name or model_name in the file: they stay empty (not our SmolLM2 layer 6), and a
+    splice without hook= says so instead of hooking some default layer."""
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=576, d_sae=40)).save_model(str(tmp_path))
+    ours = sae.load(tmp_path)
+    assert (ours.cfg.hook_name, ours.cfg.model_name, ours.cfg.dataset_path) == ("", "", "")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=576, intermediate_size=64,
+                                         num_attention_heads=2, vocab_size=10))  # fmt: skip
+    with pytest.raises(ValueError, match="no hookpoint given"), splice(model, ours):
+        model(torch.tensor([[1, 2]]))
