@@ -201,10 +201,13 @@ def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
         )
     match = HOOK_RE.match(name)
     if match is None:
-        try:
-            return Hookpoint(name, model.get_submodule(name), "output", None)
-        except AttributeError:
-            pass
+        # a module path, from the model or from its base model (sparsify names coders by their
+        # module in the base model: `h.6` in GPT-2 is `transformer.h.6` of GPT2LMHeadModel)
+        for root in (model, getattr(model, "base_model", model)):
+            try:
+                return Hookpoint(name, root.get_submodule(name), "output", None)
+            except AttributeError:
+                pass
         valid = hook_names(model)
         raise ValueError(
             f"unknown hookpoint {name!r} for {model.config.model_type} with {model.config.num_hidden_layers} layers. "

@@ -140,3 +140,13 @@ def test_minilm_bert_encoder_hookpoints():
     assert (
         resolve_hook(model, "blocks.2.hook_mlp_out").module is model.encoder.layer[2].output.dense
     )
+
+
+def test_module_paths_resolve_from_the_base_model_too():
+    """sparsify names a coder by its module in the base model (`h.1` in GPT-2, not
+    `transformer.h.1`), which a splice into the LM-head model must still find."""
+    model = tiny("gpt2")
+    assert resolve_hook(model, "h.1").module is model.transformer.h[1]
+    assert resolve_hook(model, "transformer.h.1").module is model.transformer.h[1]
+    with pytest.raises(ValueError, match="unknown hookpoint 'layers.1'"):
+        resolve_hook(model, "layers.1")
