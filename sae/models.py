@@ -141,8 +141,8 @@ class SAE(nn.Module):
         x_s = x.to(self.W_enc.dtype) * self.input_scale  # [batch, d_in]
         pre = self.pre_acts(x)  # [batch, d_sae]
         z = self.train_activate(x, pre, ctx)
-        mse, x_hat_s = self.reconstruction_loss(z, x_s)
-        parts = {"mse_loss": mse, **self.penalties(x_s, pre, z, x_hat_s, ctx)}
+        parts, x_hat_s = self.reconstruction_loss(z, x_s)
+        parts |= self.penalties(x_s, pre, z, x_hat_s, ctx)
         active = z.detach() > 0
         return LossOutput(
             sum(parts.values()), x_hat_s / self.input_scale, parts, active.any(0),
@@ -153,16 +153,17 @@ class SAE(nn.Module):
         """The sparsity rule while training (differs from `activate` for JumpReLU and BatchTopK)."""
         return self.activate(pre)
 
-    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[Tensor, Tensor]:
+    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The reconstruction terms of the loss, by name, and the reconstruction x_hat_s."""
         x_hat_s = z @ self.W_dec + self.b_dec
-        return (x_hat_s - x_s).pow(2).sum(-1).mean(), x_hat_s
+        return {"mse_loss": mse(x_hat_s, x_s)}, x_hat_s
 
     def sparse_reconstruction_loss(
         self, values: Tensor, rows: Tensor, latents: Tensor, x_s: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """reconstruction_loss for a code given as its entries (sorted by row)."""
         x_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(x_s)) + self.b_dec
-        return (x_hat_s - x_s).pow(2).sum(-1).mean(), x_hat_s
+        return {"mse_loss": mse(x_hat_s, x_s)}, x_hat_s
 
     def penalties(
         self, x_s: Tensor, pre: Tensor, z: Tensor, x_hat_s: Tensor, ctx: TrainContext
@@ -189,8 +190,7 @@ class SAE(nn.Module):
             x_s, shift, self.W_enc, self.b_enc, select, dead
         )
         values = values.relu()
-        mse, x_hat_s = self.sparse_reconstruction_loss(values, rows, latents, x_s)
-        parts = {"mse_loss": mse}
+        parts, x_hat_s = self.sparse_reconstruction_loss(values, rows, latents, x_s)
         parts["auxiliary_reconstruction_loss"] = (
             self.dead_auxk_loss(x_s, x_hat_s, pre_dead, dead, ctx)
             if len(dead)
@@ -230,7 +230,7 @@ class SAE(nn.Module):
         residual_hat = auxk_activation(pre_dead, k_aux) @ self.W_dec[dead]
         residual = (x_s - x_hat_s).detach()
         scale = k_aux / (self.cfg.d_in // 2)
-        return ctx.aux_coefficient * scale * (residual_hat - residual).pow(2).sum(-1).mean()
+        return ctx.aux_coefficient * scale * mse(residual_hat, residual)
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
@@ -492,12 +492,12 @@ class MatryoshkaSAE(BatchTopKSAE):
     def widths(self) -> list[int]:
         return list(self.cfg.matryoshka_widths) or default_matryoshka_widths(self.cfg.d_sae)
 
-    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[Tensor, Tensor]:
-        return prefix_mse(self.prefix_decodes(z, scaled=True), x_s)
+    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return self.prefix_losses(self.prefix_decodes(z, scaled=True), x_s)
 
     def sparse_reconstruction_loss(
         self, values: Tensor, rows: Tensor, latents: Tensor, x_s: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Each group of latents decodes its own entries; the groups' decodes add up to the
         prefixes', so the decoder costs what one full sparse decode costs."""
 
@@ -505,7 +505,16 @@ class MatryoshkaSAE(BatchTopKSAE):
             keep = (latents >= start) & (latents < end)
             return sparse_decode(values[keep], rows[keep], latents[keep], self.W_dec, len(x_s))
 
-        return prefix_mse(self.prefix_sums(group), x_s)
+        return self.prefix_losses(self.prefix_sums(group), x_s)
+
+    def prefix_losses(self, decodes: list[Tensor], x_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Every prefix's MSE, summed into the loss as in the paper and SAELens, under SAELens's
+        names: mse_loss for the full SAE, inner_mse_loss_<m> for the first m latents."""
+        inner = {
+            f"inner_mse_loss_{m}": mse(x_hat, x_s)
+            for m, x_hat in zip(self.widths[:-1], decodes[:-1], strict=True)
+        }
+        return {"mse_loss": mse(decodes[-1], x_s), **inner}, decodes[-1]
 
     def prefix_decodes(self, z: Tensor, scaled: bool = False) -> list[Tensor]:
         """x_hat from the first m latents, for each prefix width m; the last equals decode(z).
@@ -532,10 +541,9 @@ def default_matryoshka_widths(d_sae: int) -> list[int]:
     return sorted({max(1, d_sae >> shift) for shift in (3, 2, 1, 0)})
 
 
-def prefix_mse(decodes: list[Tensor], x_s: Tensor) -> tuple[Tensor, Tensor]:
-    """The mean of the MSEs of every prefix's reconstruction, and the last (the full SAE's)."""
-    mses = [(x_hat - x_s).pow(2).sum(-1).mean() for x_hat in decodes]
-    return torch.stack(mses).mean(), decodes[-1]
+def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Squared error summed over d_in, averaged over rows (SAELens's mse_loss)."""
+    return (x_hat - x).pow(2).sum(-1).mean()
 
 
 @register
@@ -573,5 +581,5 @@ class GatedSAE(SAE):
         aux_hat = gate @ self.W_dec.detach() + self.b_dec.detach()
         return {
             "l1_loss": ctx.sparsity_coefficient * (gate * self.W_dec.norm(dim=1)).sum(-1).mean(),
-            "auxiliary_reconstruction_loss": (aux_hat - x_s).pow(2).sum(-1).mean(),
+            "auxiliary_reconstruction_loss": mse(aux_hat, x_s),
         }

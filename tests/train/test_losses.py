@@ -89,13 +89,16 @@ def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     torch.testing.assert_close(d.threshold, torch.full((16,), second))
 
 
-def test_matryoshka_loss_is_mean_of_prefix_mses():
-    d = make_sae("matryoshka_batchtopk", d_sae=16, k=3, matryoshka_widths=[4, 16])
+def test_matryoshka_loss_sums_every_prefix_mse():
+    d = make_sae("matryoshka_batchtopk", d_sae=16, k=3, matryoshka_widths=[4, 8, 16])
     x = torch.randn(6, 6)
     out = d.training_loss(x, TrainContext())
     z = d.batch_activate(d.pre_acts(x))  # the code training kept
     mses = [(p - x).pow(2).sum(-1).mean() for p in d.prefix_decodes(z)]
-    torch.testing.assert_close(out.parts["mse_loss"], (mses[0] + mses[1]) / 2)
+    torch.testing.assert_close(out.parts["inner_mse_loss_4"], mses[0])
+    torch.testing.assert_close(out.parts["inner_mse_loss_8"], mses[1])
+    torch.testing.assert_close(out.parts["mse_loss"], mses[2])  # the full SAE's, as SAELens logs it
+    torch.testing.assert_close(out.loss, sum(mses) + out.parts["auxiliary_reconstruction_loss"])
 
 
 def test_gated_aux_loss_uses_a_frozen_decoder():
