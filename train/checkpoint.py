@@ -2,13 +2,14 @@
 counters, the step and data position, and the RNG, as safetensors + JSON (never pickle).
 
 A checkpoint is a directory written under a temporary name and renamed into place; the previous
-one is kept as `checkpoint.old` until the new one is complete, so a crash at any moment leaves a
-loadable checkpoint.
+one is kept as `checkpoint.old` until the new one is complete and on disk (files and directory
+entries fsynced), so a crash or power loss at any moment leaves a loadable checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.io import FILE_MODE
+from sae.io import atomic_write
 
 NAME = "checkpoint"
 
@@ -25,16 +26,26 @@ def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     tmp, final, old = run_dir / f".{NAME}.tmp", run_dir / NAME, run_dir / f"{NAME}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors"
-    )
-    (tmp / "state.safetensors").chmod(FILE_MODE)  # safetensors makes it owner-only
-    (tmp / "state.json").write_text(json.dumps(meta))
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(tmp / "state.safetensors", lambda path: save_file(state, path))
+    atomic_write(tmp / "state.json", lambda path: Path(path).write_text(json.dumps(meta)))
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
+    fsync_dir(run_dir)  # the rename is on disk before the old checkpoint goes
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (files created or renamed in it), which fsyncing the files
+    does not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove(run_dir: Path) -> None:

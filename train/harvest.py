@@ -201,12 +201,18 @@ class Harvester:
         through the dataset again (in a new order) when it ends."""
         rng = torch.Generator().manual_seed(self.cfg.seed)
         for epoch in range(sys.maxsize):
-            windows, first = self.windows(epoch), 0
+            windows, first, count = self.windows(epoch), 0, 0
             while group := list(islice(windows, self.cfg.shard_windows)):
                 rows = self.shard_rows(group, first, first // self.cfg.batch_size)
                 first += len(group)
+                count += len(rows["tokens"])
                 order = torch.randperm(len(rows["tokens"]), generator=rng)
                 yield {h: rows[acts_key(h)][order] for h in self.cfg.hook}
+            if not count:  # another pass would find none either: never a batch, for ever
+                raise ValueError(
+                    f"dataset {self.cfg.dataset!r} (split {self.cfg.split}) fills not one "
+                    f"{self.cfg.context_size}-token window: nothing to train on"
+                )
 
     def run(self) -> ActivationCache:
         c = self.cfg

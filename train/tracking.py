@@ -61,14 +61,25 @@ class Tracker:
         return self.run.id if self.run is not None else None
 
     def truncate_after(self, step: int) -> None:
-        """Drop metrics logged after `step`: on resume those the run logs again, on a fresh run all."""
-        if self.active and self.metrics_file.exists():
-            kept = [
-                line
-                for line in self.metrics_file.read_text().splitlines()
-                if json.loads(line)["step"] <= step
-            ]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        """Drop metrics logged after `step`: on resume those the run logs again, on a fresh run all.
+        A last line that does not parse was cut short (a kill or a full disk mid-write) and is
+        dropped too; an earlier one is damage this cannot explain, and is refused."""
+        if not self.active or not self.metrics_file.exists():
+            return
+        lines = self.metrics_file.read_text(errors="replace").splitlines() if step else []
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                logged = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError) as e:
+                if number == len(lines):
+                    break
+                raise ValueError(
+                    f"{self.metrics_file}, line {number}, is not a metrics record ({e})"
+                ) from e
+            if logged <= step:
+                kept.append(line)
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
+from hashlib import sha256
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ T = TypeVar("T")
 
 
 class NonFiniteLoss(FloatingPointError):
-    """A NaN/inf loss: the run stops, and the last checkpoint (before it) is what remains."""
+    """A NaN/inf loss: the run stops; its last checkpoint, if it wrote one, is from before it."""
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -65,22 +66,44 @@ class Source:
             if isinstance(data, ActivationCache)
             else None
         )
+        # what the data is, for --resume to refuse other data (None: an iterable, unknowable)
+        self.identity: dict[str, Any] | None = None
         if self.cache is not None:
+            if len(self.cache) < batch_size:  # every pass would yield nothing, for ever
+                raise ValueError(
+                    f"{self.cache.url} holds {len(self.cache):,} rows, fewer than "
+                    f"batch_size={batch_size:,}: not one batch; lower --batch-size or harvest more"
+                )
+            for h in hooks:  # a NaN/inf row: the manifest's scale falls back to 1.0
+                if not math.isfinite(mean_norm := self.cache.stats(h)["mean_norm"]):
+                    raise ValueError(
+                        f"{self.cache.url}: the mean_norm of {h} is {mean_norm}, so the cache "
+                        "holds NaN/inf activations; harvest it again"
+                    )
             self.d_in = {h: self.cache.d_in(h) for h in hooks}
             self.scale = {h: self.cache.stats(h)["norm_scaling_factor"] for h in hooks}
+            shards = "".join(s["sha256"] for s in self.cache.shards)  # a moved cache is the same
+            self.identity = {"rows": len(self.cache), "shards": sha256(shards.encode()).hexdigest()}
             return
         if isinstance(data, HarvestConfig):
             from train.harvest import Harvester  # loads the model
 
-            chunks = Harvester(replace(data, hook=hooks, seed=seed)).stream()
+            harvest = replace(data, hook=hooks, seed=seed)
+            chunks = Harvester(harvest).stream()
+            self.identity = {
+                k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device")
+            }
         else:
             chunks = ({hooks[0]: x.reshape(-1, x.shape[-1])} for x in data)
         first = next(chunks)  # peek: widths and input scales
         self.chunks = chain([first], chunks)
         self.d_in = {h: first[h].shape[-1] for h in hooks}
-        self.scale = {
-            h: math.sqrt(self.d_in[h]) / first[h].float().norm(dim=-1).mean().item() for h in hooks
-        }
+        self.scale = {}
+        for h in hooks:
+            mean_norm = first[h].float().norm(dim=-1).mean().item()
+            if not math.isfinite(mean_norm):
+                raise ValueError(f"the data's first {len(first[h])} rows of {h} hold NaN/inf")
+            self.scale[h] = math.sqrt(self.d_in[h]) / mean_norm if mean_norm > 0 else 1.0
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         if self.cache is None:
@@ -271,6 +294,17 @@ def keep_freed_memory() -> None:
 
 
 # -- the run --------------------------------------------------------------------------------------
+RESUMABLE = frozenset(
+    {"total_tokens", "checkpoint_every", "resume", "overwrite", "out", "wandb_project",
+     "wandb_entity", "device", "autocast", "b_dec_init", "cache", "stream_model", "stream_dataset"}
+)  # fmt: skip
+"""TrainConfig fields a --resume may change: how long (a run extended), where and on what hardware
+it runs, and what no longer acts (b_dec_init). The data is compared by what it is (Source.identity:
+a cache's shards, a model stream's settings), not by its path, so a moved cache resumes."""
+PER_SAE = frozenset({"sweep", *(f.name for f in fields(SAESpec))})
+"""Compared per SAE (its resolved spec), so a sweep's entries may come in another order."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: str | ActivationCache | Iterable[Tensor]):
         self.cfg = cfg
@@ -317,19 +351,13 @@ class Trainer:
                 "the learning rate never reaches lr; lower warmup_steps (--warmup-steps)",
                 stacklevel=2,
             )
-        torch.manual_seed(cfg.seed)
-        self.members = [
-            build_member(
-                cfg,
-                s,
-                self.source.d_in[s.hook],
-                self.source.scale[s.hook],
-                self.total_steps,
-                self.device,
-                meta,
-            )
-            for s in specs
-        ]
+        self.members = []
+        for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
+            torch.manual_seed(cfg.seed)
+            self.members.append(
+                build_member(cfg, s, self.source.d_in[s.hook], self.source.scale[s.hook],
+                             self.total_steps, self.device, meta)
+            )  # fmt: skip
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")
@@ -337,6 +365,7 @@ class Trainer:
             10_000_000, max(cfg.batch_size, cfg.total_tokens // 20)
         )
         self.step = 0
+        self.saved_step: int | None = None  # the step of the run's last checkpoint
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -373,7 +402,7 @@ class Trainer:
             bad = ~out.loss.detach().isfinite().reshape(1)
             flags = self.world.any_rank(torch.cat([out.fired, bad]))
             fired, diverged[m.name] = flags[:-1], flags[-1]
-            m.tokens_since_fired += len(x)
+            m.tokens_since_fired += len(batch[m.hook])  # global rows: `fired` is over ranks
             m.tokens_since_fired.masked_fill_(fired, 0)
             metrics.update(self.member_metrics(m, x, out))
         return StepMetrics(metrics, diverged)
@@ -405,9 +434,12 @@ class Trainer:
                     if not math.isfinite(loss)
                     else "loss is NaN/inf on another rank"
                 )
-                raise NonFiniteLoss(
-                    f"SAE {m.name}: {what} at step {step}; the last checkpoint is kept in {self.out}"
+                kept = (
+                    "no checkpoint was written before it"
+                    if self.saved_step is None
+                    else f"its checkpoint of step {self.saved_step} in {self.out} is kept"
                 )
+                raise NonFiniteLoss(f"SAE {m.name}: {what} at step {step}; {kept}")
         tracker.log(values, step)
 
     def init_b_dec(self, batch: dict[str, Tensor]) -> None:
@@ -505,6 +537,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, run_id: str | None) -> None:
+        self.saved_step = self.step  # on every rank, though rank 0 alone writes it
         if not self.world.is_main:
             return
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
@@ -514,6 +547,7 @@ class Trainer:
             "wandb_run_id": run_id,
             "members": {},
             "config": asdict(self.cfg),
+            "data": self.source.identity,
         }
         for i, m in enumerate(self.members):
             tensors.update({f"m{i}.sae.{k}": v for k, v in m.sae.state_dict().items()})
@@ -522,7 +556,11 @@ class Trainer:
                 f"m{i}.opt", m.optimizer.state_dict()
             )
             tensors.update(opt_tensors)
-            meta["members"][m.name] = {"optimizer": opt_meta, "schedule": m.schedule.state_dict()}
+            meta["members"][m.name] = {
+                "spec": asdict(m.spec),
+                "optimizer": opt_meta,
+                "schedule": m.schedule.state_dict(),
+            }
         checkpoint.save(self.out, tensors, meta)
 
     def restore(self) -> str | None:
@@ -536,6 +574,7 @@ class Trainer:
             raise ValueError(
                 f"{self.out}: the checkpoint holds SAEs {sorted(meta['members'])}, this run {[m.name for m in self.members]}"
             )
+        self.refuse_other_settings(meta)
         for i, m in enumerate(self.members):
             m.sae.load_state_dict(
                 {
@@ -557,8 +596,44 @@ class Trainer:
                 group["fused"] = m.optimizer.defaults["fused"]
             m.schedule.load_state_dict(meta["members"][m.name]["schedule"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.step = meta["step"]
+        self.step = self.saved_step = meta["step"]
         return meta.get("wandb_run_id")
+
+    def refuse_other_settings(self, meta: dict[str, Any]) -> None:
+        """A resumed run must train what the checkpoint trained: the same data in the same order
+        and the same recipe, or it silently becomes neither run (the optimizer state keeps the
+        old lr, the data position counts the old batches). Settings absent from an older
+        checkpoint are not compared; total_tokens may grow (see RESUMABLE)."""
+        saved, now = meta["config"], asdict(self.cfg)
+        changed = {
+            k: (saved[k], now[k])
+            for k in now
+            if k not in RESUMABLE | PER_SAE and k in saved and saved[k] != now[k]
+        }
+        for m in self.members:
+            spec = meta["members"][m.name].get("spec", {})
+            changed.update(
+                {
+                    f"{m.name}.{k}": (v, getattr(m.spec, k))
+                    for k, v in spec.items()
+                    if v != getattr(m.spec, k)
+                }
+            )
+        if meta.get("data") is not None and meta["data"] != self.source.identity:
+            changed["data"] = (meta["data"], self.source.identity)
+        if changed:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"{self.out}: the checkpoint was trained with other settings ({listed}); resume "
+                "with the checkpoint's, or start a new run (--overwrite or another --out)"
+            )
+        if saved.get("total_tokens", now["total_tokens"]) != now["total_tokens"]:
+            warnings.warn(
+                f"resuming with total_tokens={now['total_tokens']:,} (the checkpoint's run: "
+                f"{saved['total_tokens']:,}): from step {meta['step']} the learning-rate schedule, "
+                "the sparsity warm-up and the default dead_tokens follow the new length",
+                stacklevel=4,
+            )
 
 
 def _only(hooks: list[str]) -> str:

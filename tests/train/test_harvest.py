@@ -286,3 +286,15 @@ def test_training_straight_from_the_model_sees_the_harvest_rows(cache, tmp_path)
         and d.cfg.model_name == "smollm2-135m"
         and d.cfg.context_size == 32
     )
+
+
+def test_training_from_a_dataset_without_one_window_is_refused(tmp_path):
+    """Each pass over it would give no rows: the stream would wait for ever for the first."""
+    from train.trainer import Source
+
+    (tmp_path / "empty.txt").write_text("")
+    stream = HarvestConfig(
+        dataset=str(tmp_path / "empty.txt"), hook=HOOKS[:1], context_size=32, device="cpu"
+    )
+    with pytest.raises(ValueError, match=r"empty.txt' \(split train\) fills not one 32-token"):
+        Source(stream, HOOKS[:1], batch_size=124, seed=0)

@@ -3,6 +3,8 @@ logs read back, and the guards (NaN loss, bad configs, mismatched caches)."""
 
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -14,13 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sae
 import train
 from tests.conftest import sigkill_when, start_sae
 from train.cache import ActivationCache, CacheWriter
+from train.config import TrainConfig
 from train.tracking import read_offline_run
-from train.trainer import NonFiniteLoss, prefetched
+from train.trainer import NonFiniteLoss, Trainer, prefetched
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -38,13 +42,16 @@ def synthetic(n_features=64, d=32, p=0.04, batch=2048, seed=0):
     return features, batches
 
 
-def synthetic_cache(path, rows=20_000, d=64, shard_rows=2_000, seed=0):
+def synthetic_cache(path, rows=20_000, d=64, shard_rows=2_000, seed=0, nan_row=None):
+    """A cache of synthetic() rows; row `nan_row` of the first shard has a NaN."""
     _, batches = synthetic(n_features=4 * d, d=d, batch=shard_rows, seed=seed)
     identity = {"model": "synthetic", "revision": "0", "hookpoints": [HOOK], "d_in": {HOOK: d}, "dtype": "float32",
                 "context_size": 128, "prepend_bos": True, "dataset": "synthetic", "pack": True, "seed": 0}  # fmt: skip
     writer = CacheWriter(str(path), identity)
     for i, x in enumerate(batches(rows // shard_rows)):
         n = len(x)
+        if i == 0 and nan_row is not None:
+            x[nan_row, 3] = float("nan")
         meta = torch.arange(i * n, (i + 1) * n)
         writer.write_shard(
             {
@@ -126,6 +133,19 @@ def test_sweep_trains_every_config_reading_the_data_once(tmp_path, monkeypatch):
     )
 
 
+def test_each_sae_of_a_sweep_trains_as_it_would_alone(tmp_path):
+    """Every SAE is initialised from the seed: a sweep member equals its solo run, bit for bit,
+    whatever comes before it in the sweep."""
+    data = [torch.randn(200, 16, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    settings = dict(d_sae=64, total_tokens=1000, batch_size=200, warmup_steps=1, seed=3)
+    second = {"architecture": "jumprelu"}
+    _, swept = train.fit(iter(data), sweep=[{"architecture": "topk", "k": 4}, second],
+                         out=str(tmp_path / "sweep"), **settings)  # fmt: skip
+    alone = train.fit(iter(data), out=str(tmp_path / "alone"), **settings, **second)
+    for key, value in alone.state_dict().items():
+        assert torch.equal(swept.state_dict()[key], value), key
+
+
 def run_cli(cache, out, *extra):
     return start_sae("train", "--cache", str(cache), "--out", str(out), "--architecture", "topk", "--k", "16", "--d-sae", "4096",
                      "--batch-size", "1000", "--total-tokens", "200000", "--checkpoint-every", "10", *extra)  # fmt: skip
@@ -156,6 +176,56 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     torch.testing.assert_close(
         torch.tensor(curve(killed)), torch.tensor(curve(tmp_path / "clean")), atol=1e-5, rtol=1e-4
     )
+
+
+def test_resume_refuses_other_data_or_settings_and_allows_a_longer_run(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache", rows=4000, d=16, shard_rows=1000)
+    run = tmp_path / "run"
+    settings = dict(architecture="topk", k=4, d_sae=32, batch_size=500, total_tokens=2000,
+                    warmup_steps=1, checkpoint_every=2, out=str(run))  # fmt: skip
+    train.fit(cache.url, **settings)
+    state = (run / "checkpoint" / "state.json").read_text()
+    name = "topk-k4-x32-blocks_6_hook_resid_post"
+    other = synthetic_cache(tmp_path / "other", rows=4000, d=16, shard_rows=1000, seed=1)
+    for data, change, message in [
+        (cache.url, {"batch_size": 250}, "batch_size: 500 -> 250"),
+        (cache.url, {"seed": 7, "aux_coefficient": 0.5}, "aux_coefficient: 0.03125 -> 0.5; seed: 0 -> 7"),
+        (cache.url, {"lr": 1e-3}, f"{name}.lr: 0.0 -> 0.001"),
+        (other.url, {}, "data: {'rows': 4000, 'shards': "),
+    ]:  # fmt: skip
+        with pytest.raises(
+            ValueError, match="trained with other settings \\((.*; )?" + re.escape(message)
+        ):
+            train.fit(data, resume=True, **{**settings, **change})
+    assert (run / "checkpoint" / "state.json").read_text() == state, "nothing resumed"
+    moved = shutil.copytree(tmp_path / "cache", tmp_path / "moved")  # the same cache elsewhere
+    with pytest.warns(UserWarning, match="resuming with total_tokens=3,000 .* from step 4"):
+        train.fit(str(moved), resume=True, **{**settings, "total_tokens": 3000,
+                                             "checkpoint_every": 1, "device": "cpu"})  # fmt: skip
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_drops_a_metrics_line_cut_short(tmp_path):
+    """A kill or a full disk in the middle of appending a line leaves half of it: resuming drops it."""
+    settings = dict(d_sae=32, k=4, batch_size=100, total_tokens=600, warmup_steps=1,
+                    checkpoint_every=2, out=str(tmp_path))  # fmt: skip
+    train.fit(random_batches(4, 100), **settings)  # stops at step 4 of 6, checkpointed
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "losses/mse_loss": 1.2')
+    train.fit(random_batches(6, 100), resume=True, **settings)
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_cache_smaller_than_a_batch_is_refused(tmp_path):
+    """Each pass over it would yield no batch: training would wait for ever."""
+    synthetic_cache(tmp_path / "cache", rows=400, d=16, shard_rows=200)
+    cfg = TrainConfig(batch_size=500, total_tokens=5000, out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"holds 400 rows, fewer than batch_size=500"):
+        Trainer(cfg, str(tmp_path / "cache"))
 
 
 def test_prefetched_keeps_order_raises_in_place_and_stops_reading_when_closed():
@@ -268,7 +338,9 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path):
 
 @pytest.mark.parametrize("bad", [7, 8])  # 8: the NaN step is a checkpoint step (9)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
-    with pytest.raises(NonFiniteLoss, match=f"loss is nan at step {bad + 1}"):
+    with pytest.raises(
+        NonFiniteLoss, match=f"loss is nan at step {bad + 1}; its checkpoint of step 6 in"
+    ):
         train.fit(
             random_batches(100, 500, nan_at=bad),
             d_sae=64,
@@ -280,6 +352,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad):
         )
     state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
     assert state["step"] == 6
+
+
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
+    with pytest.raises(
+        NonFiniteLoss, match="loss is nan at step 2; no checkpoint was written before it"
+    ):
+        train.fit(random_batches(4, 100, nan_at=1), d_sae=32, k=4, total_tokens=400,
+                  batch_size=100, warmup_steps=1, out=str(tmp_path))  # fmt: skip
+
+
+def test_nan_in_the_data_is_named_before_training(tmp_path):
+    """A NaN row would make the cache's input scale 1.0, or a stream's NaN: say what it is."""
+    synthetic_cache(tmp_path / "cache", rows=2000, d=16, shard_rows=1000, nan_row=17)
+    with pytest.raises(
+        ValueError,
+        match=r"cache: the mean_norm of blocks.6.hook_resid_post is nan, so the cache holds NaN/inf",
+    ):
+        train.fit(
+            str(tmp_path / "cache"), batch_size=500, total_tokens=2000, out=str(tmp_path / "a")
+        )
+    with pytest.raises(ValueError, match=r"the data's first 100 rows of .* hold NaN/inf"):
+        train.fit(random_batches(4, 100, nan_at=0), d_sae=32, k=4, total_tokens=400,
+                  batch_size=100, out=str(tmp_path / "b"))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -474,6 +569,30 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path)
     assert "loss is nan at step 6" in ddp.stderr and "loss is NaN/inf on another rank" in ddp.stderr
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3
+
+
+def test_two_processes_count_dead_latents_over_the_global_batch(tmp_path):
+    """A latent is dead after dead_tokens rows of whole batches without firing, whatever the number
+    of ranks sharing them: a 2-process run declares the same latents dead as one process."""
+    cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
+    common = ["--cache", cache.url, "--architecture", "topk", "--k", "2", "--expansion-factor", "16",
+              "--batch-size", "500", "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "train", "--out", str(tmp_path / "one"), *common],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+
+    def dead(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["sparsity/dead_features"] for line in lines]
+
+    assert dead("two") == dead("one") and max(dead("one")) > 0
+    one, two = (
+        load_file(tmp_path / run / "checkpoint" / "state.safetensors") for run in ("one", "two")
+    )
+    assert torch.equal(two["m0.tokens_since_fired"], one["m0.tokens_since_fired"])
 
 
 @pytest.mark.cuda

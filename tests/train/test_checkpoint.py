@@ -1,0 +1,44 @@
+"""Checkpoint writes are durable: files and directory entries reach the disk before the previous
+checkpoint is deleted."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="names file descriptors through /proc")
+def test_a_checkpoint_is_fsynced_before_the_previous_one_goes(tmp_path, monkeypatch):
+    events = []
+    fsync, rmtree = os.fsync, shutil.rmtree
+
+    def recording_fsync(fd):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def recording_rmtree(path, *args, **kwargs):
+        events.append(("rmtree", Path(path)))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(shutil, "rmtree", recording_rmtree)
+    run = tmp_path.resolve()
+    checkpoint.save(run, {"w": torch.ones(3)}, {"step": 1})
+    events.clear()
+    checkpoint.save(run, {"w": torch.zeros(3)}, {"step": 2})
+    synced = [path for what, path in events if what == "fsync"]
+    tmp = run / ".checkpoint.tmp"
+    for name in ("state.safetensors", "state.json"):  # under its temporary name, in the new folder
+        assert any(p.parent == tmp and p.name.startswith(f".{name}.") for p in synced), name
+    assert tmp in synced and run in synced
+    deleted_old = max(
+        i for i, event in enumerate(events) if event == ("rmtree", run / "checkpoint.old")
+    )
+    assert events.index(("fsync", run)) < deleted_old, "the rename is on disk first"
+    tensors, meta = checkpoint.load(run)
+    assert meta == {"step": 2} and torch.equal(tensors["w"], torch.zeros(3))
