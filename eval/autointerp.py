@@ -4,9 +4,10 @@ is scored by how well an LLM, given only the explanation, predicts where the lat
 Two scorers, as in Paulo et al. 2024 (EleutherAI's sae-auto-interp) and SAEBench:
 - detection: held-out activating contexts mixed with contexts where the latent is silent; the
   judge says which fire. Balanced accuracy, so a judge that says "all" or "none" scores 0.5.
-- fuzzing: activating contexts with the latent's own tokens highlighted, or with as many random
-  tokens highlighted; the judge says which highlights are right. Balanced accuracy.
-Contexts shown to the explainer are never scored.
+- fuzzing: activating contexts, half with the latent's own tokens highlighted, half with as many
+  random tokens highlighted; the judge says which highlights are right. Balanced accuracy.
+Contexts shown to the explainer are never scored. A latent without both kinds of context to judge
+(no held-out activation, say) gets None, unscored: balanced accuracy is then undefined.
 
 Clients: `OpenAIClient` (any OpenAI-compatible server: base URL and key from the environment,
 retries, and a disk cache so re-running a dashboard costs nothing), `LocalClient` (a transformers
@@ -177,17 +178,28 @@ def explain(client: LLMClient, examples: list[Example]) -> str:
     return (reply.splitlines() or [""])[0].strip().strip('"')
 
 
+LABELLED = re.compile(r"(?<!\d)(\d+)\s*(?::|\)|\.\s)\s*([01])(?![\d.])")
+"""An answer after its text's number: "Text 2: 0", "2) 0", "2. 0" (not "1.0")."""
+
+
 def parse_answers(reply: str, n: int) -> list[bool]:
-    """The first n 0/1 answers in the reply; missing answers count as 0."""
+    """The n 0/1 answers of a reply: labelled ones ("Text 1: 1, Text 2: 0", "1. 0"), by label, else
+    the first n digits of the list asked for ("[1, 0, ...]"); missing answers count as 0."""
+    labelled = {int(i): a == "1" for i, a in LABELLED.findall(reply)}
+    if labelled:
+        return [labelled.get(i + 1, False) for i in range(n)]
     digits = [d == "1" for d in re.findall(r"[01]", reply.split("[", 1)[-1])]
     return (digits + [False] * n)[:n]
 
 
-def balanced_accuracy(predicted: list[bool], truth: list[bool]) -> float:
+def balanced_accuracy(predicted: list[bool], truth: list[bool]) -> float | None:
+    """Mean of the hit rates on true and on false items; None without both kinds, where a judge
+    answering all 1 (or all 0) would score 1."""
     pos = [p for p, t in zip(predicted, truth, strict=True) if t]
     neg = [not p for p, t in zip(predicted, truth, strict=True) if not t]
-    rates = [sum(v) / len(v) for v in (pos, neg) if v]
-    return sum(rates) / len(rates)
+    if not pos or not neg:
+        return None
+    return (sum(pos) / len(pos) + sum(neg) / len(neg)) / 2
 
 
 def _judge(
@@ -204,8 +216,11 @@ def _judge(
 def detection(
     client: LLMClient, explanation: str, active: list[Example], silent: list[Example],
     batch: int = 10, seed: int = 0,
-) -> float:  # fmt: skip
-    """Balanced accuracy of telling activating from silent contexts, given the explanation."""
+) -> float | None:  # fmt: skip
+    """Balanced accuracy of telling activating from silent contexts, given the explanation; None
+    (unscored) without both kinds of context, say a latent with no held-out activation."""
+    if not active or not silent:  # nothing to tell apart: not worth the judge's time
+        return None
     items = [(e, True) for e in active] + [(e, False) for e in silent]
     random.Random(seed).shuffle(items)
     texts = ["".join(e.tokens) for e, _ in items]
@@ -216,19 +231,25 @@ def detection(
 
 def fuzzing(
     client: LLMClient, explanation: str, active: list[Example], batch: int = 10, seed: int = 0
-) -> float:
-    """Balanced accuracy of telling right highlights from as many random ones, given the explanation."""
+) -> float | None:
+    """Balanced accuracy of telling right highlights from random ones, given the explanation: half
+    the contexts (at random) show the latent's own tokens, half as many random ones. None
+    (unscored) without both kinds, say for a latent with fewer than two held-out activations."""
     rng = random.Random(seed)
+    keep = [i % 2 == 0 for i in range(len(active))]  # halves, so that both kinds are scored
+    rng.shuffle(keep)
     texts, truth = [], []
-    for e in active:
+    for e, own in zip(active, keep, strict=True):
         right = [a > 0 for a in e.activations]
-        if rng.random() < 0.5:
+        if own:
             texts.append(e.highlighted(right))
             truth.append(True)
         else:
             wrong = set(rng.sample(range(len(e.tokens)), sum(right)))
             texts.append(e.highlighted([i in wrong for i in range(len(e.tokens))]))
             truth.append(wrong == {i for i, r in enumerate(right) if r})
+    if len(set(truth)) < 2:  # nothing to tell apart: not worth the judge's time
+        return None
     return balanced_accuracy(_judge(client, FUZZ, explanation, texts, batch), truth)
 
 

@@ -88,7 +88,9 @@ def points(run: Run) -> list[dict]:
     """One frontier point per SAE: L0, explained variance and CE recovered (held-out when an
     eval.json sits beside the SAE, else the last training values)."""
     final = run.final()
-    names = run.saes or {"": None}
+    # the SAEs: local folders, else (a W&B run) the names that suffix a multi-SAE run's metrics
+    logged = [k.removeprefix("metrics/l0/") for k in final if k.startswith("metrics/l0/")]
+    names = run.saes or dict.fromkeys(logged or [""])
     out = []
     for name, folder in names.items():
         suffix = f"/{name}" if f"metrics/l0/{name}" in final else ""

@@ -37,7 +37,11 @@ from train.harvest import capture
 
 LETTERS = string.ascii_lowercase
 SPEAKER = re.compile(r"\*\*([^*\n]+)\*\*")
-STAGE = re.compile(r"(?<![A-Za-z0-9])_([^_\n]+)_(?![A-Za-z0-9])")
+# `_..._` emphasis as markdown reads it: the opening `_` is followed, the closing one preceded, by a
+# non-space. Stage directions span lines (long entrances), and the flanking rule keeps a closing
+# `_` from opening a false span when a window starts inside a direction.
+STAGE = re.compile(r"(?<![A-Za-z0-9])_(?!\s)([^_]+)(?<!\s)_(?![A-Za-z0-9])")
+WORD = re.compile(r"[^\W\d_]+")
 
 
 # -- concept labels from text ----------------------------------------------------------------------
@@ -91,9 +95,10 @@ def window_labels(ids: list[int], strings: list[str], words: list[str]) -> Tenso
         first = begin + len(piece) - len(body)  # index of the first non-space character
         word_start = bool(body) and body[0].isalpha() and not text[first - 1 : first].isalpha()
         if word_start:
-            row[LETTERS.index(body[0].lower())] = body[0].lower() in LETTERS
-            letters = re.match(r"[A-Za-z]+", body)
-            row[26] = body[0].isupper() and (letters is None or letters.group()[1:].islower())
+            if (c := body[0].lower()) in LETTERS:
+                row[LETTERS.index(c)] = True
+            word = WORD.match(text, first).group()  # the whole word: " H" + "otspur" is capitalised
+            row[26] = word[0].isupper() and word[1:].islower()
             if (w := body.lower()) in word_index:
                 row[33 + word_index[w]] = True
         row[27] = bool(inside[0, begin:end].any())
@@ -337,7 +342,10 @@ def main_latents(
 
     Candidates are ranked by an L1 probe on all latents; the probes for every k and letter are fit
     at once, the k-probe seeing its letter's first k candidates (the others zeroed)."""
-    ranking, _ = fit_probes(z_train, y_train.float(), l1=0.01)
+    w_units, _ = fit_probes(z_train, y_train.float(), l1=0.01)
+    # Rank by the weights on standardized latents, the ones the L1 penalty weighed: in raw units a
+    # latent that fires rarely and weakly (tiny std) gets a huge weight for a tiny effect.
+    ranking = w_units * z_train.std(0)
     candidates = ranking.topk(cfg.max_k, dim=-1).indices  # [letters, max_k]
     first_k = torch.arange(cfg.max_k)[None] < torch.arange(1, cfg.max_k + 1)[:, None]  # [k, max_k]
 

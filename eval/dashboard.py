@@ -191,7 +191,7 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
             f"<tr><td data-v='{latent}'>{name}</td><td>{density:.2e}</td>"
             f"<td>{html.escape(concept or '')}</td><td data-v='{precision if precision is not None else -1}'>"
             f"{'' if precision is None else f'{precision:.2f}'}</td>"
-            f"<td>{_score(autointerp.get(str(latent)))}</td></tr>"
+            f"{_score_cell(autointerp.get(str(latent)))}</tr>"
         )
     body = (
         f"<h1>{html.escape(d.cfg.architecture)} SAE, {d.cfg.d_sae} latents on {html.escape(d.cfg.hook_name)}</h1>"
@@ -203,8 +203,16 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
     return _page("SAE dashboard", body, SORT_SCRIPT)
 
 
-def _score(result: dict | None) -> str:
-    return "" if result is None else f"{result['detection']:.2f}"
+def _score_cell(result: dict | None) -> str:
+    """The detection score; empty where the latent was not explained, `unscored` where it had no
+    held-out contexts to judge (both sort below every score)."""
+    detection = None if result is None else result["detection"]
+    text = "" if result is None else _two(detection)
+    return f"<td data-v='{-1 if detection is None else detection}'>{text}</td>"
+
+
+def _two(score: float | None) -> str:
+    return "unscored" if score is None else f"{score:.2f}"
 
 
 def context_html(
@@ -265,7 +273,9 @@ def latent_page(
     explanation = report.get("explanations", {}).get(str(latent))
     if explanation and str(latent) in report.get("autointerp", {}):
         scores = report["autointerp"][str(latent)]
-        explanation += f" (detection {scores['detection']:.2f}, fuzzing {scores['fuzzing']:.2f})"
+        explanation += (
+            f" (detection {_two(scores['detection'])}, fuzzing {_two(scores['fuzzing'])})"
+        )
     body = (
         f"<p><a href='../index.html'>overview</a></p><h1>Latent {latent}</h1>"
         f"<p>fires on {density:.3%} of tokens ({int(examples.fires[latent])}); {purity}</p>"

@@ -21,8 +21,11 @@ class ReconstructionStats:
 
     def __init__(self) -> None:
         self.n = 0
-        self.sum_x: Tensor | float = 0.0
-        self.sum_sq = 0.0  # sum ||x||^2
+        # sums of x - shift (the first token): the centred variance below is a difference of two
+        # sums, which loses digits when the mean is large against the spread
+        self.shift: Tensor | None = None
+        self.sum_x: Tensor | float = 0.0  # sum (x - shift)
+        self.sum_sq = 0.0  # sum ||x - shift||^2
         self.sum_err = 0.0  # sum ||x - x_hat||^2
         self.sum_cos = 0.0
         self.sum_ratio = 0.0
@@ -30,11 +33,16 @@ class ReconstructionStats:
 
     @torch.no_grad()
     def add(self, x: Tensor, x_hat: Tensor) -> None:
-        x, x_hat = x.double(), x_hat.double()
+        """x, x_hat: [..., d], every leading index a token."""
+        x, x_hat = x.flatten(0, -2).double(), x_hat.flatten(0, -2).double()
+        if not len(x):
+            return
+        if self.shift is None:
+            self.shift = x[0]
         self.n += len(x)
         self.d = x.shape[-1]
-        self.sum_x = self.sum_x + x.sum(0)
-        self.sum_sq += x.pow(2).sum().item()
+        self.sum_x = self.sum_x + (x - self.shift).sum(0)
+        self.sum_sq += (x - self.shift).pow(2).sum().item()
         self.sum_err += (x - x_hat).pow(2).sum().item()
         self.sum_cos += torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum().item()
         self.sum_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
@@ -44,7 +52,8 @@ class ReconstructionStats:
             raise ValueError("no tokens were evaluated")
         mean = self.sum_x / self.n
         centred = self.sum_sq - self.n * float(mean.pow(2).sum())
-        fvu = self.sum_err / centred
+        # constant inputs: nothing to explain, so FVU is undefined (nan), not a crash of the report
+        fvu = self.sum_err / centred if centred > 0 else float("nan")
         return {
             "fvu": fvu,
             "explained_variance": 1 - fvu,

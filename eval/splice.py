@@ -33,6 +33,12 @@ def _scored(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return logp, ce
 
 
+def _ratio(recovered: float, ablated: float) -> float:
+    """nan where zero ablation changes nothing (the hook does not reach the logits): there is no
+    loss to recover, and one metric without meaning should not crash the whole report."""
+    return recovered / ablated if ablated != 0 else float("nan")
+
+
 VARIANTS = ("sae", "zero_ablation", "mean_ablation")
 
 
@@ -77,10 +83,10 @@ class SplicedLosses:
                 "no tokens to score: windows need at least 3 tokens (BOS, context, target)"
             )
         out = {k: v / self.n for k, v in self.sums.items()}
-        out["ce_loss_recovered"] = (out["ce_zero_ablation"] - out["ce_sae"]) / (
-            out["ce_zero_ablation"] - out["ce_clean"]
+        out["ce_loss_recovered"] = _ratio(
+            out["ce_zero_ablation"] - out["ce_sae"], out["ce_zero_ablation"] - out["ce_clean"]
         )
-        out["kl_score"] = (out["kl_zero_ablation"] - out["kl_sae"]) / out["kl_zero_ablation"]
+        out["kl_score"] = _ratio(out["kl_zero_ablation"] - out["kl_sae"], out["kl_zero_ablation"])
         out["tokens"] = self.n
         return out
 

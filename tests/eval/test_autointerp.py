@@ -108,6 +108,23 @@ def test_answers_and_balanced_accuracy():
     assert balanced_accuracy([True, False, False, False], [True, True, False, False]) == 0.75
 
 
+def test_labelled_answers_are_read_after_their_labels():
+    assert parse_answers("Text 1: 1, Text 2: 0", 2) == [True, False]
+    assert parse_answers("2. 1\n1. 0\n3) 1", 4) == [False, True, True, False]
+
+
+def test_a_latent_with_nothing_to_judge_is_unscored():
+    """No held-out activating context (a dead latent, or one firing only in the windows the
+    explainer saw): None, not a ZeroDivisionError, nor 1.0 for a judge that always answers 0."""
+    calls = []
+    never = ScriptedClient(lambda p: calls.append(p) or "[0, 0, 0, 0, 0]")
+    assert detection(never, "x", [], examples(5, False, 0)) is None
+    assert fuzzing(never, "x", []) is None
+    assert detection(never, "x", examples(5, True, 1), []) is None
+    assert not calls and balanced_accuracy([False, False], [False, False]) is None
+    assert fuzzing(never, "x", examples(2, True, 0)) == 0.5  # one right highlight, one wrong
+
+
 class StandIn(BaseHTTPRequestHandler):
     """An OpenAI-compatible server that fails the first `fail` requests with 503."""
 
@@ -207,4 +224,17 @@ def test_the_whole_loop_runs_with_the_local_smollm2(smollm2, trained_sae, window
     results = interpret(*smollm2, trained_sae, windows, latents, client, show=4, score=4)
     for result in results.values():
         assert isinstance(result["explanation"], str) and result["explanation"]
-        assert 0 <= result["detection"] <= 1 and 0 <= result["fuzzing"] <= 1
+    # None: unscored, as detection is for a latent so busy that no context of the sample is silent
+    scores = [r[k] for r in results.values() for k in ("detection", "fuzzing")]
+    assert all(s is None or 0 <= s <= 1 for s in scores) and sum(s is not None for s in scores) >= 4
+
+
+def test_a_latent_silent_on_every_window_is_explained_but_unscored(smollm2, trained_sae, windows):
+    model, hook = smollm2[0], trained_sae.cfg.hook_name
+    with torch.no_grad(), record(model, [hook]) as acts:
+        model(windows)
+    fires = trained_sae.encode(acts[hook][:, 1:]).gt(0).flatten(0, 1).sum(0)
+    silent = int(fires.eq(0).nonzero()[0])
+    client = ScriptedClient(lambda p: "[1, 0, 1, 0, 1, 0, 1, 0, 1, 0]")
+    result = interpret(*smollm2, trained_sae, windows, [silent], client, show=4, score=4)[silent]
+    assert result["detection"] is None and result["fuzzing"] is None

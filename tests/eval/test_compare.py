@@ -8,7 +8,7 @@ import torch
 import eval as ev
 import sae
 import train
-from eval.compare import CompareConfig, dictionary_similarity, load_run
+from eval.compare import CompareConfig, dictionary_similarity, load_run, points
 from sae.cli import main
 
 
@@ -49,6 +49,18 @@ def test_runs_side_by_side(runs, tmp_path, capsys):
     assert "data:image/png;base64," in page and "Dictionary similarity" in page
     assert len(result["similarity"]) == 1  # the two local runs' SAEs
     assert "matched" in capsys.readouterr().out
+
+
+def test_a_wandb_run_of_two_saes_gives_a_point_per_sae(small_cache, tmp_path, monkeypatch):
+    """No SAE folders beside a W&B run: the SAEs are the names suffixing its metrics."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train.fit(small_cache.url, sweep=[{"k": 16}, {"k": 32}], architecture="topk",
+              expansion_factor=4, total_tokens=4096, batch_size=1024, warmup_steps=1,
+              out=str(tmp_path), wandb_project="cmp")  # fmt: skip
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    got = {p["sae"]: p["l0"] for p in points(load_run(str(offline)))}
+    assert set(got) == {p.parent.name for p in tmp_path.glob("*/cfg.json")}
+    assert sorted(got.values()) == [16, 32]
 
 
 def test_dictionary_similarity():

@@ -52,6 +52,28 @@ def test_labels_read_off_the_text(smollm2):
     assert (" be", "capitalised") not in got and (" PH", "capitalised") not in got
 
 
+def labelled(pieces: str, concept: str) -> list[str]:
+    """The tokens of `pieces` ("|"-separated, BOS first) that carry `concept`, read off the text."""
+    strings = pieces.split("|")
+    labels = window_labels(list(range(len(strings))), strings, [])
+    column = concept_names([]).index(concept)
+    return [p for p, row in zip(strings[1:], labels, strict=True) if row[column]]
+
+
+def test_a_stage_direction_spans_lines():
+    got = labelled("|_|Enter| KING|,| SIR|\n|WAL|TER|_|\n|So| _|Exit|_", "stage_direction")
+    assert got == ["Enter", " KING", ",", " SIR", "\n", "WAL", "TER", "Exit"]
+    # a window that starts inside a direction: its closing `_` opens nothing
+    assert labelled("|others|_|\n|Say| so|.|\n|_|Exit|_", "stage_direction") == ["Exit"]
+
+
+def test_capitalised_reads_the_whole_word():
+    pieces = "| H|otspur| K|ING| I| O|'|er| hot|Spur"
+    assert labelled(pieces, "capitalised") == [" H"]
+    assert labelled(pieces, "first_letter_h") == [" H", " hot"]
+    assert labelled("| Él|an| ça", "capitalised") == [" Él"]  # and no first_letter_ column
+
+
 def brute_auroc(scores: torch.Tensor, y: torch.Tensor) -> float:
     """P(score of a positive > score of a negative) + 0.5 P(tie), over every pair."""
     pos, neg = scores[y], scores[~y]
@@ -109,6 +131,21 @@ def test_main_latents_are_the_ones_that_carry_the_letter():
     mains = main_latents(z[:900], z[900:], y[:900], y[900:], AbsorptionConfig(max_k=4))
     assert mains[0] == [5]
     assert sorted(mains[1]) == [9, 11]
+
+
+def test_a_rare_weak_latent_does_not_outrank_the_letter_detector():
+    """In raw units a latent firing rarely and weakly needs a huge probe weight for a tiny effect;
+    candidates are ranked by the standardized weights, so the real detector comes first."""
+    torch.manual_seed(0)
+    n = 2000
+    y = torch.zeros(n, 26, dtype=torch.bool)
+    y[:, 0] = torch.rand(n) < 0.1
+    y[:, 1:] = torch.rand(n, 25) < 0.04
+    z = (torch.rand(n, 30) < 0.02) * 0.05 * torch.rand(n, 30)  # rare, tiny, unrelated latents
+    z[:, 0] = (y[:, 0] & (torch.rand(n) < 0.9)) * (5 + torch.rand(n))  # letter 0's detector
+    z[:, 1] = (y[:, 0] & (torch.rand(n) < 0.1)) * 0.05 * torch.rand(n)  # tiny, 10% of positives
+    mains = main_latents(z[:1600], z[1600:], y[:1600], y[1600:], AbsorptionConfig())
+    assert mains[0] == [0]
 
 
 def test_word_absorption_follows_saebench_cases():

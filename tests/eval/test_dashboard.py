@@ -6,11 +6,14 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 import eval.dashboard
 import eval.report
 from eval.autointerp import ScriptedClient
-from eval.dashboard import DashboardConfig, build_dashboard
+from eval.dashboard import DashboardConfig, build_dashboard, latent_page, overview
+from eval.top_activations import TopActivations
+from tests.conftest import make_sae
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = [
@@ -47,8 +50,9 @@ def test_overview_lists_every_latent_and_links_the_pages(site):
     assert index.count("<tr><td data-v=") == d.cfg.d_sae
     assert sorted(int(i) for i in re.findall(r"href='latents/(\d+)\.html'", index)) == pages
     assert "explained_variance" in index and "ce_loss_recovered" in index
-    scored = re.findall(r"<td>(\d\.\d\d)</td></tr>", index)  # the auto-interp column
-    assert len(scored) == 4
+    # the auto-interp column: a busy latent may have no silent context to judge (unscored)
+    scores = re.findall(r"<td data-v='[-\d.]+'>(\d\.\d\d|unscored)</td></tr>", index)
+    assert len(scores) == 4 and any(s != "unscored" for s in scores)
 
 
 def test_latent_pages_show_highlighted_contexts_and_logit_lens(site):
@@ -59,6 +63,28 @@ def test_latent_pages_show_highlighted_contexts_and_logit_lens(site):
         assert "Explanation: line ends (detection" in text
         hits = re.findall(r"class='tok hit' style='background:rgba\(255,120,0,([\d.]+)\)'", text)
         assert hits and max(float(a) for a in hits) == 1.0  # the peak token is fully coloured
+
+
+def test_a_latent_with_nothing_to_judge_shows_as_unscored():
+    """Auto-interp gives None for a latent without held-out contexts: the overview and its page
+    say `unscored` (sorted below every score) instead of failing to format it."""
+    d = make_sae("topk", d_sae=3)
+    report = {
+        "sparsity": {"density": [0.5, 0.25, 0.0], "log10_density_edges": [-1.0, 0.0],
+                     "log10_density_histogram": [2], "dead_fraction": 1 / 3, "tokens": 4},
+        "autointerp": {"0": {"detection": 0.75, "fuzzing": 0.5},
+                       "1": {"detection": None, "fuzzing": None}},
+        "explanations": {"0": "kings", "1": "queens"},
+    }  # fmt: skip
+    cells = re.findall(r"<td data-v='([^']*)'>([^<]*)</td></tr>", overview(d, report, [0, 1]))
+    assert cells == [("0.75", "0.75"), ("-1", "unscored"), ("-1", "")]
+    examples = TopActivations(3, top=2)
+    z = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    examples.add(z, 0)
+    ids, strings = torch.tensor([[0, 1, 2, 3, 4]]), ["<s>", " a", " b", " c", " d"]
+    lens = {"promoted": [1], "suppressed": [2]}
+    page = latent_page(1, report, examples, {0: z[:, 1].tolist()}, ids, lens, strings)
+    assert "Explanation: queens (detection unscored, fuzzing unscored)" in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install adds it)")

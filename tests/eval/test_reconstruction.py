@@ -1,11 +1,13 @@
 """Reconstruction metrics against a hand computation, and the demo end to end on a small budget."""
 
 import json
+import math
 
+import pytest
 import torch
 
 from eval.demo import DemoConfig, run_demo
-from eval.reconstruction import reconstruction
+from eval.reconstruction import ReconstructionStats, reconstruction
 from tests.conftest import make_sae
 
 
@@ -25,6 +27,34 @@ def test_metrics_match_a_hand_computation_over_batches():
         abs(scores["cosine"] - torch.nn.functional.cosine_similarity(x, x_hat).mean().item()) < 1e-6
     )
     assert abs(scores["l2_ratio"] - (x_hat.norm(dim=1) / x.norm(dim=1)).mean().item()) < 1e-6
+
+
+@torch.no_grad()
+def test_every_leading_index_is_a_token():
+    d = make_sae("topk", k=4)
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 6) * 2 + 5  # [batch, seq, d]
+    assert reconstruction(d, [x]) == pytest.approx(reconstruction(d, [x.flatten(0, 1)]))
+
+
+def test_constant_inputs_leave_fvu_undefined():
+    stats = ReconstructionStats()
+    x = torch.full((10, 4), 0.1)
+    stats.add(x, x + 0.1)
+    scores = stats.result()
+    assert math.isnan(scores["fvu"]) and math.isnan(scores["explained_variance"])
+    assert scores["mse"] == pytest.approx(0.01)
+
+
+def test_a_large_mean_costs_no_precision():
+    torch.manual_seed(0)
+    x = 1e4 + 1e-3 * torch.randn(1000, 16, dtype=torch.float64)
+    x_hat = x + 1e-4 * torch.randn_like(x)
+    stats = ReconstructionStats()
+    for a, b in zip(x.split(300), x_hat.split(300), strict=True):
+        stats.add(a, b)
+    hand = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert stats.result()["fvu"] == pytest.approx(hand.item(), rel=1e-6)
 
 
 def test_perfect_reconstruction_explains_everything():
