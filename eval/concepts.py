@@ -157,6 +157,18 @@ class PurityResult:
     precision: Tensor  # that concept's share of the latent's top activations (nan: not scored)
 
 
+def mid_ranks(rank: Tensor, latents: Tensor, values: Tensor) -> Tensor:
+    """Each run of equal values within a latent (sorted) gets the run's mean rank, as the zeros
+    do: tied activations (common in bf16 codes) rank neither above nor below each other."""
+    if not len(rank):
+        return rank
+    starts = torch.ones(len(rank), dtype=torch.bool)
+    starts[1:] = (latents[1:] != latents[:-1]) | (values[1:] != values[:-1])
+    run = starts.cumsum(0) - 1
+    total = torch.zeros(int(run[-1]) + 1, dtype=rank.dtype).index_add_(0, run, rank)
+    return (total / torch.bincount(run).to(rank.dtype))[run]
+
+
 @torch.no_grad()
 def latent_purity(
     codes: SparseCodes,
@@ -175,6 +187,7 @@ def latent_purity(
     nnz = torch.bincount(latents, minlength=d_sae)
     zeros = (n - nnz).double()
     rank = zeros[latents] + (torch.arange(len(rows)) - seg_start[latents]) + 1  # 1-based
+    rank = mid_ranks(rank, latents, values)
     positives = labels.sum(0).double()  # [C]
     pos_rank = torch.zeros(d_sae, labels.shape[1], dtype=torch.double)
     pos_nonzero = torch.zeros_like(pos_rank)
