@@ -93,11 +93,16 @@ def _first_positions(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
                 positions = _past_length(call) + torch.arange(seq, device=x.device)
         return positions[None, :] == first[:, None]
 
-    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        # forgotten when the call ends: a later call of a submodule alone must not see it
+        model.register_forward_hook(lambda *_: call.clear(), always_call=True),
+    ]
     try:
         yield first_mask
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _past_length(call: dict) -> int:

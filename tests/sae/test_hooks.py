@@ -176,3 +176,17 @@ def test_left_padded_rows_are_edited_like_unpadded_ones(tiny_llama, edit):
         batched = tiny_llama(ids, attention_mask=mask, position_ids=positions).logits[1, pad:]
     assert (alone - tiny_llama(torch.tensor([short])).logits[0]).abs().max() > 0.01
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_later_call_of_the_base_model_alone_does_not_see_the_last_calls_mask(tiny_llama):
+    """What a call's mask says holds for that call only: the base model called on its own after a
+    padded call of the whole model edits as the whole model would."""
+    d = sae.create("topk", d_in=64, d_sae=256, k=8, hook_name=TINY_HOOK)
+    ids, mask = torch.tensor([[0, 0, 1, 7], [1, 5, 9, 17]]), torch.tensor([[0, 0, 1, 1], [1] * 4])
+    short = torch.tensor([[1, 7, 8]])  # no longer than the padded call
+    with EDITS["steer"](tiny_llama, d):
+        tiny_llama(ids, attention_mask=mask)
+        alone = tiny_llama.model(short).last_hidden_state
+        whole = tiny_llama(short, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(alone, whole)
