@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae.config import SAEConfig
-from sae.models import REGISTRY, SAE, LossOutput, TrainContext
+from sae.models import REGISTRY, SAE, BatchTopKSAE, LossOutput, TrainContext
 from train import checkpoint
 from train.cache import ActivationCache
 from train.config import SPARSITY_DEFAULTS, HarvestConfig, SAESpec, TrainConfig
@@ -621,6 +621,12 @@ class Trainer:
             )
         if meta.get("data") is not None and meta["data"] != self.source.identity:
             changed["data"] = (meta["data"], self.source.identity)
+        batch_wide = [m.name for m in self.members if isinstance(m.sae, BatchTopKSAE)]
+        if batch_wide and meta.get("world_size", self.world.size) != self.world.size:
+            # each process picks its batch top-k among its own rows (per-row SAEs do not care)
+            changed[f"processes ({', '.join(batch_wide)} select within each)"] = (
+                meta["world_size"], self.world.size,
+            )  # fmt: skip
         if changed:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(

@@ -206,6 +206,24 @@ def test_resume_refuses_other_data_or_settings_and_allows_a_longer_run(tmp_path)
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_resume_with_another_number_of_processes(tmp_path, architecture):
+    """A per-row SAE trains the same in any number of processes; BatchTopK picks among each
+    process's rows, so its run would change: refused."""
+    settings = dict(architecture=architecture, k=4, d_sae=32, batch_size=100, total_tokens=600,
+                    warmup_steps=1, checkpoint_every=2, out=str(tmp_path))  # fmt: skip
+    train.fit(random_batches(4, 100), **settings)
+    state = tmp_path / "checkpoint" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))
+    if architecture == "topk":
+        train.fit(random_batches(6, 100), resume=True, **settings)
+        return
+    with pytest.raises(
+        ValueError, match=r"processes \(batchtopk-k4-x32-.*select within each\): 2 -> 1"
+    ):
+        train.fit(random_batches(6, 100), resume=True, **settings)
+
+
 def test_resume_drops_a_metrics_line_cut_short(tmp_path):
     """A kill or a full disk in the middle of appending a line leaves half of it: resuming drops it."""
     settings = dict(d_sae=32, k=4, batch_size=100, total_tokens=600, warmup_steps=1,
