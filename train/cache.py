@@ -46,8 +46,12 @@ IDENTITY = (
     "split",
     "pack",
     "seed",
+    "text_column",
+    "shard_windows",
 )
-"""Manifest fields that must match for a harvest to add to an existing cache."""
+"""Manifest fields that must match for a harvest to add to an existing cache (shard_windows too:
+a resumed harvest skips shards x shard_windows windows). Caches from before a field was recorded
+are not compared on it."""
 
 
 class CacheError(RuntimeError):
@@ -104,7 +108,7 @@ class CacheWriter:
             diffs = [
                 f"{k}: cache has {existing.get(k)!r}, this harvest {identity.get(k)!r}"
                 for k in IDENTITY
-                if existing.get(k) != identity.get(k)
+                if k in existing and existing[k] != identity.get(k)
             ]
             if diffs:
                 raise CacheMismatch(
@@ -217,9 +221,12 @@ class ActivationCache:
             raise FileNotFoundError(f"no activation cache at {url} (no {MANIFEST})")
         self.manifest = _read_manifest(self.fs, self.root, url)
         self.shards = self.manifest["shards"]
-        self.offsets = np.cumsum(
-            [0] + [s["rows"] for s in self.shards]
-        )  # row index where each shard starts
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # where each shard starts
+        if self.offsets[-1] != self.manifest["token_count"]:
+            raise CacheError(
+                f"{url}/{MANIFEST}: token_count {self.manifest['token_count']} but its shards hold "
+                f"{self.offsets[-1]} rows (an edited or damaged manifest)"
+            )
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -261,7 +268,29 @@ class ActivationCache:
             raise CorruptShard(
                 f"{self.url}: shard {entry['name']} fails its sha256 check (corrupted)"
             )
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
+        expected = [*META_KEYS, *map(acts_key, self.hookpoints)]
+        if missing := [k for k in expected if k not in tensors]:
+            raise CorruptShard(f"{self.url}: shard {entry['name']} has no {missing}")
+        return {k: self._as_listed(i, k, t) for k, t in tensors.items()}
+
+    def _as_listed(self, i: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        """t, once it has the rows (and, activations, the dtype and width) the manifest lists: the
+        sha256 vouches for a shard's bytes, not for the manifest's account of them."""
+        entry, problems = self.shards[i], []
+        if len(t) != entry["rows"]:
+            problems.append(f"{len(t)} rows, the manifest says {entry['rows']}")
+        hook = name.removeprefix("acts.")
+        if name != hook and hook in self.hookpoints:
+            if str(t.dtype).removeprefix("torch.") != self.manifest["dtype"]:
+                problems.append(f"dtype {t.dtype}, the manifest says {self.manifest['dtype']}")
+            if t.shape[-1] != self.manifest["d_in"][hook]:
+                problems.append(
+                    f"width {t.shape[-1]}, the manifest says {self.manifest['d_in'][hook]}"
+                )
+        if problems:
+            raise CorruptShard(f"{self.url}: shard {entry['name']}, {name}: " + "; ".join(problems))
+        return t
 
     def verify(self) -> None:
         """Check every shard's bytes; raises CorruptShard naming the first bad one."""
@@ -290,13 +319,15 @@ class ActivationCache:
     def _shard_tensor(self, i: int, name: str) -> torch.Tensor:
         if isinstance(self.fs, LocalFileSystem):
             path = self._path(i)
+            if not os.path.exists(path):
+                raise CorruptShard(f"{self.url}: shard {self.shards[i]['name']} is missing")
             if os.path.getsize(path) != self.shards[i]["bytes"]:
                 raise CorruptShard(
                     f"{self.url}: shard {self.shards[i]['name']} has the wrong size (truncated?)"
                 )
             try:
                 with safe_open(path, framework="pt") as f:
-                    return f.get_tensor(name)
+                    return self._as_listed(i, name, f.get_tensor(name))
             except SafetensorError as e:
                 raise CorruptShard(
                     f"{self.url}: shard {self.shards[i]['name']} is unreadable: {e}"

@@ -137,6 +137,8 @@ class Harvester:
             "split": c.split,
             "pack": c.pack,
             "seed": c.seed,
+            "text_column": c.text_column,
+            "shard_windows": c.shard_windows,
         }
 
     def windows(self, epoch: int = 0) -> Iterator[Window]:

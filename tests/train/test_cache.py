@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.cache import CacheMismatch, CacheWriter, CorruptShard, load_cache
+from train.cache import CacheError, CacheMismatch, CacheWriter, CorruptShard, load_cache
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
 
@@ -24,6 +24,8 @@ def identity(**changes):
         "dataset": "toy",
         "pack": True,
         "seed": 0,
+        "text_column": "text",
+        "shard_windows": 4,
     }
     return {**base, **changes}
 
@@ -119,6 +121,41 @@ def test_truncated_shard_is_detected_naming_the_shard(tmp_path):
         c.rows([12], "tokens")
 
 
+def edit_manifest(folder, fn):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    fn(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["shards"][1].update(rows=5), "token_count 34 but its shards hold 32 rows"),
+        (lambda m: (m["shards"][1].update(rows=5), m.update(token_count=32)),
+         "shard-00001.safetensors, .*: 7 rows, the manifest says 5"),
+        (lambda m: m.update(dtype="bfloat16"), "dtype torch.float32, the manifest says bfloat16"),
+        (lambda m: m["d_in"].update({HOOKS[0]: 100}), "width 4, the manifest says 100"),
+        (lambda m: m["hookpoints"].append("blocks.3.hook_resid_post"),
+         r"has no \['acts.blocks.3.hook_resid_post'\]"),
+    ],
+)  # fmt: skip
+def test_a_manifest_that_misdescribes_its_shards_is_refused(tmp_path, edit, message):
+    """The sha256 vouches for a shard's bytes, not for the manifest's rows, dtype, widths or
+    hookpoints: an edited manifest made the reader return rows from the wrong places."""
+    write(str(tmp_path))
+    edit_manifest(tmp_path, edit)
+    with pytest.raises((CorruptShard, CacheError), match=message):
+        c = load_cache(tmp_path)
+        c.verify()
+    if "token_count" in message:
+        return
+    if "has no" not in message:  # random access is refused like the batches
+        with pytest.raises(CorruptShard, match=message):
+            c.rows([12], "tokens" if "rows" in message else HOOKS[0])
+    with pytest.raises(CorruptShard, match=message):
+        list(c.batches(4, hook=HOOKS))
+
+
 def test_reopening_resumes_and_mismatch_is_refused(tmp_path):
     writer = CacheWriter(str(tmp_path), identity())
     writer.write_shard(shard(0, 10))
@@ -128,6 +165,9 @@ def test_reopening_resumes_and_mismatch_is_refused(tmp_path):
         CacheWriter(str(tmp_path), identity(hookpoints=["blocks.1.hook_resid_post"]))
     with pytest.raises(CacheMismatch, match="model: cache has 'toy', this harvest 'gpt2'"):
         CacheWriter(str(tmp_path), identity(model="gpt2"))
+    # a resume starts after shards x shard_windows windows: another shard size repeats or skips
+    with pytest.raises(CacheMismatch, match="shard_windows: cache has 4, this harvest 2"):
+        CacheWriter(str(tmp_path), identity(shard_windows=2))
 
 
 def test_no_temporary_files_left_and_manifest_is_json(tmp_path):
