@@ -132,8 +132,9 @@ class CacheWriter:
     def rows_done(self) -> int:
         return self.manifest["token_count"]
 
-    def prepare(self, tensors: dict[str, torch.Tensor]) -> PreparedShard:
-        """The CPU half of writing a shard: serialize, hash, and sum the statistics."""
+    def prepare(self, tensors: dict[str, torch.Tensor], trimmed: bool = False) -> PreparedShard:
+        """The CPU half of writing a shard: serialize, hash, and sum the statistics. `trimmed`:
+        its windows gave more rows than it keeps (the harvest's last, cut to --tokens)."""
         data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
         entry = {
             "rows": int(tensors["tokens"].shape[0]),
@@ -143,6 +144,8 @@ class CacheWriter:
                 hook: _shard_stats(tensors[acts_key(hook)]) for hook in self.manifest["hookpoints"]
             },
         }
+        if trimmed:
+            entry["trimmed"] = True
         return PreparedShard(data, entry)
 
     def commit(self, shard: PreparedShard) -> None:
@@ -153,8 +156,16 @@ class CacheWriter:
         self.manifest["token_count"] += shard.entry["rows"]
         self._save_manifest()
 
-    def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.commit(self.prepare(tensors))
+    def write_shard(self, tensors: dict[str, torch.Tensor], trimmed: bool = False) -> None:
+        self.commit(self.prepare(tensors, trimmed))
+
+    def drop_trimmed(self) -> None:
+        """Forget a last shard cut short to an earlier --tokens (a harvest stopped before it
+        finished), so that a harvest asking for more redoes it whole instead of skipping the
+        rows its windows held beyond the cut."""
+        if self.manifest["shards"] and self.manifest["shards"][-1].get("trimmed"):
+            self.manifest["token_count"] -= self.manifest["shards"].pop()["rows"]
+            self._save_manifest()
 
     def finish(self, note: str | None = None) -> None:
         self.manifest["complete"] = True

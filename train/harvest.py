@@ -229,6 +229,7 @@ class Harvester:
                 f"{c.out}: harvest already complete ({writer.rows_done:,} tokens)", file=sys.stderr
             )
             return ActivationCache(c.out)
+        writer.drop_trimmed()  # redone: whole, or cut again to this --tokens
         # counted here, not by the writer thread
         shard_index, submitted = writer.shards_done, writer.rows_done
         windows = islice(self.windows(), shard_index * c.shard_windows, None)
@@ -249,12 +250,13 @@ class Harvester:
             while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
                 first_window = shard_index * c.shard_windows
                 rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
+                trimmed = len(rows["tokens"]) > c.tokens - submitted
                 rows = {k: v[: c.tokens - submitted] for k, v in rows.items()}
-                prepared = None if background else writer.prepare(rows)
+                prepared = None if background else writer.prepare(rows, trimmed)
                 if pending is not None:
                     pending.result()  # at most one shard in flight: memory stays bounded
                 pending = (
-                    pool.submit(writer.write_shard, rows)
+                    pool.submit(writer.write_shard, rows, trimmed)
                     if background
                     else pool.submit(writer.commit, prepared)
                 )

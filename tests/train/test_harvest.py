@@ -159,6 +159,28 @@ def test_sigkill_then_resume_gives_identical_shards(tmp_path):
     a.verify()
 
 
+def test_a_harvest_stopped_after_its_cut_last_shard_resumes_to_more_tokens(
+    cache, tmp_path, monkeypatch
+):
+    """Killed after writing its last shard, cut to --tokens, but before marking the cache
+    complete: asked for more, it redoes that shard whole (it kept the cut and skipped the rest of
+    its windows' rows)."""
+    out = tmp_path / "cut"
+
+    def killed(self, note=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(CacheWriter, "finish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            harvest(out=str(out), **{**SMALL, "tokens": 1000})
+    cut = load_cache(out)
+    assert not cut.manifest["complete"] and cut.manifest["shards"][-1]["trimmed"]
+    resumed = harvest(out=str(out), **SMALL)
+    assert resumed.manifest["shards"] == cache.manifest["shards"]
+    resumed.verify()
+
+
 def test_dataset_shorter_than_tokens_stops_cleanly(tmp_path, capsys):
     (tmp_path / "text.txt").write_text(
         "Now is the winter of our discontent made glorious summer by this sun of York. " * 20
