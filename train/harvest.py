@@ -250,8 +250,9 @@ class Harvester:
             while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
                 first_window = shard_index * c.shard_windows
                 rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
-                trimmed = len(rows["tokens"]) > c.tokens - submitted
-                rows = {k: v[: c.tokens - submitted] for k, v in rows.items()}
+                wanted = c.tokens - submitted
+                trimmed = len(rows["tokens"]) > wanted
+                rows = {k: v[:wanted] for k, v in rows.items()}
                 prepared = None if background else writer.prepare(rows, trimmed)
                 if pending is not None:
                     pending.result()  # at most one shard in flight: memory stays bounded

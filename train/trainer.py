@@ -605,11 +605,8 @@ class Trainer:
         old lr, the data position counts the old batches). Settings absent from an older
         checkpoint are not compared; total_tokens may grow (see RESUMABLE)."""
         saved, now = meta["config"], asdict(self.cfg)
-        changed = {
-            k: (saved[k], now[k])
-            for k in now
-            if k not in RESUMABLE | PER_SAE and k in saved and saved[k] != now[k]
-        }
+        compared = (now.keys() & saved.keys()) - RESUMABLE - PER_SAE
+        changed = {k: (saved[k], now[k]) for k in now if k in compared and saved[k] != now[k]}
         for m in self.members:
             spec = meta["members"][m.name].get("spec", {})
             changed.update(
