@@ -194,9 +194,8 @@ def score(
 def check_fits(d: SAE, lm: nn.Module, name: str) -> None:
     """Refuse, before any forward pass, an SAE whose hookpoint or width the model does not have."""
     point = resolve_hook(lm, d.cfg.hook_name)  # unknown hookpoints raise, listing valid ones
-    width = getattr(point.module, "out_features", None) if point.layer is None else None
-    width = width or lm.config.hidden_size
-    if d.cfg.d_in != width:
+    width = point.width  # unknown for some module paths: the SAE's encode names a mismatch
+    if width is not None and d.cfg.d_in != width:
         raise ValueError(
             f"SAE d_in={d.cfg.d_in} does not fit {name}'s hookpoint {d.cfg.hook_name!r}, "
             f"which is {width} wide"

@@ -46,10 +46,20 @@ def edit(model: nn.Module, hook: str, fn: Edit) -> Iterator[None]:
         handle.remove()
 
 
+class Recorded(dict):
+    """{hook: activation}, naming a hook that has not fired rather than a bare KeyError."""
+
+    def __missing__(self, hook: str) -> Tensor:
+        raise KeyError(
+            f"hookpoint {hook!r} has not fired: no forward pass has run inside `record`, or it "
+            "ended before reaching the hook, or the hooked module is not called by this model"
+        )
+
+
 @contextmanager
 def record(model: nn.Module, hooks: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     """Yield a dict that holds, after each forward pass, the detached activation at every hook."""
-    acts: dict[str, Tensor] = {}
+    acts = Recorded()
 
     def keep(name: str) -> Edit:
         def fn(x: Tensor) -> Tensor:

@@ -53,7 +53,8 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
         "device": "cpu",
         "apply_b_dec_to_input": c.apply_b_dec_to_input,
         "normalize_activations": "none",
-        "reshape_activations": "none",
+        # SAELens reshapes a hook_z SAE's [..., heads, d_head] input; ours take it flattened
+        "reshape_activations": "hook_z" if c.hook_name.endswith(".hook_z") else "none",
         "metadata": {
             "model_name": c.model_name,
             "hook_name": c.hook_name,

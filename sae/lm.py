@@ -125,29 +125,66 @@ def load_lm(
 # -- hookpoints -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
-    """Where a model family keeps its blocks, and each block's attention and MLP output modules."""
+    """Where a model family keeps its blocks and, in each block, the modules whose output is a
+    sublayer's contribution to the residual stream (attn, mlp) or whose input is an inner
+    activation: the heads' concatenated outputs z (the attention's output projection), the MLP's
+    hidden activation (its down projection), and the residual stream between attention and MLP
+    (mid; None where attention and MLP run in parallel)."""
 
     layers: str
     attn: str
     mlp: str
+    z: str
+    post: str
+    mid: str | None
 
 
-LLAMA_LAYOUT = Family("layers", "self_attn", "mlp")
+LLAMA_LAYOUT = Family(
+    "layers", "self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"
+)
 # Gemma 2 and 3 normalize each sublayer's output before adding it to the residual stream; what
 # the stream receives (TransformerLens's hook_attn_out / hook_mlp_out) is the post-norm's output.
-POST_NORM_LAYOUT = Family("layers", "post_attention_layernorm", "post_feedforward_layernorm")
+POST_NORM_LAYOUT = Family(
+    "layers",
+    "post_attention_layernorm",
+    "post_feedforward_layernorm",
+    "self_attn.o_proj",
+    "mlp.down_proj",
+    "pre_feedforward_layernorm",
+)
 
 FAMILIES = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), LLAMA_LAYOUT),
     **dict.fromkeys(("gemma2", "gemma3_text"), POST_NORM_LAYOUT),
-    "gpt2": Family("h", "attn", "mlp"),
-    "gpt_neox": Family("layers", "attention", "mlp"),
+    "gpt2": Family("h", "attn", "mlp", "attn.c_proj", "mlp.c_proj", "ln_2"),
+    # Pythia's attention and MLP read the same input (use_parallel_residual): no resid_mid
+    "gpt_neox": Family("layers", "attention", "mlp", "attention.dense", "mlp.dense_4h_to_h", None),
     # BERT's attention and MLP outputs are added to the residual inside `*.output`; hook the
     # dense projections, which are the contributions before the residual add and LayerNorm.
-    "bert": Family("encoder.layer", "attention.output.dense", "output.dense"),
+    "bert": Family(
+        "encoder.layer",
+        "attention.output.dense",
+        "output.dense",
+        "attention.output.dense",
+        "output.dense",
+        "intermediate",
+    ),
 }
 
-HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|mlp_out|attn_out)$")
+# TransformerLens's names: kind -> (the Family field naming the module, whether the activation
+# is that module's input). resid_pre and resid_post are the block's own input and output.
+INNER_HOOKS = {
+    "hook_attn_out": ("attn", False),
+    "hook_mlp_out": ("mlp", False),
+    "hook_resid_mid": ("mid", True),
+    "attn.hook_z": ("z", True),  # [batch, seq, n_heads * d_head], SAELens's flattened hook_z
+    "mlp.hook_post": ("post", True),
+}
+HOOK_RE = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|"
+    + "|".join(map(re.escape, INNER_HOOKS))
+    + r")$"
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +195,7 @@ class Hookpoint:
     module: nn.Module
     site: str  # "input" (resid_pre: the block's input) or "output"
     layer: int | None
+    width: int | None  # the activation's last dimension, where known before a forward pass
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
@@ -182,15 +220,18 @@ def _block_path(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is layers) + ".0"
 
 
+def hook_kinds(model: nn.Module) -> list[str]:
+    """The TransformerLens hook names (after `blocks.L.`) this model supports: the residual stream
+    in any family; sublayer outputs and inner activations where the family's modules are mapped."""
+    family = FAMILIES.get(model.config.model_type)
+    mapped = [k for k, (field, _) in INNER_HOOKS.items() if family and getattr(family, field)]
+    return ["hook_resid_pre", "hook_resid_post", *mapped]
+
+
 def hook_names(model: nn.Module) -> list[str]:
-    """Every TransformerLens-style hookpoint this model supports (the residual stream in any
-    family; attention and MLP outputs where the family's modules are mapped)."""
-    kinds = ["resid_pre", "resid_post"]
-    if model.config.model_type in FAMILIES:
-        kinds += ["attn_out", "mlp_out"]
-    return [
-        f"blocks.{i}.hook_{kind}" for i in range(model.config.num_hidden_layers) for kind in kinds
-    ]
+    """Every TransformerLens-style hookpoint this model supports."""
+    kinds = hook_kinds(model)
+    return [f"blocks.{i}.{kind}" for i in range(model.config.num_hidden_layers) for kind in kinds]
 
 
 def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
@@ -201,19 +242,7 @@ def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
         )
     match = HOOK_RE.match(name)
     if match is None:
-        # a module path, from the model or from its base model (sparsify names coders by their
-        # module in the base model: `h.6` in GPT-2 is `transformer.h.6` of GPT2LMHeadModel)
-        for root in (model, getattr(model, "base_model", model)):
-            try:
-                return Hookpoint(name, root.get_submodule(name), "output", None)
-            except AttributeError:
-                pass
-        valid = hook_names(model)
-        raise ValueError(
-            f"unknown hookpoint {name!r} for {model.config.model_type} with {model.config.num_hidden_layers} layers. "
-            f"Valid: blocks.L.hook_{{resid_pre,resid_post,attn_out,mlp_out}} for L in 0..{model.config.num_hidden_layers - 1} "
-            f"(e.g. {valid[:4]}), or a module path such as {_block_path(model)!r}"
-        )
+        return _module_path(model, name)
     layer, kind = int(match.group(1)), match.group(2)
     layers = blocks(model)
     if layer >= len(layers):
@@ -221,16 +250,47 @@ def resolve_hook(model: nn.Module, name: str) -> Hookpoint:
             f"hookpoint {name!r}: layer {layer} does not exist; the model has layers 0..{len(layers) - 1}"
         )
     block = layers[layer]
-    if kind in ("resid_pre", "resid_post"):
-        return Hookpoint(name, block, "input" if kind == "resid_pre" else "output", layer)
+    if kind in ("hook_resid_pre", "hook_resid_post"):
+        site = "input" if kind == "hook_resid_pre" else "output"
+        return Hookpoint(name, block, site, layer, model.config.hidden_size)
     family = FAMILIES.get(model.config.model_type)
-    if family is None:
+    field, is_input = INNER_HOOKS[kind]
+    path = getattr(family, field) if family else None
+    if path is None:
         raise ValueError(
-            f"hookpoint {name!r}: {kind} is not mapped for {model.config.model_type}; use a module path under {block.__class__.__name__}"
+            f"hookpoint {name!r}: {kind} is not mapped for {model.config.model_type}; "
+            f"supported here: {hook_kinds(model)}, "
+            f"or a module path under {block.__class__.__name__}"
         )
-    return Hookpoint(
-        name,
-        block.get_submodule(family.attn if kind == "attn_out" else family.mlp),
-        "output",
-        layer,
+    module = block.get_submodule(path)
+    # z and the MLP's hidden activation are a projection's input (Linear's in_features, GPT-2
+    # Conv1D's nx); the rest live in the residual stream
+    width = (
+        getattr(module, "in_features", None) or getattr(module, "nx", None)
+        if kind in ("attn.hook_z", "mlp.hook_post")
+        else model.config.hidden_size
+    )
+    return Hookpoint(name, module, "input" if is_input else "output", layer, width)
+
+
+def _module_path(model: nn.Module, name: str) -> Hookpoint:
+    """A module path, from the model or from its base model (sparsify names coders by their module
+    in the base model: `h.6` in GPT-2 is `transformer.h.6` of GPT2LMHeadModel). Its output is the
+    activation; a container without a forward of its own (a ModuleList) never runs, so is refused."""
+    for root in (model, getattr(model, "base_model", model)):
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        if type(module).forward is nn.Module.forward:
+            raise ValueError(
+                f"module path {name!r} is a {type(module).__name__}, which is never called: hook "
+                f"one of its members (e.g. {_block_path(model)!r}) or a TransformerLens name"
+            )
+        return Hookpoint(name, module, "output", None, getattr(module, "out_features", None))
+    n = model.config.num_hidden_layers
+    raise ValueError(
+        f"unknown hookpoint {name!r} for {model.config.model_type} with {n} layers. Valid: "
+        f"blocks.L.{{{','.join(hook_kinds(model))}}} for L in 0..{n - 1} "
+        f"(e.g. {hook_names(model)[:4]}), or a module path such as {_block_path(model)!r}"
     )

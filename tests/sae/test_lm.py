@@ -118,12 +118,14 @@ def test_unknown_hookpoint_lists_valid_ones(smollm2):
     model, _ = smollm2
     with pytest.raises(
         ValueError,
-        match=r"unknown hookpoint 'blocks.6.hook_resid_mid'.*Valid: blocks.L.hook_\{resid_pre,resid_post,attn_out,mlp_out\} for L in 0..29",
+        match=r"unknown hookpoint 'blocks.6.hook_resid_middle'.*Valid: blocks.L.\{hook_resid_pre,"
+        r"hook_resid_post,hook_attn_out,hook_mlp_out,hook_resid_mid,attn.hook_z,mlp.hook_post\} "
+        r"for L in 0..29",
     ):
-        resolve_hook(model, "blocks.6.hook_resid_mid")
+        resolve_hook(model, "blocks.6.hook_resid_middle")
     with pytest.raises(ValueError, match="layer 30 does not exist"):
         resolve_hook(model, "blocks.30.hook_resid_post")
-    assert len(hook_names(model)) == 120
+    assert len(hook_names(model)) == 30 * 7
 
 
 def test_minilm_bert_encoder_hookpoints():
@@ -150,3 +152,41 @@ def test_module_paths_resolve_from_the_base_model_too():
     assert resolve_hook(model, "transformer.h.1").module is model.transformer.h[1]
     with pytest.raises(ValueError, match="unknown hookpoint 'layers.1'"):
         resolve_hook(model, "layers.1")
+
+
+def test_a_module_path_that_is_never_called_is_refused():
+    """A ModuleList has no forward: hooked, it would record nothing and splice nothing."""
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"'model.layers' is a ModuleList, which is never called"):
+        resolve_hook(model, "model.layers")
+    ids = torch.randint(0, 100, (1, 5))
+    with record(model, ["model.layers.1", "blocks.1.hook_resid_post"]) as acts:
+        with pytest.raises(KeyError, match="'model.layers.1' has not fired"):
+            acts["model.layers.1"]
+        model(ids)
+    torch.testing.assert_close(acts["model.layers.1"], acts["blocks.1.hook_resid_post"])
+
+
+BRIDGED = ["gpt2", "gpt_neox", "llama", "mistral", "phi3", "gemma2"]
+
+
+@pytest.mark.parametrize("family", BRIDGED)
+def test_every_hookpoint_equals_transformer_lens(tmp_path, family, smollm2):
+    """Each TransformerLens name we map gives TransformerLens's own activation (its
+    TransformerBridge around the same HF model), hook_z flattened over heads as SAELens does."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = tiny(family)
+    model.save_pretrained(tmp_path)
+    smollm2[1].save_pretrained(tmp_path)  # the bridge loads a tokenizer beside the weights
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    hooks = [h for h in hook_names(model) if h.startswith("blocks.1.")]
+    assert len(hooks) == (6 if family == "gpt_neox" else 7)  # Pythia: parallel, no resid_mid
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad(), record(model, hooks) as acts:
+        model(ids)
+    _, cache = bridge.run_with_cache(ids)
+    for hook in hooks:
+        theirs = cache[hook].flatten(2)  # hook_z: [batch, seq, heads, d_head]
+        torch.testing.assert_close(acts[hook], theirs, atol=1e-6, rtol=1e-5, msg=hook)
+        assert resolve_hook(model, hook).width == theirs.shape[-1]

@@ -108,6 +108,45 @@ def test_saelens_file_without_provenance_claims_none(tmp_path):
         model(torch.tensor([[1, 2]]))
 
 
+
+@torch.no_grad()
+def test_saelens_hook_z_sae_splices_as_in_transformer_lens(tmp_path, smollm2):
+    """A SAELens SAE on the heads' outputs (hook_z, [batch, seq, heads, d_head] flattened to d_in =
+    heads * d_head) splices into the HF model with the same logits as SAELens's SAE in place of
+    hook_z inside TransformerLens."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from tests.sae.test_lm import tiny
+
+    model = tiny("gpt2")
+    model.save_pretrained(tmp_path / "lm")
+    smollm2[1].save_pretrained(tmp_path / "lm")
+    cfg = sae_lens.StandardSAEConfig(d_in=32, d_sae=64)
+    cfg.metadata.hook_name = "blocks.1.attn.hook_z"
+    theirs = sae_lens.StandardSAE(cfg)
+    torch.manual_seed(0)
+    for p in theirs.parameters():
+        p.copy_(torch.randn_like(p) * 0.3)
+    theirs.save_model(str(tmp_path / "sae"))
+    ours = sae.load(tmp_path / "sae")
+
+    def replace(z, hook):
+        return theirs(z.flatten(2)).view_as(z)
+
+    bridge = TransformerBridge.boot_transformers(str(tmp_path / "lm"), device="cpu")
+    ids = torch.randint(0, 100, (2, 9))
+    expected = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z", replace)])
+    with splice(model, ours, skip_first=False):
+        logits = model(ids).logits
+    assert not torch.allclose(logits, model(ids).logits, atol=1e-3)  # the splice did something
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    # saved by us, SAELens reads it back as a hook_z SAE, which takes z per head
+    ours.save(tmp_path / "ours")
+    back = sae_lens.SAE.load_from_disk(str(tmp_path / "ours"))
+    assert back.cfg.reshape_activations == "hook_z"
+    z = torch.randn(2, 9, 2, 16)
+    torch.testing.assert_close(back(z), replace(z, None), atol=1e-5, rtol=1e-5)
+
 # -- training losses ------------------------------------------------------------------------------
 TRAINING = {  # SAELens's training class, and the coefficient its step takes (name, value)
     "standard": ("StandardTrainingSAE", ("l1", 0.7)),
