@@ -115,6 +115,7 @@ class CacheWriter:
                     f"{url} holds a different harvest; refusing to mix. " + "; ".join(diffs)
                 )
             self.manifest = existing
+            self._remove_temporaries()
         else:
             self.manifest = {
                 **identity,
@@ -123,6 +124,13 @@ class CacheWriter:
                 "token_count": 0,
                 "stats": {},
             }
+
+    def _remove_temporaries(self) -> None:
+        """Delete the half-written temporary files (`.shard-00007.safetensors.*.tmp`) that a
+        killed harvest leaves locally: nothing reads them, they only take disk."""
+        if isinstance(self.fs, LocalFileSystem):
+            for tmp in Path(self.root).glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     @property
     def shards_done(self) -> int:

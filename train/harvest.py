@@ -229,6 +229,12 @@ class Harvester:
                 f"{c.out}: harvest already complete ({writer.rows_done:,} tokens)", file=sys.stderr
             )
             return ActivationCache(c.out)
+        if writer.rows_done > c.tokens:  # cutting the cache would delete written shards
+            raise ValueError(
+                f"{c.out} is an unfinished cache that already holds {writer.rows_done:,} tokens, "
+                f"more than --tokens {c.tokens:,}: resume with --tokens {writer.rows_done:,} or "
+                "more, or harvest into a new --out"
+            )
         writer.drop_trimmed()  # redone: whole, or cut again to this --tokens
         # counted here, not by the writer thread
         shard_index, submitted = writer.shards_done, writer.rows_done

@@ -108,7 +108,6 @@ def test_saelens_file_without_provenance_claims_none(tmp_path):
         model(torch.tensor([[1, 2]]))
 
 
-
 @torch.no_grad()
 def test_saelens_hook_z_sae_splices_as_in_transformer_lens(tmp_path, smollm2):
     """A SAELens SAE on the heads' outputs (hook_z, [batch, seq, heads, d_head] flattened to d_in =
@@ -146,6 +145,7 @@ def test_saelens_hook_z_sae_splices_as_in_transformer_lens(tmp_path, smollm2):
     assert back.cfg.reshape_activations == "hook_z"
     z = torch.randn(2, 9, 2, 16)
     torch.testing.assert_close(back(z), replace(z, None), atol=1e-5, rtol=1e-5)
+
 
 # -- training losses ------------------------------------------------------------------------------
 TRAINING = {  # SAELens's training class, and the coefficient its step takes (name, value)

@@ -159,8 +159,17 @@ def test_a_manifest_that_misdescribes_its_shards_is_refused(tmp_path, edit, mess
 def test_reopening_resumes_and_mismatch_is_refused(tmp_path):
     writer = CacheWriter(str(tmp_path), identity())
     writer.write_shard(shard(0, 10))
+    left = tmp_path / ".shard-00001.safetensors.x1y2.tmp"  # what a SIGKILL mid-write leaves
+    left.write_bytes(b"half a shard")
+    with pytest.raises(CacheMismatch):
+        CacheWriter(str(tmp_path), identity(model="gpt2"))
+    assert left.exists(), "a refused harvest touches nothing"
     again = CacheWriter(str(tmp_path), identity())
     assert again.shards_done == 1 and again.rows_done == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+    ]
     with pytest.raises(CacheMismatch, match=r"hookpoints: cache has .*blocks.1.hook_resid_post"):
         CacheWriter(str(tmp_path), identity(hookpoints=["blocks.1.hook_resid_post"]))
     with pytest.raises(CacheMismatch, match="model: cache has 'toy', this harvest 'gpt2'"):

@@ -176,6 +176,9 @@ def test_a_harvest_stopped_after_its_cut_last_shard_resumes_to_more_tokens(
             harvest(out=str(out), **{**SMALL, "tokens": 1000})
     cut = load_cache(out)
     assert not cut.manifest["complete"] and cut.manifest["shards"][-1]["trimmed"]
+    with pytest.raises(ValueError, match=r"already holds 1,000 tokens, more than --tokens 600"):
+        harvest(out=str(out), **{**SMALL, "tokens": 600})  # it was marked complete at 1,000
+    assert load_cache(out).manifest == cut.manifest
     resumed = harvest(out=str(out), **SMALL)
     assert resumed.manifest["shards"] == cache.manifest["shards"]
     resumed.verify()
