@@ -260,13 +260,18 @@ def interpret(
 ) -> dict[int, dict]:  # fmt: skip
     """Explain each latent from its `show` top and its quantile contexts in `ids` ([windows, seq]
     token ids), then score the explanation on held-out contexts: `score` activating ones from the
-    latent's activation sample whose windows the explainer never saw, and `score` silent ones.
+    latent's activation sample whose windows the explainer never saw, and up to `score` silent
+    ones (one per window, from 4 x `score` random windows it never saw).
     `examples`: a gather over the same ids already made, reused when it keeps >= `show` top ones."""
     strings = token_strings(tokenizer)
     per_window = ids.shape[1] - 1
     if examples is None or examples.n_top < show:
         examples = gather(lm, d, ids, top=show)
     rng = random.Random(seed)
+    # silent contexts are looked for in a pool of random windows shared by every latent, at every
+    # position: a busy latent (firing on ~15% of tokens) is silent over a whole context rarely,
+    # so a few random positions would seldom find one
+    pool = rng.sample(range(len(ids)), min(len(ids), 4 * score))
     plans = {}
     for latent in latents:
         shown = examples.shown_tokens(latent, show)
@@ -274,28 +279,29 @@ def interpret(
         held = [
             t for t in examples.sample.entries(latent)[1].tolist() if t // per_window not in seen
         ]
-        candidates = rng.sample(range(ids[:, 1:].numel()), min(4 * score, ids[:, 1:].numel()))
-        plans[latent] = (
-            shown,
-            held[:score],
-            [t for t in candidates if t // per_window not in seen],
-        )
-    tokens = sorted({t for plan in plans.values() for part in plan for t in part})
-    acts = activations_at(lm, d, ids, tokens, latents)
+        plans[latent] = (shown, held[:score], [w for w in pool if w not in seen])
+    tokens = sorted({t for shown, held, _ in plans.values() for t in shown + held})
+    acts = activations_at(lm, d, ids, tokens + [w * per_window for w in pool], latents)
 
     def example(latent: int, token: int) -> Example:
         context, values, _ = context_activations(ids, token, acts[latent])
         return Example([strings[i] for i in context], values)
 
+    def silent_context(latent: int, window: int) -> Example | None:
+        """A context of the window where the latent is silent at every token, at random."""
+        offsets = rng.sample(range(per_window), per_window)
+        examples = (example(latent, window * per_window + o) for o in offsets)
+        return next((e for e in examples if max(e.activations) <= 0), None)
+
     results = {}
-    for latent, (shown, held, candidates) in plans.items():
-        silent = [e for e in (example(latent, t) for t in candidates) if max(e.activations) <= 0]
+    for latent, (shown, held, pool_left) in plans.items():
+        silent = [e for w in pool_left if (e := silent_context(latent, w)) is not None][:score]
         active = [example(latent, t) for t in held]
         explanation = explain(client, [example(latent, t) for t in shown])
         results[latent] = {
             "explanation": explanation,
-            "detection": detection(client, explanation, active, silent[:score], seed=seed),
+            "detection": detection(client, explanation, active, silent, seed=seed),
             "fuzzing": fuzzing(client, explanation, active, seed=seed),
-            "scored_contexts": len(active) + len(silent[:score]),
+            "scored_contexts": len(active) + len(silent),
         }
     return results
