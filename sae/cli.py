@@ -65,9 +65,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         default, help_text = _default(f), docs.get(f.name, "")
         if f.metadata.get("cli") is False:  # set from a --config file only
             continue
-        if f.metadata.get("positional"):
-            many = {"nargs": "+"} if isinstance(default, list) else {}
-            parser.add_argument(f.name, metavar=f.name.upper(), help=help_text, **many)
+        if f.metadata.get("positional"):  # may come from --config: checked in build_options
+            many = "*" if isinstance(default, list) else "?"
+            parser.add_argument(
+                f.name, metavar=f.name.upper(), help=help_text, nargs=many, default=None
+            )
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{help_text} (default: {default})"
@@ -95,23 +97,69 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def build_options(cls: type, namespace: argparse.Namespace) -> Any:
     """Defaults, then the --config file, then the command-line flags."""
-    names = {f.name for f in fields(cls)}
+    defaults = {f.name: _default(f) for f in fields(cls)}
     values: dict[str, Any] = {}
-    if getattr(namespace, "config", None):
-        with open(namespace.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(
-                f"sae: {namespace.config} should hold a mapping of option names to values"
-            )
-        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
-        if unknown := sorted(set(loaded) - names):
-            raise SystemExit(
-                f"sae: {namespace.config}: unknown options {unknown}; known: {sorted(names)}"
-            )
-        values.update(loaded)
-    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    if path := getattr(namespace, "config", None):
+        loaded = _read_config(path)
+        if unknown := sorted(set(loaded) - set(defaults)):
+            raise SystemExit(f"sae: {path}: unknown options {unknown}; known: {sorted(defaults)}")
+        values.update(
+            {k: as_option_type(v, defaults[k], f"{path}: {k}") for k, v in loaded.items()}
+        )
+    values.update({k: v for k, v in vars(namespace).items() if k in defaults and v is not None})
+    missing = [
+        f.name.upper()
+        for f in fields(cls)
+        if f.metadata.get("positional") and not values.get(f.name)
+    ]
+    if missing:
+        raise SystemExit(f"sae: {', '.join(missing)} required (as an argument or in --config)")
     return cls(**values)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A --config file's mapping, keys with dashes as with underscores."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SystemExit(f"sae: --config {path}: {e}") from e
+    if not isinstance(loaded, dict | None):
+        raise SystemExit(f"sae: {path} should hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
+
+
+def as_option_type(value: Any, default: Any, where: str) -> Any:
+    """A config file's value as the option's type (that of its default, as for the flags). YAML
+    reads `1e-3` and `2e6` as strings and `no` as a bool: numbers in strings are converted, and
+    anything that would reach the run as the wrong type is refused here, naming the option."""
+    kind = type(default)
+
+    def refuse() -> ValueError:
+        return ValueError(f"{where} should be {kind.__name__}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse()
+        return value
+    if isinstance(default, list):
+        value = [value] if isinstance(value, str) else value  # one hookpoint for a list of them
+        if not isinstance(value, list):
+            raise refuse()
+        return value
+    if isinstance(default, int | float):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise refuse() from None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise refuse()
+        if kind is int and number != int(number):
+            raise refuse()
+        return kind(number)
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise refuse()
+    return str(value)
 
 
 # -- subcommands ----------------------------------------------------------------------------------

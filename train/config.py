@@ -135,16 +135,23 @@ class TrainConfig(SAESpec):
         """The SAEs of the run: the sweep's entries over the run-level SAE fields."""
         from dataclasses import fields
 
+        from sae.cli import as_option_type
+
         base = {f.name: getattr(self, f.name) for f in fields(SAESpec)}
         entries = self.sweep or [{}]
         specs = []
         for entry in entries:
+            if not isinstance(entry, dict):
+                raise ValueError(f"sweep entries are mappings of SAE fields, got {entry!r}")
             unknown = sorted(set(entry) - set(base))
             if unknown:
                 raise ValueError(
                     f"sweep entry {entry}: unknown SAE fields {unknown}; known: {sorted(base)}"
                 )
-            specs.append(SAESpec(**{**base, **entry}))
+            typed = {
+                k: as_option_type(v, base[k], f"sweep entry {entry}: {k}") for k, v in entry.items()
+            }
+            specs.append(SAESpec(**{**base, **typed}))
         return specs
 
     def __post_init__(self) -> None:

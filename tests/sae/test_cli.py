@@ -61,3 +61,54 @@ def test_convert_and_info(tmp_path, capsys):
     main(["info", str(tmp_path / "dst")])
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{") : out.rindex("}") + 1])["architecture"] == "gated"
+
+
+def options_from(tmp_path, command, cls, text, *argv):
+    (tmp_path / "c.yaml").write_text(text)
+    args = parser(command).parse_args([command, *argv, "--config", str(tmp_path / "c.yaml")])
+    return build_options(cls, args)
+
+
+def test_config_values_take_the_options_types(tmp_path):
+    """YAML reads 1e-3 and 2e6 as strings, `no` as a bool and a lone hookpoint as a string; each
+    reaches the run as the option's type or is refused naming the file and option."""
+    from train.config import HarvestConfig, TrainConfig
+
+    text = "lr: 1e-3\ntotal_tokens: 2e6\nsweep: [{k: '16', lr: 3e-4}]\n"
+    cfg = options_from(tmp_path, "train", TrainConfig, text)
+    assert (cfg.lr, cfg.total_tokens) == (0.001, 2_000_000)
+    assert [(s.k, s.lr) for s in cfg.specs()] == [(16, 0.0003)]
+    hook = options_from(tmp_path, "harvest", HarvestConfig, "hook: blocks.3.hook_resid_pre\n").hook
+    assert hook == ["blocks.3.hook_resid_pre"]
+    refused = {
+        "normalize: 'no'\n": r"normalize should be bool, got 'no'",
+        "total_tokens: 1.5\n": r"total_tokens should be int, got 1.5",
+        "lr: fast\n": r"lr should be float, got 'fast'",
+        "sweep: {k: 16}\n": r"sweep should be list",
+        "cache: [a, b]\n": r"cache should be str",
+    }
+    for text, message in refused.items():
+        with pytest.raises(ValueError, match=r"c.yaml: " + message):
+            options_from(tmp_path, "train", TrainConfig, text)
+    with pytest.raises(ValueError, match=r"sweep entries are mappings of SAE fields, got 'topk'"):
+        options_from(tmp_path, "train", TrainConfig, "sweep: [topk]\n").specs()
+
+
+def test_positionals_may_come_from_the_config_file(tmp_path):
+    cfg = options_from(tmp_path, "convert", ConvertOptions, "source: a\nout: b\n")
+    assert (cfg.source, cfg.out) == ("a", "b")
+    with pytest.raises(SystemExit, match=r"OUT required \(as an argument or in --config\)"):
+        options_from(tmp_path, "convert", ConvertOptions, "source: a\n")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "No such file"), (b"out: [\n", "while parsing"), (b"\x80\x03pickle", "decode")],
+)
+def test_an_unreadable_config_file_is_named(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    args = parser("convert").parse_args(["convert", "a", "b", "--config", str(path)])
+    with pytest.raises(SystemExit, match=rf"--config {path}: .*{message}"):
+        build_options(ConvertOptions, args)
