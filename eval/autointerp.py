@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from eval.concepts import token_strings
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
+from sae.io import atomic_write
 from sae.lm import DEFAULT_MODEL, load_lm
 
 Messages = list[dict[str, str]]
@@ -78,11 +79,13 @@ class OpenAIClient:
     def complete(self, messages: Messages) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
         cached = self.cache / f"{hashlib.sha256(self.base_url.encode() + body).hexdigest()}.json"
-        if cached.exists():
+        try:
             return json.loads(cached.read_text())["reply"]
+        except (OSError, ValueError, KeyError, TypeError):  # not cached, or a damaged entry
+            pass
         reply = self._post(body)
         self.cache.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps({"reply": reply}))
+        atomic_write(cached, lambda tmp: Path(tmp).write_text(json.dumps({"reply": reply})))
         return reply
 
     def _post(self, body: bytes) -> str:

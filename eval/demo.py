@@ -5,7 +5,6 @@ same batches (logged to an offline W&B run), score both on the held-out activati
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from eval.reconstruction import ReconstructionStats
 from eval.sparsity import SparsityStats
+from sae.io import write_json
 from sae.models import SAE
 from train.cache import ActivationCache
 from train.config import TrainConfig
@@ -85,7 +85,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "d_sae": sae.cfg.d_sae,
             **heldout_scores(sae, heldout, cfg.hook),
         }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print_summary(summary, out, len(heldout))
     return summary
 

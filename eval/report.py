@@ -10,7 +10,6 @@ numbers plus one nested dict per detailed score (schema in docs/eval.md).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from eval.splice import SplicedLosses
 from eval.top_activations import TopActivations
 from sae.cli import positional
 from sae.hooks import record
+from sae.io import write_json
 from sae.lm import DEFAULT_MODEL, load_lm, resolve_hook
 from sae.models import SAE
 from train.cache import ActivationCache
@@ -283,7 +283,7 @@ def _read_options(path: str) -> dict:
 def _write(report: dict, path: str) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=1))
+        write_json(path, report)  # undefined scores (NaN in the returned dict) are null
 
 
 def table(report: dict) -> str:

@@ -111,6 +111,22 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Strict JSON (NaN and inf, which only Python and JavaScript read, as null), atomically: a
+    full disk or a kill leaves the previous file, not half of the new one."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(_finite(obj), indent=1, allow_nan=False)))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 # -- load -----------------------------------------------------------------------------------------
 def load_dir(
     path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sae.io import atomic_write
+
 
 class Tracker:
     def __init__(
@@ -79,7 +81,8 @@ class Tracker:
                 ) from e
             if logged <= step:
                 kept.append(line)
-        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        text = "".join(line + "\n" for line in kept)  # a kill mid-write must not lose the history
+        atomic_write(self.metrics_file, lambda tmp: Path(tmp).write_text(text))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:

@@ -1,6 +1,7 @@
 """Our on-disk format: round trips, sparsify import, and refusal of bad files."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,25 @@ def test_dtype_may_be_a_torch_dtype(saved):
 def test_decode_refuses_codes_of_another_width():
     with pytest.raises(ValueError, match=r"d_sae=16, got shape \(3, 15\)"):
         make_sae("topk").decode(torch.zeros(3, 15))
+
+
+def test_write_json_is_strict_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    """Undefined scores (NaN) are null, which strict JSON readers take; a failed write (a full
+    disk) leaves the previous report whole."""
+    from sae.io import write_json
+
+    path = tmp_path / "eval.json"
+    write_json(path, {"fvu": float("nan"), "l0": 32.0, "per": [float("inf"), 1.0], "n": 3})
+    assert json.loads(path.read_text(), parse_constant=pytest.fail) == {
+        "fvu": None, "l0": 32.0, "per": [None, 1.0], "n": 3
+    }  # fmt: skip
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        write_json(path, {"l0": 1.0})
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["l0"] == 32.0
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -44,3 +44,23 @@ def test_a_fresh_run_empties_even_a_damaged_file(tmp_path):
     tracker = logged(tmp_path, torn="{", damaged=2)
     tracker.truncate_after(0)
     assert tracker.metrics_file.read_text() == ""
+
+
+def test_a_full_disk_while_rewriting_keeps_the_history(tmp_path, monkeypatch):
+    """truncate_after rewrites the file on every resume: in place, a failure between the truncate
+    and the write lost every step logged."""
+    import errno
+    from pathlib import Path
+
+    tracker = logged(tmp_path)
+    before = tracker.metrics_file.read_text()
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        tracker.truncate_after(2)
+    monkeypatch.undo()
+    assert tracker.metrics_file.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
