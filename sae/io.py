@@ -8,6 +8,7 @@ in .pt/.bin/.pkl form are refused, because loading them runs arbitrary code from
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -106,15 +107,21 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | SafetensorError):  # a full disk: say which file it stopped
+            code, reason = getattr(e, "errno", None) or errno.EIO, getattr(e, "strerror", None) or e
+            raise OSError(code, f"cannot write {target}: {reason}") from e
         raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Strict JSON (NaN and inf, which only Python and JavaScript read, as null), atomically: a
     full disk or a kill leaves the previous file, not half of the new one."""
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(_finite(obj), indent=1, allow_nan=False)))
+    atomic_write(
+        Path(path),
+        lambda tmp: Path(tmp).write_text(json.dumps(_finite(obj), indent=1, allow_nan=False)),
+    )
 
 
 def _finite(obj: Any) -> Any:

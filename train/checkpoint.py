@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae.io import atomic_write
@@ -27,9 +28,13 @@ def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(tmp / "state.safetensors", lambda path: save_file(state, path))
-    atomic_write(tmp / "state.json", lambda path: Path(path).write_text(json.dumps(meta)))
-    fsync_dir(tmp)
+    try:
+        atomic_write(tmp / "state.safetensors", lambda path: save_file(state, path))
+        atomic_write(tmp / "state.json", lambda path: Path(path).write_text(json.dumps(meta)))
+        fsync_dir(tmp)
+    except BaseException:  # a full disk: the previous checkpoint stands, no half-made folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
@@ -55,13 +60,20 @@ def remove(run_dir: Path) -> None:
 
 
 def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest complete checkpoint, or None."""
+    """The newest complete checkpoint, or None. Saving is atomic, so a damaged one was changed
+    afterwards (an edit, a failing disk): refused by name rather than resumed from."""
     for name in (NAME, f"{NAME}.old"):
         folder = run_dir / name
         if (folder / "state.json").exists() and (folder / "state.safetensors").exists():
-            return load_file(folder / "state.safetensors"), json.loads(
-                (folder / "state.json").read_text()
-            )
+            try:
+                tensors = load_file(folder / "state.safetensors")
+                meta = json.loads((folder / "state.json").read_text())
+            except (SafetensorError, ValueError) as e:
+                raise ValueError(
+                    f"checkpoint {folder} is damaged ({e}): it cannot be resumed from; "
+                    "train again with --overwrite"
+                ) from e
+            return tensors, meta
     return None
 
 

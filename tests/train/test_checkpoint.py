@@ -42,3 +42,35 @@ def test_a_checkpoint_is_fsynced_before_the_previous_one_goes(tmp_path, monkeypa
     assert events.index(("fsync", run)) < deleted_old, "the rename is on disk first"
     tensors, meta = checkpoint.load(run)
     assert meta == {"step": 2} and torch.equal(tensors["w"], torch.zeros(3))
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """safetensors reports a failed write as SafetensorError, not OSError: the CLI printed a
+    traceback naming no file."""
+    from safetensors import SafetensorError
+
+    checkpoint.save(tmp_path, {"w": torch.ones(3)}, {"step": 1})
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(
+        OSError, match=r"cannot write .*\.checkpoint\.tmp/state\.safetensors: .*No space"
+    ):
+        checkpoint.save(tmp_path, {"w": torch.zeros(3)}, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    tensors, meta = checkpoint.load(tmp_path)
+    assert meta == {"step": 1} and torch.equal(tensors["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("damage", ["json", "weights"])
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
+    checkpoint.save(tmp_path, {"w": torch.ones(3)}, {"step": 1})
+    if damage == "json":
+        (tmp_path / "checkpoint" / "state.json").write_text('{"step": ')
+    else:
+        weights = tmp_path / "checkpoint" / "state.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint is damaged .* --overwrite"):
+        checkpoint.load(tmp_path)
