@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +34,17 @@ from sae.io import atomic_write
 FORMAT = "sae-forge-activations/1"
 MANIFEST = "manifest.json"
 META_KEYS = ("tokens", "docs", "positions", "windows")
+MANIFEST_KEYS = (
+    "format",
+    "hookpoints",
+    "d_in",
+    "dtype",
+    "shards",
+    "token_count",
+    "stats",
+    "complete",
+)
+"""What a reader needs from a manifest (older caches may lack some of the identity's keys)."""
 IDENTITY = (
     "format",
     "model",
@@ -222,6 +234,12 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[s
         manifest = json.loads(fs.cat_file(_join(root, MANIFEST)))
     except json.JSONDecodeError as e:
         raise CacheError(f"{url}/{MANIFEST} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{url}/{MANIFEST} should be a JSON object, not {type(manifest).__name__}")
+    if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
+        raise CacheError(
+            f"{url}/{MANIFEST}: missing keys {missing} (an edited or damaged manifest)"
+        )
     if manifest.get("format") != FORMAT:
         raise CacheError(
             f"{url}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}"
@@ -239,6 +257,12 @@ class ActivationCache:
         if not self.fs.exists(_join(self.root, MANIFEST)):
             raise FileNotFoundError(f"no activation cache at {url} (no {MANIFEST})")
         self.manifest = _read_manifest(self.fs, self.root, url)
+        if not self.manifest["complete"]:  # readable up to its last shard, but not what was asked
+            warnings.warn(
+                f"{url} is an unfinished harvest ({self.manifest['token_count']:,} tokens so far): "
+                "run the same `sae harvest` again to complete it",
+                stacklevel=2,
+            )
         self.shards = self.manifest["shards"]
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # where each shard starts
         if self.offsets[-1] != self.manifest["token_count"]:

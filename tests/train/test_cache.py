@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -190,6 +191,35 @@ def test_no_temporary_files_left_and_manifest_is_json(tmp_path):
 def test_missing_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match="no activation cache"):
         load_cache(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: [1, 2], "should be a JSON object, not list"),
+        (lambda m: {k: v for k, v in m.items() if k not in ("shards", "stats")},
+         r"missing keys \['shards', 'stats'\]"),
+    ],
+)  # fmt: skip
+def test_a_malformed_manifest_is_named(tmp_path, edit, message):
+    write(str(tmp_path))
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(CacheError, match=r"manifest.json.*" + message):
+        load_cache(str(tmp_path))
+    with pytest.raises(CacheError, match=message):
+        CacheWriter(str(tmp_path), identity())
+
+
+def test_an_unfinished_cache_is_read_with_a_warning(tmp_path):
+    writer = CacheWriter(str(tmp_path), identity())
+    writer.write_shard(shard(0, 10))
+    with pytest.warns(UserWarning, match=r"an unfinished harvest \(10 tokens so far\)"):
+        assert len(load_cache(str(tmp_path))) == 10
+    writer.finish()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_cache(str(tmp_path))
 
 
 def test_s3_write_read_resume(s3_bucket):
