@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import textwrap
+import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
@@ -60,7 +61,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field: --field-name, typed by its default; bools get --x/--no-x; lists take
     several values or the flag repeated. Unset flags stay out of the namespace (SUPPRESS) so that
     a config file's values are not overwritten by defaults."""
-    docs = field_docs(cls)
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in fields(cls):
         default, help_text = _default(f), docs.get(f.name, "")
         if f.metadata.get("cli") is False:  # set from a --config file only
@@ -81,8 +82,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 help=help_text,
             )
         elif isinstance(default, list):
+            item = (typing.get_args(hints[f.name]) or (str,))[0]  # list[int] -> int
             parser.add_argument(
-                flag, nargs="+", action="extend", default=argparse.SUPPRESS, help=help_text
+                flag,
+                nargs="+",
+                action="extend",
+                type=item,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=item.__name__.upper(),
             )
         else:
             kind = type(default) if default is not None else str

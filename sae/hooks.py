@@ -184,6 +184,7 @@ def ablate(
 ) -> Iterator[None]:
     """Zero the given latents, keeping the SAE's error term so nothing else changes."""
     index = torch.as_tensor(list(latents), dtype=torch.long)
+    _check_latents(sae, index.tolist())
 
     def zero(z: Tensor) -> Tensor:
         z = z.clone()
@@ -205,6 +206,7 @@ def steer(
 ) -> Iterator[None]:
     """Add scale times the latent's decoder direction to the activation at every position.
     The direction is W_dec[latent] in the model's units (input normalization undone)."""
+    _check_latents(sae, [latent])
     direction = (sae.W_dec[latent] / sae.input_scale).detach()
 
     def fn(x: Tensor) -> Tensor:
@@ -212,3 +214,9 @@ def steer(
 
     with _edit_positions(model, hook or sae.cfg.hook_name, fn, skip_first):
         yield
+
+
+def _check_latents(sae: SAE, latents: list[int]) -> None:
+    """Refuse latent numbers the SAE does not have (a negative one would index from the end)."""
+    if bad := [i for i in latents if not 0 <= i < sae.cfg.d_sae]:
+        raise ValueError(f"latents {bad} out of range: this SAE has latents 0..{sae.cfg.d_sae - 1}")

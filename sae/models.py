@@ -101,7 +101,7 @@ class SAE(nn.Module):
         return self.cfg.norm_scaling_factor if self.cfg.normalize_activations != "none" else 1.0
 
     def check_width(self, x: Tensor) -> None:
-        if x.shape[-1] != self.cfg.d_in:
+        if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
             raise ValueError(
                 f"SAE for {self.cfg.hook_name!r} expects activations with last dimension "
                 f"d_in={self.cfg.d_in}, got shape {tuple(x.shape)}"

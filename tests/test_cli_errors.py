@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import fsspec
 import pytest
+import torch
 import yaml
 from botocore.exceptions import NoCredentialsError
 
@@ -110,3 +111,41 @@ def test_synthetic_data_of_another_width_than_the_sae_is_named(tmp_path):
         SystemExit, match=r"sae eval: ValueError: --synthetic .*spec.yaml: .*d=32 .*d_in=64"
     ):
         main(["eval", str(tmp_path / "sae"), "--synthetic", str(tmp_path / "spec.yaml")])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dead-tokens", "-1"], "dead_tokens must be non-negative, got -1"),
+        (["--checkpoint-every", "-1"], "checkpoint_every must be non-negative"),
+        (["--warmup-steps", "-5"], "warmup_steps must be non-negative"),
+        (["--sparsity-warmup-fraction", "-1"], r"sparsity_warmup_fraction must be in \[0, 1\]"),
+        (["--expansion-factor", "-2"], "expansion_factor must be positive, got -2"),
+        (["--device", "gpu"], "--device 'gpu' is not a device"),
+        (["--device", "cuda:7"], "--device cuda:7"),
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_them(tmp_path, flags, message):
+    """Each was accepted silently: -1 dead tokens declared every latent dead, -1 checkpointed
+    every step; a device typo or a missing GPU gave torch's traceback."""
+    with pytest.raises(SystemExit, match=f"sae train: .*{message}"):
+        main(["train", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "r"), *flags])
+
+
+def test_latents_and_inputs_out_of_range_are_named():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sae.hooks import ablate, steer
+
+    d = sae.create("topk", d_in=16, d_sae=32, k=4, hook_name="blocks.0.hook_resid_post")
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                                         num_attention_heads=2, vocab_size=10))  # fmt: skip
+    with (
+        pytest.raises(ValueError, match=r"latents \[32\] out of range: .* latents 0..31"),
+        steer(model, d, latent=32, scale=1.0),
+    ):
+        pass
+    with pytest.raises(ValueError, match=r"latents \[-1\] out of range"), ablate(model, d, [3, -1]):
+        pass
+    with pytest.raises(ValueError, match=r"expects activations with last dimension d_in=16"):
+        d.encode(torch.tensor(1.0))

@@ -67,6 +67,9 @@ class SAESpec:
     """Number of latents (0: from expansion_factor)."""
     k: int = 32
     """Active latents per row (topk) or on average (batchtopk, matryoshka)."""
+    matryoshka_widths: list[int] = field(default_factory=list)
+    """Nested prefix sizes for matryoshka_batchtopk, increasing and ending at d_sae (empty: four
+    prefixes doubling up to d_sae)."""
     lr: float = 0.0
     """Adam learning rate; 0 scales it by width as Gao et al.: 2e-4 / sqrt(d_sae / 2**14)."""
     sparsity_coefficient: float = 0.0
@@ -158,13 +161,19 @@ class TrainConfig(SAESpec):
         for name in ("total_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        for name in ("warmup_steps", "dead_tokens", "checkpoint_every", "aux_coefficient"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        for name in ("decay_fraction", "sparsity_warmup_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(
                 f"b_dec_init {self.b_dec_init!r} is not geometric_median, mean or zeros"
             )
         for spec in self.specs():
+            if spec.expansion_factor <= 0 and not spec.d_sae:
+                raise ValueError(f"expansion_factor must be positive, got {spec.expansion_factor}")
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")
             if spec.sparsity_coefficient < 0:

@@ -72,9 +72,21 @@ def host_core_spare(device: torch.device) -> bool:
 
 
 def resolve_device(device: str) -> torch.device:
+    """--device as a torch device: auto is CUDA where there is one; others are checked here, so a
+    typo or a machine without CUDA is one line naming the option, not a traceback mid-run."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {device!r} is not a device: cpu, cuda, cuda:N or auto"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (use cpu or auto)")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices here")
+    return resolved
 
 
 def model_revision(model: nn.Module) -> str:

@@ -254,6 +254,7 @@ def build_member(
     d_sae = spec.d_sae or spec.expansion_factor * d_in
     sae_cfg = SAEConfig(
         architecture=spec.architecture, d_in=d_in, d_sae=d_sae, k=spec.k, hook_name=spec.hook, device=str(device),
+        matryoshka_widths=list(spec.matryoshka_widths),
         normalize_activations="expected_average_only_in" if cfg.normalize else "none",
         norm_scaling_factor=scale if cfg.normalize else 1.0, **meta,
     )  # fmt: skip

@@ -112,3 +112,10 @@ def test_an_unreadable_config_file_is_named(tmp_path, content, message):
     args = parser("convert").parse_args(["convert", "a", "b", "--config", str(path)])
     with pytest.raises(SystemExit, match=rf"--config {path}: .*{message}"):
         build_options(ConvertOptions, args)
+
+
+def test_list_flags_take_their_items_type(tmp_path):
+    from train.config import TrainConfig
+
+    args = parser("train").parse_args(["train", "--matryoshka-widths", "64", "512"])
+    assert build_options(TrainConfig, args).specs()[0].matryoshka_widths == [64, 512]

@@ -111,7 +111,7 @@ def test_sweep_trains_every_config_reading_the_data_once(tmp_path, monkeypatch):
         ActivationCache, "read_shard", lambda self, i: reads.append(i) or original(self, i)
     )
     sweep = [{"architecture": "topk", "k": 8}, {"architecture": "batchtopk", "k": 8}, {"architecture": "standard", "name": "relu"},
-             {"architecture": "jumprelu"}, {"architecture": "gated"}, {"architecture": "matryoshka_batchtopk", "k": 8}]  # fmt: skip
+             {"architecture": "jumprelu"}, {"architecture": "gated"}, {"architecture": "matryoshka_batchtopk", "k": 8, "matryoshka_widths": [16, 64, 256]}]  # fmt: skip
     saes = train.fit(
         str(tmp_path / "cache"),
         sweep=sweep,
@@ -121,6 +121,7 @@ def test_sweep_trains_every_config_reading_the_data_once(tmp_path, monkeypatch):
         out=str(tmp_path / "run"),
     )
     assert [d.cfg.architecture for d in saes] == [s["architecture"] for s in sweep]
+    assert saes[-1].cfg.matryoshka_widths == [16, 64, 256]
     assert len(reads) == len(cache.manifest["shards"]), "each shard read once for all six SAEs"
     assert (tmp_path / "run" / "relu" / "cfg.json").exists()
     rows = [
