@@ -48,9 +48,19 @@ class Tracker:
                     stacklevel=3,
                 )
                 os.environ["WANDB_MODE"] = "offline"
-            return wandb.init(
-                project=project, entity=entity or None, config=config, dir=str(self.out), id=run_id, resume="allow" if run_id else None
-            )  # fmt: skip
+            settings = dict(project=project, entity=entity or None, config=config, dir=str(self.out),
+                            id=run_id, resume="allow" if run_id else None)  # fmt: skip
+            try:
+                return wandb.init(**settings)
+            except Exception as e:  # noqa: BLE001 - unreachable or refused: keep the run's record
+                if os.environ.get("WANDB_MODE") == "offline":
+                    raise
+                warnings.warn(
+                    f"W&B could not start online ({type(e).__name__}: {e}); logging offline under "
+                    "the run directory instead (sync later with `wandb sync`)",
+                    stacklevel=3,
+                )
+                return wandb.init(**settings, mode="offline")
         except Exception as e:  # noqa: BLE001 - a tracking failure must never stop training
             warnings.warn(
                 f"W&B could not start ({type(e).__name__}: {e}); training continues without it",
@@ -112,6 +122,12 @@ class Tracker:
         if self.run is not None:
             try:
                 self.run.finish()
+                # finish() can return before W&B's service has written the last records (seen
+                # offline, and after an online start failed): teardown waits for them, so the
+                # run files are whole when training returns
+                import wandb
+
+                wandb.teardown()
             except Exception as e:  # noqa: BLE001
                 self._lost(e)
 

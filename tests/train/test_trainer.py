@@ -643,3 +643,16 @@ def test_a_cuda_step_waits_for_the_device_only_for_the_dead_latents(tmp_path, ar
     assert len(syncs) == 1, syncs
     values, diverged = metrics.read()
     assert values["losses/auxiliary_reconstruction_loss"] > 0 and diverged == []
+
+
+def test_an_unreachable_wandb_server_logs_offline_instead(tmp_path, monkeypatch):
+    """Online mode with a server that does not answer: the run still gets its W&B record, offline
+    under the run directory, to `wandb sync` later."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    with pytest.warns(UserWarning, match="(?s)W&B could not start online .* logging offline"):
+        fit_small(tmp_path, 3, 256, wandb_project="p")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert len([r for r in read_offline_run(run_dir).history if "losses/mse_loss" in r]) == 3
