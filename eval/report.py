@@ -87,6 +87,10 @@ class EvalConfig:
     json: str = ""
     """Write the report here as JSON."""
 
+    def __post_init__(self) -> None:
+        if self.json and Path(self.json).is_dir():  # found now, not after the whole evaluation
+            raise ValueError(f"--json {self.json} is a directory; give a file name (eval.json)")
+
 
 def evaluate(
     d: SAE | str,

@@ -149,3 +149,8 @@ def test_latents_and_inputs_out_of_range_are_named():
         pass
     with pytest.raises(ValueError, match=r"expects activations with last dimension d_in=16"):
         d.encode(torch.tensor(1.0))
+
+
+def test_a_report_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"sae eval: --json .* is a directory"):
+        main(["eval", str(tmp_path / "no-sae"), "--json", str(tmp_path)])

@@ -91,6 +91,15 @@ def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # one PUT: objects appear whole or not at all
 
 
+def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of a cache URL; a scheme whose package is missing (gs://
+    without gcsfs) is named with what to install."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise ValueError(f"cannot open {url}: {e}") from e
+
+
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
@@ -108,8 +117,11 @@ class CacheWriter:
 
     def __init__(self, url: str, identity: dict[str, Any]):
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.fs, self.root = _filesystem(url)
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs.makedirs(self.root, exist_ok=True)
+        elif not self.fs.exists(bucket := self.root.split("/")[0]):  # makedirs would create it
+            raise FileNotFoundError(f"{url}: bucket {bucket!r} does not exist (create it first)")
         identity = {"format": FORMAT, **identity}
         existing = (
             _read_manifest(self.fs, self.root, url)
@@ -253,7 +265,7 @@ class ActivationCache:
 
     def __init__(self, url: str):
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs, self.root = _filesystem(url)
         if not self.fs.exists(_join(self.root, MANIFEST)):
             raise FileNotFoundError(f"no activation cache at {url} (no {MANIFEST})")
         self.manifest = _read_manifest(self.fs, self.root, url)

@@ -237,3 +237,23 @@ def test_s3_write_read_resume(s3_bucket):
         range(17)
     )
     assert c.rows([16, 3], "tokens").tolist() == [16, 3]
+
+
+def test_a_misspelt_bucket_is_refused_not_created(s3_bucket):
+    import s3fs
+
+    with pytest.raises(FileNotFoundError, match=r"bucket 'no-such-bucket' does not exist"):
+        CacheWriter("s3://no-such-bucket/cache", identity())
+    assert not s3fs.S3FileSystem().exists("no-such-bucket")
+    CacheWriter(f"{s3_bucket}/new/cache", identity())  # an existing bucket: a new prefix is fine
+
+
+def test_a_scheme_without_its_package_names_what_to_install(monkeypatch):
+    import fsspec
+
+    def missing(url, **kwargs):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(ValueError, match=r"cannot open gs://b/c: Install gcsfs"):
+        load_cache("gs://b/c")
