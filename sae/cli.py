@@ -176,7 +176,8 @@ class InfoOptions:
     """Load a dictionary from any source and print its config and weight statistics."""
 
     source: str = positional()
-    """A local directory, hf:org/repo[/subdir] or saelens:<release>/<sae_id>."""
+    """A local directory, hf:org/repo[/subdir], saelens:<release>/<sae_id> or
+    wandb:entity/project/name[:version]."""
 
 
 def run_info(opts: InfoOptions) -> None:
@@ -195,7 +196,8 @@ class ConvertOptions:
     sae-forge's layout, which SAELens also loads."""
 
     source: str = positional()
-    """A local directory, hf:org/repo[/subdir] or saelens:<release>/<sae_id>."""
+    """A local directory, hf:org/repo[/subdir], saelens:<release>/<sae_id> or
+    wandb:entity/project/name[:version]."""
     out: str = positional()
     """Directory to write cfg.json and sae_weights.safetensors into."""
     dtype: str = "float32"

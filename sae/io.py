@@ -159,9 +159,17 @@ def load_dir(
     if pickles:
         raise _pickle_refusal(pickles[0])
     found = sorted(p.name for p in path.iterdir())
+    inside = sorted(str(p.parent) for p in path.glob(f"*/{CFG_FILE}"))  # a training run's folder
+    hint = (
+        f"; the SAEs are in its subfolders: {inside}"
+        if inside
+        else "; it is an activation cache (sae train makes SAEs from it)"
+        if "manifest.json" in found
+        else ""
+    )
     raise FileNotFoundError(
         f"{path} holds no SAE: expected {CFG_FILE} with {WEIGHTS_FILE} (SAELens/sae-forge) "
-        f"or {SPARSIFY_WEIGHTS_FILE} (sparsify); found {found}"
+        f"or {SPARSIFY_WEIGHTS_FILE} (sparsify); found {found}{hint}"
     )
 
 

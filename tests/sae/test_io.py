@@ -207,6 +207,20 @@ def test_missing_directory_and_empty_directory(tmp_path):
         sae.load(tmp_path)
 
 
+def test_a_run_folder_or_a_cache_is_told_apart_from_an_sae(tmp_path):
+    """A SAELens user passes the training run's folder; say where its SAEs are."""
+    make_sae("topk").save(tmp_path / "run" / "topk-k4")
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(
+        FileNotFoundError, match=r"the SAEs are in its subfolders: \[.*run/topk-k4'\]"
+    ):
+        sae.load(tmp_path / "run")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="it is an activation cache"):
+        sae.load(tmp_path / "cache")
+
+
 def test_unknown_scheme(tmp_path):
     with pytest.raises(ValueError, match="unknown SAE source 'ftp:x'"):
         sae.load("ftp:x")
