@@ -346,6 +346,10 @@ class Trainer:
             meta = {"model_name": "", "dataset_path": ""}  # unknown: not the defaults' SmolLM2
         self.source = Source(data, sorted({s.hook for s in specs}), cfg.batch_size, cfg.seed)
         self.total_steps = cfg.total_tokens // cfg.batch_size
+        # BatchTopK's inference threshold averages the smallest kept activation over the last
+        # fifth of training only: early codes are larger (~3x at init), and with the average's
+        # rate of 0.01 a run of a few hundred steps kept enough of them to cut L0 by a third
+        self.threshold_from = int(0.8 * self.total_steps)
         if cfg.warmup_steps > self.total_steps:
             warnings.warn(
                 f"warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
@@ -397,6 +401,8 @@ class Trainer:
             m.sae.before_step()
             m.optimizer.step()
             m.schedule.step()
+            if isinstance(m.sae, BatchTopKSAE) and self.step == self.threshold_from:
+                m.sae.threshold.zero_()  # after_step starts the average afresh
             m.sae.after_step(out)
             self.world.average_buffers(m.sae)
             # a NaN/inf loss on any rank stops the run: ORed with the fired latents over ranks

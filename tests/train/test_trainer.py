@@ -656,3 +656,15 @@ def test_an_unreachable_wandb_server_logs_offline_instead(tmp_path, monkeypatch)
         fit_small(tmp_path, 3, 256, wandb_project="p")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     assert len([r for r in read_offline_run(run_dir).history if "losses/mse_loss" in r]) == 3
+
+
+def test_batchtopk_inference_threshold_gives_about_k_after_a_short_run(tmp_path):
+    """The threshold averages the smallest kept activation over the last fifth of training: over
+    the whole run (rate 0.01), a 16-step run kept the larger early codes and fired ~4 of k=8."""
+    cache = synthetic_cache(tmp_path / "cache")
+    d = train.fit(str(tmp_path / "cache"), architecture="batchtopk", k=8, expansion_factor=4,
+                  total_tokens=16_000, batch_size=1000, warmup_steps=1, out=str(tmp_path / "run"))  # fmt: skip
+    x = next(iter(cache.batches(4000, hook=HOOK, shuffle=True)))
+    with torch.no_grad():
+        l0 = (d.encode(x) > 0).sum(1).float().mean().item()
+    assert 8 * 0.85 < l0 < 8 * 1.15
