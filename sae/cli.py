@@ -290,7 +290,8 @@ class SubcommandParser(argparse.ArgumentParser):
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; only `command`'s options are imported and added (all when None)."""
+    """The argument parser; only `command`'s options are imported and added (all when None,
+    none when "")."""
     top = argparse.ArgumentParser(
         prog="sae", description="sae-forge: train, evaluate and use sparse autoencoders."
     )
@@ -336,7 +337,7 @@ def urls(opts: Any) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
-    args = parser(command).parse_args(argv)
+    args = parser(command or "").parse_args(argv)  # "": `sae --help` imports no options
     spec = COMMANDS[args.command]
     try:
         opts = build_options(_resolve(spec.options), args)

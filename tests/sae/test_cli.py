@@ -119,3 +119,16 @@ def test_list_flags_take_their_items_type(tmp_path):
 
     args = parser("train").parse_args(["train", "--matryoshka-widths", "64", "512"])
     assert build_options(TrainConfig, args).specs()[0].matryoshka_widths == [64, 512]
+
+
+def test_top_level_help_imports_no_torch():
+    """`sae --help` and `import sae` stay instant: torch (seconds to import) loads on first use."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from sae.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
