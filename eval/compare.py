@@ -7,19 +7,27 @@ frontier, and on the L0 vs CE-loss-recovered one when `sae eval --json <sae>/eva
 it (held-out numbers then replace the training ones). Dictionary similarity matches every decoder
 row of one SAE to its most similar row in another (cosine): the share with a match above 0.9 says
 how much of a dictionary another seed, layer or checkpoint reproduces.
+
+Runs are labelled by their folder name, lengthened to the shortest path suffix that tells two runs
+apart (numbered when the same run is given twice), since the labels key every table. compare.json
+is strict JSON: a NaN or infinite metric is null, and shows as n/a.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import count, product
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 import sae as sae_lib
+from sae.io import atomic_write
 
 
 @dataclass
@@ -38,6 +46,9 @@ class CompareConfig:
 @dataclass
 class Run:
     name: str
+    """The run's label (unique among the runs compared, see unique_labels)."""
+    path: Path
+    """Where it was read from: its folder, or the W&B path."""
     config: dict
     history: list[dict]
     saes: dict[str, Path] = field(default_factory=dict)
@@ -60,21 +71,49 @@ def load_run(ref: str) -> Run:
             json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line
         ]
         saes = {p.parent.name: p.parent for p in sorted(path.glob("*/cfg.json"))}
-        return Run(path.name, config, history, saes)
+        return Run(path.name, path.resolve(), config, history, saes)
     if path.is_dir() and list(path.glob("run-*.wandb")):
         from sae.wandb_offline import read_offline_run
 
         run = read_offline_run(path)
-        return Run(f"{run.project}/{run.run_id}", run.config, run.history)
+        return _wandb_run(f"{run.project}/{run.run_id}", path.resolve(), run.config, run.history)
     if not path.exists() and ref.count("/") == 2:
         import wandb
 
         api_run = wandb.Api().run(ref)
-        return Run(ref, dict(api_run.config), list(api_run.scan_history()))
+        return _wandb_run(ref, path, dict(api_run.config), list(api_run.scan_history()))
     raise ValueError(
         f"{ref!r} is not a run: expected a `sae train` output folder (metrics.jsonl), an offline "
         f"W&B run folder (run-*.wandb) or a W&B path entity/project/run_id"
     )
+
+
+def _wandb_run(name: str, path: Path, config: dict, history: list[dict]) -> Run:
+    """Without W&B's own keys (`_wandb`, `_step`, `_runtime`, `_timestamp`, ...), which are not
+    settings or metrics of the run."""
+
+    def public(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not k.startswith("_")}
+
+    return Run(name, path, public(config), [public(row) for row in history])
+
+
+def unique_labels(runs: list[Run]) -> list[str]:
+    """Each run's name; runs at different paths that share a name are told apart by the shortest
+    suffix of their paths that differs (`a/run`, `other/run`), and the same run given twice is
+    numbered (`run#1`, `run#2`)."""
+    names = {r.path: r.name for r in runs}
+    for name in set(names.values()):
+        group = [path for path in names if names[path] == name]
+        if len(group) > 1:  # distinct paths: some suffix of them differs
+            n = next(n for n in count(2) if len({p.parts[-n:] for p in group}) == len(group))
+            names.update({path: "/".join(path.parts[-n:]) for path in group})
+    counts, seen = Counter(r.path for r in runs), Counter()
+    labels = []
+    for r in runs:
+        seen[r.path] += 1
+        labels.append(f"{names[r.path]}#{seen[r.path]}" if counts[r.path] > 1 else names[r.path])
+    return labels
 
 
 def config_differences(runs: list[Run]) -> dict[str, list]:
@@ -112,13 +151,19 @@ def points(run: Run) -> list[dict]:
     return out
 
 
+SIMILARITY = (
+    "matched_a_in_b", "matched_b_in_a", "mean_max_cosine_a_in_b", "mean_max_cosine_b_in_a",
+)  # fmt: skip
+
+
 @torch.no_grad()
-def dictionary_similarity(a, b, threshold: float = 0.9, chunk: int = 4096) -> dict[str, float]:
+def dictionary_similarity(a, b, threshold: float = 0.9, chunk: int = 4096) -> dict:
     """Share of a's decoder rows whose best cosine match among b's exceeds `threshold`, and the
-    other way round, with the mean best cosines (chunked: memory chunk x d_sae)."""
+    other way round, with the mean best cosines (chunked: memory chunk x d_sae). Dictionaries of
+    different d_in are not comparable: null scores and the reason."""
     da, db = F.normalize(a.W_dec.float(), dim=-1), F.normalize(b.W_dec.float(), dim=-1)
     if da.shape[1] != db.shape[1]:
-        raise ValueError(f"dictionaries of different widths: d_in {da.shape[1]} vs {db.shape[1]}")
+        return {**dict.fromkeys(SIMILARITY), "reason": f"d_in {da.shape[1]} vs {db.shape[1]}"}
 
     def best(x, y):
         return torch.cat([(part @ y.T).max(1).values for part in x.split(chunk)])
@@ -132,35 +177,51 @@ def dictionary_similarity(a, b, threshold: float = 0.9, chunk: int = 4096) -> di
     }
 
 
-def frontier_png(all_points: list[dict], path: Path) -> None:
-    """L0 vs explained variance and L0 vs CE loss recovered, one marker series per run."""
-    import matplotlib
+def frontier_figure(all_points: list[dict]):
+    """L0 vs explained variance and L0 vs CE loss recovered: one colour per run on both panels,
+    filled markers for held-out eval.json scores and hollow ones for the last training values
+    (which read higher: they are on the training tokens)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("explained_variance", "ce_loss_recovered"), strict=True):
+    runs = dict.fromkeys(p["run"] for p in all_points)
+    colours = {run: f"C{i % 10}" for i, run in enumerate(runs)}
+    fig = Figure(figsize=(10, 4.6))
+    panels = ("explained_variance", "ce_loss_recovered")
+    for ax, metric in zip(fig.subplots(1, 2), panels, strict=True):
         known = [p for p in all_points if p["l0"] is not None and p[metric] is not None]
-        for run in dict.fromkeys(p["run"] for p in known):
-            mine = [p for p in known if p["run"] == run]
-            ax.scatter([p["l0"] for p in mine], [p[metric] for p in mine], label=run)
+        for run, source in product(runs, ("training", "eval.json")):
+            mine = [p for p in known if p["run"] == run and p["source"] == source]
+            if not mine:
+                continue
+            face = colours[run] if source == "eval.json" else "none"
+            ax.scatter([p["l0"] for p in mine], [p[metric] for p in mine], edgecolors=colours[run],
+                       facecolors=face)  # fmt: skip
         ax.set(xlabel="L0", ylabel=metric, xscale="log" if known else "linear")
         if not known:
             ax.text(0.5, 0.5, "no SAE scored yet:\nsae eval SAE --json SAE/eval.json",
                     ha="center", va="center", transform=ax.transAxes)  # fmt: skip
         ax.grid(alpha=0.3)
-    if axes[0].collections:
-        axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+    def marker(label, colour, face):
+        return Line2D([], [], ls="", marker="o", mec=colour, mfc=face, label=label)
+
+    handles = [marker(run, c, c) for run, c in colours.items()] + [
+        marker("held-out (eval.json)", "grey", "grey"),
+        marker("training (no eval.json)", "grey", "none"),
+    ]
+    rows = -(-len(handles) // 4)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))
+    return fig
 
 
 def compare(cfg: CompareConfig) -> dict:
     if len(cfg.runs) < 1:
         raise ValueError("give at least one run to compare")
     runs = [load_run(r) for r in cfg.runs]
+    for run, label in zip(runs, unique_labels(runs), strict=True):
+        run.name = label
     result = {
         "runs": [r.name for r in runs],
         "config_differences": config_differences(runs),
@@ -168,17 +229,35 @@ def compare(cfg: CompareConfig) -> dict:
         "points": [p for r in runs for p in points(r)],
         "similarity": [],
     }
-    saes = [(f"{r.name}/{n}", sae_lib.load(f)) for r in runs for n, f in r.saes.items()]
+    saes = [(sae_label(r.name, n), sae_lib.load(f)) for r in runs for n, f in r.saes.items()]
     for i, (name_a, a) in enumerate(saes):
         for name_b, b in saes[i + 1 :]:
             sim = dictionary_similarity(a, b, cfg.threshold)
             result["similarity"].append({"a": name_a, "b": name_b, **sim})
+    result = finite(result)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    frontier_png(result["points"], out / "frontier.png")
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
-    (out / "compare.html").write_text(page(result, out / "frontier.png"))
+    fig = frontier_figure(result["points"])
+    atomic_write(out / "frontier.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    text = json.dumps(result, indent=1, allow_nan=False)
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
+    html_text = page(result, out / "frontier.png")
+    atomic_write(out / "compare.html", lambda tmp: Path(tmp).write_text(html_text))
     return result
+
+
+def finite(value):
+    """`value` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def sae_label(run: str, sae: str) -> str:
+    """`run/sae`, or just `run` for a run's one unnamed SAE (a single-SAE W&B run)."""
+    return f"{run}/{sae}" if sae else run
 
 
 def page(result: dict, png: Path) -> str:
@@ -199,17 +278,20 @@ def page(result: dict, png: Path) -> str:
         "body{font:14px system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
         "</style></head><body><h1>Runs compared</h1>"
         f"<h2>Config differences</h2>{table(['key', *result['runs']], [[k, *v] for k, v in result['config_differences'].items()])}"
-        f"<h2>Final training metrics</h2>{table(['metric', *result['runs']], [[k, *(m.get(k) for m in result['final_metrics'].values())] for k in metrics])}"
+        f"<h2>Final training metrics</h2>{table(['metric', *result['runs']], [[k, *(result['final_metrics'][r].get(k) for r in result['runs'])] for k in metrics])}"
         f"<h2>Frontiers</h2><img alt='frontiers' src='data:image/png;base64,{image}'>"
         f"{table(['run', 'sae', 'L0', 'explained variance', 'CE recovered', 'from'], [[p['run'], p['sae'], p['l0'], p['explained_variance'], p['ce_loss_recovered'], p['source']] for p in result['points']])}"
         f"<h2>Dictionary similarity (decoder cosine &gt; threshold)</h2>"
-        f"{table(['a', 'b', 'a matched in b', 'b matched in a'], [[s['a'], s['b'], s['matched_a_in_b'], s['matched_b_in_a']] for s in result['similarity']])}"
+        f"{table(['a', 'b', 'a matched in b', 'b matched in a', 'note'], [[s['a'], s['b'], s['matched_a_in_b'], s['matched_b_in_a'], s.get('reason', '')] for s in result['similarity']])}"
         "</body></html>"
     )
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
+def _fmt(value, spec: str = ".4g") -> str:
+    """`n/a` for a missing or NaN value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
 def compare_cli(cfg: CompareConfig) -> None:
@@ -218,10 +300,10 @@ def compare_cli(cfg: CompareConfig) -> None:
         print(f"{key:<24} " + "  ".join(_fmt(v) for v in values))
     for p in result["points"]:
         print(
-            f"{p['run']}/{p['sae']}: L0 {_fmt(p['l0'])}, explained variance {_fmt(p['explained_variance'])}, CE recovered {_fmt(p['ce_loss_recovered'])} ({p['source']})"
+            f"{sae_label(p['run'], p['sae'])}: L0 {_fmt(p['l0'])}, explained variance {_fmt(p['explained_variance'])}, CE recovered {_fmt(p['ce_loss_recovered'])} ({p['source']})"
         )
     for s in result["similarity"]:
-        print(
-            f"{s['a']} vs {s['b']}: {s['matched_a_in_b']:.1%} / {s['matched_b_in_a']:.1%} of latents matched"
-        )
+        matched = f"{_fmt(s['matched_a_in_b'], '.1%')} / {_fmt(s['matched_b_in_a'], '.1%')}"
+        reason = f" (not comparable: {s['reason']})" if "reason" in s else ""
+        print(f"{s['a']} vs {s['b']}: {matched} of latents matched{reason}")
     print(f"written to {cfg.out}/compare.html, frontier.png, compare.json")
