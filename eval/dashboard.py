@@ -8,14 +8,18 @@ and the explanation when auto-interp has written one.
 
 Two passes keep memory bounded: the first is eval.report's scoring pass, which also keeps per-latent
 top activations and samples (eval/top_activations.py); the second runs the model again on just the
-windows those examples come from, to colour every token of each shown context.
+windows those examples come from, to colour every token of each shown context. With --report the
+first pass only gathers examples, on the windows the report scored (its meta names them), so that
+every count and density on the pages is on one set of tokens.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from eval.concepts import token_strings
 from eval.report import EvalConfig, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
+from sae.io import atomic_write
 from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
 
@@ -57,8 +62,10 @@ class DashboardConfig:
     top: int = 10
     """Top-activating contexts per page."""
     report: str = ""
-    """An `sae eval --json` report to show; by default the overview is scored on the same tokens
-    (absorption left out for speed)."""
+    """An `sae eval --json` report of this SAE to show instead of scoring it here; the examples
+    are then gathered on the windows it scored (model, dataset or cache, tokens and context size
+    from its meta), so --model, --dataset, --split, --cache, --tokens and --context-size are
+    ignored. By default the overview is scored on --tokens (absorption left out for speed)."""
     autointerp: str = ""
     """Explain and score the paged latents: `local` (the embedded SmolLM2-Instruct, offline),
     `openai:MODEL` (OPENAI_BASE_URL / OPENAI_API_KEY), or empty for none."""
@@ -66,12 +73,16 @@ class DashboardConfig:
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
     d = sae_lib.load(cfg.sae).eval()
-    scoring = EvalConfig(sae=cfg.sae, model=cfg.model, dataset=cfg.dataset, split=cfg.split,
-                         cache=cfg.cache, tokens=cfg.tokens, context_size=cfg.context_size,
-                         absorption=False)  # fmt: skip
+    report = json.loads(Path(cfg.report).read_text()) if cfg.report else None
+    scoring = (
+        scored_windows(report, d, cfg)
+        if cfg.report
+        else EvalConfig(sae=cfg.sae, model=cfg.model, dataset=cfg.dataset, split=cfg.split,
+                        cache=cfg.cache, tokens=cfg.tokens, context_size=cfg.context_size,
+                        absorption=False)
+    )  # fmt: skip
     lm, tokenizer, ids, name = load_inputs(d, scoring)
     if cfg.report:
-        report = json.loads(Path(cfg.report).read_text())
         examples = gather(lm, d, ids, top=cfg.top)
     else:  # one pass over the windows gives the scores and the examples
         examples = TopActivations(d.cfg.d_sae, top=cfg.top)
@@ -88,13 +99,38 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
 
     out = Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
-    (out / "index.html").write_text(overview(d, report, chosen))
+    _write(out / "index.html", overview(d, report, chosen))
     shown = {latent: examples.shown_tokens(latent) for latent in chosen}
     acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
     for latent in chosen:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
-        (out / "latents" / f"{latent}.html").write_text(page)
+        _write(out / "latents" / f"{latent}.html", page)
     return out
+
+
+def scored_windows(report: dict, d: SAE, cfg: DashboardConfig) -> EvalConfig:
+    """The windows `sae eval` scored for `report`, read from its meta; a report without one, or of
+    an SAE of another width or hookpoint, is refused (its densities would not be this SAE's)."""
+    meta = report.get("meta", {})
+    if "windows" not in meta:
+        raise ValueError(
+            f"--report {cfg.report} has no meta naming the windows it scored: "
+            "write it with `sae eval SAE --json FILE`"
+        )
+    for key in ("d_sae", "hook_name"):
+        if meta[key] != getattr(d.cfg, key):
+            raise ValueError(
+                f"--report {cfg.report} scored an SAE with {key} {meta[key]!r}, but {cfg.sae} "
+                f"has {key} {getattr(d.cfg, key)!r}"
+            )
+    return EvalConfig(sae=cfg.sae, model=meta["model"], dataset=meta["dataset"],
+                      split=meta["split"], cache="" if meta["split"] else meta["dataset"],
+                      tokens=meta["tokens"], context_size=meta["context_size"])  # fmt: skip
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically: a full disk leaves the old page, not a truncated one."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def make_client(spec: str, local_lm: tuple[Any, Any] | None = None) -> LLMClient:
@@ -174,7 +210,7 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
         "dense_fraction",
     ]
     scores = "".join(
-        f"<tr><td>{k}</td><td>{report[k]:.4f}</td></tr>" for k in headline if k in report
+        f"<tr><td>{k}</td><td>{_number(report[k])}</td></tr>" for k in headline if k in report
     )
     sparsity = report["sparsity"]
     edges = sparsity["log10_density_edges"]
@@ -182,11 +218,12 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
     density_svg = histogram_svg(sparsity["log10_density_histogram"], labels)
     concepts = report.get("concepts", {})
     autointerp = report.get("autointerp", {})
+    unscored, linked = [None] * len(sparsity["density"]), set(pages)
+    columns = zip(sparsity["density"], concepts.get("latent_concept") or unscored,
+                  concepts.get("latent_precision") or unscored, strict=True)  # fmt: skip
     rows = []
-    for latent, density in enumerate(sparsity["density"]):
-        concept = (concepts.get("latent_concept") or [None] * len(sparsity["density"]))[latent]
-        precision = (concepts.get("latent_precision") or [None] * len(sparsity["density"]))[latent]
-        name = f"<a href='latents/{latent}.html'>{latent}</a>" if latent in pages else str(latent)
+    for latent, (density, concept, precision) in enumerate(columns):
+        name = f"<a href='latents/{latent}.html'>{latent}</a>" if latent in linked else str(latent)
         rows.append(
             f"<tr><td data-v='{latent}'>{name}</td><td>{density:.2e}</td>"
             f"<td>{html.escape(concept or '')}</td><td data-v='{precision if precision is not None else -1}'>"
@@ -201,6 +238,11 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
         f"<th>purity</th><th>auto-interp (detection)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     return _page("SAE dashboard", body, SORT_SCRIPT)
+
+
+def _number(value: float | None) -> str:
+    """`n/a` for a score that is missing or NaN (null in strict JSON)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def _score_cell(result: dict | None) -> str:
@@ -257,9 +299,8 @@ def latent_page(
     ]
     sample = examples.sample.entries(latent)[0]
     counts = torch.histc(sample, 20, 0, float(sample.max())).long().tolist()
-    hist = histogram_svg(
-        counts, [f"{x:.2f}" for x in torch.linspace(0, float(sample.max()), 20).tolist()]
-    )
+    edges = torch.linspace(0, float(sample.max()), 21).tolist()
+    hist = histogram_svg(counts, [f"{a:.2f}–{b:.2f}" for a, b in pairwise(edges)])
     density = report["sparsity"]["density"][latent]
     concepts = report.get("concepts", {})
     concept = (concepts.get("latent_concept") or [None] * (latent + 1))[latent]

@@ -1,9 +1,13 @@
 """`sae dashboard` on SmolLM2: the static site is complete, and loads in headless Chromium without
 script errors."""
 
+import errno
+import json
+import math
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,26 +69,134 @@ def test_latent_pages_show_highlighted_contexts_and_logit_lens(site):
         assert hits and max(float(a) for a in hits) == 1.0  # the peak token is fully coloured
 
 
-def test_a_latent_with_nothing_to_judge_shows_as_unscored():
-    """Auto-interp gives None for a latent without held-out contexts: the overview and its page
-    say `unscored` (sorted below every score) instead of failing to format it."""
-    d = make_sae("topk", d_sae=3)
-    report = {
+def tiny_report(**scores) -> dict:
+    """The report of a 3-latent SAE on 4 tokens (latent 2 dead), plus `scores`."""
+    return {
         "sparsity": {"density": [0.5, 0.25, 0.0], "log10_density_edges": [-1.0, 0.0],
                      "log10_density_histogram": [2], "dead_fraction": 1 / 3, "tokens": 4},
-        "autointerp": {"0": {"detection": 0.75, "fuzzing": 0.5},
-                       "1": {"detection": None, "fuzzing": None}},
-        "explanations": {"0": "kings", "1": "queens"},
+        **scores,
     }  # fmt: skip
-    cells = re.findall(r"<td data-v='([^']*)'>([^<]*)</td></tr>", overview(d, report, [0, 1]))
-    assert cells == [("0.75", "0.75"), ("-1", "unscored"), ("-1", "")]
+
+
+def tiny_page(latent: int, report: dict) -> str:
+    """`latent`'s page, from the activations z [4 tokens, 3 latents] of one window."""
     examples = TopActivations(3, top=2)
     z = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
     examples.add(z, 0)
     ids, strings = torch.tensor([[0, 1, 2, 3, 4]]), ["<s>", " a", " b", " c", " d"]
     lens = {"promoted": [1], "suppressed": [2]}
-    page = latent_page(1, report, examples, {0: z[:, 1].tolist()}, ids, lens, strings)
+    return latent_page(latent, report, examples, {0: z[:, latent].tolist()}, ids, lens, strings)
+
+
+def test_a_latent_with_nothing_to_judge_shows_as_unscored():
+    """Auto-interp gives None for a latent without held-out contexts: the overview and its page
+    say `unscored` (sorted below every score) instead of failing to format it."""
+    d = make_sae("topk", d_sae=3)
+    report = tiny_report(
+        autointerp={"0": {"detection": 0.75, "fuzzing": 0.5},
+                    "1": {"detection": None, "fuzzing": None}},
+        explanations={"0": "kings", "1": "queens"},
+    )  # fmt: skip
+    cells = re.findall(r"<td data-v='([^']*)'>([^<]*)</td></tr>", overview(d, report, [0, 1]))
+    assert cells == [("0.75", "0.75"), ("-1", "unscored"), ("-1", "")]
+    page = tiny_page(1, report)
     assert "Explanation: queens (detection unscored, fuzzing unscored)" in page
+
+
+def test_a_missing_or_nan_headline_score_shows_as_na():
+    """A report read from strict JSON has null where a score was NaN."""
+    report = tiny_report(explained_variance=None, kl_score=math.nan, l0=2.0)
+    index = overview(make_sae("topk", d_sae=3), report, [])
+    assert re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td></tr>", index) == [
+        ("explained_variance", "n/a"), ("kl_score", "n/a"), ("l0", "2.0000"),
+    ]  # fmt: skip
+
+
+def test_the_activation_histogram_labels_each_bar_with_its_range():
+    """Latent 0 fires at 1.0, 0.5 and 2.0: 20 bars of width 0.1 from 0 to its peak 2.0."""
+    bars = re.findall(r"<title>([^<]*): (\d+)</title>", tiny_page(0, tiny_report()))
+    assert len(bars) == 20 and bars[0] == ("0.00–0.10", "0") and bars[-1] == ("1.90–2.00", "1")
+    assert [label for label, n in bars if n != "0"] == ["0.50–0.60", "1.00–1.10", "1.90–2.00"]
+
+
+class CountedLen(list):
+    """A list that counts how often its length is taken."""
+
+    lens = 0
+
+    def __len__(self):
+        self.lens += 1
+        return super().__len__()
+
+
+def test_the_latent_table_is_linear_in_d_sae():
+    """The empty concept columns were rebuilt per row: quadratic, 2.2 s at 32768 latents."""
+    density = CountedLen([0.01] * 4096)
+    report = tiny_report()
+    report["sparsity"]["density"] = density
+    index = overview(make_sae("topk", d_sae=4096), report, [])
+    assert index.count("<tr><td data-v=") == 4096 and density.lens <= 2
+
+
+def saved_sae(d, folder):
+    d.save(folder)
+    return str(folder)
+
+
+def test_a_report_fixes_the_windows_of_the_pages(trained_sae, smollm2, tmp_path, monkeypatch):
+    """The pages' counts were on the dashboard's own --tokens and --context-size (20k, 64) but
+    the densities on the report's: `fires on 7.953% of tokens (69)`, 69 of 630 being 10.95%."""
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    sae_dir = saved_sae(trained_sae, tmp_path / "sae")
+    report = eval.report.evaluate(sae_dir, tokens=8 * 31, context_size=32, concepts=False,
+                                  absorption=False, json=str(tmp_path / "e.json"))  # fmt: skip
+    cfg = DashboardConfig(sae=sae_dir, out=str(tmp_path / "site"), report=str(tmp_path / "e.json"),
+                          tokens=16 * 63, latents=3)  # fmt: skip
+    out = build_dashboard(cfg)
+    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")}
+    assert len(pages) == 3 and report["meta"]["tokens"] == 8 * 31
+    for latent, page in pages.items():
+        percent, count = re.search(r"fires on ([\d.]+)% of tokens \((\d+)\)", page).groups()
+        assert int(count) == round(report["sparsity"]["density"][latent] * 8 * 31)
+        assert float(percent) == pytest.approx(100 * int(count) / (8 * 31), abs=1e-3)
+
+    # a disk that fills mid-write leaves the old pages whole, with no temporary file beside
+    index = (out / "index.html").read_text()
+    write_text = Path.write_text
+
+    def disk_full_in(folder: str):
+        def write(self, text, *args, **kwargs):
+            if self.parent.name == folder:
+                write_text(self, text[: len(text) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write_text(self, text, *args, **kwargs)
+
+        return write
+
+    for folder in (out.name, "latents"):  # index.html first, then the first latent page
+        monkeypatch.setattr(Path, "write_text", disk_full_in(folder))
+        with pytest.raises(OSError, match="No space"):
+            build_dashboard(cfg)
+        assert (out / "index.html").read_text() == index
+        assert {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")} == pages
+        assert not list(out.rglob("*.tmp"))
+
+
+def test_a_report_of_another_sae_or_without_meta_is_refused(trained_sae, tmp_path):
+    sae_dir = saved_sae(trained_sae, tmp_path / "sae")
+    meta = {"d_sae": trained_sae.cfg.d_sae, "hook_name": trained_sae.cfg.hook_name, "windows": 1}
+    for report, refusal in [
+        ({}, "has no meta naming the windows"),
+        ({"meta": {**meta, "d_sae": 7}}, f"d_sae 7, but .* has d_sae {trained_sae.cfg.d_sae}"),
+        ({"meta": {**meta, "hook_name": "blocks.1.hook_resid_post"}},
+         f"hook_name 'blocks.1.hook_resid_post', but .* has hook_name '{trained_sae.cfg.hook_name}'"),
+    ]:  # fmt: skip
+        (tmp_path / "e.json").write_text(json.dumps(report))
+        cfg = DashboardConfig(
+            sae=sae_dir, out=str(tmp_path / "site"), report=str(tmp_path / "e.json")
+        )
+        with pytest.raises(ValueError, match=refusal):
+            build_dashboard(cfg)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install adds it)")
