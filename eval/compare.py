@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 import sae as sae_lib
-from sae.io import atomic_write
+from sae.io import atomic_write, write_json
 
 
 @dataclass
@@ -234,25 +234,14 @@ def compare(cfg: CompareConfig) -> dict:
         for name_b, b in saes[i + 1 :]:
             sim = dictionary_similarity(a, b, cfg.threshold)
             result["similarity"].append({"a": name_a, "b": name_b, **sim})
-    result = finite(result)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     fig = frontier_figure(result["points"])
     atomic_write(out / "frontier.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    text = json.dumps(result, indent=1, allow_nan=False)
-    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "compare.json", result)  # strict: NaN and inf as null
     html_text = page(result, out / "frontier.png")
     atomic_write(out / "compare.html", lambda tmp: Path(tmp).write_text(html_text))
     return result
-
-
-def finite(value):
-    """`value` with every NaN or infinite float replaced by None (JSON null)."""
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def sae_label(run: str, sae: str) -> str:
