@@ -535,6 +535,14 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
 
 
+def failure(stderr: str) -> str:
+    """A failed torchrun's first error lines (its tail is the launcher's summary, which names no
+    cause)."""
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if "Error" in line or "terminate" in line), 0)
+    return "\n".join(lines[max(0, first - 20) : first + 20])
+
+
 def test_two_process_data_parallel_equals_one_process(tmp_path):
     """torchrun with 2 gloo processes on CPU ends with the same SAEs as one process on the same
     global batches (per-row losses: topk with AuxK, standard with L1)."""
@@ -553,7 +561,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.returncode == 0, failure(ddp.stderr)
     for name in ("topk", "relu"):
         a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
         for key, value in a.state_dict().items():
@@ -601,7 +609,7 @@ def test_two_processes_count_dead_latents_over_the_global_batch(tmp_path):
                             env=env, capture_output=True, text=True)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert ddp.returncode == 0, failure(ddp.stderr)
 
     def dead(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
