@@ -350,12 +350,6 @@ class Trainer:
         # fifth of training only: early codes are larger (~3x at init), and with the average's
         # rate of 0.01 a run of a few hundred steps kept enough of them to cut L0 by a third
         self.threshold_from = int(0.8 * self.total_steps)
-        if cfg.warmup_steps > self.total_steps:
-            warnings.warn(
-                f"warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
-                "the learning rate never reaches lr; lower warmup_steps (--warmup-steps)",
-                stacklevel=2,
-            )
         self.members = []
         for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
@@ -469,6 +463,12 @@ class Trainer:
                 )
             if self.world.is_main:  # a later --resume must not pick up the old run's state
                 checkpoint.remove(self.out)
+        if cfg.warmup_steps > self.total_steps:  # after the refusal: no advice for a run not made
+            warnings.warn(
+                f"warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
+                "the learning rate never reaches lr; lower warmup_steps (--warmup-steps)",
+                stacklevel=2,
+            )
         tracker_id = self.restore() if cfg.resume else None
         tracker = Tracker(
             self.out,
