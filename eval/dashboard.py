@@ -29,7 +29,7 @@ from torch import Tensor
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.concepts import token_strings
-from eval.report import EvalConfig, load_inputs, score
+from eval.report import HEADLINE, EvalConfig, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
 from sae.io import atomic_write
@@ -201,16 +201,15 @@ def histogram_svg(counts: list[int], labels: list[str], width: int = 480, height
 
 
 def overview(d: SAE, report: dict, pages: list[int]) -> str:
-    headline = [
-        "explained_variance",
-        "ce_loss_recovered",
-        "kl_score",
-        "l0",
-        "dead_fraction",
-        "dense_fraction",
-    ]
     scores = "".join(
-        f"<tr><td>{k}</td><td>{_number(report[k])}</td></tr>" for k in headline if k in report
+        f"<tr><td>{k}</td><td>{_number(report[k])}</td></tr>" for k in HEADLINE if k in report
+    )
+    meta = report.get("meta", {})
+    scored = (
+        f"<p>Scored on {meta['tokens']:,} tokens of {html.escape(str(meta['dataset']))} "
+        f"({meta['windows']} windows of {meta['context_size']}) through {html.escape(meta['model'])}.</p>"
+        if "tokens" in meta
+        else ""
     )
     sparsity = report["sparsity"]
     edges = sparsity["log10_density_edges"]
@@ -232,7 +231,7 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
         )
     body = (
         f"<h1>{html.escape(d.cfg.architecture)} SAE, {d.cfg.d_sae} latents on {html.escape(d.cfg.hook_name)}</h1>"
-        f"<table id='scores'>{scores}</table><h2>Firing density (log10, live latents)</h2>{density_svg}"
+        f"{scored}<table id='scores'>{scores}</table><h2>Firing density (log10, live latents)</h2>{density_svg}"
         f"<p>{sparsity['dead_fraction']:.1%} dead on {sparsity['tokens']:,} tokens.</p>"
         f"<h2>Latents</h2><table id='latents'><thead><tr><th>latent</th><th>density</th><th>concept</th>"
         f"<th>purity</th><th>auto-interp (detection)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"

@@ -53,7 +53,9 @@ def test_overview_lists_every_latent_and_links_the_pages(site):
     assert len(pages) == 4
     assert index.count("<tr><td data-v=") == d.cfg.d_sae
     assert sorted(int(i) for i in re.findall(r"href='latents/(\d+)\.html'", index)) == pages
-    assert "explained_variance" in index and "ce_loss_recovered" in index
+    for score in ("explained_variance", "fvu", "mse", "cosine", "ce_clean", "ce_sae", "kl_score"):
+        assert f"<tr><td>{score}</td>" in index, score
+    assert re.search(r"Scored on 1,008 tokens of shakespeare \(16 windows of 64\) through ", index)
     # the auto-interp column: a busy latent may have no silent context to judge (unscored)
     scores = re.findall(r"<td data-v='[-\d.]+'>(\d\.\d\d|unscored)</td></tr>", index)
     assert len(scores) == 4 and any(s != "unscored" for s in scores)
