@@ -162,7 +162,7 @@ def as_option_type(value: Any, default: Any, where: str) -> Any:
             raise refuse() from None
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise refuse()
-        if kind is int and number != int(number):
+        if kind is int and not float(number).is_integer():  # 1.5, inf, nan
             raise refuse()
         return kind(number)
     if not isinstance(value, str | int | float) or isinstance(value, bool):

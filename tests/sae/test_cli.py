@@ -83,6 +83,7 @@ def test_config_values_take_the_options_types(tmp_path):
     refused = {
         "normalize: 'no'\n": r"normalize should be bool, got 'no'",
         "total_tokens: 1.5\n": r"total_tokens should be int, got 1.5",
+        "total_tokens: .inf\n": r"total_tokens should be int, got inf",
         "lr: fast\n": r"lr should be float, got 'fast'",
         "sweep: {k: 16}\n": r"sweep should be list",
         "cache: [a, b]\n": r"cache should be str",
