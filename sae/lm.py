@@ -160,14 +160,15 @@ FAMILIES = {
     # Pythia's attention and MLP read the same input (use_parallel_residual): no resid_mid
     "gpt_neox": Family("layers", "attention", "mlp", "attention.dense", "mlp.dense_4h_to_h", None),
     # BERT's attention and MLP outputs are added to the residual inside `*.output`; hook the
-    # dense projections, which are the contributions before the residual add and LayerNorm.
+    # dense projections, which are the contributions before the residual add and LayerNorm. The
+    # stream between them exists only inside attention.output (add, then LayerNorm): no resid_mid.
     "bert": Family(
         "encoder.layer",
         "attention.output.dense",
         "output.dense",
         "attention.output.dense",
         "output.dense",
-        "intermediate",
+        None,
     ),
 }
 
