@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from eval.concepts import token_strings
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
-from sae.io import atomic_write
+from sae.io import write_text
 from sae.lm import DEFAULT_MODEL, load_lm
 
 Messages = list[dict[str, str]]
@@ -85,7 +85,7 @@ class OpenAIClient:
             pass
         reply = self._post(body)
         self.cache.mkdir(parents=True, exist_ok=True)
-        atomic_write(cached, lambda tmp: Path(tmp).write_text(json.dumps({"reply": reply})))
+        write_text(cached, json.dumps({"reply": reply}))
         return reply
 
     def _post(self, body: bytes) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 import sae as sae_lib
-from sae.io import atomic_write, write_json
+from sae.io import atomic_write, write_json, write_text
 
 
 @dataclass
@@ -240,7 +240,7 @@ def compare(cfg: CompareConfig) -> dict:
     atomic_write(out / "frontier.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     write_json(out / "compare.json", result)  # strict: NaN and inf as null
     html_text = page(result, out / "frontier.png")
-    atomic_write(out / "compare.html", lambda tmp: Path(tmp).write_text(html_text))
+    write_text(out / "compare.html", html_text)
     return result
 
 

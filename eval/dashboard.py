@@ -32,7 +32,7 @@ from eval.concepts import token_strings
 from eval.report import HEADLINE, EvalConfig, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
-from sae.io import atomic_write
+from sae.io import write_text
 from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
 
@@ -99,12 +99,12 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
 
     out = Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
-    _write(out / "index.html", overview(d, report, chosen))
+    write_text(out / "index.html", overview(d, report, chosen))
     shown = {latent: examples.shown_tokens(latent) for latent in chosen}
     acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
     for latent in chosen:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
-        _write(out / "latents" / f"{latent}.html", page)
+        write_text(out / "latents" / f"{latent}.html", page)
     return out
 
 
@@ -126,11 +126,6 @@ def scored_windows(report: dict, d: SAE, cfg: DashboardConfig) -> EvalConfig:
     return EvalConfig(sae=cfg.sae, model=meta["model"], dataset=meta["dataset"],
                       split=meta["split"], cache="" if meta["split"] else meta["dataset"],
                       tokens=meta["tokens"], context_size=meta["context_size"])  # fmt: skip
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomically: a full disk leaves the old page, not a truncated one."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def make_client(spec: str, local_lm: tuple[Any, Any] | None = None) -> LLMClient:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -80,7 +81,7 @@ def save(sae: SAE, path: str | os.PathLike) -> Path:
     state = {name: t.contiguous().cpu() for name, t in sae.folded_state_dict().items()}
     atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     text = json.dumps(saelens_cfg(sae), indent=2)
-    atomic_write(path / CFG_FILE, lambda tmp: Path(tmp).write_text(text))
+    write_text(path / CFG_FILE, text)
     return path
 
 
@@ -115,17 +116,19 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` into `path` with atomic_write: a full disk or a kill leaves the previous file, not
+    half of the new one."""
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Strict JSON (NaN and inf, which only Python and JavaScript read, as null), atomically: a
-    full disk or a kill leaves the previous file, not half of the new one."""
-    atomic_write(
-        Path(path),
-        lambda tmp: Path(tmp).write_text(json.dumps(_finite(obj), indent=1, allow_nan=False)),
-    )
+    """Strict JSON (NaN and inf, which only Python and JavaScript read, as null), atomically."""
+    write_text(path, json.dumps(_finite(obj), indent=1, allow_nan=False))
 
 
 def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae.io import atomic_write
+from sae.io import atomic_write, write_text
 
 NAME = "checkpoint"
 
@@ -30,7 +30,7 @@ def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         atomic_write(tmp / "state.safetensors", lambda path: save_file(state, path))
-        atomic_write(tmp / "state.json", lambda path: Path(path).write_text(json.dumps(meta)))
+        write_text(tmp / "state.json", json.dumps(meta))
         fsync_dir(tmp)
     except BaseException:  # a full disk: the previous checkpoint stands, no half-made folder
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sae.io import atomic_write
+from sae.io import write_text
 
 
 class Tracker:
@@ -92,7 +92,7 @@ class Tracker:
             if logged <= step:
                 kept.append(line)
         text = "".join(line + "\n" for line in kept)  # a kill mid-write must not lose the history
-        atomic_write(self.metrics_file, lambda tmp: Path(tmp).write_text(text))
+        write_text(self.metrics_file, text)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.active:
