@@ -190,3 +190,33 @@ def test_every_hookpoint_equals_transformer_lens(tmp_path, family, smollm2):
         theirs = cache[hook].flatten(2)  # hook_z: [batch, seq, heads, d_head]
         torch.testing.assert_close(acts[hook], theirs, atol=1e-6, rtol=1e-5, msg=hook)
         assert resolve_hook(model, hook).width == theirs.shape[-1]
+
+
+def test_bert_hookpoints_against_transformer_lens(tmp_path):
+    """BERT (post-norm) is where TransformerLens's two conventions part. Its TransformerBridge and
+    ours agree on resid_pre, resid_post (the block's output), mlp_out, hook_z and mlp.hook_post.
+    attn_out is the attention's own contribution here, as in TransformerLens's HookedEncoder (W_O's
+    output), while the bridge hooks the attention block after its residual add and LayerNorm; the
+    bridge's resid_mid is LN2's input, HookedEncoder's LN1's, so we map none (decision 8)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+    model = BertForMaskedLM(config).eval()
+    model.save_pretrained(tmp_path)
+    load_lm("all-minilm-l6-v2")[1].save_pretrained(tmp_path)  # the bridge wants a tokenizer
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    hooks = [h for h in hook_names(model) if h.startswith("blocks.1.")]
+    assert "blocks.1.hook_resid_mid" not in hooks
+    ids = torch.randint(5, 100, (2, 9))
+    with torch.no_grad(), record(model, hooks) as acts:
+        model(ids)
+    _, cache = bridge.run_with_cache(ids)
+    for hook in set(hooks) - {"blocks.1.hook_attn_out"}:
+        torch.testing.assert_close(acts[hook], cache[hook].flatten(2), msg=hook)
+    layer = model.bert.encoder.layer[1].attention.output
+    with torch.no_grad():
+        added = layer.LayerNorm(acts["blocks.1.hook_resid_pre"] + acts["blocks.1.hook_attn_out"])
+    torch.testing.assert_close(cache["blocks.1.hook_attn_out"], added)
