@@ -10,7 +10,6 @@ numbers plus one nested dict per detailed score (schema in docs/eval.md).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -19,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 import sae as sae_lib
 from eval.concepts import (
@@ -39,6 +37,7 @@ from sae.hooks import record
 from sae.io import write_json
 from sae.lm import DEFAULT_MODEL, load_lm, resolve_hook
 from sae.models import SAE
+from sae.progress import progress
 from train.cache import ActivationCache
 from train.data import load_documents, token_windows
 
@@ -153,9 +152,7 @@ def score(
         SparseCodes(d.cfg.d_sae) if cfg.concepts else None
     )  # tokens x L0 entries: only for purity
     hook, scored = d.cfg.hook_name, 0
-    with tqdm(
-        total=ids[:, 1:].numel(), unit="tok", disable=not sys.stderr.isatty(), desc="eval"
-    ) as bar:
+    with progress(total=ids[:, 1:].numel(), unit="tok", desc="eval") as bar:
         for batch in ids.split(cfg.batch_size):
             batch = batch.to(cfg.device)
             with torch.no_grad(), record(lm, [hook]) as acts:

@@ -21,10 +21,10 @@ from itertools import islice
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from sae.hooks import edit
 from sae.lm import load_lm
+from sae.progress import progress
 from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
 from train.config import HarvestConfig
 from train.data import PAD_DOC, Window, load_documents, shuffled, token_windows
@@ -251,13 +251,12 @@ class Harvester:
         # counted here, not by the writer thread
         shard_index, submitted = writer.shards_done, writer.rows_done
         windows = islice(self.windows(), shard_index * c.shard_windows, None)
-        bar = tqdm(
+        bar = progress(
             total=c.tokens,
             initial=submitted,
             unit="tok",
             unit_scale=True,
             desc="harvest",
-            disable=None,
         )
         pending: Future | None = None
         # serializing and hashing a shard is CPU work: the writer thread does it where it has a

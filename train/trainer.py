@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sae.config import SAEConfig
 from sae.models import REGISTRY, SAE, BatchTopKSAE, LossOutput, TrainContext
+from sae.progress import progress
 from train import checkpoint
 from train.cache import ActivationCache
 from train.config import SPARSITY_DEFAULTS, HarvestConfig, SAESpec, TrainConfig
@@ -480,13 +480,13 @@ class Trainer:
         )
         tracker.truncate_after(self.step)  # a fresh run starts an empty metrics.jsonl
         batches = self.batches()
-        bar = tqdm(
+        bar = progress(
             total=self.total_steps * cfg.batch_size,
             initial=self.step * cfg.batch_size,
             unit="tok",
             unit_scale=True,
             desc="train",
-            disable=None,
+            disable=not self.world.is_main,  # one bar for the run, not one per rank
         )
         with closing(batches):  # stops a read-ahead thread on any way out
             pending = None  # the last step's metrics, recorded once the next step is queued
