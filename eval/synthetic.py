@@ -10,10 +10,14 @@ hard: a power law of firing frequencies (rare features get few samples), superpo
 a latent points one way, its activations are non-negative), and "live" latents those that fire
 on the fresh samples scored:
 
-    mmcs_features       mean_i max_j cos[i, j]: is every feature represented by some latent?
+    mmcs_features       mean_i max over live j of cos[i, j]: is every feature represented by
+                        some latent that fires? A decoder row on a feature whose latent never
+                        fires represents nothing (the SAE cannot use it), so a dead latent's
+                        cosine counts 0, as if orthogonal (as in mcc, where it never correlates).
     mmcs_latents        mean over live j of max_i cos[i, j]: is every latent a true feature?
                         Dead latents say nothing about the dictionary, so they are left out.
-    fraction_recovered  share of features i with max_j cos[i, j] > recovered_threshold (0.9).
+    fraction_recovered  share of features i with max over live j of cos[i, j] >
+                        recovered_threshold (0.9).
     mcc                 Pearson correlation of every feature's codes with every latent's
                         activations, features matched one-to-one to latents by the Hungarian
                         algorithm (largest total correlation), averaged over all features; an
@@ -197,8 +201,13 @@ def feature_cosines(features: Tensor, sae: SAE) -> Tensor:
     return F.normalize(features.to(directions), dim=1) @ directions.T
 
 
-def mmcs_features(cos: Tensor) -> float:
-    return cos.max(1).values.mean().item()
+def best_live_cosines(cos: Tensor, live: Tensor) -> Tensor:
+    """[n_features]: each feature's best cosine with a latent, a dead one counting 0."""
+    return cos.masked_fill(~live, 0.0).max(1).values
+
+
+def mmcs_features(cos: Tensor, live: Tensor) -> float:
+    return best_live_cosines(cos, live).mean().item()
 
 
 def mmcs_latents(cos: Tensor, live: Tensor) -> float:
@@ -206,8 +215,8 @@ def mmcs_latents(cos: Tensor, live: Tensor) -> float:
     return cos.max(0).values[live].mean().nan_to_num(0.0).item()
 
 
-def fraction_recovered(cos: Tensor, threshold: float = 0.9) -> float:
-    return (cos.max(1).values > threshold).float().mean().item()
+def fraction_recovered(cos: Tensor, live: Tensor, threshold: float = 0.9) -> float:
+    return (best_live_cosines(cos, live) > threshold).float().mean().item()
 
 
 def mcc(correlation: Tensor) -> float:
@@ -359,9 +368,9 @@ def recovery(
     pair_records = absorption_records(pairs, cos, parent_latent, act)
     fractions = [r["absorption"] for r in pair_records if r["absorption"] is not None]
     return {
-        "mmcs_features": mmcs_features(cos),
+        "mmcs_features": mmcs_features(cos, act.live),
         "mmcs_latents": mmcs_latents(cos, act.live),
-        "fraction_recovered": fraction_recovered(cos, recovered_threshold),
+        "fraction_recovered": fraction_recovered(cos, act.live, recovered_threshold),
         "mcc": mcc(act.correlation),
         "live_latents": int(act.live.sum()),
         "samples": n,

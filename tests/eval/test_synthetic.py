@@ -142,9 +142,15 @@ def test_config_errors_name_the_field():
 # -- the scores -----------------------------------------------------------------------------------
 def test_score_helpers_against_hand_computation():
     cos = torch.tensor([[0.95, 0.5, 0.1], [0.2, 0.3, 0.85]])  # [features, latents]
-    assert mmcs_features(cos) == pytest.approx((0.95 + 0.85) / 2)
-    assert mmcs_latents(cos, torch.tensor([True, True, False])) == pytest.approx((0.95 + 0.5) / 2)
-    assert fraction_recovered(cos) == 0.5 and fraction_recovered(cos, threshold=0.8) == 1
+    everyone, first_two = torch.tensor([True, True, True]), torch.tensor([True, True, False])
+    assert mmcs_features(cos, everyone) == pytest.approx((0.95 + 0.85) / 2)
+    assert mmcs_latents(cos, first_two) == pytest.approx((0.95 + 0.5) / 2)
+    assert fraction_recovered(cos, everyone) == 0.5
+    assert fraction_recovered(cos, everyone, threshold=0.8) == 1
+    # latent 2 dead: feature 1 keeps only 0.3, and a dead latent counts 0 against a negative one
+    assert mmcs_features(cos, first_two) == pytest.approx((0.95 + 0.3) / 2)
+    assert fraction_recovered(cos, first_two, threshold=0.8) == 0.5
+    assert mmcs_features(-cos, torch.tensor([False, False, False])) == 0
     # Greedy takes 0.9 and leaves 0.1; the best one-to-one matching is 0.8 + 0.85.
     assert mcc(torch.tensor([[0.9, 0.8], [0.85, 0.1]])) == pytest.approx(0.825)
     assert mcc(torch.tensor([[0.9], [0.5]])) == pytest.approx(0.45)  # an unmatched feature is 0
@@ -179,6 +185,19 @@ def test_the_true_dictionary_scores_one_in_any_order():
     again = recovery(permuted, data, n=16_384)
     for key in ("mmcs_features", "mmcs_latents", "fraction_recovered", "mcc", "absorption"):
         assert again[key] == pytest.approx(scores[key]), key
+
+
+def test_a_feature_whose_latent_never_fires_is_not_recovered():
+    """Latent 3 is feature 3's decoder row, but its encoder bias keeps it silent: the SAE
+    cannot represent the feature, however well the direction sits in W_dec."""
+    data = SyntheticData(HAND)
+    silent = matched_sae(data)
+    with torch.no_grad():
+        silent.b_enc[3] = -1e3
+    scores = recovery(silent, data, n=16_384)
+    assert scores["live_latents"] == 23
+    assert scores["fraction_recovered"] == pytest.approx(23 / 24)
+    assert scores["mmcs_features"] == pytest.approx(23 / 24, abs=0.01)  # feature 3: ~0 cosine left
 
 
 def test_a_random_dictionary_scores_low():
