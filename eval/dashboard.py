@@ -1,10 +1,11 @@
 """`sae dashboard`: a static HTML site about one SAE that opens from disk (no server, no CDN).
 
 index.html: the headline scores of `eval.evaluate`, the log-density histogram and a sortable table
-of latents (density, best concept and its purity). latents/<i>.html for the most active latents:
-top and quantile contexts with per-token highlighting, the activation histogram, the logit-lens
-effects of the decoder direction (tokens it promotes and suppresses through the unembedding),
-and the explanation when auto-interp has written one.
+of latents (density, best concept and its purity), linking every page. latents/<i>.html for the
+most active latents and any chosen by id: top contexts (one per window) and quantile contexts with
+per-token highlighting, the activation histogram, the logit-lens effects of the decoder direction
+(tokens it promotes and suppresses through the unembedding), and the explanation when auto-interp
+has written one.
 
 Two passes keep memory bounded: the first is eval.report's scoring pass, which also keeps per-latent
 top activations and samples (eval/top_activations.py); the second runs the model again on just the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ class DashboardConfig:
     """Window length, BOS included."""
     latents: int = 50
     """Pages for this many latents, the most frequently firing first."""
+    latent_ids: list[int] = field(default_factory=list)
+    """Pages also for these latents (0..d_sae-1), say ones a steering run, `sae compare` or
+    auto-interp named: in addition to the --latents most frequent, so that each option keeps its
+    meaning (--latents 0 for these alone). One that never fired on the scored tokens gets a page
+    saying so."""
     top: int = 10
     """Top-activating contexts per page."""
     report: str = ""
@@ -73,6 +79,11 @@ class DashboardConfig:
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
     d = sae_lib.load(cfg.sae).eval()
+    if bad := [i for i in cfg.latent_ids if not 0 <= i < d.cfg.d_sae]:
+        raise ValueError(
+            f"--latent-ids {bad[0]} is not a latent of {cfg.sae}: d_sae is {d.cfg.d_sae}, "
+            f"so ids run from 0 to {d.cfg.d_sae - 1}"
+        )
     report = json.loads(Path(cfg.report).read_text()) if cfg.report else None
     scoring = (
         scored_windows(report, d, cfg)
@@ -85,15 +96,16 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     if cfg.report:
         examples = gather(lm, d, ids, top=cfg.top)
     else:  # one pass over the windows gives the scores and the examples
-        examples = TopActivations(d.cfg.d_sae, top=cfg.top)
+        examples = TopActivations(d.cfg.d_sae, top=cfg.top, window=ids.shape[1] - 1)
         report = score(d, lm, tokenizer, ids, scoring, name, examples)
-    chosen = examples.fires.argsort(descending=True)[: cfg.latents]
-    chosen = chosen[examples.fires[chosen] > 0].tolist()
+    frequent = examples.fires.argsort(descending=True)[: cfg.latents]
+    chosen = list(dict.fromkeys(frequent[examples.fires[frequent] > 0].tolist() + cfg.latent_ids))
     strings = token_strings(tokenizer)
     lens = logit_lens(lm, d, chosen)
-    if cfg.autointerp:
+    if cfg.autointerp:  # a latent that never fired has nothing to explain
         client = make_client(cfg.autointerp, (lm, tokenizer) if name == DEFAULT_MODEL else None)
-        scores = interpret(lm, tokenizer, d, ids, chosen, client, examples=examples)
+        fired = [latent for latent in chosen if examples.fires[latent] > 0]
+        scores = interpret(lm, tokenizer, d, ids, fired, client, examples=examples)
         report["autointerp"] = {str(latent): r for latent, r in scores.items()}
         report["explanations"] = {str(latent): r["explanation"] for latent, r in scores.items()}
 
@@ -275,26 +287,6 @@ def latent_page(
     lens: dict[str, list],
     strings: list[str],
 ) -> str:
-    top_values, top_tokens = examples.top_examples(latent)
-    peak = float(top_values.max())
-
-    def contexts(tokens: Tensor) -> str:
-        divs = []
-        for token in tokens.tolist():
-            context, values, hit = context_activations(ids, token, acts)
-            divs.append(context_html(context, values, hit, strings, peak))
-        return "".join(divs)
-
-    bins = examples.quantile_examples(latent)
-    sections = [("Top activations", top_tokens)] + [
-        (f"Quantile {i + 1} of {len(bins)} (activation {v.min():.2f} to {v.max():.2f})", t)
-        for i, (v, t) in reversed(list(enumerate(bins)))
-        if len(t)
-    ]
-    sample = examples.sample.entries(latent)[0]
-    counts = torch.histc(sample, 20, 0, float(sample.max())).long().tolist()
-    edges = torch.linspace(0, float(sample.max()), 21).tolist()
-    hist = histogram_svg(counts, [f"{a:.2f}–{b:.2f}" for a, b in pairwise(edges)])
     density = report["sparsity"]["density"][latent]
     concepts = report.get("concepts", {})
     concept = (concepts.get("latent_concept") or [None] * (latent + 1))[latent]
@@ -311,12 +303,50 @@ def latent_page(
         explanation += (
             f" (detection {_two(scores['detection'])}, fuzzing {_two(scores['fuzzing'])})"
         )
+    activity = (
+        _activity(latent, examples, acts, ids, strings)
+        if examples.fires[latent] > 0
+        else f"<p class='muted'>Never fired on the {report['sparsity']['tokens']:,} scored tokens: "
+        "no activations or contexts to show.</p>"
+    )
     body = (
         f"<p><a href='../index.html'>overview</a></p><h1>Latent {latent}</h1>"
         f"<p>fires on {density:.3%} of tokens ({int(examples.fires[latent])}); {purity}</p>"
         + (f"<p>Explanation: {html.escape(explanation)}</p>" if explanation else "")
-        + f"<h2>Activation histogram (sample of {len(sample)})</h2>{hist}"
-        f"<h2>Logit lens</h2><p>promotes: {words['promoted']}</p><p>suppresses: {words['suppressed']}</p>"
-        + "".join(f"<h2>{html.escape(title)}</h2>{contexts(t)}" for title, t in sections)
+        + f"<h2>Logit lens</h2><p>promotes: {words['promoted']}</p>"
+        f"<p>suppresses: {words['suppressed']}</p>{activity}"
     )
     return _page(f"latent {latent}", body)
+
+
+def _activity(
+    latent: int,
+    examples: TopActivations,
+    acts: dict[int, list[float]],
+    ids: Tensor,
+    strings: list[str],
+) -> str:
+    """A latent's activation histogram, top and quantile contexts (it fired at least once)."""
+    top_values, top_tokens = examples.top_examples(latent)
+    peak = float(top_values.max())
+
+    def contexts(tokens: Tensor) -> str:
+        divs = []
+        for token in tokens.tolist():
+            context, values, hit = context_activations(ids, token, acts)
+            divs.append(context_html(context, values, hit, strings, peak))
+        return "".join(divs)
+
+    bins = examples.quantile_examples(latent)
+    sections = [("Top activations (one per window)", top_tokens)] + [
+        (f"Quantile {i + 1} of {len(bins)} (activation {v.min():.2f} to {v.max():.2f})", t)
+        for i, (v, t) in reversed(list(enumerate(bins)))
+        if len(t)
+    ]
+    sample = examples.sample.entries(latent)[0]
+    counts = torch.histc(sample, 20, 0, float(sample.max())).long().tolist()
+    edges = torch.linspace(0, float(sample.max()), 21).tolist()
+    hist = histogram_svg(counts, [f"{a:.2f}–{b:.2f}" for a, b in pairwise(edges)])
+    return f"<h2>Activation histogram (sample of {len(sample)})</h2>{hist}" + "".join(
+        f"<h2>{html.escape(title)}</h2>{contexts(t)}" for title, t in sections
+    )

@@ -4,8 +4,11 @@ one streaming pass with memory fixed by d_sae (not by the number of tokens).
 Both are the same operation on tensors: keep each latent's n best entries by some key, merging
 every batch into [d_sae, n] buffers with one topk. The key is the activation for the top list, and
 an independent uniform random number for the sample (the n smallest of i.i.d. keys are a uniform
-sample without replacement: a mergeable reservoir). Quantile examples, which show what a latent
-does at moderate strength and keep explanations honest, are drawn from the sample afterwards.
+sample without replacement: a mergeable reservoir). The top list keeps each context window at most
+once, at its strongest token: several tokens of one window would show the same context again and
+again, leaving fewer of the latent's contexts on its page and for the explainer of auto-interp.
+Quantile examples, which show what a latent does at moderate strength and keep explanations
+honest, are drawn from the sample afterwards.
 `gather` runs that pass over token windows; `activations_at` re-runs only the windows of chosen
 examples to read a latent's activation at every token of their contexts.
 """
@@ -21,20 +24,25 @@ from sae.models import SAE
 
 class Best:
     """Each latent's n entries with the largest keys so far: activation values, global token
-    indices and keys [d_sae, n]; a key of -inf marks an empty slot."""
+    indices and keys [d_sae, n]; a key of -inf marks an empty slot. With `window` > 1, entries are
+    grouped by window (token // window) and each window keeps only its entry of largest key."""
 
-    def __init__(self, d_sae: int, n: int) -> None:
+    def __init__(self, d_sae: int, n: int, window: int = 1) -> None:
         self.values = torch.zeros(d_sae, n)
         self.tokens = torch.full((d_sae, n), -1, dtype=torch.long)
         self.keys = torch.full((d_sae, n), -torch.inf)
+        self.window = window
 
     def merge(self, values: Tensor, tokens: Tensor, keys: Tensor) -> None:
-        """Fold in new entries [d_sae, m] with one topk per latent."""
+        """Fold in new entries [d_sae, m] with one topk per latent (after dropping the weaker
+        entries of a window already held, when one is split between batches)."""
         keys = torch.cat([self.keys, keys], 1)
+        values = torch.cat([self.values, values], 1)
+        tokens = torch.cat([self.tokens, tokens], 1)
+        if self.window > 1:
+            keys = keys.masked_fill(_outranked(tokens // self.window, keys), -torch.inf)
         best = keys.topk(self.keys.shape[1], dim=1).indices
-        self.keys = keys.gather(1, best)
-        self.values = torch.cat([self.values, values], 1).gather(1, best)
-        self.tokens = torch.cat([self.tokens, tokens], 1).gather(1, best)
+        self.keys, self.values, self.tokens = (t.gather(1, best) for t in (keys, values, tokens))
 
     def entries(self, latent: int) -> tuple[Tensor, Tensor]:
         """(values, tokens) of a latent's filled slots, in key order."""
@@ -42,11 +50,28 @@ class Best:
         return self.values[latent][filled], self.tokens[latent][filled]
 
 
-class TopActivations:
-    """add(z, first_token) per batch of codes [batch, d_sae] (row i is token first_token + i)."""
+def _outranked(groups: Tensor, keys: Tensor) -> Tensor:
+    """[rows, m] masks: True where an entry's group (in its row) holds an entry of larger key, or
+    of an equal key earlier in the row. Two stable sorts, by key and then by group, put each
+    group's best entry first."""
+    by_key = keys.argsort(dim=1, descending=True, stable=True)
+    order = by_key.gather(1, groups.gather(1, by_key).argsort(dim=1, stable=True))
+    sorted_groups = groups.gather(1, order)
+    repeat = torch.zeros_like(sorted_groups, dtype=torch.bool)
+    repeat[:, 1:] = sorted_groups[:, 1:] == sorted_groups[:, :-1]
+    return torch.zeros_like(repeat).scatter(1, order, repeat)
 
-    def __init__(self, d_sae: int, top: int = 20, sample: int = 200, seed: int = 0) -> None:
-        self.top = Best(d_sae, top)
+
+class TopActivations:
+    """add(z, first_token) per batch of codes [batch, d_sae] (row i is token first_token + i).
+
+    `window`: scored tokens per context window (`ids.shape[1] - 1`), so that the top list holds
+    each window at most once; 1 treats every token as its own window."""
+
+    def __init__(
+        self, d_sae: int, top: int = 20, sample: int = 200, seed: int = 0, window: int = 1
+    ) -> None:
+        self.top = Best(d_sae, top, window)
         self.sample = Best(d_sae, sample)
         self.fires = torch.zeros(d_sae, dtype=torch.long)
         self.generator = torch.Generator().manual_seed(seed)
@@ -57,9 +82,21 @@ class TopActivations:
         silent = values <= 0
         self.fires += (~silent).sum(1)
         tokens = torch.arange(first_token, first_token + values.shape[1]).expand_as(values)
-        self.top.merge(values, tokens, values.masked_fill(silent, -torch.inf))
+        peaks, peak_tokens = self._window_peaks(values, first_token)
+        self.top.merge(peaks, peak_tokens, peaks.masked_fill(peaks <= 0, -torch.inf))
         keys = torch.rand(values.shape, generator=self.generator)
         self.sample.merge(values, tokens, (-keys).masked_fill(silent, -torch.inf))
+
+    def _window_peaks(self, values: Tensor, first_token: int) -> tuple[Tensor, Tensor]:
+        """Each window's largest value [d_sae, windows] in a batch of values [d_sae, batch] and
+        its token: the top list's candidates, one per window (windows cut by the batch's ends
+        padded with silent zeros), so that its merge sorts a few entries per window, not all."""
+        window = self.top.window
+        lead = first_token % window
+        padded = torch.nn.functional.pad(values, (lead, -(lead + values.shape[1]) % window))
+        peaks, positions = padded.reshape(len(values), -1, window).max(2)
+        starts = torch.arange(first_token - lead, first_token + values.shape[1], window)
+        return peaks, starts + positions
 
     @property
     def n_top(self) -> int:
@@ -67,7 +104,7 @@ class TopActivations:
         return self.top.keys.shape[1]
 
     def top_examples(self, latent: int) -> tuple[Tensor, Tensor]:
-        """(values, tokens) of the latent's top activations, largest first."""
+        """(values, tokens) of the latent's top activations, largest first, one per window."""
         return self.top.entries(latent)
 
     def shown_tokens(self, latent: int, top: int | None = None) -> list[int]:
@@ -119,7 +156,7 @@ def context_activations(
 @torch.no_grad()
 def gather(lm: nn.Module, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopActivations:
     """One pass: each latent's top activations and a uniform sample of its activations."""
-    examples = TopActivations(d.cfg.d_sae, top=top)
+    examples = TopActivations(d.cfg.d_sae, top=top, window=ids.shape[1] - 1)
     n = 0
     for windows in ids.split(batch):
         x = _hook_acts(lm, d, windows)

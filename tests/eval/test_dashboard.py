@@ -82,7 +82,7 @@ def tiny_report(**scores) -> dict:
 
 def tiny_page(latent: int, report: dict) -> str:
     """`latent`'s page, from the activations z [4 tokens, 3 latents] of one window."""
-    examples = TopActivations(3, top=2)
+    examples = TopActivations(3, top=2, window=4)
     z = torch.tensor([[1.0, 0.0, 0.0], [0.5, 2.0, 0.0], [0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
     examples.add(z, 0)
     ids, strings = torch.tensor([[0, 1, 2, 3, 4]]), ["<s>", " a", " b", " c", " d"]
@@ -112,6 +112,23 @@ def test_a_missing_or_nan_headline_score_shows_as_na():
     assert re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td></tr>", index) == [
         ("explained_variance", "n/a"), ("kl_score", "n/a"), ("l0", "2.0000"),
     ]  # fmt: skip
+
+
+def test_a_window_is_shown_once_among_the_top_activations():
+    """Latent 0 fires on three tokens of the one window: one top context, at its peak 2.0 (the
+    window was shown twice, with top 2)."""
+    page = tiny_page(0, tiny_report())
+    top = page.split("<h2>Top activations")[1].split("<h2>")[0]
+    assert top.count("<div class='ctx'>") == 1
+    assert re.findall(r"class='tok hit' style='[^']*' title='([\d.]+)'", top) == ["2.000"]
+
+
+def test_a_latent_that_never_fired_gets_a_page_saying_so():
+    """Latent 2 is silent on all 4 tokens: no histogram or context sections (they failed on the
+    empty activations), but its logit lens."""
+    page = tiny_page(2, tiny_report())
+    assert "Never fired on the 4 scored tokens" in page and "promotes: &#x27; a&#x27;" in page
+    assert "<h2>" in page and not re.search(r"<h2>(Activation|Top|Quantile)", page)
 
 
 def test_the_activation_histogram_labels_each_bar_with_its_range():
@@ -182,6 +199,47 @@ def test_a_report_fixes_the_windows_of_the_pages(trained_sae, smollm2, tmp_path,
         assert (out / "index.html").read_text() == index
         assert {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")} == pages
         assert not list(out.rglob("*.tmp"))
+
+
+def test_latents_chosen_by_id_get_pages(trained_sae, smollm2, tmp_path, monkeypatch):
+    """--latent-ids pages a rare latent and a dead one (`--latents 0`: these alone), both linked
+    from the overview; the dead one is not sent to auto-interp and its page says it never fired."""
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    judge = ScriptedClient(lambda p: "rare things" if "short phrase" in p else "[1, 0, 1, 0]")
+    monkeypatch.setattr(eval.dashboard, "make_client", lambda spec, local_lm: judge)
+    sae_dir = saved_sae(trained_sae, tmp_path / "sae")
+    report = eval.report.evaluate(sae_dir, tokens=8 * 31, context_size=32, concepts=False,
+                                  absorption=False, json=str(tmp_path / "e.json"))  # fmt: skip
+    density = report["sparsity"]["density"]
+    rare = min((p, i) for i, p in enumerate(density) if p > 0)[1]
+    dead = density.index(0.0)
+    cfg = DashboardConfig(sae=sae_dir, out=str(tmp_path / "site"), report=str(tmp_path / "e.json"),
+                          latents=0, latent_ids=[dead, rare, dead], autointerp="local")  # fmt: skip
+    out = build_dashboard(cfg)
+    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")}
+    assert sorted(pages) == sorted([rare, dead])
+    index = (out / "index.html").read_text()
+    assert sorted(int(i) for i in re.findall(r"href='latents/(\d+)\.html'", index)) == sorted(pages)
+    assert "Top activations" in pages[rare] and "Explanation: rare things" in pages[rare]
+    assert "Never fired on the 248 scored tokens" in pages[dead]
+    assert "Explanation" not in pages[dead] and "Top activations" not in pages[dead]
+
+
+def test_latent_ids_out_of_range_are_refused_before_running_the_model(
+    trained_sae, tmp_path, monkeypatch
+):
+    def no_forward_pass(*args):
+        raise AssertionError("the model ran before the ids were checked")
+
+    monkeypatch.setattr(eval.dashboard, "load_inputs", no_forward_pass)
+    sae_dir, d_sae = saved_sae(trained_sae, tmp_path / "sae"), trained_sae.cfg.d_sae
+    for bad in (d_sae, -1):
+        cfg = DashboardConfig(sae=sae_dir, out=str(tmp_path / "site"), latent_ids=[3, bad])
+        with pytest.raises(
+            ValueError, match=rf"--latent-ids {bad} is not a latent .* d_sae is {d_sae}"
+        ):
+            build_dashboard(cfg)
+    assert not (tmp_path / "site").exists()
 
 
 def test_a_report_of_another_sae_or_without_meta_is_refused(trained_sae, tmp_path):
