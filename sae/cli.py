@@ -82,7 +82,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 help=help_text,
             )
         elif isinstance(default, list):
-            item = (typing.get_args(hints[f.name]) or (str,))[0]  # list[int] -> int
+            item = item_type(hints[f.name])
             parser.add_argument(
                 flag,
                 nargs="+",
@@ -111,8 +111,12 @@ def build_options(cls: type, namespace: argparse.Namespace) -> Any:
         loaded = _read_config(path)
         if unknown := sorted(set(loaded) - set(defaults)):
             raise SystemExit(f"sae: {path}: unknown options {unknown}; known: {sorted(defaults)}")
+        hints = typing.get_type_hints(cls)
         values.update(
-            {k: as_option_type(v, defaults[k], f"{path}: {k}") for k, v in loaded.items()}
+            {
+                k: as_option_type(v, defaults[k], f"{path}: {k}", item_type(hints[k]))
+                for k, v in loaded.items()
+            }
         )
     values.update({k: v for k, v in vars(namespace).items() if k in defaults and v is not None})
     missing = [
@@ -137,10 +141,16 @@ def _read_config(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
 
 
-def as_option_type(value: Any, default: Any, where: str) -> Any:
-    """A config file's value as the option's type (that of its default, as for the flags). YAML
-    reads `1e-3` and `2e6` as strings and `no` as a bool: numbers in strings are converted, and
-    anything that would reach the run as the wrong type is refused here, naming the option."""
+def item_type(hint: Any) -> type:
+    """The items' type of a list option's annotation (list[int] -> int); str when unsaid."""
+    return (typing.get_args(hint) or (str,))[0]
+
+
+def as_option_type(value: Any, default: Any, where: str, item: type = str) -> Any:
+    """A config file's value as the option's type (that of its default, as for the flags; a
+    list's items as `item`). YAML reads `1e-3` and `2e6` as strings and `no` as a bool: numbers in
+    strings are converted, and anything that would reach the run as the wrong type is refused
+    here, naming the option."""
     kind = type(default)
 
     def refuse() -> ValueError:
@@ -154,7 +164,9 @@ def as_option_type(value: Any, default: Any, where: str) -> Any:
         value = [value] if isinstance(value, str) else value  # one hookpoint for a list of them
         if not isinstance(value, list):
             raise refuse()
-        return value
+        if item not in (bool, int, float, str):  # the sweep's mappings: typed by TrainConfig.specs
+            return value
+        return [as_option_type(v, item(), f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(default, int | float):
         try:
             number = float(value) if isinstance(value, str) else value

@@ -131,16 +131,18 @@ class TrainConfig(SAESpec):
     recomputes the skipped activations)."""
     stream_dataset: str = "shakespeare"
     """Text for --stream-model."""
-    sweep: list = field(default_factory=list, metadata={"cli": False})
+    sweep: list[dict] = field(default_factory=list, metadata={"cli": False})
     """SAEs to train together, each a mapping of SAESpec fields (from a --config YAML file)."""
 
     def specs(self) -> list[SAESpec]:
         """The SAEs of the run: the sweep's entries over the run-level SAE fields."""
         from dataclasses import fields
+        from typing import get_type_hints
 
-        from sae.cli import as_option_type
+        from sae.cli import as_option_type, item_type
 
         base = {f.name: getattr(self, f.name) for f in fields(SAESpec)}
+        hints = get_type_hints(SAESpec)
         entries = self.sweep or [{}]
         specs = []
         for entry in entries:
@@ -152,7 +154,8 @@ class TrainConfig(SAESpec):
                     f"sweep entry {entry}: unknown SAE fields {unknown}; known: {sorted(base)}"
                 )
             typed = {
-                k: as_option_type(v, base[k], f"sweep entry {entry}: {k}") for k, v in entry.items()
+                k: as_option_type(v, base[k], f"sweep entry {entry}: {k}", item_type(hints[k]))
+                for k, v in entry.items()
             }
             specs.append(SAESpec(**{**base, **typed}))
         return specs

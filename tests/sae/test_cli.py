@@ -120,6 +120,16 @@ def test_list_flags_take_their_items_type(tmp_path):
 
     args = parser("train").parse_args(["train", "--matryoshka-widths", "64", "512"])
     assert build_options(TrainConfig, args).specs()[0].matryoshka_widths == [64, 512]
+    # and from a config file, run-level and per sweep entry: items typed, or refused by name
+    text = "matryoshka_widths: ['64', 512]\nsweep: [{matryoshka_widths: [8, '2e3']}]\n"
+    cfg = options_from(tmp_path, "train", TrainConfig, text)
+    assert cfg.matryoshka_widths == [64, 512] and cfg.specs()[0].matryoshka_widths == [8, 2000]
+    with pytest.raises(ValueError, match=r"c.yaml: matryoshka_widths\[1\] should be int, got 'x'"):
+        options_from(tmp_path, "train", TrainConfig, "matryoshka_widths: [1, x]\n")
+    with pytest.raises(ValueError, match=r"sweep entry .*: matryoshka_widths\[0\] should be int"):
+        options_from(
+            tmp_path, "train", TrainConfig, "sweep: [{matryoshka_widths: [1.5]}]\n"
+        ).specs()
 
 
 def test_top_level_help_imports_no_torch():
