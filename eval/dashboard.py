@@ -117,6 +117,9 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     for latent in chosen:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
         write_text(out / "latents" / f"{latent}.html", page)
+    for page in (out / "latents").glob("*.html"):  # an earlier dashboard's, of other latents
+        if page.stem not in {str(latent) for latent in chosen}:
+            page.unlink()
     return out
 
 

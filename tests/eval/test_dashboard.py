@@ -203,7 +203,8 @@ def test_a_report_fixes_the_windows_of_the_pages(trained_sae, smollm2, tmp_path,
 
 def test_latents_chosen_by_id_get_pages(trained_sae, smollm2, tmp_path, monkeypatch):
     """--latent-ids pages a rare latent and a dead one (`--latents 0`: these alone), both linked
-    from the overview; the dead one is not sent to auto-interp and its page says it never fired."""
+    from the overview; the dead one is not sent to auto-interp and its page says it never fired.
+    A page an earlier dashboard left in the folder, linked from nowhere now, is removed."""
     monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
     judge = ScriptedClient(lambda p: "rare things" if "short phrase" in p else "[1, 0, 1, 0]")
     monkeypatch.setattr(eval.dashboard, "make_client", lambda spec, local_lm: judge)
@@ -215,6 +216,9 @@ def test_latents_chosen_by_id_get_pages(trained_sae, smollm2, tmp_path, monkeypa
     dead = density.index(0.0)
     cfg = DashboardConfig(sae=sae_dir, out=str(tmp_path / "site"), report=str(tmp_path / "e.json"),
                           latents=0, latent_ids=[dead, rare, dead], autointerp="local")  # fmt: skip
+    stale = tmp_path / "site" / "latents" / "9999.html"  # an earlier dashboard's page
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
     out = build_dashboard(cfg)
     pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")}
     assert sorted(pages) == sorted([rare, dead])
