@@ -265,7 +265,8 @@ def interpret(
     token ids), then score the explanation on held-out contexts: `score` activating ones from the
     latent's activation sample whose windows the explainer never saw, and up to `score` silent
     ones (one per window, from 4 x `score` random windows it never saw).
-    `examples`: a gather over the same ids already made, reused when it keeps >= `show` top ones."""
+    `examples`: a gather over the same ids already made, reused when it keeps >= `show` top ones.
+    A latent that never fires in `ids` gets None for explanation and scores."""
     strings = token_strings(tokenizer)
     per_window = ids.shape[1] - 1
     if examples is None or examples.n_top < show:
@@ -298,6 +299,11 @@ def interpret(
 
     results = {}
     for latent, (shown, held, pool_left) in plans.items():
+        if not shown:  # never fired on ids: nothing to explain, no explainer call
+            results[latent] = dict.fromkeys(("explanation", "detection", "fuzzing")) | {
+                "scored_contexts": 0
+            }
+            continue
         silent = [e for w in pool_left if (e := silent_context(latent, w)) is not None][:score]
         active = [example(latent, t) for t in held]
         explanation = explain(client, [example(latent, t) for t in shown])

@@ -102,10 +102,9 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     chosen = list(dict.fromkeys(frequent[examples.fires[frequent] > 0].tolist() + cfg.latent_ids))
     strings = token_strings(tokenizer)
     lens = logit_lens(lm, d, chosen)
-    if cfg.autointerp:  # a latent that never fired has nothing to explain
+    if cfg.autointerp:
         client = make_client(cfg.autointerp, (lm, tokenizer) if name == DEFAULT_MODEL else None)
-        fired = [latent for latent in chosen if examples.fires[latent] > 0]
-        scores = interpret(lm, tokenizer, d, ids, fired, client, examples=examples)
+        scores = interpret(lm, tokenizer, d, ids, chosen, client, examples=examples)
         report["autointerp"] = {str(latent): r for latent, r in scores.items()}
         report["explanations"] = {str(latent): r["explanation"] for latent, r in scores.items()}
 

@@ -232,12 +232,17 @@ def test_the_whole_loop_runs_with_the_local_smollm2(smollm2, trained_sae, window
     assert sorted(r["scored_contexts"] for r in results.values()) == [7, 8, 8]
 
 
-def test_a_latent_silent_on_every_window_is_explained_but_unscored(smollm2, trained_sae, windows):
+def test_a_latent_silent_on_every_window_is_neither_explained_nor_scored(
+    smollm2, trained_sae, windows
+):
+    """Nothing to show the explainer: no LLM call, None for the explanation and both scores."""
     model, hook = smollm2[0], trained_sae.cfg.hook_name
     with torch.no_grad(), record(model, [hook]) as acts:
         model(windows)
     fires = trained_sae.encode(acts[hook][:, 1:]).gt(0).flatten(0, 1).sum(0)
     silent = int(fires.eq(0).nonzero()[0])
-    client = ScriptedClient(lambda p: "[1, 0, 1, 0, 1, 0, 1, 0, 1, 0]")
+    prompts = []
+    client = ScriptedClient(lambda p: prompts.append(p) or "[1, 0, 1, 0, 1, 0, 1, 0, 1, 0]")
     result = interpret(*smollm2, trained_sae, windows, [silent], client, show=4, score=4)[silent]
-    assert result["detection"] is None and result["fuzzing"] is None
+    assert result == {"explanation": None, "detection": None, "fuzzing": None, "scored_contexts": 0}
+    assert prompts == []
