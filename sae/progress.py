@@ -21,7 +21,8 @@ def progress(**kwargs: Any) -> tqdm:
     """tqdm(**kwargs) drawing on stderr: a live bar on a terminal, else a line per LOG_INTERVAL."""
     if sys.stderr.isatty():
         return tqdm(**kwargs)
-    return tqdm(**kwargs, file=Lines(sys.stderr), mininterval=LOG_INTERVAL, ascii=True)
+    # miniters=1: tqdm's adaptive miniters would let its monitor thread redraw every 10 s
+    return tqdm(**kwargs, file=Lines(sys.stderr), mininterval=LOG_INTERVAL, miniters=1, ascii=True)
 
 
 class Lines:
