@@ -116,8 +116,9 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     for latent in chosen:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
         write_text(out / "latents" / f"{latent}.html", page)
-    for page in (out / "latents").glob("*.html"):  # an earlier dashboard's, of other latents
-        if page.stem not in {str(latent) for latent in chosen}:
+    written = {f"{latent}.html" for latent in chosen}
+    for page in (out / "latents").glob("[0-9]*.html"):  # an earlier dashboard's, of other latents
+        if page.stem.isdigit() and page.name not in written:
             page.unlink()
     return out
 

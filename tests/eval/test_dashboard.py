@@ -172,7 +172,8 @@ def test_a_report_fixes_the_windows_of_the_pages(trained_sae, smollm2, tmp_path,
     cfg = DashboardConfig(sae=sae_dir, out=str(tmp_path / "site"), report=str(tmp_path / "e.json"),
                           tokens=16 * 63, latents=3)  # fmt: skip
     out = build_dashboard(cfg)
-    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")}
+    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("[0-9]*.html")}
+    assert (out / "latents" / "notes.html").read_text() == "mine"
     assert len(pages) == 3 and report["meta"]["tokens"] == 8 * 31
     for latent, page in pages.items():
         percent, count = re.search(r"fires on ([\d.]+)% of tokens \((\d+)\)", page).groups()
@@ -219,8 +220,10 @@ def test_latents_chosen_by_id_get_pages(trained_sae, smollm2, tmp_path, monkeypa
     stale = tmp_path / "site" / "latents" / "9999.html"  # an earlier dashboard's page
     stale.parent.mkdir(parents=True)
     stale.write_text("old")
+    (stale.parent / "notes.html").write_text("mine")  # not a page: kept
     out = build_dashboard(cfg)
-    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")}
+    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("[0-9]*.html")}
+    assert (out / "latents" / "notes.html").read_text() == "mine"
     assert sorted(pages) == sorted([rare, dead])
     index = (out / "index.html").read_text()
     assert sorted(int(i) for i in re.findall(r"href='latents/(\d+)\.html'", index)) == sorted(pages)
