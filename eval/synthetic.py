@@ -12,8 +12,8 @@ on the fresh samples scored:
 
     mmcs_features       mean_i max over live j of cos[i, j]: is every feature represented by
                         some latent that fires? A decoder row on a feature whose latent never
-                        fires represents nothing (the SAE cannot use it), so a dead latent's
-                        cosine counts 0, as if orthogonal (as in mcc, where it never correlates).
+                        fires represents nothing (the SAE cannot use it), so dead latents are
+                        left out; with no live latent at all a feature scores 0.
     mmcs_latents        mean over live j of max_i cos[i, j]: is every latent a true feature?
                         Dead latents say nothing about the dictionary, so they are left out.
     fraction_recovered  share of features i with max over live j of cos[i, j] >
@@ -202,8 +202,8 @@ def feature_cosines(features: Tensor, sae: SAE) -> Tensor:
 
 
 def best_live_cosines(cos: Tensor, live: Tensor) -> Tensor:
-    """[n_features]: each feature's best cosine with a latent, a dead one counting 0."""
-    return cos.masked_fill(~live, 0.0).max(1).values
+    """[n_features]: each feature's best cosine with a live latent (0 when none is live)."""
+    return cos.masked_fill(~live, -math.inf).max(1).values.nan_to_num(neginf=0.0)
 
 
 def mmcs_features(cos: Tensor, live: Tensor) -> float:

@@ -147,9 +147,11 @@ def test_score_helpers_against_hand_computation():
     assert mmcs_latents(cos, first_two) == pytest.approx((0.95 + 0.5) / 2)
     assert fraction_recovered(cos, everyone) == 0.5
     assert fraction_recovered(cos, everyone, threshold=0.8) == 1
-    # latent 2 dead: feature 1 keeps only 0.3, and a dead latent counts 0 against a negative one
+    # latent 2 dead: feature 1 keeps only 0.3; a latent dying never raises a score
     assert mmcs_features(cos, first_two) == pytest.approx((0.95 + 0.3) / 2)
     assert fraction_recovered(cos, first_two, threshold=0.8) == 0.5
+    assert mmcs_features(-cos, everyone) == pytest.approx((-0.1 - 0.2) / 2)
+    assert mmcs_features(-cos, first_two) == pytest.approx((-0.5 - 0.2) / 2)
     assert mmcs_features(-cos, torch.tensor([False, False, False])) == 0
     # Greedy takes 0.9 and leaves 0.1; the best one-to-one matching is 0.8 + 0.85.
     assert mcc(torch.tensor([[0.9, 0.8], [0.85, 0.1]])) == pytest.approx(0.825)
