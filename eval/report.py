@@ -223,6 +223,10 @@ def cache_windows(cache: ActivationCache, bos: int) -> Iterator[Tensor]:
 def take_tokens(windows: Iterator[Tensor], tokens: int, context_size: int, source: str) -> Tensor:
     """Stack whole windows until `tokens` scored tokens (0: every whole window the source has);
     say how many were needed when the text is short."""
+    if context_size < 2:
+        raise ValueError(
+            f"context_size must be at least 2 (BOS is never scored), got {context_size}"
+        )
     per_window = context_size - 1
     whole = (w for w in windows if len(w) == context_size)
     if tokens == 0:

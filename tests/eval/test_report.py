@@ -171,6 +171,8 @@ def test_short_dataset_says_how_many_tokens_it_needed(tmp_path, same_model):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="gave 0 tokens"):
         ev.evaluate(d, dataset=str(tmp_path / "empty.txt"), tokens=600, context_size=64)
+    with pytest.raises(ValueError, match=r"context_size must be at least 2 .*, got 1"):
+        ev.evaluate(d, dataset=str(text), tokens=600, context_size=1)  # was a ZeroDivisionError
 
 
 def test_evaluate_on_a_caches_windows_takes_its_context_size(small_cache, trained_sae, same_model):
