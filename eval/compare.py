@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count, product
@@ -27,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 import sae as sae_lib
+from eval.report import fmt
 from sae.io import atomic_write, write_json, write_text
 
 
@@ -255,7 +255,7 @@ def page(result: dict, png: Path) -> str:
     def table(header: list[str], rows: list[list]) -> str:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>"
+            "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>"
             for row in rows
         )
         return f"<table><tr>{head}</tr>{body}</table>"
@@ -276,23 +276,16 @@ def page(result: dict, png: Path) -> str:
     )
 
 
-def _fmt(value, spec: str = ".4g") -> str:
-    """`n/a` for a missing or NaN value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return format(value, spec) if isinstance(value, float) else str(value)
-
-
 def compare_cli(cfg: CompareConfig) -> None:
     result = compare(cfg)
     for key, values in result["config_differences"].items():
-        print(f"{key:<24} " + "  ".join(_fmt(v) for v in values))
+        print(f"{key:<24} " + "  ".join(fmt(v) for v in values))
     for p in result["points"]:
         print(
-            f"{sae_label(p['run'], p['sae'])}: L0 {_fmt(p['l0'])}, explained variance {_fmt(p['explained_variance'])}, CE recovered {_fmt(p['ce_loss_recovered'])} ({p['source']})"
+            f"{sae_label(p['run'], p['sae'])}: L0 {fmt(p['l0'])}, explained variance {fmt(p['explained_variance'])}, CE recovered {fmt(p['ce_loss_recovered'])} ({p['source']})"
         )
     for s in result["similarity"]:
-        matched = f"{_fmt(s['matched_a_in_b'], '.1%')} / {_fmt(s['matched_b_in_a'], '.1%')}"
+        matched = f"{fmt(s['matched_a_in_b'], '.1%')} / {fmt(s['matched_b_in_a'], '.1%')}"
         reason = f" (not comparable: {s['reason']})" if "reason" in s else ""
         print(f"{s['a']} vs {s['b']}: {matched} of latents matched{reason}")
     print(f"written to {cfg.out}/compare.html, frontier.png, compare.json")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import Tensor
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.concepts import token_strings
-from eval.report import HEADLINE, EvalConfig, load_inputs, score
+from eval.report import HEADLINE, EvalConfig, fmt, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
 from sae.io import write_text
@@ -117,7 +116,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
         page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
         write_text(out / "latents" / f"{latent}.html", page)
     written = {f"{latent}.html" for latent in chosen}
-    for page in (out / "latents").glob("[0-9]*.html"):  # an earlier dashboard's, of other latents
+    for page in (out / "latents").glob("*.html"):  # an earlier dashboard's, of other latents
         if page.stem.isdigit() and page.name not in written:
             page.unlink()
     return out
@@ -212,7 +211,7 @@ def histogram_svg(counts: list[int], labels: list[str], width: int = 480, height
 
 def overview(d: SAE, report: dict, pages: list[int]) -> str:
     scores = "".join(
-        f"<tr><td>{k}</td><td>{_number(report[k])}</td></tr>" for k in HEADLINE if k in report
+        f"<tr><td>{k}</td><td>{fmt(report[k], '.4f')}</td></tr>" for k in HEADLINE if k in report
     )
     meta = report.get("meta", {})
     scored = (
@@ -247,11 +246,6 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
         f"<th>purity</th><th>auto-interp (detection)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
     return _page("SAE dashboard", body, SORT_SCRIPT)
-
-
-def _number(value: float | None) -> str:
-    """`n/a` for a score that is missing or NaN (null in strict JSON)."""
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def _score_cell(result: dict | None) -> str:

@@ -10,6 +10,7 @@ numbers plus one nested dict per detailed score (schema in docs/eval.md).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -289,6 +290,14 @@ def _write(report: dict, path: str) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)  # undefined scores (NaN in the returned dict) are null
+
+
+def fmt(value: Any, spec: str = ".4g") -> str:
+    """A report value for display: floats by `spec`, `n/a` where missing or NaN (null in the JSON
+    files, decision 39)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
 def table(report: dict) -> str:
