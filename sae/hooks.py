@@ -79,8 +79,8 @@ def _first_positions(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
     """Yield a function from a hooked activation [batch, seq, ...] to a [batch, seq] mask of each
     row's true position 0 (its first attended token) within this forward call. With a KV cache
     (`generate`) a call holds only the new tokens, which lie past position 0; with left padding a
-    row starts after its pads. Both are read from the call's attention_mask (a 2-D mask spans the
-    cached tokens too), cache_position or past_key_values, captured by a pre-hook on `model`."""
+    row starts after its pads. The call's arguments say where those are, captured by a pre-hook on
+    `model`: see _position_zero for the names each transformers release uses."""
     names = list(inspect.signature(model.forward).parameters)
     call: dict = {}
 
@@ -88,37 +88,45 @@ def _first_positions(model: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
         call.clear()
         call.update(zip(names, args, strict=False), **kwargs)
 
-    def first_mask(x: Tensor) -> Tensor:
-        batch, seq = x.shape[:2]
-        mask = call.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] >= seq:
-            first = mask.to(x.device).long().argmax(1)  # a row's first 1 (0 when unpadded)
-            positions = torch.arange(mask.shape[1] - seq, mask.shape[1], device=x.device)
-        else:
-            first = torch.zeros(batch, dtype=torch.long, device=x.device)
-            positions = call.get("cache_position")
-            if isinstance(positions, Tensor):
-                positions = positions.to(x.device)
-            else:
-                positions = _past_length(call) + torch.arange(seq, device=x.device)
-        return positions[None, :] == first[:, None]
-
     handles = [
         model.register_forward_pre_hook(pre_hook, with_kwargs=True),
         # forgotten when the call ends: a later call of a submodule alone must not see it
         model.register_forward_hook(lambda *_: call.clear(), always_call=True),
     ]
     try:
-        yield first_mask
+        yield lambda x: _position_zero(call, x)
     finally:
         for handle in handles:
             handle.remove()
 
 
+def _position_zero(call: dict, x: Tensor) -> Tensor:
+    """[batch, seq] mask of each row's first attended token in the call's activation x, read from
+    the first of these the call carries:
+    - a 2-D attention_mask spanning the cached tokens too: a row's first 1 (left padding);
+    - cache_position (transformers < 5.24): the call's absolute positions;
+    - position_ids (generate passes them from 5.24 on, without a mask when nothing is padded);
+    - the KV cache's length, passed as `cache` (5.24 on) or `past_key_values` (before).
+    No argument at all means a fresh, unpadded call: column 0."""
+    batch, seq = x.shape[:2]
+    mask = call.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] >= seq:
+        first = mask.to(x.device).long().argmax(1)  # a row's first 1 (0 when unpadded)
+        positions = torch.arange(mask.shape[1] - seq, mask.shape[1], device=x.device)
+        return positions[None, :] == first[:, None]
+    for name in ("cache_position", "position_ids"):
+        positions = call.get(name)
+        if isinstance(positions, Tensor) and positions.shape[-1] == seq:
+            return (positions.to(x.device) == 0).reshape(-1, seq).expand(batch, seq)
+    positions = _past_length(call) + torch.arange(seq, device=x.device)
+    return (positions == 0)[None, :].expand(batch, seq)
+
+
 def _past_length(call: dict) -> int:
-    """Tokens already in the KV cache when a call brings no cache_position: a Cache object's
-    length, or a legacy tuple's key length."""
-    past = call.get("past_key_values")
+    """Tokens already in the KV cache: a Cache object's length, or a legacy tuple's key length."""
+    past = call.get("cache")
+    if past is None:
+        past = call.get("past_key_values")
     if hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
     if isinstance(past, (tuple, list)) and past and past[0] is not None:

@@ -190,3 +190,56 @@ def test_a_later_call_of_the_base_model_alone_does_not_see_the_last_calls_mask(t
         alone = tiny_llama.model(short).last_hidden_state
         whole = tiny_llama(short, output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(alone, whole)
+
+
+class _Stream(torch.nn.Module):
+    """The smallest model a hook can sit in: embeddings, then one hooked layer. Its forward takes
+    whatever arguments a transformers release passes, so each naming is tried on every release."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 64)
+        self.layer = torch.nn.Identity()
+
+    def forward(self, input_ids, **kwargs):
+        return self.layer(self.embed(input_ids))
+
+
+def _cache_of(length: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 2, length, 8), torch.zeros(2, 2, length, 8), 0)
+    return cache
+
+
+# the call's arguments -> which [row, column] of its 3 new tokens is each row's position 0
+CALLS = {
+    "nothing": (lambda: {}, [[True, False, False]] * 2),
+    "cache_position": (lambda: {"cache_position": torch.tensor([4, 5, 6])}, [[False] * 3] * 2),
+    "cache_position_prompt": (lambda: {"cache_position": torch.arange(3)}, [[True, False, False]] * 2),
+    "position_ids": (lambda: {"position_ids": torch.tensor([[4, 5, 6], [0, 1, 2]])},
+                     [[False] * 3, [True, False, False]]),
+    "cache": (lambda: {"cache": _cache_of(4)}, [[False] * 3] * 2),
+    "past_key_values": (lambda: {"past_key_values": _cache_of(4)}, [[False] * 3] * 2),
+    "legacy_tuple": (lambda: {"past_key_values": ((torch.zeros(2, 2, 4, 8),) * 2,)}, [[False] * 3] * 2),
+    "empty_cache": (lambda: {"cache": _cache_of(0)}, [[True, False, False]] * 2),
+    "mask_over_cache": (lambda: {"attention_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])},
+                        [[True, False, False], [False, False, True]]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CALLS)
+@torch.no_grad()
+def test_position_zero_is_read_from_every_argument_naming(name):
+    """transformers 5.24 renamed past_key_values to cache and stopped passing cache_position
+    (generate passes position_ids instead); splicing then took each new token for position 0 and
+    left it alone. Each naming, old and new, finds the same position 0 whatever release is installed."""
+    kwargs, first = CALLS[name]
+    model = _Stream()
+    d = sae.create("topk", d_in=64, d_sae=128, k=4, hook_name="layer")
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    with steer(model, d, latent=0, scale=5.0):
+        steered = model(ids, **kwargs())
+    untouched = (steered == model(ids)).all(-1)
+    assert untouched.tolist() == first
