@@ -29,7 +29,9 @@ def installed() -> dict[str, str]:
 
 def main() -> None:
     pins, now = locked(sys.argv[1:]), installed()
-    moved = {name: (pins[name], now.get(name)) for name in sorted(pins) if now.get(name) != pins[name]}
+    moved = {
+        name: (pins[name], now.get(name)) for name in sorted(pins) if now.get(name) != pins[name]
+    }
     added = sorted(set(now) - set(pins) - {"sae-forge", "pip", "torch", "triton"})
     print(f"against the lock ({len(pins)} pins): {len(moved)} changed, {len(added)} not in it")
     for name, (old, new) in moved.items():
