@@ -14,9 +14,9 @@ TRITON ?= triton==3.7.1
 # installs from pyproject.toml's ranges and says so.
 LOCKED := $(shell python3 -c "import platform, sys; print(int(sys.version_info[:2] == (3, 11) and platform.system() == 'Linux' and platform.machine() == 'x86_64'))")
 # The fast-moving dependencies that make test-latest takes at their newest releases, the oldest
-# transformers that make test-oldest tries (with the tokenizers it needs), and the tests both run.
+# transformers that make test-oldest tries (with the tokenizers and hub it needs), and the tests both run.
 UPSTREAM := transformers huggingface_hub datasets safetensors wandb sae-lens fsspec s3fs
-OLDEST := transformers==5.0.0 tokenizers==0.22.2
+OLDEST := transformers==5.0.0 tokenizers==0.22.2 huggingface_hub==1.33.0
 UPSTREAM_TESTS := tests/sae/test_environment.py tests/sae/test_hooks.py tests/sae/test_lm.py \
 	tests/sae/test_hub.py tests/sae/test_io.py tests/sae/test_saelens_interop.py \
 	tests/train/test_tracking.py tests/train/test_cache.py tests/eval/test_saelens_evals.py

@@ -7,6 +7,7 @@ it comes with the releases that moved. Exits 0 either way: this reports, it does
 import re
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
@@ -23,16 +24,26 @@ def locked(paths: list[str]) -> dict[str, str]:
     return pins
 
 
-def installed() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+def installed() -> dict[str, tuple[str, bool]]:
+    """name -> (version, whether it lies in this environment rather than the system's). The first
+    of a name on sys.path is the one imported: a venv's copy shadows the system's."""
+    found: dict[str, tuple[str, bool]] = {}
+    for d in metadata.distributions():
+        own = str(Path(str(d.locate_file(""))).resolve()).startswith(
+            str(Path(sys.prefix).resolve())
+        )
+        found.setdefault(canonicalize_name(d.metadata["Name"]), (d.version, own))
+    return found
 
 
 def main() -> None:
-    pins, now = locked(sys.argv[1:]), installed()
+    pins, found = locked(sys.argv[1:]), installed()
+    now = {name: version for name, (version, _) in found.items()}
     moved = {
         name: (pins[name], now.get(name)) for name in sorted(pins) if now.get(name) != pins[name]
     }
-    added = sorted(set(now) - set(pins) - {"sae-forge", "pip", "torch", "triton"})
+    own = {name for name, (_, mine) in found.items() if mine}
+    added = sorted(own - set(pins) - {"sae-forge", "pip", "torch", "triton"})
     print(f"against the lock ({len(pins)} pins): {len(moved)} changed, {len(added)} not in it")
     for name, (old, new) in moved.items():
         print(f"  {name}: {old} -> {new or 'absent'}")
