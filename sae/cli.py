@@ -18,6 +18,7 @@ import textwrap
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -214,11 +215,22 @@ class ConvertOptions:
     """Directory to write cfg.json and sae_weights.safetensors into."""
     dtype: str = "float32"
     """dtype of the saved weights."""
+    overwrite: bool = False
+    """Replace an SAE already in OUT (never the source itself: write elsewhere)."""
 
 
 def run_convert(opts: ConvertOptions) -> None:
     import sae
+    from sae.io import CFG_FILE, WEIGHTS_FILE
 
+    out = Path(opts.out)
+    if Path(opts.source).exists() and Path(opts.source).resolve() == out.resolve():
+        raise ValueError(f"OUT {opts.out} is the source itself; convert into another directory")
+    held = [n for n in (CFG_FILE, WEIGHTS_FILE) if (out / n).exists()]
+    if held and not opts.overwrite:
+        raise FileExistsError(
+            f"{opts.out} already holds an SAE ({', '.join(held)}); pass --overwrite to replace it"
+        )
     sae.load(opts.source, dtype=opts.dtype).save(opts.out)
     print(f"saved {opts.source} to {opts.out}")
 
@@ -357,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"sae {args.command}: {e}") from e
     try:
         _resolve(spec.run)(opts)
+    except KeyboardInterrupt:
+        # one line, not the traceback of wherever Ctrl-C landed; 130 is the shell's code for SIGINT
+        print(f"sae {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as e:
         remote = isinstance(e, remote_errors())
         if os.environ.get("SAE_DEBUG") or not (remote or isinstance(e, USER_ERRORS)):

@@ -154,3 +154,25 @@ def test_latents_and_inputs_out_of_range_are_named():
 def test_a_report_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match=r"sae eval: --json .* is a directory"):
         main(["eval", str(tmp_path / "no-sae"), "--json", str(tmp_path)])
+
+
+def test_ctrl_c_ends_a_command_with_one_line(tmp_path):
+    """SIGINT mid-harvest: exit code 130 and one line, not a 30-line KeyboardInterrupt traceback;
+    the shards already written stay (the same command resumes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "sae.cli", "harvest", "--tokens", "2000000", "--out",
+           str(tmp_path / "cache"), "--shard-windows", "16"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cache").glob("shard-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and "harvest:" not in line[:9]]
+    assert proc.returncode == 130, err
+    assert lines[-1] == "sae harvest: interrupted" and "Traceback" not in err, err
+    assert list((tmp_path / "cache").glob("shard-*"))

@@ -143,3 +143,20 @@ def test_top_level_help_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_convert_refuses_to_overwrite_an_sae_or_its_source(tmp_path):
+    """An SAE already in OUT is kept unless --overwrite; OUT never is the source (a lossy dtype
+    would otherwise replace the only copy)."""
+    make_sae("topk").save(tmp_path / "src")
+    make_sae("gated").save(tmp_path / "dst")
+    before = (tmp_path / "dst" / "sae_weights.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds an SAE .*--overwrite"):
+        main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")])
+    assert (tmp_path / "dst" / "sae_weights.safetensors").read_bytes() == before
+    for out in (tmp_path / "src", tmp_path / "x" / ".." / "src"):
+        with pytest.raises(SystemExit, match="is the source itself"):
+            main(["convert", str(tmp_path / "src"), str(out), "--overwrite", "--dtype", "float16"])
+    assert sae.load(tmp_path / "src").W_enc.dtype == torch.float32
+    main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--overwrite"])
+    assert sae.load(tmp_path / "dst").cfg.architecture == "topk"
