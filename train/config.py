@@ -164,6 +164,12 @@ class TrainConfig(SAESpec):
         for name in ("total_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.total_tokens < self.batch_size:  # it trained 0 steps and saved a random SAE
+            raise ValueError(
+                f"total_tokens={self.total_tokens} is less than one batch (batch_size="
+                f"{self.batch_size}): the run would train no step; raise --total-tokens or "
+                "lower --batch-size"
+            )
         for name in ("warmup_steps", "dead_tokens", "checkpoint_every", "aux_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sae.hooks import edit
 from sae.lm import load_lm
+from sae.locks import exclusive
 from sae.progress import progress
 from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
 from train.config import HarvestConfig
@@ -312,4 +313,5 @@ def harvest(cfg: HarvestConfig | None = None, **overrides) -> ActivationCache:
     from dataclasses import replace
 
     cfg = replace(cfg or HarvestConfig(), **overrides)
-    return Harvester(cfg).run()
+    with exclusive(cfg.out):  # before the model loads: a second writer is refused at once
+        return Harvester(cfg).run()

@@ -16,7 +16,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from hashlib import sha256
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from sae.config import SAEConfig
+from sae.locks import exclusive
 from sae.models import REGISTRY, SAE, BatchTopKSAE, LossOutput, TrainContext
 from sae.progress import progress
 from train import checkpoint
@@ -454,6 +455,12 @@ class Trainer:
                 m.sae.b_dec.copy_(centre)
 
     def run(self) -> list[SAE]:
+        """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone
+        writes there)."""
+        with exclusive(self.out) if self.world.is_main else nullcontext():
+            return self._run()
+
+    def _run(self) -> list[SAE]:
         cfg = self.cfg
         if not cfg.resume and (found := self.previous_run()):
             if not cfg.overwrite:
@@ -516,11 +523,11 @@ class Trainer:
                 f"{cfg.out}: the data ran out after {self.step} of {self.total_steps} steps",
                 file=sys.stderr,
             )
-        self.save_checkpoint(tracker.run_id)
-        if self.world.is_main:
+        if self.world.is_main:  # the SAEs first: a disk too full for the checkpoint keeps them
             for m in self.members:
                 m.sae.save(self.out / m.name)
                 tracker.log_model(m.name, self.out / m.name)
+        self.save_checkpoint(tracker.run_id)
         tracker.finish()
         self.world.barrier()
         return [m.sae for m in self.members]

@@ -683,3 +683,30 @@ def test_batchtopk_inference_threshold_gives_about_k_after_a_short_run(tmp_path)
     with torch.no_grad():
         l0 = (d.encode(x) > 0).sum(1).float().mean().item()
     assert 8 * 0.85 < l0 < 8 * 1.15
+
+
+def test_a_disk_too_full_for_the_final_checkpoint_keeps_the_trained_sae(tmp_path, monkeypatch):
+    """The final checkpoint (weights and Adam, three times the SAE) came first: a disk with room
+    for the SAE but not for it left the run directory with metrics.jsonl alone."""
+    from safetensors import SafetensorError
+
+    from train import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        train.fit(random_batches(4, 100), d_sae=32, k=4, total_tokens=400, batch_size=100,
+                  warmup_steps=1, checkpoint_every=0, out=str(tmp_path))  # fmt: skip
+    (name,) = [p.name for p in tmp_path.iterdir() if (p / "cfg.json").exists()]
+    assert sae.load(tmp_path / name).cfg.d_sae == 32
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_a_run_shorter_than_one_batch_is_refused():
+    """It trained 0 steps, printed "trained" and saved a randomly initialised SAE."""
+    with pytest.raises(
+        ValueError, match=r"total_tokens=100 is less than one batch \(batch_size=1024"
+    ):
+        TrainConfig(total_tokens=100, batch_size=1024)
