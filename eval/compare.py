@@ -42,6 +42,10 @@ class CompareConfig:
     threshold: float = 0.9
     """Decoder cosine above which a latent counts as matched."""
 
+    def __post_init__(self) -> None:
+        if not -1 <= self.threshold <= 1:  # a cosine: above 1 nothing matches, not even itself
+            raise ValueError(f"threshold is a cosine in [-1, 1], got {self.threshold}")
+
 
 @dataclass
 class Run:

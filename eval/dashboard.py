@@ -75,6 +75,11 @@ class DashboardConfig:
     """Explain and score the paged latents: `local` (the embedded SmolLM2-Instruct, offline),
     `openai:MODEL` (OPENAI_BASE_URL / OPENAI_API_KEY), or empty for none."""
 
+    def __post_init__(self) -> None:
+        for name in ("latents", "top"):  # --latents -1 paged 1023 latents (a slice from the end)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
     d = sae_lib.load(cfg.sae).eval()

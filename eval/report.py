@@ -36,7 +36,7 @@ from eval.top_activations import TopActivations
 from sae.cli import positional
 from sae.hooks import record
 from sae.io import write_json
-from sae.lm import DEFAULT_MODEL, load_lm, resolve_hook
+from sae.lm import DEFAULT_MODEL, check_context, load_lm, resolve_hook
 from sae.models import SAE
 from sae.progress import progress
 from train.cache import ActivationCache
@@ -128,6 +128,7 @@ def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
     name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
     lm, tokenizer = load_lm(name, device=cfg.device)
     check_fits(d, lm, name)
+    check_context(lm, cfg.context_size)
     windows = (
         cache_windows(cache, tokenizer.bos_token_id) if cache else dataset_windows(tokenizer, cfg)
     )

@@ -8,8 +8,10 @@ hookpoint by f(activation).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -191,8 +193,8 @@ def ablate(
     skip_first: bool = True,
 ) -> Iterator[None]:
     """Zero the given latents, keeping the SAE's error term so nothing else changes."""
+    _check_latents(sae, list(latents))
     index = torch.as_tensor(list(latents), dtype=torch.long)
-    _check_latents(sae, index.tolist())
 
     def zero(z: Tensor) -> Tensor:
         z = z.clone()
@@ -215,6 +217,8 @@ def steer(
     """Add scale times the latent's decoder direction to the activation at every position.
     The direction is W_dec[latent] in the model's units (input normalization undone)."""
     _check_latents(sae, [latent])
+    if not math.isfinite(scale):
+        raise ValueError(f"steering scale must be finite, got {scale}")
     direction = (sae.W_dec[latent] / sae.input_scale).detach()
 
     def fn(x: Tensor) -> Tensor:
@@ -226,5 +230,7 @@ def steer(
 
 def _check_latents(sae: SAE, latents: list[int]) -> None:
     """Refuse latent numbers the SAE does not have (a negative one would index from the end)."""
+    if wrong := [i for i in latents if isinstance(i, bool) or not isinstance(i, (int, Integral))]:
+        raise TypeError(f"latents are integers 0..{sae.cfg.d_sae - 1}, got {wrong!r}")
     if bad := [i for i in latents if not 0 <= i < sae.cfg.d_sae]:
         raise ValueError(f"latents {bad} out of range: this SAE has latents 0..{sae.cfg.d_sae - 1}")

@@ -126,6 +126,17 @@ def load_lm(
     return model, tokenizer
 
 
+def check_context(model: nn.Module, context_size: int) -> None:
+    """Refuse windows longer than the model's position range (before any forward pass: SmolLM2
+    took 100000-token windows and ran for ever, 9000 silently past what it was trained on)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and context_size > limit:
+        raise ValueError(
+            f"context_size {context_size} is longer than {model.config.model_type}'s "
+            f"{limit} positions (max_position_embeddings): lower --context-size"
+        )
+
+
 # -- hookpoints -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:

@@ -101,6 +101,11 @@ class SAE(nn.Module):
         return self.cfg.norm_scaling_factor if self.cfg.normalize_activations != "none" else 1.0
 
     def check_width(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):  # a numpy array raised AttributeError on .to
+            raise TypeError(
+                f"SAE inputs are torch tensors [..., d_in={self.cfg.d_in}], got "
+                f"{type(x).__module__}.{type(x).__name__} (torch.as_tensor(x) converts an array)"
+            )
         if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
             raise ValueError(
                 f"SAE for {self.cfg.hook_name!r} expects activations with last dimension "

@@ -176,3 +176,31 @@ def test_ctrl_c_ends_a_command_with_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert lines[-1] == "sae harvest: interrupted" and "Traceback" not in err, err
     assert list((tmp_path / "cache").glob("shard-*"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["harvest", "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.1.hook_resid_post"],
+         "--hook blocks.1.hook_resid_post given more than once"),
+        (["harvest", "--hook", " "], "--hook is empty: name a hookpoint"),
+        (["train", "--name", "../../x"], "name '../../x' would write outside --out"),
+        (["train", "--name", "/tmp/x"], "name '/tmp/x' would write outside --out"),
+        (["train", "--total-tokens", "100", "--batch-size", "1024"],
+         "total_tokens=100 is less than one batch"),
+        (["dashboard", "some/sae", "--latents", "-1"], "latents must be non-negative, got -1"),
+        (["compare", "a", "b", "--threshold", "5"], r"threshold is a cosine in \[-1, 1\], got 5.0"),
+    ],
+)  # fmt: skip
+def test_values_out_of_range_are_refused_before_any_work(argv, message):
+    """Each used to run: a hook stored twice, SAEs written outside --out, 0 steps trained and a
+    random SAE saved, 1023 dashboard pages, identical SAEs reported 0% matched."""
+    with pytest.raises(SystemExit, match=f"sae {argv[0]}: .*{message}"):
+        main(argv)
+
+
+def test_a_context_longer_than_the_model_is_refused(tmp_path):
+    """SmolLM2 has 8192 positions: 100000 ran with no output for ever, 9000 silently."""
+    with pytest.raises(SystemExit, match="context_size 9000 is longer than llama's 8192 positions"):
+        main(["harvest", "--context-size", "9000", "--out", str(tmp_path / "c")])
+    assert not list((tmp_path / "c").glob("shard-*"))

@@ -402,8 +402,17 @@ class ActivationCache:
         of them for the same rows (one read of the data for several SAEs). Shuffled: shards in a
         seeded random order, rows mixed within a buffer of about `buffer_rows` rows (whole shards
         are loaded), so memory is bounded by the buffer, not the cache. Every shard read is
-        hash-checked."""
+        hash-checked. Arguments are checked here, at the call, not at the first batch."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         hooks = [self._hook(h) for h in hook] if isinstance(hook, list) else [self._hook(hook)]
+        return self._batches(batch_size, hooks, isinstance(hook, list), shuffle, seed,
+                             buffer_rows, drop_last)  # fmt: skip
+
+    def _batches(
+        self, batch_size: int, hooks: list[str], as_dicts: bool, shuffle: bool, seed: int,
+        buffer_rows: int, drop_last: bool,
+    ) -> Iterator[Any]:  # fmt: skip
         keys = [acts_key(h) for h in hooks]
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
@@ -423,19 +432,17 @@ class ActivationCache:
             full = rows // batch_size * batch_size
             for start in range(0, full, batch_size):
                 yield self._pick(
-                    {k: v[start : start + batch_size] for k, v in block.items()}, hook, keys
+                    {k: v[start : start + batch_size] for k, v in block.items()}, as_dicts, keys
                 )
             pending = [{k: v[full:] for k, v in block.items()}] if full < rows else []
             held = rows - full
         if pending and not drop_last:
-            yield self._pick(pending[0], hook, keys)
+            yield self._pick(pending[0], as_dicts, keys)
 
     @staticmethod
-    def _pick(batch: dict[str, torch.Tensor], hook: Any, keys: list[str]) -> Any:
+    def _pick(batch: dict[str, torch.Tensor], as_dicts: bool, keys: list[str]) -> Any:
         return (
-            {k.removeprefix("acts."): v for k, v in batch.items()}
-            if isinstance(hook, list)
-            else batch[keys[0]]
+            {k.removeprefix("acts."): v for k, v in batch.items()} if as_dicts else batch[keys[0]]
         )
 
 

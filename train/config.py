@@ -4,6 +4,7 @@ config files use the same names. Kept free of heavy imports so `sae --help` stay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,6 +45,10 @@ class HarvestConfig:
     def __post_init__(self) -> None:
         if not self.hook:
             raise ValueError("at least one --hook is needed")
+        if repeated := sorted({h for h in self.hook if self.hook.count(h) > 1}):
+            raise ValueError(f"--hook {', '.join(repeated)} given more than once")
+        if not all(h.strip() for h in self.hook):
+            raise ValueError("--hook is empty: name a hookpoint such as blocks.6.hook_resid_post")
         for name in ("tokens", "batch_size", "context_size", "shard_windows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -181,6 +186,10 @@ class TrainConfig(SAESpec):
                 f"b_dec_init {self.b_dec_init!r} is not geometric_median, mean or zeros"
             )
         for spec in self.specs():
+            if spec.name and (Path(spec.name).is_absolute() or ".." in Path(spec.name).parts):
+                raise ValueError(
+                    f"name {spec.name!r} would write outside --out: give a plain folder name"
+                )
             if spec.expansion_factor <= 0 and not spec.d_sae:
                 raise ValueError(f"expansion_factor must be positive, got {spec.expansion_factor}")
             if spec.lr < 0:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.hooks import edit
-from sae.lm import load_lm
+from sae.lm import check_context, load_lm
 from sae.locks import exclusive
 from sae.progress import progress
 from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
@@ -117,6 +117,7 @@ class Harvester:
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         self.model, self.tokenizer = load_lm(cfg.model, device=str(self.device))
+        check_context(self.model, cfg.context_size)
         self.takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
         self.d_in = {
             h: int(a.shape[-1]) for h, a in self.forward(torch.ones(1, 2, dtype=torch.long)).items()

@@ -243,3 +243,26 @@ def test_position_zero_is_read_from_every_argument_naming(name):
         steered = model(ids, **kwargs())
     untouched = (steered == model(ids)).all(-1)
     assert untouched.tolist() == first
+
+
+@pytest.mark.parametrize(
+    "use, error, message",
+    [
+        (lambda m, d: steer(m, d, latent="1", scale=1.0), TypeError, r"latents are integers 0\.\.127, got \['1'\]"),
+        (lambda m, d: steer(m, d, latent=True, scale=1.0), TypeError, "got \\[True\\]"),
+        (lambda m, d: ablate(m, d, ["1"]), TypeError, "latents are integers"),
+        (lambda m, d: steer(m, d, latent=1, scale=float("nan")), ValueError, "scale must be finite, got nan"),
+    ],
+)  # fmt: skip
+def test_steering_and_ablation_arguments_are_checked(use, error, message):
+    d = sae.create("topk", d_in=64, d_sae=128, k=4, hook_name="layer")
+    with pytest.raises(error, match=message), use(_Stream(), d):
+        pass
+
+
+def test_encode_names_a_numpy_input():
+    import numpy as np
+
+    d = sae.create("topk", d_in=64, d_sae=128, k=4)
+    with pytest.raises(TypeError, match=r"torch tensors \[\.\.\., d_in=64\], got numpy\.ndarray"):
+        d.encode(np.zeros((2, 64), dtype=np.float32))

@@ -257,3 +257,11 @@ def test_a_scheme_without_its_package_names_what_to_install(monkeypatch):
     monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
     with pytest.raises(ValueError, match=r"cannot open gs://b/c: Install gcsfs"):
         load_cache("gs://b/c")
+
+
+@pytest.mark.parametrize("size", [0, -5, 2.5, True])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused_at_the_call(tmp_path, size):
+    """batches(0) divided by zero at the first batch, batches(-5) yielded nothing."""
+    write(str(tmp_path))
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {size!r}"):
+        load_cache(tmp_path).batches(size, hook=HOOKS[0])
