@@ -11,12 +11,14 @@ import ctypes
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from hashlib import sha256
@@ -307,6 +309,30 @@ PER_SAE = frozenset({"sweep", *(f.name for f in fields(SAESpec))})
 """Compared per SAE (its resolved spec), so a sweep's entries may come in another order."""
 
 
+@contextmanager
+def interrupt_between_steps(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """Defer Ctrl-C to the end of the step it lands in: yield a function saying whether it came.
+    An interrupt inside the optimizer's update would leave parameters half-stepped, which no
+    checkpoint should hold. A second Ctrl-C interrupts at once. Not enabled, or off the main
+    thread (where signal handlers cannot be set), nothing changes: ranks of a distributed run
+    could stop at different steps and wait on each other's collectives for ever."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    came = threading.Event()
+
+    def handler(signum, frame):
+        if came.is_set():
+            raise KeyboardInterrupt
+        came.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield came.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: str | ActivationCache | Iterable[Tensor]):
         self.cfg = cfg
@@ -495,7 +521,7 @@ class Trainer:
             desc="train",
             disable=not self.world.is_main,  # one bar for the run, not one per rank
         )
-        with closing(batches):  # stops a read-ahead thread on any way out
+        with closing(batches), interrupt_between_steps(self.world.size == 1) as interrupted:
             pending = None  # the last step's metrics, recorded once the next step is queued
             for batch in batches:
                 if self.step == 0:
@@ -506,6 +532,13 @@ class Trainer:
                     self.record(tracker, *pending)
                 pending = (metrics, self.step)
                 bar.update(cfg.batch_size)
+                if interrupted():  # Ctrl-C came during the step: keep it, then stop
+                    self.record(tracker, *pending)
+                    self.save_checkpoint(tracker.run_id)
+                    bar.close()
+                    print(f"{cfg.out}: checkpoint of step {self.step} saved (--resume continues)",
+                          file=sys.stderr)  # fmt: skip
+                    raise KeyboardInterrupt
                 if (
                     cfg.checkpoint_every
                     and self.step % cfg.checkpoint_every == 0

@@ -710,3 +710,36 @@ def test_a_run_shorter_than_one_batch_is_refused():
         ValueError, match=r"total_tokens=100 is less than one batch \(batch_size=1024"
     ):
         TrainConfig(total_tokens=100, batch_size=1024)
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_resume_continues_from_it(tmp_path):
+    """Ctrl-C kept nothing since the last checkpoint (here there is none: --checkpoint-every 0);
+    now the step it lands in finishes, is checkpointed, and the command ends with one line."""
+    import signal
+
+    cache = synthetic_cache(tmp_path / "cache", rows=30_000, d=256, shard_rows=3_000)
+    run = tmp_path / "run"
+    short = ("--checkpoint-every", "0", "--total-tokens", "60000", "--d-sae", "1024")
+    proc = run_cli(cache.url, run, *short)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        lines = (
+            (run / "metrics.jsonl").read_text().splitlines()
+            if (run / "metrics.jsonl").exists()
+            else []
+        )
+        if len(lines) >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1] == "sae train: interrupted", err
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 20 <= state["step"] < 60 and len(logged) == state["step"]
+    assert f"checkpoint of step {state['step']} saved" in err
+    assert run_cli(cache.url, run, "--resume", *short).wait() == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 60
