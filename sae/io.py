@@ -317,6 +317,12 @@ def build(
             f"{source} does not fit a {cfg.architecture} SAE with d_in={cfg.d_in}, d_sae={cfg.d_sae}: "
             + "; ".join(problems)
         )
+    if broken := [  # a diverged run's weights loaded silently and encoded everything to NaN
+        f"{name} holds {int((~t.isfinite()).sum())} NaN or infinite values"
+        for name, t in state.items()
+        if t.is_floating_point() and not bool(t.isfinite().all())
+    ]:
+        raise FormatError(f"{source}: " + "; ".join(broken))
     if dtype is None:
         stored = str(next(iter(state.values())).dtype).removeprefix("torch.")
         if stored not in DTYPES:

@@ -256,6 +256,15 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[s
         raise CacheError(
             f"{url}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}"
         )
+    names = [shard["name"] for shard in manifest["shards"]]
+    if repeated := sorted({n for n in names if names.count(n) > 1}):  # verify() read them twice
+        raise CacheError(f"{url}/{MANIFEST}: shards {repeated} listed more than once (edited?)")
+    for key in ("d_in", "stats") if manifest["shards"] else ("d_in",):  # stats come with shards
+        # hookpoints edited apart from these failed in train with a bare KeyError
+        if unmatched := sorted(set(manifest["hookpoints"]) ^ set(manifest[key])):
+            raise CacheError(
+                f"{url}/{MANIFEST}: hookpoints and {key} disagree on {unmatched} (edited?)"
+            )
     return manifest
 
 
@@ -310,6 +319,8 @@ class ActivationCache:
 
     def read_shard(self, i: int) -> dict[str, torch.Tensor]:
         """A whole shard, after checking its size and sha256 against the manifest."""
+        if not 0 <= i < len(self.shards):
+            raise IndexError(f"{self.url} has shards 0..{len(self.shards) - 1}, not {i}")
         entry = self.shards[i]
         try:
             data = self.fs.cat_file(self._path(i))

@@ -271,3 +271,18 @@ def test_write_json_is_strict_and_keeps_the_old_file_on_failure(tmp_path, monkey
     monkeypatch.undo()
     assert json.loads(path.read_text())["l0"] == 32.0
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_weights_holding_nan_are_refused_by_name(tmp_path):
+    """A diverged run's SAE loaded silently and turned every input into NaN codes."""
+    from safetensors.torch import load_file, save_file
+
+    make_sae("topk").save(tmp_path)
+    state = load_file(tmp_path / "sae_weights.safetensors")
+    state["W_dec"][3, :2] = float("nan")
+    state["b_enc"][0] = float("inf")
+    save_file(state, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(
+        sae.FormatError, match="W_dec holds 2 NaN or infinite values; b_enc holds 1"
+    ):
+        sae.load(tmp_path)

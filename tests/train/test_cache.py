@@ -137,7 +137,11 @@ def edit_manifest(folder, fn):
         (lambda m: m.update(dtype="bfloat16"), "dtype torch.float32, the manifest says bfloat16"),
         (lambda m: m["d_in"].update({HOOKS[0]: 100}), "width 4, the manifest says 100"),
         (lambda m: m["hookpoints"].append("blocks.3.hook_resid_post"),
-         r"has no \['acts.blocks.3.hook_resid_post'\]"),
+         r"hookpoints and d_in disagree on \['blocks.3.hook_resid_post'\]"),
+        (lambda m: (m["hookpoints"].remove(HOOKS[1]), m["d_in"].pop(HOOKS[1])),
+         rf"hookpoints and stats disagree on \['{HOOKS[1]}'\]"),
+        (lambda m: (m["shards"].append(m["shards"][0]), m.update(token_count=44)),
+         r"shards \['shard-00000.safetensors'\] listed more than once"),
     ],
 )  # fmt: skip
 def test_a_manifest_that_misdescribes_its_shards_is_refused(tmp_path, edit, message):
@@ -148,11 +152,10 @@ def test_a_manifest_that_misdescribes_its_shards_is_refused(tmp_path, edit, mess
     with pytest.raises((CorruptShard, CacheError), match=message):
         c = load_cache(tmp_path)
         c.verify()
-    if "token_count" in message:
-        return
-    if "has no" not in message:  # random access is refused like the batches
-        with pytest.raises(CorruptShard, match=message):
-            c.rows([12], "tokens" if "rows" in message else HOOKS[0])
+    if any(word in message for word in ("token_count", "disagree", "more than once")):
+        return  # refused when the manifest is read: there is no reader to try further
+    with pytest.raises(CorruptShard, match=message):  # random access is refused like the batches
+        c.rows([12], "tokens" if "rows" in message else HOOKS[0])
     with pytest.raises(CorruptShard, match=message):
         list(c.batches(4, hook=HOOKS))
 
@@ -265,3 +268,9 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_refused_at_the_call(tmp_
     write(str(tmp_path))
     with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {size!r}"):
         load_cache(tmp_path).batches(size, hook=HOOKS[0])
+
+
+def test_a_shard_number_past_the_end_is_named(tmp_path):
+    write(str(tmp_path))
+    with pytest.raises(IndexError, match=r"has shards 0\.\.3, not 99"):
+        load_cache(tmp_path).read_shard(99)
