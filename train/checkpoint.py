@@ -8,6 +8,7 @@ entries fsynced), so a crash or power loss at any moment leaves a loadable check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,11 +17,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from sae.io import atomic_write, write_text
 
 NAME = "checkpoint"
+CHECKSUM = "state_sha256"
+"""The key in state.json holding state.safetensors's sha256 (a flipped bit resumed silently)."""
 
 
 def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -30,7 +34,8 @@ def save(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         atomic_write(tmp / "state.safetensors", lambda path: save_file(state, path))
-        write_text(tmp / "state.json", json.dumps(meta))
+        digest = hashlib.sha256((tmp / "state.safetensors").read_bytes()).hexdigest()
+        write_text(tmp / "state.json", json.dumps({**meta, CHECKSUM: digest}))
         fsync_dir(tmp)
     except BaseException:  # a full disk: the previous checkpoint stands, no half-made folder
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,9 +70,13 @@ def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None
     for name in (NAME, f"{NAME}.old"):
         folder = run_dir / name
         if (folder / "state.json").exists() and (folder / "state.safetensors").exists():
+            data = (folder / "state.safetensors").read_bytes()
             try:
-                tensors = load_file(folder / "state.safetensors")
                 meta = json.loads((folder / "state.json").read_text())
+                expected = meta.pop(CHECKSUM, None)  # checkpoints before stop 17 have none
+                if expected and hashlib.sha256(data).hexdigest() != expected:
+                    raise ValueError("state.safetensors fails its sha256 check")
+                tensors = load_bytes(data)
             except (SafetensorError, ValueError) as e:
                 raise ValueError(
                     f"checkpoint {folder} is damaged ({e}): it cannot be resumed from; "

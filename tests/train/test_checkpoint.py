@@ -64,13 +64,19 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     assert meta == {"step": 1} and torch.equal(tensors["w"], torch.ones(3))
 
 
-@pytest.mark.parametrize("damage", ["json", "weights"])
+@pytest.mark.parametrize("damage", ["json", "weights", "bitflip"])
 def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
+    """A flipped bit in a tensor's bytes still parses as safetensors: only the sha256 in
+    state.json catches it (it resumed silently from the damaged weights)."""
     checkpoint.save(tmp_path, {"w": torch.ones(3)}, {"step": 1})
+    weights = tmp_path / "checkpoint" / "state.safetensors"
     if damage == "json":
         (tmp_path / "checkpoint" / "state.json").write_text('{"step": ')
-    else:
-        weights = tmp_path / "checkpoint" / "state.safetensors"
+    elif damage == "weights":
         weights.write_bytes(weights.read_bytes()[:-5])
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01  # one bit of the last float
+        weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint is damaged .* --overwrite"):
         checkpoint.load(tmp_path)
