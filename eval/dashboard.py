@@ -32,7 +32,7 @@ from eval.concepts import token_strings
 from eval.report import HEADLINE, EvalConfig, fmt, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
-from sae.io import write_text
+from sae.io import check_writable, write_text
 from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
 
@@ -88,7 +88,8 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
             f"--latent-ids {bad[0]} is not a latent of {cfg.sae}: d_sae is {d.cfg.d_sae}, "
             f"so ids run from 0 to {d.cfg.d_sae - 1}"
         )
-    report = json.loads(Path(cfg.report).read_text()) if cfg.report else None
+    check_writable(Path(cfg.out) / "latents")  # before the evaluation, not after it
+    report = read_report(cfg.report) if cfg.report else None
     scoring = (
         scored_windows(report, d, cfg)
         if cfg.report
@@ -154,6 +155,16 @@ def make_client(spec: str, local_lm: tuple[Any, Any] | None = None) -> LLMClient
     if spec.startswith("openai:"):
         return OpenAIClient(spec.removeprefix("openai:"))
     raise ValueError(f"--autointerp takes `local` or `openai:MODEL`, not {spec!r}")
+
+
+def read_report(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--report {path} is not an `sae eval --json` report: {e}") from e
+    if not isinstance(report, dict):
+        raise ValueError(f"--report {path} holds a JSON {type(report).__name__}, not a report")
+    return report
 
 
 def dashboard_cli(cfg: DashboardConfig) -> None:

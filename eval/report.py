@@ -35,7 +35,7 @@ from eval.splice import SplicedLosses
 from eval.top_activations import TopActivations
 from sae.cli import positional
 from sae.hooks import record
-from sae.io import write_json
+from sae.io import check_writable, write_json
 from sae.lm import DEFAULT_MODEL, check_context, load_lm, resolve_hook
 from sae.models import SAE
 from sae.progress import progress
@@ -111,6 +111,8 @@ def evaluate(
     )
     if cfg.tokens < 0:  # before any model loads
         raise ValueError(f"--tokens must be positive, or 0 for every whole window; got {tokens}")
+    if cfg.json:
+        check_writable(Path(cfg.json).parent)
     d = sae_lib.load(d) if isinstance(d, (str, Path)) else d
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
@@ -289,7 +291,6 @@ def _read_options(path: str) -> dict:
 
 def _write(report: dict, path: str) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)  # undefined scores (NaN in the returned dict) are null
 
 

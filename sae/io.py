@@ -116,6 +116,17 @@ def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
         raise
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Make `folder` and write a probe file in it, so that an output that cannot be written
+    fails before the work that fills it (an evaluation found it 37-91 s in), naming the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write into {folder}: {e.strerror or e}") from e
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """`text` into `path` with atomic_write: a full disk or a kill leaves the previous file, not
     half of the new one."""

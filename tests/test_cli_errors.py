@@ -13,6 +13,7 @@ import sae
 from eval.synthetic import SyntheticData, recovery
 from sae.cli import field_docs, main
 from sae.lm import load_lm
+from tests.conftest import make_sae
 from train.config import SAESpec, TrainConfig
 from train.data import load_documents
 
@@ -204,3 +205,41 @@ def test_a_context_longer_than_the_model_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="context_size 9000 is longer than llama's 8192 positions"):
         main(["harvest", "--context-size", "9000", "--out", str(tmp_path / "c")])
     assert not list((tmp_path / "c").glob("shard-*"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "SAE", "--json", "{blocker}/eval.json"],
+        ["dashboard", "SAE", "--out", "{blocker}/dash"],
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path, argv):
+    """--json under a regular file: refused at once, naming it (it used to fail after the whole
+    evaluation, 37-91 s in)."""
+    sae_dir = tmp_path / "sae"
+    make_sae("topk").save(sae_dir)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    argv = [
+        a.replace("SAE", str(sae_dir)).replace("{blocker}", str(tmp_path / "blocker")) for a in argv
+    ]
+    with pytest.raises(SystemExit, match=f"cannot write into {tmp_path / 'blocker'}"):
+        main(argv)
+
+
+def test_a_report_that_is_not_json_is_named(tmp_path):
+    make_sae("topk").save(tmp_path / "sae")
+    (tmp_path / "r.json").write_text("not json")
+    with pytest.raises(
+        SystemExit, match=f"--report {tmp_path / 'r.json'} is not an `sae eval --json` report"
+    ):
+        main(
+            [
+                "dashboard",
+                str(tmp_path / "sae"),
+                "--report",
+                str(tmp_path / "r.json"),
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
