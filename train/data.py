@@ -86,13 +86,13 @@ def load_documents(
             "or a Hugging Face dataset id)"
         )
     if path.is_file() and path.suffix in TEXT_SUFFIXES:
-        yield path.read_text()
+        yield read_text(path)
         return
     if path.is_dir() and not any(path.glob("*.json*")) and not any(path.glob("*.parquet")):
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"dataset folder {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-        yield from (f.read_text() for f in files)
+        yield from (read_text(f) for f in files)
         return
     import datasets
 
@@ -109,6 +109,17 @@ def load_documents(
                 f"dataset {dataset!r} has no column {text_column!r}; columns: {sorted(row)}"
             )
         yield row[text_column]
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8, naming the file and the first bad byte where it is not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8`"
+        ) from None
 
 
 def looks_like_path(dataset: str) -> bool:

@@ -84,3 +84,14 @@ def test_local_text_folder_file_and_jsonl(tmp_path):
 def test_context_size_too_small(tok):
     with pytest.raises(ValueError, match="context_size must be at least 2"):
         list(token_windows(tok, enumerate(DOCS), context_size=1))
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, layout):
+    """A Latin-1 file raised a bare UnicodeDecodeError naming no file."""
+    bad = tmp_path / "plays" / "hamlet.txt"
+    bad.parent.mkdir()
+    bad.write_bytes("To be, or not to be: na\xefve".encode("latin-1"))
+    source = bad if layout == "file" else bad.parent
+    with pytest.raises(ValueError, match=rf"{bad} is not UTF-8 text \(byte 23: invalid"):
+        list(load_documents(str(source)))
