@@ -84,8 +84,14 @@ def load_run(ref: str) -> Run:
     if not path.exists() and ref.count("/") == 2:
         import wandb
 
-        api_run = wandb.Api().run(ref)
-        return _wandb_run(ref, path, dict(api_run.config), list(api_run.scan_history()))
+        try:
+            api_run = wandb.Api().run(ref)
+            return _wandb_run(ref, path, dict(api_run.config), list(api_run.scan_history()))
+        except wandb.errors.Error as e:  # no key, refused, unreachable: a 27-line traceback
+            raise RuntimeError(
+                f"W&B run {ref}: {e} (log in with `wandb login` or WANDB_API_KEY, or compare the "
+                "run's offline folder wandb/offline-run-* instead)"
+            ) from e
     raise ValueError(
         f"{ref!r} is not a run: expected a `sae train` output folder (metrics.jsonl), an offline "
         f"W&B run folder (run-*.wandb) or a W&B path entity/project/run_id"

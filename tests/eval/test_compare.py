@@ -203,3 +203,16 @@ def test_a_failed_write_leaves_the_old_compare_json_whole(tmp_path, monkeypatch)
         compare(CompareConfig(runs=[run], out=str(out)))
     assert json.loads((out / "compare.json").read_text()) == {"old": True}
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_wandb_path_without_a_key_is_one_line(tmp_path, monkeypatch):
+    """wandb's UsageError came out as a 27-line traceback."""
+    from sae.cli import main
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(
+        SystemExit, match=r"sae compare: RuntimeError: W&B run ent/proj/abc123: .*wandb login"
+    ):
+        main(["compare", "ent/proj/abc123", "--out", str(tmp_path / "cmp")])
