@@ -60,6 +60,7 @@ IDENTITY = (
     "seed",
     "text_column",
     "shard_windows",
+    "dataset_fingerprint",
 )
 """Manifest fields that must match for a harvest to add to an existing cache (shard_windows too:
 a resumed harvest skips shards x shard_windows windows). Caches from before a field was recorded

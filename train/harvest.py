@@ -28,7 +28,14 @@ from sae.locks import exclusive
 from sae.progress import progress
 from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
 from train.config import HarvestConfig
-from train.data import PAD_DOC, Window, load_documents, shuffled, token_windows
+from train.data import (
+    PAD_DOC,
+    Window,
+    dataset_fingerprint,
+    load_documents,
+    shuffled,
+    token_windows,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,6 +155,7 @@ class Harvester:
             "context_size": c.context_size,
             "prepend_bos": True,
             "dataset": c.dataset,
+            "dataset_fingerprint": dataset_fingerprint(c.dataset, c.split),
             "split": c.split,
             "pack": c.pack,
             "seed": c.seed,

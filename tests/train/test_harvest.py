@@ -323,3 +323,20 @@ def test_training_from_a_dataset_without_one_window_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=r"empty.txt' \(split train\) fills not one 32-token"):
         Source(stream, HOOKS[:1], batch_size=124, seed=0)
+
+
+def test_a_harvest_resumed_on_changed_text_is_refused(tmp_path):
+    """Only the dataset's name was recorded: resuming after its files changed mixed old and new
+    text. The manifest holds the files' fingerprint, and a different one is refused."""
+    from train.data import dataset_fingerprint
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("Now is the winter of our discontent made glorious summer. " * 40)
+    settings = dict(dataset=str(texts), out=str(tmp_path / "cache"), tokens=200, context_size=32,
+                    shard_windows=8, dtype="float32")  # fmt: skip
+    cache = harvest(**settings)
+    assert cache.manifest["dataset_fingerprint"] == dataset_fingerprint(str(texts)) != ""
+    (texts / "a.txt").write_text("Friends, Romans, countrymen, lend me your ears. " * 40)
+    with pytest.raises(CacheMismatch, match="dataset_fingerprint: cache has '[0-9a-f]{64}'"):
+        harvest(**settings)
