@@ -41,6 +41,7 @@ from sae.models import SAE
 from sae.progress import progress
 from train.cache import ActivationCache
 from train.data import load_documents, token_windows
+from train.harvest import resolve_device
 
 SCHEMA = "sae-forge/eval/1"
 HEADLINE = (
@@ -113,6 +114,7 @@ def evaluate(
         raise ValueError(f"--tokens must be positive, or 0 for every whole window; got {tokens}")
     if cfg.json:
         check_writable(Path(cfg.json).parent)
+    cfg.device = str(resolve_device(cfg.device))  # no CUDA here: one line, not torch's assert
     d = sae_lib.load(d) if isinstance(d, (str, Path)) else d
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
