@@ -193,8 +193,9 @@ def ablate(
     skip_first: bool = True,
 ) -> Iterator[None]:
     """Zero the given latents, keeping the SAE's error term so nothing else changes."""
-    _check_latents(sae, list(latents))
-    index = torch.as_tensor(list(latents), dtype=torch.long)
+    latents = list(latents)
+    _check_latents(sae, latents)
+    index = torch.as_tensor(latents, dtype=torch.long)
 
     def zero(z: Tensor) -> Tensor:
         z = z.clone()
@@ -230,7 +231,7 @@ def steer(
 
 def _check_latents(sae: SAE, latents: list[int]) -> None:
     """Refuse latent numbers the SAE does not have (a negative one would index from the end)."""
-    if wrong := [i for i in latents if isinstance(i, bool) or not isinstance(i, (int, Integral))]:
+    if wrong := [i for i in latents if isinstance(i, bool) or not isinstance(i, Integral)]:
         raise TypeError(f"latents are integers 0..{sae.cfg.d_sae - 1}, got {wrong!r}")
     if bad := [i for i in latents if not 0 <= i < sae.cfg.d_sae]:
         raise ValueError(f"latents {bad} out of range: this SAE has latents 0..{sae.cfg.d_sae - 1}")
