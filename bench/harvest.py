@@ -206,7 +206,7 @@ def main() -> None:
         dtype = DTYPES[dtype_name]
         for hooks in (ONE, FOUR):
             cfg = HarvestConfig(
-                hook=hooks, dtype=dtype_name, device=str(device), batch_size=batch_size, context_size=128,
+                hook=hooks, dtype=dtype_name, precision=dtype_name, device=str(device), batch_size=batch_size, context_size=128,
                 tokens=args.batches * batch_size * 127, shard_windows=8 * batch_size, out=str(scratch / "probe"),
             )  # fmt: skip
             harvester = Harvester(cfg)  # model load is not part of a harvest's throughput

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sae  # noqa: E402
+from train.cache import ActivationCache, CacheWriter  # noqa: E402
 
 
 class TopkSizes(torch.overrides.TorchFunctionMode):
@@ -90,3 +91,44 @@ def sigkill_when(proc, json_file, ready, timeout: float = 180) -> None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+HOOK = "blocks.6.hook_resid_post"
+"""The hookpoint synthetic caches claim."""
+
+
+def synthetic(n_features=64, d=32, p=0.04, batch=2048, seed=0):
+    """Activations that are sparse non-negative combinations of known unit features."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+
+    def batches(n=10**9):
+        for _ in range(n):
+            on = torch.rand(batch, n_features, generator=g) < p
+            yield (on * (0.5 + torch.rand(batch, n_features, generator=g))) @ features
+
+    return features, batches
+
+
+def synthetic_cache(path, rows=20_000, d=64, shard_rows=2_000, seed=0, nan_row=None):
+    """A cache of synthetic() rows; row `nan_row` of the first shard has a NaN."""
+    _, batches = synthetic(n_features=4 * d, d=d, batch=shard_rows, seed=seed)
+    identity = {"model": "synthetic", "revision": "0", "hookpoints": [HOOK], "d_in": {HOOK: d}, "dtype": "float32",
+                "context_size": 128, "prepend_bos": True, "dataset": "synthetic", "pack": True, "seed": 0}  # fmt: skip
+    writer = CacheWriter(str(path), identity)
+    for i, x in enumerate(batches(rows // shard_rows)):
+        n = len(x)
+        if i == 0 and nan_row is not None:
+            x[nan_row, 3] = float("nan")
+        meta = torch.arange(i * n, (i + 1) * n)
+        writer.write_shard(
+            {
+                f"acts.{HOOK}": x,
+                "tokens": meta.int(),
+                "docs": meta.int(),
+                "positions": meta.int(),
+                "windows": meta,
+            }
+        )
+    writer.finish()
+    return ActivationCache(str(path))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import sae
 from sae.cli import main
-from tests.train.test_trainer import synthetic_cache
+from tests.conftest import synthetic_cache
 
 HOOK = "blocks.6.hook_resid_post"  # the synthetic cache's, and SmolLM2's layer 6
 COUNTER = itertools.count()

@@ -52,6 +52,7 @@ IDENTITY = (
     "hookpoints",
     "d_in",
     "dtype",
+    "precision",
     "context_size",
     "prepend_bos",
     "dataset",
@@ -121,8 +122,8 @@ class CacheWriter:
         self.fs, self.root = _filesystem(url)
         if isinstance(self.fs, LocalFileSystem):
             self.fs.makedirs(self.root, exist_ok=True)
-        elif not self.fs.exists(bucket := self.root.split("/")[0]):  # makedirs would create it
-            raise FileNotFoundError(f"{url}: bucket {bucket!r} does not exist (create it first)")
+        else:
+            self._check_bucket(url)
         identity = {"format": FORMAT, **identity}
         existing = (
             _read_manifest(self.fs, self.root, url)
@@ -149,6 +150,17 @@ class CacheWriter:
                 "token_count": 0,
                 "stats": {},
             }
+
+    def _check_bucket(self, url: str) -> None:
+        """A missing bucket is named here (makedirs would create one); `info`, unlike `exists`,
+        lets credential and connection errors through, which `exists` reported as no bucket."""
+        bucket = self.root.split("/")[0]
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{url}: bucket {bucket!r} does not exist (create it first)"
+            ) from None
 
     def _remove_temporaries(self) -> None:
         """Delete the half-written temporary files (`.shard-00007.safetensors.*.tmp`) that a

@@ -28,7 +28,10 @@ class HarvestConfig:
     context_size: int = 128
     """Tokens per window, BOS included."""
     dtype: str = "bfloat16"
-    """Forward precision (autocast) and the cache's dtype: float32, bfloat16 or float16."""
+    """The cache's dtype: float32, bfloat16 or float16."""
+    precision: str = "auto"
+    """Forward precision (autocast): float32, bfloat16, float16, or auto (the cache dtype where the
+    device computes it natively, else float32)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     pack: bool = True
@@ -58,6 +61,8 @@ class HarvestConfig:
             )
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {CACHE_DTYPES}")
+        if self.precision not in ("auto", *CACHE_DTYPES):
+            raise ValueError(f"precision {self.precision!r} is not one of {('auto', *CACHE_DTYPES)}")
 
 
 @dataclass

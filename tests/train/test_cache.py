@@ -251,6 +251,23 @@ def test_a_misspelt_bucket_is_refused_not_created(s3_bucket):
     CacheWriter(f"{s3_bucket}/new/cache", identity())  # an existing bucket: a new prefix is fine
 
 
+def test_missing_credentials_are_not_reported_as_a_missing_bucket(s3_server, monkeypatch):
+    """`exists` answered False without credentials: harvest said the bucket did not exist."""
+    import s3fs
+    from botocore.exceptions import NoCredentialsError
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(NoCredentialsError):
+        CacheWriter("s3://nobucket/cache", identity())
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_a_scheme_without_its_package_names_what_to_install(monkeypatch):
     import fsspec
 

@@ -1,16 +1,31 @@
 """Token windows: BOS first, packing or not, document ids, seeded order, dataset sources."""
 
 import json
+from itertools import islice
 
 import numpy as np
 import pytest
 
-from train.data import PAD_DOC, load_documents, shakespeare_files, shuffled, token_windows
+import train.data
+from train.data import (
+    PAD_DOC,
+    TextFile,
+    clean_markdown,
+    load_documents,
+    shakespeare_files,
+    shuffled,
+    token_windows,
+)
 
 
 @pytest.fixture(scope="module")
 def tok(smollm2):
     return smollm2[1]
+
+
+def texts(documents) -> list[str]:
+    """Each document's whole text, whether it came whole or in pieces."""
+    return ["".join(d) for d in documents]
 
 
 DOCS = [
@@ -72,8 +87,8 @@ def test_shakespeare_is_38_plays():
 def test_local_text_folder_file_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("first doc")
     (tmp_path / "b.md").write_text("second doc")
-    assert list(load_documents(str(tmp_path))) == ["first doc", "second doc"]
-    assert list(load_documents(str(tmp_path / "b.md"))) == ["second doc"]
+    assert texts(load_documents(str(tmp_path))) == ["first doc", "second doc"]
+    assert texts(load_documents(str(tmp_path / "b.md"))) == ["second doc"]
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps({"body": t}) for t in ["x y", "z"]))
     assert list(load_documents(str(rows), text_column="body")) == ["x y", "z"]
@@ -94,4 +109,50 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, layout):
     bad.write_bytes("To be, or not to be: na\xefve".encode("latin-1"))
     source = bad if layout == "file" else bad.parent
     with pytest.raises(ValueError, match=rf"{bad} is not UTF-8 text \(byte 23: invalid"):
-        list(load_documents(str(source)))
+        texts(load_documents(str(source)))
+
+
+def test_a_large_file_is_read_in_pieces_giving_the_tokens_of_the_whole(tok, tmp_path, monkeypatch):
+    """Read whole, a 28 MB file peaked at 4.1 GB in the tokenizer: now a piece at a time, and only
+    as far as the windows asked for. The pieces end before a line of text, so the tokens match
+    (multi-byte characters cut between blocks and CRLF line ends included)."""
+    monkeypatch.setattr(train.data, "PIECE_BYTES", 4096)
+    play = clean_markdown(shakespeare_files()[0].read_text())[:60_000] + "\nnaïve café — ✓ 𝄞 end"
+    path = tmp_path / "play.txt"
+    path.write_bytes(play.replace("\n", "\r\n").encode())
+    pieces = list(TextFile(path))
+    assert len(pieces) > 10 and "".join(pieces) == play == path.read_text()
+    whole = list(token_windows(tok, [(0, play)], context_size=64))
+    streamed = list(token_windows(tok, [(0, TextFile(path))], context_size=64))
+    assert [w.tokens.tolist() for w in streamed] == [w.tokens.tolist() for w in whole]
+
+    class Spy:
+        """The tokenizer, noting how many characters each call is given."""
+
+        def __init__(self):
+            self.sizes = []
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, text, **kwargs):
+            self.sizes.append(len(text))
+            return tok(text, **kwargs)
+
+    spy = Spy()
+    big = tmp_path / "big.txt"
+    big.write_text(play * 80)  # ~5 MB
+    windows = token_windows(spy, [(0, TextFile(big))], context_size=32)
+    assert len(list(islice(windows, 100))) == 100
+    assert max(spy.sizes) < 4096 + 200 and sum(spy.sizes) < 3 * 4096
+    (tmp_path / "no-spaces.txt").write_text("x" * 50_000)
+    pieces = list(TextFile(tmp_path / "no-spaces.txt"))
+    assert "".join(pieces) == "x" * 50_000 and max(map(len, pieces)) <= 5 * 4096
+
+
+def test_a_bad_byte_past_the_first_piece_is_named_at_its_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.data, "PIECE_BYTES", 100)
+    path = tmp_path / "notes.txt"
+    path.write_bytes(("é line\n" * 50).encode() + b"\xff")
+    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text \(byte 400: invalid start"):
+        list(TextFile(path))

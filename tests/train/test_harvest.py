@@ -19,7 +19,7 @@ from tests.conftest import sigkill_when, start_sae
 from train.cache import IDENTITY, CacheMismatch, CacheWriter, load_cache
 from train.config import HarvestConfig
 from train.data import load_documents
-from train.harvest import Harvester, NonFiniteActivations, capture, harvest
+from train.harvest import Harvester, NonFiniteActivations, capture, harvest, resolve_precision
 
 HOOKS = ["blocks.3.hook_resid_post", "blocks.5.hook_mlp_out"]
 SMALL = {
@@ -138,6 +138,29 @@ def test_existing_cache_from_other_hooks_is_refused_and_complete_one_is_kept(cac
     assert json.loads((Path(cache.url) / "manifest.json").read_text()) == before
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_computes_in_the_cache_dtype_only_where_it_is_native(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", "bfloat16", cpu) == ("bfloat16" if native else "float32")
+    assert resolve_precision("auto", "float32", cpu) == "float32"
+    assert resolve_precision("bfloat16", "bfloat16", cpu) == "bfloat16", "an explicit one is kept"
+    assert resolve_precision("float32", "float16", cpu) == "float32"
+
+
+def test_a_bf16_cache_of_a_float32_forward_is_the_float32_cache_rounded(cache, tmp_path):
+    """Where bf16 is not native the forward runs in fp32 and only storage is bf16: each value is
+    the fp32 harvest's, rounded once. Resuming it at another precision would mix two forwards."""
+    out = tmp_path / "bf16"
+    rounded = harvest(out=str(out), **{**SMALL, "dtype": "bfloat16", "precision": "float32"})
+    assert rounded.manifest["dtype"] == "bfloat16" and rounded.manifest["precision"] == "float32"
+    rows = np.arange(len(cache))
+    for hook in HOOKS:
+        assert torch.equal(rounded.rows(rows, hook), cache.rows(rows, hook).to(torch.bfloat16))
+    with pytest.raises(CacheMismatch, match="precision: cache has 'float32', this harvest 'bfloat16'"):
+        harvest(out=str(out), **{**SMALL, "dtype": "bfloat16", "precision": "bfloat16"})
+
+
 def run_cli(out):
     return start_sae("harvest", "--out", str(out), "--tokens", "12000", "--context-size", "64", "--batch-size", "4",
                      "--shard-windows", "8", "--hook", "blocks.4.hook_resid_post", "--hook", "blocks.2.hook_attn_out")  # fmt: skip
@@ -196,6 +219,19 @@ def test_dataset_shorter_than_tokens_stops_cleanly(tmp_path, capsys):
     assert "the dataset ended after" in c.manifest["note"]
     assert "the dataset ended after" in capsys.readouterr().err
     assert harvest(**settings).manifest == c.manifest, "the same command again: already complete"
+
+
+def test_an_empty_dataset_leaves_no_cache_that_blocks_the_run_after_the_fix(tmp_path):
+    """It left a "complete" cache of 0 tokens, and the re-run with text refused it."""
+    text = tmp_path / "text.txt"
+    text.write_text("")
+    settings = {"out": str(tmp_path / "c"), "dataset": str(text), "tokens": 200,
+                "context_size": 32, "batch_size": 2, "shard_windows": 4, "dtype": "float32"}  # fmt: skip
+    with pytest.raises(ValueError, match=r"fills not one 32-token window: nothing harvested, and"):
+        harvest(**settings)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun. " * 20)
+    assert len(harvest(**settings)) == 200
 
 
 @pytest.fixture
