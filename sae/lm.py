@@ -143,8 +143,9 @@ class Family:
     """Where a model family keeps its blocks and, in each block, the modules whose output is a
     sublayer's contribution to the residual stream (attn, mlp) or whose input is an inner
     activation: the heads' concatenated outputs z (the attention's output projection), the MLP's
-    hidden activation (its down projection), and the residual stream between attention and MLP
-    (mid; None where attention and MLP run in parallel)."""
+    hidden activation (its down projection), the residual stream between attention and MLP
+    (mid; None where attention and MLP run in parallel), and what the MLP reads, after its norm
+    (mlp_in: a transcoder's input)."""
 
     layers: str
     attn: str
@@ -152,11 +153,13 @@ class Family:
     z: str
     post: str
     mid: str | None
+    mlp_in: str
 
 
 LLAMA_LAYOUT = Family(
-    "layers", "self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"
-)
+    "layers", "self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm",
+    "mlp",
+)  # fmt: skip
 # Gemma 2 and 3 normalize each sublayer's output before adding it to the residual stream; what
 # the stream receives (TransformerLens's hook_attn_out / hook_mlp_out) is the post-norm's output.
 POST_NORM_LAYOUT = Family(
@@ -166,14 +169,17 @@ POST_NORM_LAYOUT = Family(
     "self_attn.o_proj",
     "mlp.down_proj",
     "pre_feedforward_layernorm",
+    "mlp",
 )
 
 FAMILIES = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"), LLAMA_LAYOUT),
     **dict.fromkeys(("gemma2", "gemma3_text"), POST_NORM_LAYOUT),
-    "gpt2": Family("h", "attn", "mlp", "attn.c_proj", "mlp.c_proj", "ln_2"),
+    "gpt2": Family("h", "attn", "mlp", "attn.c_proj", "mlp.c_proj", "ln_2", "mlp"),
     # Pythia's attention and MLP read the same input (use_parallel_residual): no resid_mid
-    "gpt_neox": Family("layers", "attention", "mlp", "attention.dense", "mlp.dense_4h_to_h", None),
+    "gpt_neox": Family(
+        "layers", "attention", "mlp", "attention.dense", "mlp.dense_4h_to_h", None, "mlp"
+    ),
     # BERT's attention and MLP outputs are added to the residual inside `*.output`; hook the
     # dense projections, which are the contributions before the residual add and LayerNorm. The
     # stream between them exists only inside attention.output (add, then LayerNorm): no resid_mid.
@@ -184,6 +190,7 @@ FAMILIES = {
         "attention.output.dense",
         "output.dense",
         None,
+        "intermediate.dense",
     ),
 }
 
@@ -193,6 +200,10 @@ INNER_HOOKS = {
     "hook_attn_out": ("attn", False),
     "hook_mlp_out": ("mlp", False),
     "hook_resid_mid": ("mid", True),
+    "mlp.hook_in": (
+        "mlp_in",
+        True,
+    ),  # TransformerBridge's name; = ln2.hook_out (not hook_normalized)
     "attn.hook_z": ("z", True),  # [batch, seq, n_heads * d_head], SAELens's flattened hook_z
     "mlp.hook_post": ("post", True),
 }

@@ -119,13 +119,13 @@ def test_unknown_hookpoint_lists_valid_ones(smollm2):
     with pytest.raises(
         ValueError,
         match=r"unknown hookpoint 'blocks.6.hook_resid_middle'.*Valid: blocks.L.\{hook_resid_pre,"
-        r"hook_resid_post,hook_attn_out,hook_mlp_out,hook_resid_mid,attn.hook_z,mlp.hook_post\} "
+        r"hook_resid_post,hook_attn_out,hook_mlp_out,hook_resid_mid,mlp.hook_in,attn.hook_z,mlp.hook_post\} "
         r"for L in 0..29",
     ):
         resolve_hook(model, "blocks.6.hook_resid_middle")
     with pytest.raises(ValueError, match="layer 30 does not exist"):
         resolve_hook(model, "blocks.30.hook_resid_post")
-    assert len(hook_names(model)) == 30 * 7
+    assert len(hook_names(model)) == 30 * 8
 
 
 def test_minilm_bert_encoder_hookpoints():
@@ -177,11 +177,15 @@ def test_every_hookpoint_equals_transformer_lens(tmp_path, family, smollm2):
     from transformer_lens.model_bridge import TransformerBridge
 
     model = tiny(family)
+    with torch.no_grad():  # norm weights of 1 would hide whether mlp.hook_in is after the weight
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.add_(0.5 * torch.randn_like(p))
     model.save_pretrained(tmp_path)
     smollm2[1].save_pretrained(tmp_path)  # the bridge loads a tokenizer beside the weights
     bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
     hooks = [h for h in hook_names(model) if h.startswith("blocks.1.")]
-    assert len(hooks) == (6 if family == "gpt_neox" else 7)  # Pythia: parallel, no resid_mid
+    assert len(hooks) == (7 if family == "gpt_neox" else 8)  # Pythia: parallel, no resid_mid
     ids = torch.randint(0, 100, (2, 9))
     with torch.no_grad(), record(model, hooks) as acts:
         model(ids)
@@ -214,8 +218,9 @@ def test_bert_hookpoints_against_transformer_lens(tmp_path):
     with torch.no_grad(), record(model, hooks) as acts:
         model(ids)
     _, cache = bridge.run_with_cache(ids)
+    theirs = {"blocks.1.mlp.hook_in": "blocks.1.hook_mlp_in"}  # the bridge's BERT name for it
     for hook in set(hooks) - {"blocks.1.hook_attn_out"}:
-        torch.testing.assert_close(acts[hook], cache[hook].flatten(2), msg=hook)
+        torch.testing.assert_close(acts[hook], cache[theirs.get(hook, hook)].flatten(2), msg=hook)
     layer = model.bert.encoder.layer[1].attention.output
     with torch.no_grad():
         added = layer.LayerNorm(acts["blocks.1.hook_resid_pre"] + acts["blocks.1.hook_attn_out"])
