@@ -1,4 +1,5 @@
-"""SAEConfig: everything needed to rebuild a dictionary, and nothing about how it was trained."""
+"""SAEConfig: everything needed to rebuild a dictionary, and nothing about how it was trained.
+An SAE predicts its own input; a transcoder predicts another hookpoint from it (same config)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ class SAEConfig:
     """The input scale used with expected_average_only_in."""
     hook_name: str = "blocks.6.hook_resid_post"
     """Hookpoint the SAE reads, in TransformerLens style, or a raw module path."""
+    hook_name_out: str = ""
+    """Hookpoint the dictionary predicts; "" is hook_name (an SAE). A transcoder reads the MLP's
+    input (`blocks.L.mlp.hook_in`) and predicts its output (`blocks.L.hook_mlp_out`)."""
+    d_out: int = 0
+    """Width of what the dictionary predicts; 0 is d_in."""
+    skip: bool = False
+    """A linear skip path W_skip [d_out, d_in] from input to output (a skip transcoder)."""
+    norm_scaling_factor_out: float = 1.0
+    """The output scale used with expected_average_only_in (a transcoder's target; an SAE's
+    output takes norm_scaling_factor)."""
     model_name: str = "smollm2-135m"
     """Model the activations came from (a name sae.lm knows, an HF id or a local path)."""
     context_size: int = 128
@@ -69,10 +80,17 @@ class SAEConfig:
             raise ConfigError(
                 f"unknown architecture {self.architecture!r}; expected one of {sorted(REGISTRY)}"
             )
-        for name in ("d_in", "d_sae", "k"):
+        self.hook_name_out = self.hook_name_out or self.hook_name
+        self.d_out = self.d_out or self.d_in
+        for name in ("d_in", "d_sae", "k", "d_out"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.is_transcoder and self.apply_b_dec_to_input:
+            raise ConfigError(
+                f"a transcoder ({self.hook_name} -> {self.hook_name_out}) cannot centre its input "
+                "by b_dec, its output bias: set apply_b_dec_to_input=False (b_enc absorbs a centre)"
+            )
         if self.k > self.d_sae:
             raise ConfigError(f"k={self.k} is larger than d_sae={self.d_sae}")
         if self.dtype not in DTYPES:
@@ -81,10 +99,9 @@ class SAEConfig:
             raise ConfigError(
                 f"normalize_activations {self.normalize_activations!r} is not one of {NORMALIZATIONS}"
             )
-        if not self.norm_scaling_factor > 0:
-            raise ConfigError(
-                f"norm_scaling_factor must be positive, got {self.norm_scaling_factor}"
-            )
+        for name in ("norm_scaling_factor", "norm_scaling_factor_out"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         widths = self.matryoshka_widths
         if widths and (
             sorted(set(widths)) != list(widths) or widths[-1] != self.d_sae or widths[0] <= 0
@@ -92,6 +109,11 @@ class SAEConfig:
             raise ConfigError(
                 f"matryoshka_widths must increase strictly and end at d_sae={self.d_sae}, got {widths}"
             )
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether it predicts something other than its input (another hookpoint, or a skip)."""
+        return self.hook_name_out != self.hook_name or self.d_out != self.d_in or self.skip
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -45,10 +45,11 @@ class PickleRefused(FormatError):
 def saelens_cfg(sae: SAE) -> dict[str, Any]:
     """cfg.json contents: SAELens's keys, plus our config (with normalization folded) under `sae_forge`."""
     c = sae.cfg
-    ours = {**c.to_dict(), "normalize_activations": "none", "norm_scaling_factor": 1.0}
+    ours = {**c.to_dict(), "normalize_activations": "none", "norm_scaling_factor": 1.0,
+            "norm_scaling_factor_out": 1.0}  # fmt: skip
     ours["dtype"] = str(sae.W_enc.dtype).removeprefix("torch.")
     cfg: dict[str, Any] = {
-        "architecture": sae.saelens_architecture,
+        "architecture": saelens_architecture(sae),
         "d_in": c.d_in,
         "d_sae": c.d_sae,
         "dtype": ours["dtype"],
@@ -70,7 +71,28 @@ def saelens_cfg(sae: SAE) -> dict[str, Any]:
     }
     if sae.saelens_architecture == "topk":
         cfg.update(k=c.k, rescale_acts_by_decoder_norm=False)
+    if c.is_transcoder:
+        cfg["d_out"] = c.d_out
+        cfg["metadata"]["hook_name_out"] = c.hook_name_out
     return cfg
+
+
+TRANSCODERS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+}
+"""SAELens's transcoder classes, by the SAE architecture they extend and whether they skip."""
+
+
+def saelens_architecture(sae: SAE) -> str:
+    """The class SAELens should load the weights as. A transcoder whose rule SAELens has no
+    transcoder class for (TopK, gated, Matryoshka's prefix losses do not matter at inference) keeps
+    the SAE's name, which SAELens then refuses by the shapes rather than misreads."""
+    if not sae.cfg.is_transcoder:
+        return sae.saelens_architecture
+    return TRANSCODERS.get((sae.saelens_architecture, sae.cfg.skip), sae.saelens_architecture)
 
 
 def save(sae: SAE, path: str | os.PathLike) -> Path:
@@ -232,7 +254,10 @@ def invalid(source: str, error: ConfigError) -> FormatError:
     return FormatError(message if message.startswith(source) else f"{source}: {message}")
 
 
-SAELENS_TO_OURS = {"standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+SAELENS_TO_OURS = {
+    "standard": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+    **{name: arch for (arch, _), name in TRANSCODERS.items()},
+}  # fmt: skip
 
 
 def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
@@ -259,11 +284,12 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
         raise FormatError(
             f"{source}: SAELens architecture {arch!r} is not supported; expected one of {sorted(SAELENS_TO_OURS)}"
         )
+    transcoder = arch in TRANSCODERS.values()
     values: dict[str, Any] = {
         "architecture": SAELENS_TO_OURS[arch],
         "d_in": data["d_in"],
         "d_sae": data["d_sae"],
-        "apply_b_dec_to_input": data.get("apply_b_dec_to_input", True),
+        "apply_b_dec_to_input": data.get("apply_b_dec_to_input", not transcoder),
         "dtype": data.get("dtype", "float32")
         if data.get("dtype", "float32") in DTYPES
         else "float32",
@@ -279,7 +305,10 @@ def cfg_from_saelens(data: dict[str, Any], source: str) -> SAEConfig:
         )  # k is unused here; keep it valid for tiny SAEs
     # provenance the file does not give stays empty, rather than our defaults (SmolLM2's layer 6)
     values.update(hook_name="", model_name="", dataset_path="")
-    for key in ("hook_name", "model_name", "context_size", "prepend_bos", "dataset_path"):
+    if transcoder:
+        values.update(d_out=data.get("d_out", data["d_in"]), skip="skip" in arch)
+    for key in ("hook_name", "hook_name_out", "model_name", "context_size", "prepend_bos",
+                "dataset_path"):  # fmt: skip
         if meta.get(key) is not None:
             values[key] = meta[key]
     if meta.get("hook_name") is None and meta.get("hook_point") is not None:

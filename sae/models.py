@@ -1,11 +1,15 @@
-"""The SAE architectures: one small class each on a shared base, registered by SAELens's names.
+"""The dictionary architectures: one small class each on a shared base, registered by SAELens's
+names. Each is an SAE (it predicts its input) or a transcoder (it predicts another hookpoint, e.g.
+an MLP's output from its input) by its config alone, with no class of its own.
 
-Every architecture reads the same way (shapes: x [..., d_in], z [..., d_sae]):
+Every architecture reads the same way (shapes: x [..., d_in], z [..., d_sae], y [..., d_out]):
 
-    x_in  = x * s - b_dec                  s: input scale (1 unless normalize_activations is on)
+    x_in  = x * s - b_dec                  s: input scale (1 unless normalize_activations is on);
+                                           b_dec is subtracted by SAEs only (apply_b_dec_to_input)
     pre   = x_in @ W_enc + b_enc           [..., d_sae]
     z     = activate(pre)                  the architecture's sparsity rule
-    x_hat = (z @ W_dec + b_dec) / s        [..., d_in]
+    y_hat = (z @ W_dec + b_dec + x * s @ W_skip.T) / t     [..., d_out]; t: output scale (s for an
+                                           SAE), W_skip only with skip=True
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ class LossOutput(NamedTuple):
     loss: Tensor
     """The scalar to minimise: the sum of `parts`."""
     x_hat: Tensor
-    """[batch, d_in] reconstruction, in the model's units."""
+    """[batch, d_out] prediction (an SAE's reconstruction), in the model's units."""
     parts: dict[str, Tensor]
     """Named loss terms (SAELens's names: mse_loss, l1_loss, l0_loss, auxiliary_reconstruction_loss)."""
     fired: Tensor
@@ -78,18 +82,24 @@ class SAE(nn.Module):
     """Whether cfg.k sets the sparsity (top-k styles)."""
     latent_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
     """Per-latent encoder tensors that scale with a latent's code (for fold_decoder_norm_)."""
+    sparsity_coefficient: ClassVar[float] = 0.0
+    """The L1/L0 penalty weight training uses when none is given (0: the rule has no penalty)."""
+    batch_wide: ClassVar[bool] = False
+    """Whether training selects latents across the batch's rows (BatchTopK), so that a run split
+    over processes selects within each process's rows."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
         kw: dict[str, Any] = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        W_dec = torch.empty(cfg.d_sae, cfg.d_in, **kw)
-        if W_dec.device.type != "meta":
-            nn.init.kaiming_uniform_(W_dec)
-            W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_in], rows are the latents' directions
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # [d_in, d_sae], initialised as the transpose
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        W_dec = unit_rows(cfg.d_sae, cfg.d_out, kw)
+        self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_out], rows are the latents' directions
+        # an SAE's encoder starts as its decoder's transpose; a transcoder's reads another space
+        W_enc = unit_rows(cfg.d_sae, cfg.d_in, kw) if cfg.is_transcoder else W_dec.clone()
+        self.W_enc = nn.Parameter(W_enc.T.contiguous())  # [d_in, d_sae]
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))  # the output bias
+        if cfg.skip:  # SAELens's SkipTranscoder layout, zero at the start
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, **kw))
         self.init_encoder_params(kw)
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:
@@ -99,6 +109,13 @@ class SAE(nn.Module):
     @property
     def input_scale(self) -> float:
         return self.cfg.norm_scaling_factor if self.cfg.normalize_activations != "none" else 1.0
+
+    @property
+    def output_scale(self) -> float:
+        """t: the SAE's own input scale, or a transcoder's scale of its target."""
+        if not self.cfg.is_transcoder or self.cfg.normalize_activations == "none":
+            return self.input_scale
+        return self.cfg.norm_scaling_factor_out
 
     def check_width(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):  # a numpy array raised AttributeError on .to
@@ -129,28 +146,62 @@ class SAE(nn.Module):
         return self.activate(self.pre_acts(x))
 
     def decode(self, z: Tensor) -> Tensor:
-        """[..., d_sae] -> [..., d_in]: x_hat = (z @ W_dec + b_dec) / s."""
+        """[..., d_sae] -> [..., d_out]: (z @ W_dec + b_dec) / t, the latents' part of the output
+        (a skip transcoder's forward adds its skip path, which needs the input)."""
         if z.shape[-1] != self.cfg.d_sae:
             raise ValueError(
                 f"decode expects codes with last dimension d_sae={self.cfg.d_sae}, got shape {tuple(z.shape)}"
             )
-        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.input_scale
+        return (z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.output_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """[..., d_in] -> [..., d_out]: the reconstruction, or a transcoder's prediction."""
+        y_hat = self.decode(self.encode(x))
+        if self.cfg.skip:
+            y_hat = (
+                y_hat
+                + self.skip_path(x.to(self.W_enc.dtype) * self.input_scale) / self.output_scale
+            )
+        return y_hat
+
+    def skip_path(self, x_s: Tensor) -> Tensor:
+        return x_s @ self.W_skip.T
+
+    def offset(self, x_s: Tensor) -> Tensor:
+        """The scaled output before any latent adds to it: b_dec, plus the skip path."""
+        return self.b_dec + self.skip_path(x_s) if self.cfg.skip else self.b_dec
+
+    def scaled_pair(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x * s and the target y * t (an SAE's target is x), in the parameters' dtype."""
+        self.check_width(x)
+        x_s = x.to(self.W_enc.dtype) * self.input_scale
+        if y is None:
+            if self.cfg.is_transcoder:
+                raise ValueError(
+                    f"a transcoder ({self.cfg.hook_name} -> {self.cfg.hook_name_out}) trains on "
+                    "pairs: pass its target y"
+                )
+            return x_s, x_s
+        if y.shape[:-1] != x.shape[:-1] or y.shape[-1] != self.cfg.d_out:
+            raise ValueError(
+                f"the target at {self.cfg.hook_name_out!r} should have shape "
+                f"{(*x.shape[:-1], self.cfg.d_out)}, got {tuple(y.shape)}"
+            )
+        return x_s, y.to(self.W_enc.dtype) * self.output_scale
 
     # -- training -----------------------------------------------------------------------------
-    def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
-        """MSE (summed over d_in, mean over rows) in the normalized units the SAE works in, plus
-        the architecture's penalty terms."""
-        x_s = x.to(self.W_enc.dtype) * self.input_scale  # [batch, d_in]
+    def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
+        """MSE (summed over d_out, mean over rows) against the target y (an SAE's: x) in the
+        normalized units the dictionary works in, plus the architecture's penalty terms."""
+        x_s, y_s = self.scaled_pair(x, y)  # [batch, d_in], [batch, d_out]
         pre = self.pre_acts(x)  # [batch, d_sae]
         z = self.train_activate(x, pre, ctx)
-        parts, x_hat_s = self.reconstruction_loss(z, x_s)
-        parts |= self.penalties(x_s, pre, z, x_hat_s, ctx)
+        offset = self.offset(x_s)
+        parts, y_hat_s = self.reconstruction_loss(z, y_s, offset)
+        parts |= self.penalties(y_s, pre, z, y_hat_s, offset, ctx)
         active = z.detach() > 0
         return LossOutput(
-            sum(parts.values()), x_hat_s / self.input_scale, parts, active.any(0),
+            sum(parts.values()), y_hat_s / self.output_scale, parts, active.any(0),
             active.sum(-1).float().mean(), z,
         )  # fmt: skip
 
@@ -158,21 +209,25 @@ class SAE(nn.Module):
         """The sparsity rule while training (differs from `activate` for JumpReLU and BatchTopK)."""
         return self.activate(pre)
 
-    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The reconstruction terms of the loss, by name, and the reconstruction x_hat_s."""
-        x_hat_s = z @ self.W_dec + self.b_dec
-        return {"mse_loss": mse(x_hat_s, x_s)}, x_hat_s
+    def reconstruction_loss(
+        self, z: Tensor, y_s: Tensor, offset: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The reconstruction terms of the loss, by name, and the prediction y_hat_s."""
+        y_hat_s = z @ self.W_dec + offset
+        return {"mse_loss": mse(y_hat_s, y_s)}, y_hat_s
 
     def sparse_reconstruction_loss(
-        self, values: Tensor, rows: Tensor, latents: Tensor, x_s: Tensor
+        self, values: Tensor, rows: Tensor, latents: Tensor, y_s: Tensor, offset: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
         """reconstruction_loss for a code given as its entries (sorted by row)."""
-        x_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(x_s)) + self.b_dec
-        return {"mse_loss": mse(x_hat_s, x_s)}, x_hat_s
+        y_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(y_s)) + offset
+        return {"mse_loss": mse(y_hat_s, y_s)}, y_hat_s
 
     def penalties(
-        self, x_s: Tensor, pre: Tensor, z: Tensor, x_hat_s: Tensor, ctx: TrainContext
-    ) -> dict[str, Tensor]:
+        self, y_s: Tensor, pre: Tensor, z: Tensor, y_hat_s: Tensor, offset: Tensor,
+        ctx: TrainContext,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """The architecture's terms beside the MSE; `offset` is the output before any latent."""
         return {}
 
     @torch.no_grad()
@@ -183,23 +238,35 @@ class SAE(nn.Module):
     def after_step(self, out: LossOutput) -> None:
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
-    def sparse_training_loss(self, x: Tensor, ctx: TrainContext, select: Selection) -> LossOutput:
+    @torch.no_grad()
+    def start_training(self, x_s: Tensor, y_s: Tensor) -> None:
+        """Initialisation from the first batch (scaled units) before any step: none by default;
+        the trainer sets b_dec from the target's centre itself."""
+
+    @torch.no_grad()
+    def reach_step(self, step: int, total_steps: int) -> None:
+        """Called before each step: the recipe's changes at points of the schedule (none here)."""
+
+    def sparse_training_loss(
+        self, x: Tensor, ctx: TrainContext, select: Selection, y: Tensor | None = None
+    ) -> LossOutput:
         """The dense loss (MSE + AuxK) of the top-k styles on the sparse path of sae/kernels.py:
         one encoder pass yields the selected entries and the dead latents' columns; only those
         are decoded and differentiated."""
         dead = self.dead_latents(ctx)
-        self.check_width(x)
-        x_s = x.to(self.W_enc.dtype) * self.input_scale
-        shift = self.b_dec if self.cfg.apply_b_dec_to_input else torch.zeros_like(self.b_dec)
+        x_s, y_s = self.scaled_pair(x, y)
+        centre = self.b_dec if self.cfg.apply_b_dec_to_input else x_s.new_zeros(self.cfg.d_in)
         values, rows, latents, pre_dead = sparse_encode(
-            x_s, shift, self.W_enc, self.b_enc, select, dead
+            x_s, centre, self.W_enc, self.b_enc, select, dead
         )
         values = values.relu()
-        parts, x_hat_s = self.sparse_reconstruction_loss(values, rows, latents, x_s)
+        parts, y_hat_s = self.sparse_reconstruction_loss(
+            values, rows, latents, y_s, self.offset(x_s)
+        )
         parts["auxiliary_reconstruction_loss"] = (
-            self.dead_auxk_loss(x_s, x_hat_s, pre_dead, dead, ctx)
+            self.dead_auxk_loss(y_s, y_hat_s, pre_dead, dead, ctx)
             if len(dead)
-            else x_s.new_zeros(())
+            else y_s.new_zeros(())
         )
         active = values.detach() > 0
         # entries ReLU'd to zero mark a spare slot past the end: a boolean index would make the
@@ -208,7 +275,7 @@ class SAE(nn.Module):
         fired = torch.zeros(self.cfg.d_sae + 1, dtype=torch.bool, device=x.device)
         fired = fired.index_fill_(0, slots, True)[:-1]
         return LossOutput(
-            sum(parts.values()), x_hat_s / self.input_scale, parts, fired,
+            sum(parts.values()), y_hat_s / self.output_scale, parts, fired,
             active.sum() / len(x), smallest=smallest_active(values.detach()),
         )  # fmt: skip
 
@@ -218,24 +285,24 @@ class SAE(nn.Module):
             return torch.zeros(0, dtype=torch.long, device=self.W_dec.device)
         return ctx.dead.nonzero().squeeze(1)
 
-    def auxk_loss(self, x_s: Tensor, x_hat_s: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
-        """AuxK (Gao et al. 2024): the top k_aux = d_in/2 dead latents reconstruct the residual
+    def auxk_loss(self, y_s: Tensor, y_hat_s: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        """AuxK (Gao et al. 2024): the top k_aux = d_out/2 dead latents reconstruct the residual
         the live ones left, which gives dead latents a gradient back to useful directions."""
         dead = self.dead_latents(ctx)
         if not len(dead):
             return pre.new_zeros(())
-        return self.dead_auxk_loss(x_s, x_hat_s, pre[:, dead], dead, ctx)
+        return self.dead_auxk_loss(y_s, y_hat_s, pre[:, dead], dead, ctx)
 
     def dead_auxk_loss(
-        self, x_s: Tensor, x_hat_s: Tensor, pre_dead: Tensor, dead: Tensor, ctx: TrainContext
+        self, y_s: Tensor, y_hat_s: Tensor, pre_dead: Tensor, dead: Tensor, ctx: TrainContext
     ) -> Tensor:
         """AuxK from the dead latents' pre-activations [batch, n_dead] alone: dense matmuls over
         the dead columns, usually a small share of d_sae; scaled down when fewer than k_aux."""
-        k_aux = min(self.cfg.d_in // 2, len(dead))
+        half = max(1, self.cfg.d_out // 2)
+        k_aux = min(half, len(dead))
         residual_hat = auxk_activation(pre_dead, k_aux) @ self.W_dec[dead]
-        residual = (x_s - x_hat_s).detach()
-        scale = k_aux / (self.cfg.d_in // 2)
-        return ctx.aux_coefficient * scale * mse(residual_hat, residual)
+        residual = (y_s - y_hat_s).detach()
+        return ctx.aux_coefficient * (k_aux / half) * mse(residual_hat, residual)
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
@@ -270,14 +337,16 @@ class SAE(nn.Module):
 
     # -- input normalization ------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:
-        """The weights with the input scale s folded in, so that s = 1 gives the same outputs:
-        W_enc * s, W_dec / s, b_dec / s (pre-activations are unchanged)."""
+        """The weights with the scales s and t folded in, so that s = t = 1 gives the same
+        outputs: W_enc * s, W_dec / t, b_dec / t, W_skip * s / t (pre-activations unchanged)."""
         state = {name: t.detach() for name, t in self.state_dict().items()}
-        s = self.input_scale
-        if s != 1.0:
+        s, t = self.input_scale, self.output_scale
+        if (s, t) != (1.0, 1.0):
             state["W_enc"] = state["W_enc"] * s
-            state["W_dec"] = state["W_dec"] / s
-            state["b_dec"] = state["b_dec"] / s
+            state["W_dec"] = state["W_dec"] / t
+            state["b_dec"] = state["b_dec"] / t
+            if self.cfg.skip:
+                state["W_skip"] = state["W_skip"] * (s / t)
         return state
 
     def save(self, path: str) -> None:
@@ -288,7 +357,9 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook={c.hook_name!r}"
+        out = f" -> {c.hook_name_out!r}, d_out={c.d_out}" if c.is_transcoder else ""
+        skip = ", skip" if c.skip else ""
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, hook={c.hook_name!r}{out}{skip}"
 
 
 @register
@@ -296,14 +367,24 @@ class StandardSAE(SAE):
     """ReLU SAE trained with an L1 penalty: z = relu(pre)."""
 
     architecture = saelens_architecture = "standard"
+    sparsity_coefficient = 5.0
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
 
-    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+    def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """L1 of the codes weighted by decoder norms (Anthropic, April 2024): the decoder is left
         free, and shrinking codes by growing rows gains nothing."""
         return {"l1_loss": ctx.sparsity_coefficient * (z * self.W_dec.norm(dim=1)).sum(-1).mean()}
+
+
+def unit_rows(n: int, d: int, kw: dict[str, Any]) -> Tensor:
+    """[n, d], rows of unit norm in random directions (Kaiming-uniform, normalized)."""
+    rows = torch.empty(n, d, **kw)
+    if rows.device.type != "meta":
+        nn.init.kaiming_uniform_(rows)
+        rows /= rows.norm(dim=1, keepdim=True)
+    return rows
 
 
 def topk_activation(pre: Tensor, k: int) -> Tensor:
@@ -353,13 +434,13 @@ class TopKSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)
 
-    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+    def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """AuxK, as the dense reference (SAE.training_loss) computes it; training takes the
         sparse path below."""
-        return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+        return {"auxiliary_reconstruction_loss": self.auxk_loss(y_s, y_hat_s, pre, ctx)}
 
-    def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
-        return self.sparse_training_loss(x, ctx, topk_selection(self.cfg.k))
+    def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
+        return self.sparse_training_loss(x, ctx, topk_selection(self.cfg.k), y)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -414,10 +495,15 @@ class JumpReLUSAE(SAE):
 
     architecture = saelens_architecture = "jumprelu"
     latent_scaled = ("b_enc", "threshold")
+    sparsity_coefficient = 1.0
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:
         super().init_encoder_params(kw)
         self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+
+    @torch.no_grad()
+    def start_training(self, x_s: Tensor, y_s: Tensor) -> None:
+        self.threshold.fill_(0.01)  # above 0, so the kernel estimator sees pre-activations near it
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
@@ -425,7 +511,7 @@ class JumpReLUSAE(SAE):
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         return JumpReLUSTE.apply(pre, self.threshold, ctx.bandwidth)
 
-    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+    def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """L0 through the step function's straight-through estimator (Rajamanoharan et al.)."""
         l0 = StepSTE.apply(pre, self.threshold, ctx.bandwidth).sum(-1).mean()
         return {"l0_loss": ctx.sparsity_coefficient * l0}
@@ -445,6 +531,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
     uses_k = True
+    batch_wide = True
     latent_scaled = ()
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:
@@ -457,14 +544,22 @@ class BatchTopKSAE(SAE):
     def batch_activate(self, pre: Tensor) -> Tensor:
         return batch_topk_activation(pre, self.cfg.k)
 
+    @torch.no_grad()
+    def reach_step(self, step: int, total_steps: int) -> None:
+        """The inference threshold averages the smallest kept activation over the last fifth of
+        training only: early codes are larger (~3x at init), and at the average's rate of 0.01 a
+        run of a few hundred steps kept enough of them to cut L0 by a third."""
+        if step == int(0.8 * total_steps):
+            self.threshold.zero_()  # after_step starts the average afresh
+
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         return self.batch_activate(pre)
 
-    def penalties(self, x_s, pre, z, x_hat_s, ctx):
-        return {"auxiliary_reconstruction_loss": self.auxk_loss(x_s, x_hat_s, pre, ctx)}
+    def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
+        return {"auxiliary_reconstruction_loss": self.auxk_loss(y_s, y_hat_s, pre, ctx)}
 
-    def training_loss(self, x: Tensor, ctx: TrainContext) -> LossOutput:
-        return self.sparse_training_loss(x, ctx, batch_topk_selection(self.cfg.k))
+    def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
+        return self.sparse_training_loss(x, ctx, batch_topk_selection(self.cfg.k), y)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -497,43 +592,48 @@ class MatryoshkaSAE(BatchTopKSAE):
     def widths(self) -> list[int]:
         return list(self.cfg.matryoshka_widths) or default_matryoshka_widths(self.cfg.d_sae)
 
-    def reconstruction_loss(self, z: Tensor, x_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        return self.prefix_losses(self.prefix_decodes(z, scaled=True), x_s)
+    def reconstruction_loss(
+        self, z: Tensor, y_s: Tensor, offset: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        dtype = self.W_dec.dtype
+        decodes = self.prefix_sums(
+            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end], offset
+        )
+        return self.prefix_losses(decodes, y_s)
 
     def sparse_reconstruction_loss(
-        self, values: Tensor, rows: Tensor, latents: Tensor, x_s: Tensor
+        self, values: Tensor, rows: Tensor, latents: Tensor, y_s: Tensor, offset: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Each group of latents decodes its own entries; the groups' decodes add up to the
         prefixes', so the decoder costs what one full sparse decode costs."""
 
         def group(start: int, end: int) -> Tensor:
             keep = (latents >= start) & (latents < end)
-            return sparse_decode(values[keep], rows[keep], latents[keep], self.W_dec, len(x_s))
+            return sparse_decode(values[keep], rows[keep], latents[keep], self.W_dec, len(y_s))
 
-        return self.prefix_losses(self.prefix_sums(group), x_s)
+        return self.prefix_losses(self.prefix_sums(group, offset), y_s)
 
-    def prefix_losses(self, decodes: list[Tensor], x_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def prefix_losses(self, decodes: list[Tensor], y_s: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Every prefix's MSE, summed into the loss as in the paper and SAELens, under SAELens's
         names: mse_loss for the full SAE, inner_mse_loss_<m> for the first m latents."""
         inner = {
-            f"inner_mse_loss_{m}": mse(x_hat, x_s)
-            for m, x_hat in zip(self.widths[:-1], decodes[:-1], strict=True)
+            f"inner_mse_loss_{m}": mse(y_hat, y_s)
+            for m, y_hat in zip(self.widths[:-1], decodes[:-1], strict=True)
         }
-        return {"mse_loss": mse(decodes[-1], x_s), **inner}, decodes[-1]
+        return {"mse_loss": mse(decodes[-1], y_s), **inner}, decodes[-1]
 
-    def prefix_decodes(self, z: Tensor, scaled: bool = False) -> list[Tensor]:
-        """x_hat from the first m latents, for each prefix width m; the last equals decode(z).
-        `scaled` keeps them in the SAE's normalized units (for the loss)."""
+    def prefix_decodes(self, z: Tensor) -> list[Tensor]:
+        """decode(z) from the first m latents only, for each prefix width m; the last is decode(z)."""
         dtype = self.W_dec.dtype
         decodes = self.prefix_sums(
-            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end]
+            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end], self.b_dec
         )
-        return decodes if scaled else [x_hat / self.input_scale for x_hat in decodes]
+        return [y_hat / self.output_scale for y_hat in decodes]
 
-    def prefix_sums(self, group: Callable[[int, int], Tensor]) -> list[Tensor]:
-        """b_dec plus the decode of latents [0, m), for each prefix width m, from group(start,
+    def prefix_sums(self, group: Callable[[int, int], Tensor], offset: Tensor) -> list[Tensor]:
+        """offset plus the decode of latents [0, m), for each prefix width m, from group(start,
         end), the decode of latents [start, end)."""
-        out, partial, start = [], self.b_dec, 0
+        out, partial, start = [], offset, 0
         for end in self.widths:
             partial = partial + group(start, end)
             out.append(partial)
@@ -559,6 +659,7 @@ class GatedSAE(SAE):
 
     architecture = saelens_architecture = "gated"
     latent_scaled = ("b_gate", "b_mag")
+    sparsity_coefficient = 5.0
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:
         self.b_gate = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
@@ -578,13 +679,13 @@ class GatedSAE(SAE):
         magnitude = (self.sae_input(x) @ (self.W_enc * self.r_mag.exp()) + self.b_mag).relu()
         return (pre > 0) * magnitude
 
-    def penalties(self, x_s, pre, z, x_hat_s, ctx):
+    def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """L1 on the gate's ReLU'd pre-activations (weighted by decoder norms), and an auxiliary
-        loss that makes those alone reconstruct x through a frozen decoder, which gives the gate
-        its gradient (Rajamanoharan et al. 2024)."""
+        loss that makes those alone reconstruct the target through a frozen decoder (and frozen
+        b_dec and skip path), which gives the gate its gradient (Rajamanoharan et al. 2024)."""
         gate = pre.relu()
-        aux_hat = gate @ self.W_dec.detach() + self.b_dec.detach()
+        aux_hat = gate @ self.W_dec.detach() + offset.detach()
         return {
             "l1_loss": ctx.sparsity_coefficient * (gate * self.W_dec.norm(dim=1)).sum(-1).mean(),
-            "auxiliary_reconstruction_loss": mse(aux_hat, x_s),
+            "auxiliary_reconstruction_loss": mse(aux_hat, y_s),
         }

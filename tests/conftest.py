@@ -113,22 +113,31 @@ def synthetic(n_features=64, d=32, p=0.04, batch=2048, seed=0):
 def synthetic_cache(path, rows=20_000, d=64, shard_rows=2_000, seed=0, nan_row=None):
     """A cache of synthetic() rows; row `nan_row` of the first shard has a NaN."""
     _, batches = synthetic(n_features=4 * d, d=d, batch=shard_rows, seed=seed)
-    identity = {"model": "synthetic", "revision": "0", "hookpoints": [HOOK], "d_in": {HOOK: d}, "dtype": "float32",
-                "context_size": 128, "prepend_bos": True, "dataset": "synthetic", "pack": True, "seed": 0}  # fmt: skip
-    writer = CacheWriter(str(path), identity)
-    for i, x in enumerate(batches(rows // shard_rows)):
-        n = len(x)
-        if i == 0 and nan_row is not None:
-            x[nan_row, 3] = float("nan")
-        meta = torch.arange(i * n, (i + 1) * n)
-        writer.write_shard(
-            {
-                f"acts.{HOOK}": x,
-                "tokens": meta.int(),
-                "docs": meta.int(),
-                "positions": meta.int(),
-                "windows": meta,
-            }
-        )
+
+    def shards():
+        for i, x in enumerate(batches(rows // shard_rows)):
+            if i == 0 and nan_row is not None:
+                x[nan_row, 3] = float("nan")
+            yield {HOOK: x}
+
+    return write_cache(path, shards())
+
+
+def write_cache(path, shards):
+    """A cache of the given {hook: [rows, d]} shards, with made-up token metadata."""
+    writer, first = None, 0
+    for shard in shards:
+        if writer is None:
+            identity = {"model": "synthetic", "revision": "0", "hookpoints": list(shard),
+                        "d_in": {h: x.shape[-1] for h, x in shard.items()}, "dtype": "float32",
+                        "context_size": 128, "prepend_bos": True, "dataset": "synthetic",
+                        "pack": True, "seed": 0}  # fmt: skip
+            writer = CacheWriter(str(path), identity)
+        n = len(next(iter(shard.values())))
+        meta = torch.arange(first, first + n)
+        first += n
+        acts = {f"acts.{h}": x for h, x in shard.items()}
+        writer.write_shard({**acts, "tokens": meta.int(), "docs": meta.int(),
+                            "positions": meta.int(), "windows": meta})  # fmt: skip
     writer.finish()
     return ActivationCache(str(path))

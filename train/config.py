@@ -62,7 +62,9 @@ class HarvestConfig:
         if self.dtype not in CACHE_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {CACHE_DTYPES}")
         if self.precision not in ("auto", *CACHE_DTYPES):
-            raise ValueError(f"precision {self.precision!r} is not one of {('auto', *CACHE_DTYPES)}")
+            raise ValueError(
+                f"precision {self.precision!r} is not one of {('auto', *CACHE_DTYPES)}"
+            )
 
 
 @dataclass
@@ -86,11 +88,13 @@ class SAESpec:
     """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default."""
     hook: str = ""
     """Hookpoint to train on (empty: the cache's only one)."""
+    hook_out: str = ""
+    """Hookpoint to predict (empty: `hook`, an SAE); another one trains a transcoder, e.g.
+    --hook blocks.6.mlp.hook_in --hook-out blocks.6.hook_mlp_out."""
+    skip: bool = False
+    """Add a linear skip path from input to output (a skip transcoder)."""
     name: str = ""
     """Directory name under the run's output (empty: derived from the settings)."""
-
-
-SPARSITY_DEFAULTS = {"standard": 5.0, "gated": 5.0, "jumprelu": 1.0}
 
 
 @dataclass

@@ -107,7 +107,9 @@ def native_precision(dtype: str, device: torch.device) -> bool:
         return dtype == "float16" or torch.cuda.is_bf16_supported()
     mkldnn = torch.ops.mkldnn
     probe = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}
-    return device.type == "cpu" and hasattr(mkldnn, probe[dtype]) and getattr(mkldnn, probe[dtype])()
+    return (
+        device.type == "cpu" and hasattr(mkldnn, probe[dtype]) and getattr(mkldnn, probe[dtype])()
+    )
 
 
 def resolve_precision(precision: str, dtype: str, device: torch.device) -> str:

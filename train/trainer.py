@@ -31,11 +31,11 @@ from torch import Tensor
 
 from sae.config import SAEConfig
 from sae.locks import exclusive
-from sae.models import REGISTRY, SAE, BatchTopKSAE, LossOutput, TrainContext
+from sae.models import REGISTRY, SAE, LossOutput, TrainContext
 from sae.progress import progress
 from train import checkpoint
 from train.cache import ActivationCache
-from train.config import SPARSITY_DEFAULTS, HarvestConfig, SAESpec, TrainConfig
+from train.config import HarvestConfig, SAESpec, TrainConfig
 from train.distributed import World
 from train.harvest import host_core_spare, resolve_device
 from train.tracking import Tracker
@@ -212,12 +212,25 @@ class Member:
     def hook(self) -> str:
         return self.sae.cfg.hook_name
 
+    @property
+    def hook_out(self) -> str:
+        return self.sae.cfg.hook_name_out
+
+    def target(self, batch: dict[str, Tensor]) -> Tensor:
+        """What the member predicts from batch[hook]: the same rows, or a transcoder's output."""
+        return batch[self.hook_out]
+
 
 def member_name(spec: SAESpec) -> str:
     if spec.name:
         return spec.name
     k = f"-k{spec.k}" if getattr(REGISTRY.get(spec.architecture), "uses_k", False) else ""
-    return f"{spec.architecture}{k}-x{spec.expansion_factor if not spec.d_sae else spec.d_sae}-{spec.hook.replace('.', '_')}"
+    width = spec.expansion_factor if not spec.d_sae else spec.d_sae
+    hooks = [spec.hook] + ([spec.hook_out] if spec.hook_out not in ("", spec.hook) else [])
+    skip = "-skip" if spec.skip else ""
+    return f"{spec.architecture}{k}-x{width}{skip}-" + "-to-".join(
+        h.replace(".", "_") for h in hooks
+    )
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -248,23 +261,24 @@ def geometric_median(x: Tensor, iterations: int = 30) -> Tensor:
 def build_member(
     cfg: TrainConfig,
     spec: SAESpec,
-    d_in: int,
-    scale: float,
+    source: Source,
     total_steps: int,
     device: torch.device,
     meta: dict,
 ) -> Member:
+    d_in, hook_out = source.d_in[spec.hook], spec.hook_out or spec.hook
     d_sae = spec.d_sae or spec.expansion_factor * d_in
+    transcoder = hook_out != spec.hook or spec.skip
     sae_cfg = SAEConfig(
-        architecture=spec.architecture, d_in=d_in, d_sae=d_sae, k=spec.k, hook_name=spec.hook, device=str(device),
+        architecture=spec.architecture, d_in=d_in, d_sae=d_sae, k=spec.k, hook_name=spec.hook,
+        hook_name_out=hook_out, d_out=source.d_in[hook_out], skip=spec.skip,
+        apply_b_dec_to_input=not transcoder, device=str(device),
         matryoshka_widths=list(spec.matryoshka_widths),
         normalize_activations="expected_average_only_in" if cfg.normalize else "none",
-        norm_scaling_factor=scale if cfg.normalize else 1.0, **meta,
+        norm_scaling_factor=source.scale[spec.hook] if cfg.normalize else 1.0,
+        norm_scaling_factor_out=source.scale[hook_out] if cfg.normalize else 1.0, **meta,
     )  # fmt: skip
     sae = REGISTRY[sae_cfg.architecture](sae_cfg)
-    if spec.architecture == "jumprelu":
-        with torch.no_grad():
-            sae.threshold.fill_(0.01)
     lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
@@ -345,9 +359,9 @@ class Trainer:
         if isinstance(data, ActivationCache):
             specs = [replace(s, hook=s.hook or _only(data.hookpoints)) for s in cfg.specs()]
             for spec in specs:
-                if spec.hook not in data.hookpoints:
+                for hook in {spec.hook, spec.hook_out} - {"", *data.hookpoints}:
                     raise ValueError(
-                        f"SAE {member_name(spec)} wants hookpoint {spec.hook!r}, but {data.url} has {data.hookpoints}"
+                        f"SAE {member_name(spec)} wants hookpoint {hook!r}, but {data.url} has {data.hookpoints}"
                     )
             manifest = data.manifest
             meta = {
@@ -366,24 +380,21 @@ class Trainer:
             }
         else:
             specs = [replace(s, hook=s.hook or SAEConfig.hook_name) for s in cfg.specs()]
-            if len({s.hook for s in specs}) > 1:
+            if len({s.hook for s in specs} | {s.hook_out for s in specs} - {""}) > 1:
                 raise ValueError(
-                    "a stream of tensors feeds one hookpoint; give every SAE the same `hook`"
+                    "a stream of tensors feeds one hookpoint; give every SAE the same `hook` "
+                    "(transcoders need a cache or a model stream with both hookpoints)"
                 )
             meta = {"model_name": "", "dataset_path": ""}  # unknown: not the defaults' SmolLM2
-        self.source = Source(data, sorted({s.hook for s in specs}), cfg.batch_size, cfg.seed)
+        hooks = sorted({s.hook for s in specs} | {s.hook_out for s in specs} - {""})
+        self.source = Source(data, hooks, cfg.batch_size, cfg.seed)
         self.total_steps = cfg.total_tokens // cfg.batch_size
-        # BatchTopK's inference threshold averages the smallest kept activation over the last
-        # fifth of training only: early codes are larger (~3x at init), and with the average's
-        # rate of 0.01 a run of a few hundred steps kept enough of them to cut L0 by a third
-        self.threshold_from = int(0.8 * self.total_steps)
         self.members = []
         for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
             self.members.append(
-                build_member(cfg, s, self.source.d_in[s.hook], self.source.scale[s.hook],
-                             self.total_steps, self.device, meta)
-            )  # fmt: skip
+                build_member(cfg, s, self.source, self.total_steps, self.device, meta)
+            )
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")
@@ -406,24 +417,24 @@ class Trainer:
         )
         for m in self.members:
             x = self.world.shard(batch[m.hook]).to(self.device, non_blocking=True).float()
-            coefficient = m.spec.sparsity_coefficient or SPARSITY_DEFAULTS.get(
-                m.spec.architecture, 0.0
-            )
+            y = None
+            if m.sae.cfg.is_transcoder:
+                y = self.world.shard(m.target(batch)).to(self.device, non_blocking=True).float()
+            coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
             ctx = TrainContext(
                 coefficient * warm,
                 self.cfg.aux_coefficient,
                 m.tokens_since_fired > self.dead_tokens,
             )
+            m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
-                out = m.sae.training_loss(x, ctx)
+                out = m.sae.training_loss(x, ctx, y)
             m.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             self.world.average_gradients(m.sae)
             m.sae.before_step()
             m.optimizer.step()
             m.schedule.step()
-            if isinstance(m.sae, BatchTopKSAE) and self.step == self.threshold_from:
-                m.sae.threshold.zero_()  # after_step starts the average afresh
             m.sae.after_step(out)
             self.world.average_buffers(m.sae)
             # a NaN/inf loss on any rank stops the run: ORed with the fired latents over ranks
@@ -432,16 +443,17 @@ class Trainer:
             fired, diverged[m.name] = flags[:-1], flags[-1]
             m.tokens_since_fired += len(batch[m.hook])  # global rows: `fired` is over ranks
             m.tokens_since_fired.masked_fill_(fired, 0)
-            metrics.update(self.member_metrics(m, x, out))
+            metrics.update(self.member_metrics(m, x if y is None else y, out))
         return StepMetrics(metrics, diverged)
 
-    def member_metrics(self, m: Member, x: Tensor, out: LossOutput) -> dict[str, Tensor | float]:
-        """SAELens's W&B names; suffixed with the SAE's name when a run trains several."""
+    def member_metrics(self, m: Member, y: Tensor, out: LossOutput) -> dict[str, Tensor | float]:
+        """SAELens's W&B names (explained variance of the target y: an SAE's input, a
+        transcoder's output); suffixed with the SAE's name when a run trains several."""
         with torch.no_grad():
-            variance = (x - x.mean(0)).pow(2).sum()
+            variance = (y - y.mean(0)).pow(2).sum()
             values = {f"losses/{k}": v.detach() for k, v in out.parts.items()}
             values["losses/overall_loss"] = out.loss.detach()
-            values["metrics/explained_variance"] = 1 - (x - out.x_hat).pow(2).sum() / variance
+            values["metrics/explained_variance"] = 1 - (y - out.x_hat).pow(2).sum() / variance
             values["metrics/l0"] = out.l0
             values["sparsity/dead_features"] = (m.tokens_since_fired > self.dead_tokens).sum()
             values["details/current_learning_rate"] = m.optimizer.param_groups[0]["lr"]
@@ -471,14 +483,18 @@ class Trainer:
         tracker.log(values, step)
 
     def init_b_dec(self, batch: dict[str, Tensor]) -> None:
-        """b_dec starts at the geometric median (or mean) of the first batch, in the SAE's units."""
+        """b_dec starts at the geometric median (or mean) of the first batch's targets, in the
+        dictionary's units; then the architecture's own start (JumpReLU's threshold)."""
         for m in self.members:
-            if self.cfg.b_dec_init == "zeros":
-                continue
             x = batch[m.hook].to(self.device).float() * m.sae.input_scale
-            centre = geometric_median(x) if self.cfg.b_dec_init == "geometric_median" else x.mean(0)
-            with torch.no_grad():
-                m.sae.b_dec.copy_(centre)
+            y = m.target(batch).to(self.device).float() * m.sae.output_scale
+            if self.cfg.b_dec_init != "zeros":
+                centre = (
+                    geometric_median(y) if self.cfg.b_dec_init == "geometric_median" else y.mean(0)
+                )
+                with torch.no_grad():
+                    m.sae.b_dec.copy_(centre)
+            m.sae.start_training(x, y)
 
     def run(self) -> list[SAE]:
         """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone
@@ -665,7 +681,7 @@ class Trainer:
             )
         if meta.get("data") is not None and meta["data"] != self.source.identity:
             changed["data"] = (meta["data"], self.source.identity)
-        batch_wide = [m.name for m in self.members if isinstance(m.sae, BatchTopKSAE)]
+        batch_wide = [m.name for m in self.members if m.sae.batch_wide]
         if batch_wide and meta.get("world_size", self.world.size) != self.world.size:
             # each process picks its batch top-k among its own rows (per-row SAEs do not care)
             changed[f"processes ({', '.join(batch_wide)} select within each)"] = (

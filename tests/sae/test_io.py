@@ -156,8 +156,8 @@ def test_unknown_architecture_is_named(saved):
 
 
 def test_unknown_saelens_architecture_is_named(saved):
-    edit_cfg(saved, lambda c: (c.pop("sae_forge"), c.update(architecture="transcoder")))
-    with pytest.raises(sae.FormatError, match="SAELens architecture 'transcoder' is not supported"):
+    edit_cfg(saved, lambda c: (c.pop("sae_forge"), c.update(architecture="temporal")))
+    with pytest.raises(sae.FormatError, match="SAELens architecture 'temporal' is not supported"):
         sae.load(saved)
 
 

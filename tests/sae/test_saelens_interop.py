@@ -213,3 +213,68 @@ def test_training_loss_and_gradients_match_saelens(architecture):
         if name not in frozen_decoder and name != "threshold" or architecture == "jumprelu":
             q = dict(theirs.named_parameters())[name]
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+TRANSCODER = {"hook_name": "blocks.6.mlp.hook_in", "hook_name_out": "blocks.6.hook_mlp_out",
+              "d_out": 8, "apply_b_dec_to_input": False}  # fmt: skip
+SAELENS_TRANSCODERS = {
+    ("standard", False): "Transcoder",
+    ("standard", True): "SkipTranscoder",
+    ("jumprelu", False): "JumpReLUTranscoder",
+    ("jumprelu", True): "JumpReLUSkipTranscoder",
+    ("batchtopk", False): "JumpReLUTranscoder",  # inference: a JumpReLU, as for SAEs
+    ("batchtopk", True): "JumpReLUSkipTranscoder",
+}
+
+
+def assert_same_predictions(ours, theirs):
+    """Same codes (non-trivially sparse), decodes and predictions (skip path included)."""
+    x = torch.randn(32, 12) * 3
+    z = ours.encode(x)
+    assert (z != 0).any() and (z == 0).any() and ours(x).shape == (32, 8)
+    torch.testing.assert_close(theirs.encode(x), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.decode(z), ours.decode(z), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("architecture", "skip"), list(SAELENS_TRANSCODERS))
+@pytest.mark.parametrize("normalized", [False, True])
+@torch.no_grad()
+def test_our_transcoders_load_in_saelens_transcoder_classes(
+    tmp_path, architecture, skip, normalized
+):
+    """Input and output scales (0.6 and 1.7) fold into W_enc, W_dec, b_dec and W_skip on save."""
+    extra = (
+        {"normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.6,
+         "norm_scaling_factor_out": 1.7} if normalized else {}
+    )  # fmt: skip
+    ours = make_sae(architecture, d_in=12, d_sae=40, k=4, skip=skip, **TRANSCODER, **extra)
+    ours.save(tmp_path)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path))
+    assert type(theirs).__name__ == SAELENS_TRANSCODERS[architecture, skip]
+    assert theirs.cfg.metadata.hook_name_out == "blocks.6.hook_mlp_out"
+    assert_same_predictions(ours, theirs)
+    again = sae.load(tmp_path)
+    assert again.cfg.hook_name_out == "blocks.6.hook_mlp_out" and again.cfg.skip == skip
+    assert_same_predictions(again, theirs)
+
+
+@pytest.mark.parametrize("cls_name", sorted(set(SAELENS_TRANSCODERS.values())))
+@torch.no_grad()
+def test_saelens_transcoders_load_in_ours(tmp_path, cls_name):
+    cfg = getattr(sae_lens, cls_name + "Config")(
+        d_in=12, d_sae=40, d_out=8, apply_b_dec_to_input=False
+    )
+    cfg.metadata.hook_name = "blocks.3.mlp.hook_in"
+    cfg.metadata.hook_name_out = "blocks.3.hook_mlp_out"
+    theirs = getattr(sae_lens, cls_name)(cfg)
+    torch.manual_seed(0)
+    for p in theirs.parameters():
+        p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.5))
+    if "JumpReLU" in cls_name:
+        theirs.threshold.copy_(torch.rand_like(theirs.threshold) * 0.5)
+    theirs.save_model(str(tmp_path))
+    ours = sae.load(tmp_path)
+    assert ours.cfg.hook_name_out == "blocks.3.hook_mlp_out" and ours.cfg.d_out == 8
+    assert ours.cfg.skip == ("Skip" in cls_name) and ours.cfg.is_transcoder
+    assert_same_predictions(ours, theirs)

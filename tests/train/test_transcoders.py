@@ -1,0 +1,145 @@
+"""Transcoders: every sparsity rule trained to predict one hookpoint from another, with and
+without a skip path, from a two-hook cache; on synthetic pairs with known features and on
+SmolLM2's MLP (input after its norm -> output)."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.functional import normalize
+
+import sae
+import train
+from tests.conftest import write_cache
+from train.harvest import harvest
+
+IN, OUT = "blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"
+
+
+def pairs(rows=40_000, d_in=24, d_out=16, n_features=48, p=0.05, linear=None, seed=0):
+    """x = c @ F_in and y = c @ F_out for the same sparse codes c (plus x @ linear when given):
+    a transcoder's latents should find the pairs of rows (F_in[i], F_out[i])."""
+    g = torch.Generator().manual_seed(seed)
+    f_in = normalize(torch.randn(n_features, d_in, generator=g), dim=1)
+    f_out = normalize(torch.randn(n_features, d_out, generator=g), dim=1)
+    c = (torch.rand(rows, n_features, generator=g) < p) * (
+        0.5 + torch.rand(rows, n_features, generator=g)
+    )
+    x, y = c @ f_in, c @ f_out
+    if linear is not None:
+        y = y + x @ linear
+    return f_out, x, y
+
+
+def pair_cache(path, x, y, shard_rows=4000):
+    return write_cache(
+        path,
+        ({IN: a, OUT: b} for a, b in zip(x.split(shard_rows), y.split(shard_rows), strict=True)),
+    )
+
+
+def explained_variance(y_hat, y):
+    return float(1 - (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
+FIT = {"hook": IN, "hook_out": OUT, "batch_size": 1000, "warmup_steps": 10, "lr": 1e-2}
+
+
+def test_a_topk_transcoder_recovers_the_output_features(tmp_path):
+    f_out, x, y = pairs()
+    cache = pair_cache(tmp_path / "cache", x, y)
+    t = train.fit(
+        cache,
+        architecture="topk",
+        d_sae=96,
+        k=4,
+        total_tokens=400_000,
+        out=str(tmp_path / "run"),
+        **FIT,
+    )
+    assert (
+        t.cfg.is_transcoder
+        and (t.cfg.d_in, t.cfg.d_out) == (24, 16)
+        and not t.cfg.apply_b_dec_to_input
+    )
+    assert t.cfg.hook_name == IN and t.cfg.hook_name_out == OUT
+    with torch.no_grad():
+        assert explained_variance(t(x), y) > 0.83  # 0.87 here; an SAE of x reaches 0.91 on x
+        cos = normalize(t.W_dec, dim=1) @ f_out.T
+    assert cos.max(0).values.mean() > 0.97, "each true output direction has a latent (0.995)"
+    saved = sae.load(tmp_path / "run" / "topk-k4-x96-blocks_2_mlp_hook_in-to-blocks_2_hook_mlp_out")
+    torch.testing.assert_close(saved(x[:100]), t(x[:100]), atol=1e-5, rtol=1e-5)
+
+
+def test_the_skip_path_learns_the_linear_part(tmp_path):
+    """y = sparse part + x @ A: with the skip path the few latents are free for the sparse part."""
+    linear = torch.randn(24, 16, generator=torch.Generator().manual_seed(1)) * 0.5
+    _, x, y = pairs(linear=linear)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    scores = {}
+    for skip in (False, True):
+        t = train.fit(cache, architecture="topk", d_sae=96, k=2, skip=skip, total_tokens=400_000,
+                      out=str(tmp_path / f"run-{skip}"), **FIT)  # fmt: skip
+        with torch.no_grad():
+            scores[skip] = explained_variance(t(x), y)
+    assert scores[True] > 0.93 and scores[True] > scores[False] + 0.1, scores  # 0.96, 0.79 here
+
+
+@pytest.mark.parametrize("architecture", sae.ARCHITECTURES)
+@pytest.mark.parametrize("skip", [False, True])
+def test_every_rule_trains_as_a_transcoder_and_loads_back(tmp_path, architecture, skip):
+    _, x, y = pairs(rows=8000)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    settings = (
+        {**FIT, "sparsity_coefficient": 0.1}
+        if architecture in ("standard", "gated", "jumprelu")
+        else FIT
+    )
+    t = train.fit(cache, architecture=architecture, d_sae=64, k=4, skip=skip, total_tokens=40_000,
+                  out=str(tmp_path / "run"), **settings)  # fmt: skip
+    with torch.no_grad():
+        assert explained_variance(t(x), y) > 0.3, "it learnt something in 40 steps"
+    (folder,) = [p for p in (tmp_path / "run").iterdir() if (p / "cfg.json").exists()]
+    saved = sae.load(folder)
+    assert saved.cfg.skip == skip and saved.cfg.hook_name_out == OUT
+    torch.testing.assert_close(saved(x[:200]), t(x[:200]), atol=1e-5, rtol=1e-4)
+
+
+def test_an_output_hook_the_cache_lacks_is_named(tmp_path):
+    _, x, y = pairs(rows=4000)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    with pytest.raises(ValueError, match=r"wants hookpoint 'blocks.2.hook_resid_post', but .* has"):
+        train.fit(cache, hook=IN, hook_out="blocks.2.hook_resid_post", total_tokens=4000,
+                  batch_size=1000, out=str(tmp_path / "run"))  # fmt: skip
+
+
+def test_a_transcoder_needs_its_target():
+    t = sae.create("topk", d_in=6, d_sae=16, k=2, hook_name=IN, hook_name_out=OUT, d_out=4,
+                   apply_b_dec_to_input=False)  # fmt: skip
+    with pytest.raises(ValueError, match="trains on pairs: pass its target y"):
+        t.training_loss(torch.randn(8, 6), sae.models.TrainContext())
+    with pytest.raises(ValueError, match=r"should have shape \(8, 4\), got \(8, 6\)"):
+        t.training_loss(torch.randn(8, 6), sae.models.TrainContext(), torch.randn(8, 6))
+    with pytest.raises(sae.ConfigError, match="cannot centre its input by b_dec"):
+        sae.create("topk", d_in=6, d_sae=16, k=2, hook_name=IN, hook_name_out=OUT)
+
+
+def test_smollm2_mlp_transcoder_from_a_two_hook_harvest(tmp_path, smollm2):
+    """The cache's pairs are the MLP's own map (mlp_out = MLP(mlp_in), exactly), and a TopK
+    transcoder trained on 24k of them predicts held-out MLP outputs."""
+    cache = harvest(out=str(tmp_path / "cache"), hook=[IN, OUT], tokens=24_000, context_size=64,
+                    batch_size=8, shard_windows=64, dtype="float32", device="cpu")  # fmt: skip
+    rows = np.arange(500)
+    mlp = smollm2[0].model.layers[2].mlp
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mlp(cache.rows(rows, IN)), cache.rows(rows, OUT), atol=1e-4, rtol=1e-4
+        )
+    t = train.fit(cache.url, architecture="topk", d_sae=2304, k=32, hook=IN, hook_out=OUT,
+                  total_tokens=96_000, batch_size=1024, warmup_steps=10, lr=2e-3,
+                  out=str(tmp_path / "run"))  # fmt: skip
+    heldout = harvest(out=str(tmp_path / "heldout"), hook=[IN, OUT], tokens=4000, context_size=64,
+                      split="test", dtype="float32", device="cpu")  # fmt: skip
+    every = np.arange(len(heldout))
+    with torch.no_grad():
+        ev = explained_variance(t(heldout.rows(every, IN)), heldout.rows(every, OUT))
+    assert ev > 0.85, ev  # 0.897 here
