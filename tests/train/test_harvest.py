@@ -157,7 +157,9 @@ def test_a_bf16_cache_of_a_float32_forward_is_the_float32_cache_rounded(cache, t
     rows = np.arange(len(cache))
     for hook in HOOKS:
         assert torch.equal(rounded.rows(rows, hook), cache.rows(rows, hook).to(torch.bfloat16))
-    with pytest.raises(CacheMismatch, match="precision: cache has 'float32', this harvest 'bfloat16'"):
+    with pytest.raises(
+        CacheMismatch, match="precision: cache has 'float32', this harvest 'bfloat16'"
+    ):
         harvest(out=str(out), **{**SMALL, "dtype": "bfloat16", "precision": "bfloat16"})
 
 
