@@ -157,22 +157,23 @@ def score(
     codes = (
         SparseCodes(d.cfg.d_sae) if cfg.concepts else None
     )  # tokens x L0 entries: only for purity
-    hook, scored = d.cfg.hook_name, 0
+    hook, hook_out, scored = d.cfg.hook_name, d.cfg.hook_name_out, 0
     with progress(total=ids[:, 1:].numel(), unit="tok", desc="eval") as bar:
         for batch in ids.split(cfg.batch_size):
             batch = batch.to(cfg.device)
-            with torch.no_grad(), record(lm, [hook]) as acts:
+            with torch.no_grad(), record(lm, sorted({hook, hook_out})) as acts:
                 logits = lm(batch).logits
             x = acts[hook][:, 1:].reshape(-1, d.cfg.d_in).float()
+            y = acts[hook_out][:, 1:].reshape(-1, d.cfg.d_out).float()  # an SAE's: x
             with torch.no_grad():
                 z = d.encode(x)
-                recon.add(x, d.decode(z))
+                recon.add(y, d.predict(x, z))
             sparsity.add(z)
             if codes is not None:
                 codes.add(z)
             if examples is not None:
                 examples.add(z, scored)
-            losses.add(lm, d, batch, logits, acts[hook])
+            losses.add(lm, d, batch, logits, acts[hook_out])
             scored += len(x)
             bar.update(len(x))
 
@@ -199,14 +200,16 @@ def score(
 
 
 def check_fits(d: SAE, lm: nn.Module, name: str) -> None:
-    """Refuse, before any forward pass, an SAE whose hookpoint or width the model does not have."""
-    point = resolve_hook(lm, d.cfg.hook_name)  # unknown hookpoints raise, listing valid ones
-    width = point.width  # unknown for some module paths: the SAE's encode names a mismatch
-    if width is not None and d.cfg.d_in != width:
-        raise ValueError(
-            f"SAE d_in={d.cfg.d_in} does not fit {name}'s hookpoint {d.cfg.hook_name!r}, "
-            f"which is {width} wide"
-        )
+    """Refuse, before any forward pass, a dictionary whose hookpoints or widths the model does not
+    have (a transcoder's output too)."""
+    for hook, size, what in [(d.cfg.hook_name, d.cfg.d_in, "d_in"),
+                             (d.cfg.hook_name_out, d.cfg.d_out, "d_out")]:  # fmt: skip
+        point = resolve_hook(lm, hook)  # unknown hookpoints raise, listing valid ones
+        width = point.width  # unknown for some module paths: the SAE's encode names a mismatch
+        if width is not None and size != width:
+            raise ValueError(
+                f"SAE {what}={size} does not fit {name}'s hookpoint {hook!r}, which is {width} wide"
+            )
 
 
 def dataset_windows(tokenizer, cfg: EvalConfig) -> Iterator[Tensor]:

@@ -58,10 +58,11 @@ class SplicedLosses:
     def add(
         self, model: nn.Module, sae: SAE, ids: Tensor, clean_logits: Tensor, acts: Tensor
     ) -> None:
-        """`acts`: the hook's activation [batch, seq, d] in the clean pass (for the mean ablation)."""
+        """`acts`: the output hook's activation [batch, seq, d] in the clean pass (for the mean
+        ablation). A transcoder's variants replace its output hook (an MLP's output)."""
         clean_logp, clean_ce = _scored(clean_logits, ids)
         mean = acts[:, 1:].flatten(0, -2).mean(0)
-        hook = sae.cfg.hook_name
+        hook = sae.cfg.hook_name_out  # where the prediction goes (an SAE's own hook)
         variants: dict[str, AbstractContextManager] = {
             "sae": splice(model, sae, hook),
             "zero_ablation": edit(model, hook, _keep_first(torch.zeros_like)),
@@ -97,7 +98,7 @@ def spliced_losses(model: nn.Module, sae: SAE, batches: Iterable[Tensor]) -> dic
     averaged over every scored token of `batches` ([batch, seq] token ids starting with BOS)."""
     losses = SplicedLosses()
     for ids in batches:
-        with record(model, [sae.cfg.hook_name]) as acts:
+        with record(model, [sae.cfg.hook_name_out]) as acts:
             logits = model(ids).logits
-        losses.add(model, sae, ids, logits, acts[sae.cfg.hook_name])
+        losses.add(model, sae, ids, logits, acts[sae.cfg.hook_name_out])
     return losses.result()

@@ -166,22 +166,52 @@ def splice(
     latent_edit: Edit | None = None,
     skip_first: bool = True,
 ) -> Iterator[None]:
-    """Replace the activation x by the SAE's reconstruction.
+    """Replace the activation at the dictionary's output hook by its prediction: an SAE's
+    reconstruction of that activation, or a transcoder's prediction from its input hook's
+    activation in the same forward pass (the MLP's output from the MLP's input).
 
-    With `error_term`, the SAE's error x - sae(x) is added back, so the model runs exactly as clean
-    while every latent is in the computation graph: editing latents (`latent_edit` maps codes to
-    codes) then changes only what the edit changes. `hook` defaults to the SAE's own hook_name.
+    With `error_term`, the error (activation - prediction) is added back, so the model runs
+    exactly as clean while every latent is in the computation graph: editing latents
+    (`latent_edit` maps codes to codes) then changes only what the edit changes. `hook` is where
+    the prediction is written, by default the output hook (an SAE's hook_name).
     """
+    with ExitStack() as stack:
+        inputs = stack.enter_context(_inputs(model, sae)) if sae.cfg.is_transcoder else None
 
-    def fn(x: Tensor) -> Tensor:
-        z = sae.encode(x)
-        x_hat = sae.decode(latent_edit(z) if latent_edit else z)
-        if error_term:
-            x_hat = x_hat + (x.to(x_hat.dtype) - (sae.decode(z) if latent_edit else x_hat))
-        return x_hat.to(x.dtype)
+        def fn(y: Tensor) -> Tensor:
+            x = y if inputs is None else inputs()
+            z = sae.encode(x)
+            y_hat = sae.predict(x, latent_edit(z) if latent_edit else z)
+            if error_term:
+                y_hat = y_hat + (y.to(y_hat.dtype) - (sae(x) if latent_edit else y_hat))
+            return y_hat.to(y.dtype)
 
-    with _edit_positions(model, hook or sae.cfg.hook_name, fn, skip_first):
+        stack.enter_context(_edit_positions(model, hook or sae.cfg.hook_name_out, fn, skip_first))
         yield
+
+
+@contextmanager
+def _inputs(model: nn.Module, sae: SAE) -> Iterator[Callable[[], Tensor]]:
+    """Yield a function giving the transcoder's input activation of the current forward pass, for
+    its output hook (the input hook fires first: the MLP's pre-hook, then its output). An output
+    reached without its input is a splice that cannot work, named rather than misread."""
+    seen: list[Tensor] = []
+
+    def keep(x: Tensor) -> Tensor:
+        seen.append(x)
+        return x
+
+    def take() -> Tensor:
+        if not seen:
+            raise RuntimeError(
+                f"transcoder {sae.cfg.hook_name} -> {sae.cfg.hook_name_out}: the output hook ran "
+                "before the input hook; a transcoder replaces an output computed from its input "
+                "(an MLP's output from the MLP's input)"
+            )
+        return seen.pop()
+
+    with edit(model, sae.cfg.hook_name, keep):
+        yield take
 
 
 @contextmanager
@@ -215,17 +245,18 @@ def steer(
     hook: str | None = None,
     skip_first: bool = True,
 ) -> Iterator[None]:
-    """Add scale times the latent's decoder direction to the activation at every position.
-    The direction is W_dec[latent] in the model's units (input normalization undone)."""
+    """Add scale times the latent's decoder direction to the activation at every position of the
+    output hook (an SAE's own; a transcoder's output). The direction is W_dec[latent] in the
+    model's units (normalization undone)."""
     _check_latents(sae, [latent])
     if not math.isfinite(scale):
         raise ValueError(f"steering scale must be finite, got {scale}")
-    direction = (sae.W_dec[latent] / sae.input_scale).detach()
+    direction = (sae.W_dec[latent] / sae.output_scale).detach()
 
     def fn(x: Tensor) -> Tensor:
         return x + scale * direction.to(x.dtype)
 
-    with _edit_positions(model, hook or sae.cfg.hook_name, fn, skip_first):
+    with _edit_positions(model, hook or sae.cfg.hook_name_out, fn, skip_first):
         yield
 
 

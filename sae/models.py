@@ -156,12 +156,15 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_out]: the reconstruction, or a transcoder's prediction."""
-        y_hat = self.decode(self.encode(x))
+        return self.predict(x, self.encode(x))
+
+    def predict(self, x: Tensor, z: Tensor) -> Tensor:
+        """The output from codes z (edited or not) of the input x: decode(z), plus a skip
+        transcoder's linear path from x."""
+        y_hat = self.decode(z)
         if self.cfg.skip:
-            y_hat = (
-                y_hat
-                + self.skip_path(x.to(self.W_enc.dtype) * self.input_scale) / self.output_scale
-            )
+            x_s = x.to(self.W_enc.dtype) * self.input_scale
+            y_hat = y_hat + self.skip_path(x_s) / self.output_scale
         return y_hat
 
     def skip_path(self, x_s: Tensor) -> Tensor:

@@ -33,10 +33,26 @@ def test_train_bench_compares_ours_saelens_and_the_limit(tmp_path):
 
 
 def test_harvest_bench_compares_ours_the_bare_forward_and_saelens(tmp_path):
+    # float32: a CPU without native bf16 (AVX2 only) runs SmolLM2's bf16 forward 7x slower
     report = run_bench("harvest.py", tmp_path, "--batches", "1", "--rounds", "1",
-                       "--dtypes", "bfloat16", "--skip-memory")  # fmt: skip
+                       "--dtypes", "float32", "--skip-memory")  # fmt: skip
     assert [(r["dtype"], r["hookpoints"]) for r in report["results"]] == [
-        ("bfloat16", 1), ("bfloat16", 4),
+        ("float32", 1), ("float32", 4),
     ]  # fmt: skip
     for r in report["results"]:
         assert r["ours_vs_bare"] > 0 and r["ours_vs_saelens"] > 0 and r["ours_peak_rss_mib"] > 0
+
+
+def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
+    report = run_bench("transcoder.py", tmp_path, "--tokens", "8192", "--eval-tokens", "1000",
+                       "--expansion", "1", "--k", "8", "--layer", "1")  # fmt: skip
+    assert report["hooks"] == ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]
+    for name in ("transcoder", "sae"):
+        s = report["scores"][name]
+        assert s["explained_variance"] <= 1 and 0 < s["l0"] <= 8  # 2 steps: no quality yet
+    ratio = report["transcoder_over_sae"]["explained_variance"]
+    assert (
+        ratio
+        == report["scores"]["transcoder"]["explained_variance"]
+        / report["scores"]["sae"]["explained_variance"]
+    )

@@ -143,3 +143,29 @@ def test_smollm2_mlp_transcoder_from_a_two_hook_harvest(tmp_path, smollm2):
     with torch.no_grad():
         ev = explained_variance(t(heldout.rows(every, IN)), heldout.rows(every, OUT))
     assert ev > 0.85, ev  # 0.897 here
+    check_splicing(smollm2[0], t, ev, tmp_path)
+
+
+def check_splicing(model, t, ev, tmp_path):
+    """Spliced, the transcoder replaces the MLP's output with its prediction from the MLP's input;
+    with its error term added back the model is the clean one; `sae eval` scores it there."""
+    from eval.report import evaluate
+    from sae.hooks import splice
+
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1485, 282, 260, 2114, 30, 1205, 314]])
+    with torch.no_grad():
+        clean = model(ids).logits
+        with splice(model, t, error_term=True):
+            torch.testing.assert_close(model(ids).logits, clean, atol=1e-4, rtol=1e-4)
+        with splice(model, t):
+            spliced = model(ids).logits
+    assert not torch.allclose(spliced, clean, atol=1e-2), "the MLP's output was replaced"
+    report = evaluate(t, tokens=2000, concepts=False, absorption=False, device="cpu")
+    assert abs(report["explained_variance"] - ev) < 0.05, "output EV of the same kind of text"
+    assert 0.5 < report["ce_loss_recovered"] <= 1.0, report["ce_loss_recovered"]
+    assert report["l0"] == pytest.approx(32, abs=0.5)
+    upstream = sae.create("topk", d_in=576, d_sae=64, k=4, d_out=576, hook_name="blocks.3.mlp.hook_in",
+                          hook_name_out=OUT, apply_b_dec_to_input=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="the output hook ran before the input hook"):
+        with torch.no_grad(), splice(model, upstream):
+            model(ids)
