@@ -386,17 +386,15 @@ def _on_meta(cfg: SAEConfig) -> SAEConfig:
 
 
 # -- sparsify -------------------------------------------------------------------------------------
-SPARSIFY_UNSUPPORTED = {
-    "transcode": "a transcoder, not an autoencoder",
-    "skip_connection": "a skip connection (W_skip)",
-    "signed": "signed (absolute-value) TopK",
-}
+SPARSIFY_UNSUPPORTED = {"signed": "signed (absolute-value) TopK"}
 
 
 def load_sparsify(path: Path, device: str = "cpu", dtype: str | torch.dtype | None = None) -> SAE:
-    """Import EleutherAI sparsify's layout: cfg.json (d_in, k, num_latents or expansion_factor)
-    and sae.safetensors (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec).
-    sparsify subtracts b_dec before encoding and applies ReLU then per-row top-k: our TopK SAE."""
+    """Import EleutherAI sparsify's layout: cfg.json (d_in, k, num_latents or expansion_factor,
+    transcode, skip_connection) and sae.safetensors (encoder.weight [d_sae, d_in], encoder.bias,
+    W_dec [d_sae, d_in], b_dec, W_skip [d_in, d_in]). sparsify applies ReLU then per-row top-k:
+    our TopK SAE, which subtracts b_dec before encoding; a transcoder (`transcode`) does not, reads
+    its module's input and predicts its output, and adds x @ W_skip.T with a skip connection."""
     source = str(path / CFG_FILE)
     raw = read_cfg(path / CFG_FILE)
     for key, why in SPARSIFY_UNSUPPORTED.items():
@@ -428,6 +426,15 @@ def load_sparsify(path: Path, device: str = "cpu", dtype: str | torch.dtype | No
         "k": raw["k"],
         "hook_name": sparsify_hook_name(path.name),
     }
+    skip = bool(raw.get("skip_connection"))
+    if raw.get("transcode"):
+        values.update(hook_name=sparsify_input_hook_name(path.name, source),
+                      hook_name_out=values["hook_name"], skip=skip, apply_b_dec_to_input=False)  # fmt: skip
+    elif skip:
+        raise FormatError(
+            f"{source}: a sparsify autoencoder with a skip connection (its input centred by b_dec, "
+            "then a skip path from the raw input) is not a dictionary sae-forge expresses"
+        )
     if isinstance(model, str):
         values["model_name"] = model
     try:
@@ -439,8 +446,23 @@ def load_sparsify(path: Path, device: str = "cpu", dtype: str | torch.dtype | No
         "b_enc": weights["encoder.bias"],
         "W_dec": weights["W_dec"],
         "b_dec": weights["b_dec"],
+        **({"W_skip": weights["W_skip"]} if "W_skip" in weights else {}),
     }
     return build(cfg, state, str(path / SPARSIFY_WEIGHTS_FILE), device, dtype)
+
+
+def sparsify_input_hook_name(folder: str, source: str) -> str:
+    """What a sparsify transcoder reads: its module's input (`layers.6.mlp`: the MLP's input after
+    its norm; `layers.6`: the block's). Other modules' inputs have no hookpoint name here."""
+    parts = folder.split(".")
+    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
+        kind = {2: "hook_resid_pre"}.get(len(parts)) or {"mlp": "mlp.hook_in"}.get(parts[2])
+        if kind:
+            return f"blocks.{parts[1]}.{kind}"
+    raise FormatError(
+        f"{source}: a sparsify transcoder of module {folder!r}, whose input has no hookpoint name "
+        "here (layers.N and layers.N.mlp have)"
+    )
 
 
 def sparsify_hook_name(folder: str) -> str:

@@ -112,9 +112,37 @@ def test_sparsify_import_matches_sparsify_math(tmp_path):
     torch.testing.assert_close(d(x), x_hat)
 
 
-def test_sparsify_transcoder_is_refused(tmp_path):
-    write_sparsify(tmp_path / "layers.1", transcode=True)
-    with pytest.raises(sae.FormatError, match="transcoder"):
+@pytest.mark.parametrize("skip", [False, True])
+@torch.no_grad()
+def test_sparsify_transcoder_imports_with_sparsify_math(tmp_path, skip):
+    """sparsify's transcode: no b_dec subtracted from the input; the MLP module's input and output
+    are the hookpoints; a skip connection adds x @ W_skip.T (sparsify's `x @ W_skip.mT`)."""
+    folder = tmp_path / "layers.2.mlp"
+    w = write_sparsify(folder, transcode=True, skip_connection=skip)
+    if skip:
+        w["W_skip"] = torch.randn(6, 6) * 0.3
+        save_file(w, folder / "sae.safetensors")
+    d = sae.load(folder)
+    assert (d.cfg.hook_name, d.cfg.hook_name_out) == (
+        "blocks.2.mlp.hook_in",
+        "blocks.2.hook_mlp_out",
+    )
+    assert d.cfg.skip == skip and not d.cfg.apply_b_dec_to_input
+    x = torch.randn(5, 6)
+    pre = torch.relu(x @ w["encoder.weight"].T + w["encoder.bias"])
+    vals, idx = pre.topk(3)
+    y = torch.stack([(vals[n, :, None] * w["W_dec"][idx[n]]).sum(0) for n in range(5)]) + w["b_dec"]
+    if skip:
+        y = y + x @ w["W_skip"].mT
+    torch.testing.assert_close(d(x), y)
+
+
+def test_sparsify_coders_we_cannot_express_are_refused(tmp_path):
+    write_sparsify(tmp_path / "layers.1.self_attn", transcode=True)
+    with pytest.raises(sae.FormatError, match="transcoder of module 'layers.1.self_attn'"):
+        sae.load(tmp_path / "layers.1.self_attn")
+    write_sparsify(tmp_path / "layers.1", skip_connection=True)
+    with pytest.raises(sae.FormatError, match="autoencoder with a skip connection"):
         sae.load(tmp_path / "layers.1")
 
 

@@ -166,6 +166,9 @@ def check_splicing(model, t, ev, tmp_path):
     assert report["l0"] == pytest.approx(32, abs=0.5)
     upstream = sae.create("topk", d_in=576, d_sae=64, k=4, d_out=576, hook_name="blocks.3.mlp.hook_in",
                           hook_name_out=OUT, apply_b_dec_to_input=False)  # fmt: skip
-    with pytest.raises(RuntimeError, match="the output hook ran before the input hook"):
-        with torch.no_grad(), splice(model, upstream):
-            model(ids)
+    with (
+        pytest.raises(RuntimeError, match="the output hook ran before the input hook"),
+        torch.no_grad(),
+        splice(model, upstream),
+    ):
+        model(ids)
