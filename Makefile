@@ -4,7 +4,7 @@
 # pyproject.toml keeps the ranges users install against. docs/dependencies.md says how to refresh.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-LOCK := requirements/lock.txt requirements/data.txt
+LOCK := requirements/lock.txt requirements/data.txt requirements/clients.txt
 # The torch stack is not in the lock: a machine that already has torch keeps it (and the triton
 # it came with); where torch is absent these go in: the CPU wheel of torch 2.13.0 (pip takes the
 # local one when there is one) and the triton that PyPI's torch 2.13.0 pins.
@@ -44,6 +44,8 @@ else
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps -r requirements/data.in
 endif
+	test -d $(VENV)/clients/circuit_tracer || $(PY) -m pip install -q --no-deps --require-hashes \
+		--target $(VENV)/clients -r requirements/clients.txt
 	-command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null 2>&1; } \
 		|| echo "note: Debian chromium is not installed; the dashboard's browser test will be skipped"
 	touch $@

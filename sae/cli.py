@@ -235,6 +235,33 @@ def run_convert(opts: ConvertOptions) -> None:
     print(f"saved {opts.source} to {opts.out}")
 
 
+@dataclass
+class ExportOptions:
+    """Write a dictionary, or a folder of them, in another tool's layout: circuit-tracer (a
+    per-layer transcoder set from a run's folder), sparsify or saelens."""
+
+    source: str = positional()
+    """A dictionary's directory, or a folder of them (circuit-tracer: one transcoder per layer)."""
+    out: str = positional()
+    """Directory to write into."""
+    format: str = "circuit-tracer"
+    """circuit-tracer, sparsify or saelens."""
+    overwrite: bool = False
+    """Write into an OUT that already holds files."""
+
+
+def run_export(opts: ExportOptions) -> None:
+    from sae.export import export
+
+    out = Path(opts.out)
+    if Path(opts.source).resolve() == out.resolve():
+        raise ValueError(f"OUT {opts.out} is the source itself; export into another directory")
+    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
+        raise FileExistsError(f"{opts.out} is not empty; pass --overwrite to write into it")
+    export(opts.source, opts.format, out)
+    print(f"wrote {opts.source} as {opts.format} to {opts.out}")
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its options dataclass and run function as "module:name" strings, imported
@@ -290,6 +317,11 @@ COMMANDS: dict[str, Command] = {
         "re-save any loadable dictionary in our (SAELens) layout",
         "sae.cli:ConvertOptions",
         "sae.cli:run_convert",
+    ),
+    "export": Command(
+        "write dictionaries in circuit-tracer's, sparsify's or SAELens's layout",
+        "sae.cli:ExportOptions",
+        "sae.cli:run_export",
     ),
 }
 

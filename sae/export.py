@@ -1,0 +1,162 @@
+"""Write dictionaries in other tools' layouts: circuit-tracer's per-layer transcoder set, sparsify's
+coder folder, SAELens's (= ours). Each refuses, by name and before writing, what the target cannot
+express, rather than writing something its reader would misread."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, atomic_write, load_dir, save, write_text
+from sae.models import SAE
+
+HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+JUMPRELU_LIKE = ("jumprelu", "batchtopk", "matryoshka_batchtopk")
+"""Rules whose inference is a JumpReLU (BatchTopK's shared threshold is one per latent here)."""
+
+
+def load_set(source: str | Path) -> list[SAE]:
+    """The dictionary in `source`, or one per subfolder holding one (a training run's folder)."""
+    source = Path(source)
+    if (source / CFG_FILE).exists():
+        return [load_dir(source)]
+    found = (
+        sorted(p for p in source.iterdir() if (p / CFG_FILE).exists()) if source.is_dir() else []
+    )
+    if not found:
+        raise FileNotFoundError(f"{source} holds no dictionary, nor subfolders with one")
+    return [load_dir(p) for p in found]
+
+
+def to_circuit_tracer(dictionaries: list[SAE], out: Path) -> Path:
+    """A per-layer transcoder set: layer_{i}.safetensors (W_enc [F, d], b_enc, W_dec [F, d], b_dec,
+    activation_function.threshold for JumpReLU-like rules, W_skip [d, d]) and config.yaml, which
+    circuit-tracer's `load_transcoders` reads. One transcoder per layer 0..n-1, all between the
+    same two hookpoint kinds of their layer, with one width, as its TranscoderSet requires."""
+    layers = {}
+    for d in dictionaries:
+        layer, kinds = _circuit_tracer_layer(d)
+        if layer in layers:
+            raise ValueError(f"two transcoders for layer {layer}: a set holds one per layer")
+        layers[layer] = (d, kinds)
+    if sorted(layers) != list(range(len(layers))):
+        raise ValueError(
+            f"circuit-tracer needs a transcoder for every layer from 0; got layers {sorted(layers)}"
+        )
+    ordered = [layers[i] for i in range(len(layers))]
+    kinds = {k for _, k in ordered}
+    widths = {d.cfg.d_sae for d, _ in ordered}
+    if len(kinds) > 1 or len(widths) > 1:
+        raise ValueError(
+            f"a circuit-tracer set has one input and output hook and one width; got hooks "
+            f"{sorted(kinds)} and widths {sorted(widths)}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (d, _) in enumerate(ordered):
+        state = d.folded_state_dict()
+        tensors = {"W_enc": state["W_enc"].T, "b_enc": state["b_enc"], "W_dec": state["W_dec"],
+                   "b_dec": state["b_dec"]}  # fmt: skip
+        if d.cfg.architecture in JUMPRELU_LIKE:
+            tensors["activation_function.threshold"] = state["threshold"]
+        if d.cfg.skip:
+            tensors["W_skip"] = state["W_skip"]
+        path = out / f"layer_{i}.safetensors"
+        _save_tensors(tensors, path)
+        paths.append(str(path.resolve()))
+    (input_kind, output_kind), first = kinds.pop(), ordered[0][0]
+    config = {
+        "model_kind": "transcoder_set",
+        "model_name": first.cfg.model_name,
+        "feature_input_hook": input_kind,
+        "feature_output_hook": output_kind,
+        "transcoders": paths,  # absolute: circuit-tracer resolves them from its working directory
+        "scan": f"sae-forge:{out.name}",
+    }
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def _circuit_tracer_layer(d: SAE) -> tuple[int, tuple[str, str]]:
+    """A transcoder's layer and hook kinds, refusing what circuit-tracer's files cannot hold."""
+    c = d.cfg
+    name = f"{c.architecture} dictionary {c.hook_name} -> {c.hook_name_out}"
+    if not c.is_transcoder:
+        raise ValueError(f"{name} is an SAE; circuit-tracer's sets are transcoders (--hook-out)")
+    if c.architecture not in ("standard", *JUMPRELU_LIKE):
+        raise ValueError(
+            f"{name}: circuit-tracer loads only ReLU and JumpReLU transcoders from files; a "
+            f"{c.architecture} one has no such form (BatchTopK exports as its JumpReLU threshold)"
+        )
+    if c.d_in != c.d_out:
+        raise ValueError(
+            f"{name}: circuit-tracer's transcoders map d_model to d_model, not {c.d_in} to {c.d_out}"
+        )
+    if c.architecture in JUMPRELU_LIKE and bool((d.threshold < 0).any()):
+        raise ValueError(
+            f"{name}: negative thresholds, which circuit-tracer's JumpReLU reads differently"
+        )
+    matches = [HOOK.match(h) for h in (c.hook_name, c.hook_name_out)]
+    if not all(matches) or matches[0].group(1) != matches[1].group(1):
+        raise ValueError(
+            f"{name}: a per-layer set reads and writes blocks.L hookpoints of one layer"
+        )
+    return int(matches[0].group(1)), (matches[0].group(2), matches[1].group(2))
+
+
+def to_sparsify(d: SAE, out: Path) -> Path:
+    """sparsify's coder folder (cfg.json, sae.safetensors): a TopK autoencoder centred by b_dec, or
+    a TopK transcoder (`transcode`), with `skip_connection`, of one width in and out."""
+    c = d.cfg
+    if c.architecture != "topk":
+        raise ValueError(f"sparsify coders are per-row TopK; this dictionary is {c.architecture}")
+    if c.d_in != c.d_out or c.apply_b_dec_to_input == c.is_transcoder:
+        raise ValueError(
+            "sparsify holds autoencoders that subtract b_dec from their input and transcoders of "
+            "one width that do not; this dictionary is neither"
+        )
+    state = d.folded_state_dict()
+    tensors = {"encoder.weight": state["W_enc"].T, "encoder.bias": state["b_enc"],
+               "W_dec": state["W_dec"], "b_dec": state["b_dec"]}  # fmt: skip
+    if c.skip:
+        tensors["W_skip"] = state["W_skip"]
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tensors(tensors, out / SPARSIFY_WEIGHTS_FILE)
+    cfg = {"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in),
+           "normalize_decoder": True, "num_latents": c.d_sae, "k": c.k, "multi_topk": False,
+           "skip_connection": c.skip, "transcode": c.is_transcoder, "d_in": c.d_in}  # fmt: skip
+    write_text(out / CFG_FILE, json.dumps(cfg, indent=2))
+    return out
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    state = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+FORMATS: dict[str, Callable[[list[SAE], Path], Path]] = {
+    "circuit-tracer": to_circuit_tracer,
+    "sparsify": lambda ds, out: to_sparsify(_only(ds, "sparsify"), out),
+    "saelens": lambda ds, out: save(_only(ds, "saelens"), out),
+}
+
+
+def _only(dictionaries: list[SAE], fmt: str) -> SAE:
+    if len(dictionaries) != 1:
+        raise ValueError(
+            f"--format {fmt} writes one dictionary; the source holds {len(dictionaries)}"
+        )
+    return dictionaries[0]
+
+
+def export(source: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write the dictionary (or the set of them) in `source` as `fmt` into `out`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not one of {sorted(FORMATS)}")
+    return FORMATS[fmt](load_set(source), Path(out))
