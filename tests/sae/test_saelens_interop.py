@@ -45,6 +45,18 @@ def test_ours_loads_in_saelens_with_same_outputs(tmp_path, architecture, normali
     assert_same_outputs(ours, theirs)
 
 
+def saved_by_saelens(theirs, folder):
+    """A SAELens dictionary with every parameter random (thresholds in [0, 0.5)), saved by SAELens."""
+    torch.manual_seed(0)
+    for name, p in theirs.named_parameters():
+        if name == "threshold":
+            p.copy_(torch.rand_like(p) * 0.5)
+        else:
+            p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.5))
+    theirs.save_model(str(folder))
+    return theirs
+
+
 @pytest.mark.parametrize("architecture", list(SAELENS_CLASSES))
 @torch.no_grad()
 def test_saelens_saved_loads_in_ours_with_same_outputs(tmp_path, architecture):
@@ -52,13 +64,7 @@ def test_saelens_saved_loads_in_ours_with_same_outputs(tmp_path, architecture):
     cfg = getattr(sae_lens, cfg_name)(d_in=12, d_sae=40, **extra)
     cfg.metadata.hook_name = "blocks.3.hook_resid_pre"
     cfg.metadata.model_name = "gpt2"
-    theirs = getattr(sae_lens, cls_name)(cfg)
-    torch.manual_seed(0)
-    for p in theirs.parameters():
-        p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.5))
-    if architecture == "jumprelu":
-        theirs.threshold.copy_(torch.rand_like(theirs.threshold) * 0.5)
-    theirs.save_model(str(tmp_path))
+    theirs = saved_by_saelens(getattr(sae_lens, cls_name)(cfg), tmp_path)
     ours = sae.load(tmp_path)
     assert ours.cfg.architecture == architecture
     assert ours.cfg.hook_name == "blocks.3.hook_resid_pre" and ours.cfg.model_name == "gpt2"
@@ -267,13 +273,7 @@ def test_saelens_transcoders_load_in_ours(tmp_path, cls_name):
     )
     cfg.metadata.hook_name = "blocks.3.mlp.hook_in"
     cfg.metadata.hook_name_out = "blocks.3.hook_mlp_out"
-    theirs = getattr(sae_lens, cls_name)(cfg)
-    torch.manual_seed(0)
-    for p in theirs.parameters():
-        p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.5))
-    if "JumpReLU" in cls_name:
-        theirs.threshold.copy_(torch.rand_like(theirs.threshold) * 0.5)
-    theirs.save_model(str(tmp_path))
+    theirs = saved_by_saelens(getattr(sae_lens, cls_name)(cfg), tmp_path)
     ours = sae.load(tmp_path)
     assert ours.cfg.hook_name_out == "blocks.3.hook_mlp_out" and ours.cfg.d_out == 8
     assert ours.cfg.skip == ("Skip" in cls_name) and ours.cfg.is_transcoder
