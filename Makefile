@@ -55,7 +55,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check sae train eval tests bench requirements
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The newest allowed releases of UPSTREAM in a side environment (.venv-latest), then the tests that
 # touch them; what moved against the lock is printed first. torch stays as installed.
