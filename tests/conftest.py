@@ -72,7 +72,18 @@ def start_sae(*args: str):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "2"},
+        preexec_fn=as_from_a_shell,
     )
+
+
+def as_from_a_shell() -> None:
+    """Ctrl-C as a shell's child gets it: SIGINT at its default and unblocked. A child inherits
+    its parent's blocked and ignored signals across exec, and after some earlier test of the suite
+    the pytest process held SIGINT so: the SIGINT sent to a harvest then never arrived."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def sigkill_when(proc, json_file, ready, timeout: float = 180) -> None:

@@ -44,7 +44,7 @@ def test_harvest_bench_compares_ours_the_bare_forward_and_saelens(tmp_path):
 
 
 def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
-    report = run_bench("transcoder.py", tmp_path, "--tokens", "8192", "--eval-tokens", "1000",
+    report = run_bench("transcoder.py", tmp_path, "--tokens", "4096", "--eval-tokens", "500",
                        "--expansion", "1", "--k", "8", "--layer", "1")  # fmt: skip
     assert report["hooks"] == ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]
     for name in ("transcoder", "sae"):

@@ -13,7 +13,7 @@ import sae
 from eval.synthetic import SyntheticData, recovery
 from sae.cli import field_docs, main
 from sae.lm import load_lm
-from tests.conftest import make_sae
+from tests.conftest import make_sae, start_sae
 from train.config import SAESpec, TrainConfig
 from train.data import load_documents
 
@@ -161,18 +161,16 @@ def test_ctrl_c_ends_a_command_with_one_line(tmp_path):
     """SIGINT mid-harvest: exit code 130 and one line, not a 30-line KeyboardInterrupt traceback;
     the shards already written stay (the same command resumes)."""
     import signal
-    import subprocess
-    import sys
     import time
 
-    cmd = [sys.executable, "-m", "sae.cli", "harvest", "--tokens", "2000000", "--out",
-           str(tmp_path / "cache"), "--shard-windows", "16"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = start_sae("harvest", "--tokens", "2000000", "--out", str(tmp_path / "cache"),
+                     "--shard-windows", "16")  # fmt: skip
     deadline = time.monotonic() + 120
     while not list((tmp_path / "cache").glob("shard-*")) and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
+    err = err.decode()
     lines = [line for line in err.splitlines() if line.strip() and "harvest:" not in line[:9]]
     assert proc.returncode == 130, err
     assert lines[-1] == "sae harvest: interrupted" and "Traceback" not in err, err
