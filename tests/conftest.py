@@ -77,9 +77,10 @@ def start_sae(*args: str):
 
 
 def as_from_a_shell() -> None:
-    """Ctrl-C as a shell's child gets it: SIGINT at its default and unblocked. A child inherits
-    its parent's blocked and ignored signals across exec, and after some earlier test of the suite
-    the pytest process held SIGINT so: the SIGINT sent to a harvest then never arrived."""
+    """Ctrl-C as a terminal's child gets it: SIGINT at its default and unblocked. A child inherits
+    ignored and blocked signals across exec, and a suite started in the background by a
+    non-interactive shell (`make test &`) has SIGINT ignored: the Ctrl-C test's harvest then
+    never saw its signal (found with a per-test probe: ignored from the first test on)."""
     import signal
 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
