@@ -18,7 +18,17 @@ def test_help_lists_every_subcommand():
     out = subprocess.run(
         [sys.executable, "-m", "sae.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for name in ("demo", "harvest", "train", "eval", "dashboard", "compare", "info", "convert"):
+    for name in (
+        "demo",
+        "harvest",
+        "train",
+        "eval",
+        "dashboard",
+        "compare",
+        "info",
+        "convert",
+        "export",
+    ):
         assert name in out
 
 
