@@ -4,7 +4,9 @@
 # pyproject.toml keeps the ranges users install against. docs/dependencies.md says how to refresh.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-LOCK := requirements/lock.txt requirements/data.txt requirements/clients.txt
+LOCK := requirements/lock.txt requirements/data.txt
+# Readers of our exports, kept out of the environment (.venv/clients): tests load exports with them.
+CLIENTS := requirements/clients.txt
 # The torch stack is not in the lock: a machine that already has torch keeps it (and the triton
 # it came with); where torch is absent these go in: the CPU wheel of torch 2.13.0 (pip takes the
 # local one when there is one) and the triton that PyPI's torch 2.13.0 pins.
@@ -34,7 +36,7 @@ define install-locked
 	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 endef
 
-$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK) $(CLIENTS)
 ifeq ($(LOCKED),1)
 	$(call install-locked,$(VENV),$(PY) -m pip install -q)
 else
@@ -45,7 +47,7 @@ else
 	$(PY) -m pip install -q --no-deps -r requirements/data.in
 endif
 	test -d $(VENV)/clients/circuit_tracer || $(PY) -m pip install -q --no-deps --require-hashes \
-		--target $(VENV)/clients -r requirements/clients.txt
+		--target $(VENV)/clients -r $(CLIENTS)
 	-command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null 2>&1; } \
 		|| echo "note: Debian chromium is not installed; the dashboard's browser test will be skipped"
 	touch $@
