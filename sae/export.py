@@ -9,11 +9,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import yaml
-from safetensors.torch import save_file
 
-from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, atomic_write, load_dir, save, write_text
+from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, load_dir, save, write_tensors, write_text
 from sae.models import SAE
 
 HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -68,7 +66,7 @@ def to_circuit_tracer(dictionaries: list[SAE], out: Path) -> Path:
         if d.cfg.skip:
             tensors["W_skip"] = state["W_skip"]
         path = out / f"layer_{i}.safetensors"
-        _save_tensors(tensors, path)
+        write_tensors(path, tensors)
         paths.append(str(path.resolve()))
     (input_kind, output_kind), first = kinds.pop(), ordered[0][0]
     config = {
@@ -127,17 +125,12 @@ def to_sparsify(d: SAE, out: Path) -> Path:
     if c.skip:
         tensors["W_skip"] = state["W_skip"]
     out.mkdir(parents=True, exist_ok=True)
-    _save_tensors(tensors, out / SPARSIFY_WEIGHTS_FILE)
+    write_tensors(out / SPARSIFY_WEIGHTS_FILE, tensors)
     cfg = {"activation": "topk", "expansion_factor": max(1, c.d_sae // c.d_in),
            "normalize_decoder": True, "num_latents": c.d_sae, "k": c.k, "multi_topk": False,
            "skip_connection": c.skip, "transcode": c.is_transcoder, "d_in": c.d_in}  # fmt: skip
     write_text(out / CFG_FILE, json.dumps(cfg, indent=2))
     return out
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    state = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
 FORMATS: dict[str, Callable[[list[SAE], Path], Path]] = {

@@ -100,11 +100,16 @@ def save(sae: SAE, path: str | os.PathLike) -> Path:
     rename), weights first, so a crash never leaves a cfg.json that points at half a file."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {name: t.contiguous().cpu() for name, t in sae.folded_state_dict().items()}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    write_tensors(path / WEIGHTS_FILE, sae.folded_state_dict())
     text = json.dumps(saelens_cfg(sae), indent=2)
     write_text(path / CFG_FILE, text)
     return path
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file of `tensors` (contiguous, on CPU), written with atomic_write."""
+    state = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
 def _new_file_mode() -> int:
@@ -454,11 +459,8 @@ def load_sparsify(path: Path, device: str = "cpu", dtype: str | torch.dtype | No
 def sparsify_input_hook_name(folder: str, source: str) -> str:
     """What a sparsify transcoder reads: its module's input (`layers.6.mlp`: the MLP's input after
     its norm; `layers.6`: the block's). Other modules' inputs have no hookpoint name here."""
-    parts = folder.split(".")
-    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
-        kind = {2: "hook_resid_pre"}.get(len(parts)) or {"mlp": "mlp.hook_in"}.get(parts[2])
-        if kind:
-            return f"blocks.{parts[1]}.{kind}"
+    if hook := _sparsify_hook(folder, {"": "hook_resid_pre", "mlp": "mlp.hook_in"}):
+        return hook
     raise FormatError(
         f"{source}: a sparsify transcoder of module {folder!r}, whose input has no hookpoint name "
         "here (layers.N and layers.N.mlp have)"
@@ -467,12 +469,14 @@ def sparsify_input_hook_name(folder: str, source: str) -> str:
 
 def sparsify_hook_name(folder: str) -> str:
     """sparsify names a coder's folder by its hookpoint module (`layers.6`, `layers.6.mlp`)."""
+    outputs = {"": "hook_resid_post", "mlp": "hook_mlp_out", "self_attn": "hook_attn_out"}
+    return _sparsify_hook(folder, outputs) or folder
+
+
+def _sparsify_hook(folder: str, kinds: dict[str, str]) -> str | None:
+    """`layers.N[.module]` as blocks.N.<kinds[module]> ("" for the block itself); None otherwise."""
     parts = folder.split(".")
-    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
-        suffix = {2: "hook_resid_post"}.get(len(parts)) or {
-            "mlp": "hook_mlp_out",
-            "self_attn": "hook_attn_out",
-        }.get(parts[2])
-        if suffix:
-            return f"blocks.{parts[1]}.{suffix}"
-    return folder
+    if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+        return None
+    kind = kinds.get(parts[2] if len(parts) > 2 else "")
+    return f"blocks.{parts[1]}.{kind}" if kind else None
