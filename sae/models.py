@@ -129,10 +129,14 @@ class SAE(nn.Module):
                 f"d_in={self.cfg.d_in}, got shape {tuple(x.shape)}"
             )
 
-    def sae_input(self, x: Tensor) -> Tensor:
-        """x_in = x * s - b_dec, in the parameters' dtype; refuses activations of the wrong width."""
+    def scaled_input(self, x: Tensor) -> Tensor:
+        """x * s in the parameters' dtype; refuses activations of the wrong width."""
         self.check_width(x)
-        x = x.to(self.W_enc.dtype) * self.input_scale
+        return x.to(self.W_enc.dtype) * self.input_scale
+
+    def sae_input(self, x: Tensor) -> Tensor:
+        """x_in = x * s - b_dec (an SAE's centring), in the parameters' dtype."""
+        x = self.scaled_input(x)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -163,8 +167,7 @@ class SAE(nn.Module):
         transcoder's linear path from x."""
         y_hat = self.decode(z)
         if self.cfg.skip:
-            x_s = x.to(self.W_enc.dtype) * self.input_scale
-            y_hat = y_hat + self.skip_path(x_s) / self.output_scale
+            y_hat = y_hat + self.skip_path(self.scaled_input(x)) / self.output_scale
         return y_hat
 
     def skip_path(self, x_s: Tensor) -> Tensor:
@@ -176,8 +179,7 @@ class SAE(nn.Module):
 
     def scaled_pair(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         """x * s and the target y * t (an SAE's target is x), in the parameters' dtype."""
-        self.check_width(x)
-        x_s = x.to(self.W_enc.dtype) * self.input_scale
+        x_s = self.scaled_input(x)
         if y is None:
             if self.cfg.is_transcoder:
                 raise ValueError(
@@ -242,9 +244,9 @@ class SAE(nn.Module):
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
     @torch.no_grad()
-    def start_training(self, x_s: Tensor, y_s: Tensor) -> None:
-        """Initialisation from the first batch (scaled units) before any step: none by default;
-        the trainer sets b_dec from the target's centre itself."""
+    def start_training(self) -> None:
+        """The recipe's initialisation before the first step, after the trainer has set b_dec
+        from the first batch's targets (none by default)."""
 
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:
@@ -505,7 +507,7 @@ class JumpReLUSAE(SAE):
         self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
 
     @torch.no_grad()
-    def start_training(self, x_s: Tensor, y_s: Tensor) -> None:
+    def start_training(self) -> None:
         self.threshold.fill_(0.01)  # above 0, so the kernel estimator sees pre-activations near it
 
     def activate(self, pre: Tensor) -> Tensor:
@@ -598,11 +600,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def reconstruction_loss(
         self, z: Tensor, y_s: Tensor, offset: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
-        dtype = self.W_dec.dtype
-        decodes = self.prefix_sums(
-            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end], offset
-        )
-        return self.prefix_losses(decodes, y_s)
+        return self.prefix_losses(self.dense_prefix_sums(z, offset), y_s)
 
     def sparse_reconstruction_loss(
         self, values: Tensor, rows: Tensor, latents: Tensor, y_s: Tensor, offset: Tensor
@@ -627,11 +625,14 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def prefix_decodes(self, z: Tensor) -> list[Tensor]:
         """decode(z) from the first m latents only, for each prefix width m; the last is decode(z)."""
+        return [y_hat / self.output_scale for y_hat in self.dense_prefix_sums(z, self.b_dec)]
+
+    def dense_prefix_sums(self, z: Tensor, offset: Tensor) -> list[Tensor]:
+        """prefix_sums of a dense code z, in the dictionary's scaled units."""
         dtype = self.W_dec.dtype
-        decodes = self.prefix_sums(
-            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end], self.b_dec
+        return self.prefix_sums(
+            lambda start, end: z[..., start:end].to(dtype) @ self.W_dec[start:end], offset
         )
-        return [y_hat / self.output_scale for y_hat in decodes]
 
     def prefix_sums(self, group: Callable[[int, int], Tensor], offset: Tensor) -> list[Tensor]:
         """offset plus the decode of latents [0, m), for each prefix width m, from group(start,

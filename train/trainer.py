@@ -486,15 +486,14 @@ class Trainer:
         """b_dec starts at the geometric median (or mean) of the first batch's targets, in the
         dictionary's units; then the architecture's own start (JumpReLU's threshold)."""
         for m in self.members:
-            x = batch[m.hook].to(self.device).float() * m.sae.input_scale
-            y = m.target(batch).to(self.device).float() * m.sae.output_scale
             if self.cfg.b_dec_init != "zeros":
+                y = m.target(batch).to(self.device).float() * m.sae.output_scale
                 centre = (
                     geometric_median(y) if self.cfg.b_dec_init == "geometric_median" else y.mean(0)
                 )
                 with torch.no_grad():
                     m.sae.b_dec.copy_(centre)
-            m.sae.start_training(x, y)
+            m.sae.start_training()
 
     def run(self) -> list[SAE]:
         """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone
