@@ -96,6 +96,10 @@ class SAESpec:
     name: str = ""
     """Directory name under the run's output (empty: derived from the settings)."""
 
+    def hooks(self) -> set[str]:
+        """The hookpoints it reads: its input, and a transcoder's output."""
+        return {self.hook, self.hook_out} - {""}
+
 
 @dataclass
 class TrainConfig(SAESpec):

@@ -359,7 +359,7 @@ class Trainer:
         if isinstance(data, ActivationCache):
             specs = [replace(s, hook=s.hook or _only(data.hookpoints)) for s in cfg.specs()]
             for spec in specs:
-                for hook in {spec.hook, spec.hook_out} - {"", *data.hookpoints}:
+                for hook in spec.hooks() - set(data.hookpoints):
                     raise ValueError(
                         f"SAE {member_name(spec)} wants hookpoint {hook!r}, but {data.url} has {data.hookpoints}"
                     )
@@ -380,13 +380,13 @@ class Trainer:
             }
         else:
             specs = [replace(s, hook=s.hook or SAEConfig.hook_name) for s in cfg.specs()]
-            if len({s.hook for s in specs} | {s.hook_out for s in specs} - {""}) > 1:
+            if len(set().union(*(s.hooks() for s in specs))) > 1:
                 raise ValueError(
                     "a stream of tensors feeds one hookpoint; give every SAE the same `hook` "
                     "(transcoders need a cache or a model stream with both hookpoints)"
                 )
             meta = {"model_name": "", "dataset_path": ""}  # unknown: not the defaults' SmolLM2
-        hooks = sorted({s.hook for s in specs} | {s.hook_out for s in specs} - {""})
+        hooks = sorted(set().union(*(s.hooks() for s in specs)))
         self.source = Source(data, hooks, cfg.batch_size, cfg.seed)
         self.total_steps = cfg.total_tokens // cfg.batch_size
         self.members = []
