@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from sae.clt import CrossLayerTranscoder, layer_kinds
 from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, load_dir, save, write_tensors, write_text
 from sae.models import SAE
 
@@ -32,11 +33,13 @@ def load_set(source: str | Path) -> list[SAE]:
     return [load_dir(p) for p in found]
 
 
-def to_circuit_tracer(dictionaries: list[SAE], out: Path) -> Path:
-    """A per-layer transcoder set: layer_{i}.safetensors (W_enc [F, d], b_enc, W_dec [F, d], b_dec,
+def to_circuit_tracer(dictionaries: list[SAE | CrossLayerTranscoder], out: Path) -> Path:
+    """A cross-layer transcoder's files (clt_to_circuit_tracer), or a per-layer transcoder set: layer_{i}.safetensors (W_enc [F, d], b_enc, W_dec [F, d], b_dec,
     activation_function.threshold for JumpReLU-like rules, W_skip [d, d]) and config.yaml, which
     circuit-tracer's `load_transcoders` reads. One transcoder per layer 0..n-1, all between the
     same two hookpoint kinds of their layer, with one width, as its TranscoderSet requires."""
+    if any(isinstance(d, CrossLayerTranscoder) for d in dictionaries):
+        return clt_to_circuit_tracer(_only(dictionaries, "circuit-tracer (a CLT)"), out)
     layers = {}
     for d in dictionaries:
         layer, kinds = _circuit_tracer_layer(d)
@@ -69,15 +72,49 @@ def to_circuit_tracer(dictionaries: list[SAE], out: Path) -> Path:
         write_tensors(path, tensors)
         paths.append(str(path.resolve()))
     (input_kind, output_kind), first = kinds.pop(), ordered[0][0]
-    config = {
-        "model_kind": "transcoder_set",
-        "model_name": first.cfg.model_name,
-        "feature_input_hook": input_kind,
-        "feature_output_hook": output_kind,
-        "transcoders": paths,  # absolute: circuit-tracer resolves them from its working directory
-        "scan": f"sae-forge:{out.name}",
-    }
+    # absolute paths: circuit-tracer resolves them from its working directory
+    write_config(out, "transcoder_set", first.cfg.model_name, input_kind, output_kind,
+                 transcoders=paths)  # fmt: skip
+    return out
+
+
+def write_config(out: Path, kind: str, model: str, hook_in: str, hook_out: str, **more) -> None:
+    """config.yaml as circuit-tracer's load_transcoders reads it."""
+    config = {"model_kind": kind, "model_name": model, "feature_input_hook": hook_in,
+              "feature_output_hook": hook_out, **more, "scan": f"sae-forge:{out.name}"}  # fmt: skip
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def clt_to_circuit_tracer(clt: CrossLayerTranscoder, out: Path) -> Path:
+    """circuit-tracer's CLT files, which its load_clt reads: W_enc_{i}.safetensors (W_enc_{i}
+    [F, d], b_enc_{i}, b_dec_{i}, threshold_{i} for JumpReLU-like rules) and W_dec_{i}.safetensors
+    (W_dec_{i} [F, n - i, d]), for layers 0..n-1 of the model, plus config.yaml."""
+    c = clt.cfg
+    name = f"{c.architecture} CLT over layers {c.layers}"
+    if c.architecture not in ("standard", *JUMPRELU_LIKE):
+        raise ValueError(
+            f"{name}: circuit-tracer loads only ReLU and JumpReLU CLTs from files; a "
+            f"{c.architecture} one has no such form (BatchTopK exports as its JumpReLU threshold)"
+        )
+    if c.layers != list(range(c.n_layers)):
+        raise ValueError(f"{name}: circuit-tracer's CLTs cover every layer from 0")
+    if c.d_in != c.d_out:
+        raise ValueError(f"{name}: circuit-tracer's CLTs map d_model to d_model, not {c.d_in} to {c.d_out}")
+    thresholds = c.architecture in JUMPRELU_LIKE
+    if thresholds and any(bool((p.threshold < 0).any()) for p in clt.layers):
+        raise ValueError(f"{name}: negative thresholds, which circuit-tracer's JumpReLU reads differently")
+    state, d = clt.folded_state_dict(), c.d_out
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(c.n_layers):
+        encoder = {f"W_enc_{i}": state[f"layers.{i}.W_enc"].T, f"b_enc_{i}": state[f"layers.{i}.b_enc"],
+                   f"b_dec_{i}": state["b_dec"][i * d : (i + 1) * d]}  # fmt: skip
+        if thresholds:
+            encoder[f"threshold_{i}"] = state[f"layers.{i}.threshold"]
+        write_tensors(out / f"W_enc_{i}.safetensors", encoder)
+        decoder = state[f"layers.{i}.W_dec"].unflatten(-1, (c.n_layers - i, d))
+        write_tensors(out / f"W_dec_{i}.safetensors", {f"W_dec_{i}": decoder})
+    hook_in, hook_out = (sorted(layer_kinds(h)[1])[0] for h in (c.hook_names, c.hook_names_out))
+    write_config(out, "cross_layer_transcoder", c.model_name, hook_in, hook_out)
     return out
 
 
@@ -140,10 +177,15 @@ FORMATS: dict[str, Callable[[list[SAE], Path], Path]] = {
 }
 
 
-def _only(dictionaries: list[SAE], fmt: str) -> SAE:
+def _only(dictionaries: list[SAE | CrossLayerTranscoder], fmt: str) -> SAE:
     if len(dictionaries) != 1:
         raise ValueError(
             f"--format {fmt} writes one dictionary; the source holds {len(dictionaries)}"
+        )
+    if isinstance(dictionaries[0], CrossLayerTranscoder) and "CLT" not in fmt:
+        raise ValueError(
+            f"--format {fmt} has no layout for a cross-layer transcoder; circuit-tracer's has "
+            "(--format circuit-tracer), and sae.load reads ours"
         )
     return dictionaries[0]
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae import clt
 from sae.config import DTYPES, ConfigError, SAEConfig
 from sae.models import REGISTRY, SAE
 
@@ -191,6 +192,8 @@ def load_dir(
         raise FileNotFoundError(f"no SAE directory at {path}")
     if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
         cfg_dict = read_cfg(path / CFG_FILE)
+        if cfg_dict.get("dictionary") == clt.KIND:
+            return clt.load(path, cfg_dict, read_weights(path / WEIGHTS_FILE), device, dtype)
         cfg = cfg_from_dict(cfg_dict, source=str(path / CFG_FILE))
         state = saelens_state(cfg_dict, read_weights(path / WEIGHTS_FILE))
         return build(cfg, state, str(path / WEIGHTS_FILE), device, dtype)
@@ -362,12 +365,7 @@ def build(
             f"{source} does not fit a {cfg.architecture} SAE with d_in={cfg.d_in}, d_sae={cfg.d_sae}: "
             + "; ".join(problems)
         )
-    if broken := [  # a diverged run's weights loaded silently and encoded everything to NaN
-        f"{name} holds {int((~t.isfinite()).sum())} NaN or infinite values"
-        for name, t in state.items()
-        if t.is_floating_point() and not bool(t.isfinite().all())
-    ]:
-        raise FormatError(f"{source}: " + "; ".join(broken))
+    refuse_nonfinite(state, source)
     if dtype is None:
         stored = str(next(iter(state.values())).dtype).removeprefix("torch.")
         if stored not in DTYPES:
@@ -383,6 +381,16 @@ def build(
     )
     sae.cfg = cfg
     return sae
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], source: str) -> None:
+    """A diverged run's weights loaded silently and encoded everything to NaN: name them."""
+    if broken := [
+        f"{name} holds {int((~t.isfinite()).sum())} NaN or infinite values"
+        for name, t in state.items()
+        if t.is_floating_point() and not bool(t.isfinite().all())
+    ]:
+        raise FormatError(f"{source}: " + "; ".join(broken))
 
 
 def _on_meta(cfg: SAEConfig) -> SAEConfig:

@@ -65,6 +65,8 @@ class LossOutput(NamedTuple):
     smallest: Tensor | None = None
     """...which gives the smallest activation it kept instead (inf when none): BatchTopK's
     threshold statistic."""
+    layers: list[LossOutput] | None = None
+    """A cross-layer transcoder's per-layer outputs (codes, penalties), for each layer's after_step."""
 
 
 def register(cls: type[SAE]) -> type[SAE]:
@@ -87,6 +89,9 @@ class SAE(nn.Module):
     batch_wide: ClassVar[bool] = False
     """Whether training selects latents across the batch's rows (BatchTopK), so that a run split
     over processes selects within each process's rows."""
+    sparse_code: ClassVar[bool] = False
+    """Whether the training code passes no gradient through its zeros (top-k selection), so that
+    decoding only its nonzero entries gives the same loss and gradients."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -192,7 +197,11 @@ class SAE(nn.Module):
                 f"the target at {self.cfg.hook_name_out!r} should have shape "
                 f"{(*x.shape[:-1], self.cfg.d_out)}, got {tuple(y.shape)}"
             )
-        return x_s, y.to(self.W_enc.dtype) * self.output_scale
+        return x_s, self.scale_target(y)
+
+    def scale_target(self, y: Tensor) -> Tensor:
+        """y * t: a target in the dictionary's units, in the parameters' dtype."""
+        return y.to(self.W_enc.dtype) * self.output_scale
 
     # -- training -----------------------------------------------------------------------------
     def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
@@ -434,6 +443,7 @@ class TopKSAE(SAE):
 
     architecture = saelens_architecture = "topk"
     uses_k = True
+    sparse_code = True
     latent_scaled = ()
 
     def activate(self, pre: Tensor) -> Tensor:
@@ -537,6 +547,7 @@ class BatchTopKSAE(SAE):
     saelens_architecture = "jumprelu"
     uses_k = True
     batch_wide = True
+    sparse_code = True
     latent_scaled = ()
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:

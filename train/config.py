@@ -93,12 +93,48 @@ class SAESpec:
     --hook blocks.6.mlp.hook_in --hook-out blocks.6.hook_mlp_out."""
     skip: bool = False
     """Add a linear skip path from input to output (a skip transcoder)."""
+    layers: str = ""
+    """Train a cross-layer transcoder over these layers (0-29, or 0,4,8): `hook` and `hook_out`
+    then name the hookpoint kinds it reads and writes at each (mlp.hook_in, hook_mlp_out)."""
     name: str = ""
     """Directory name under the run's output (empty: derived from the settings)."""
 
+    def layer_numbers(self) -> list[int]:
+        """The layers of `layers` (a-b ranges and commas), in order; empty for one hookpoint."""
+        numbers: list[int] = []
+        for part in filter(None, self.layers.replace(" ", "").split(",")):
+            first, _, last = part.partition("-")
+            if not (first.isdigit() and (last or first).isdigit()) or int(last or first) < int(first):
+                raise ValueError(f"layers {self.layers!r}: expected ranges such as 0-29 or 0,4,8")
+            numbers += range(int(first), int(last or first) + 1)
+        if sorted(set(numbers)) != numbers:
+            raise ValueError(f"layers {self.layers!r} repeat or go backwards: {numbers}")
+        return numbers
+
+    def inputs(self) -> list[str]:
+        """The hookpoints it reads, in order (one per layer for a cross-layer transcoder)."""
+        return self._per_layer(self.hook)
+
+    def outputs(self) -> list[str]:
+        """The hookpoints it predicts (`hook_out`, else its inputs: an SAE)."""
+        return self._per_layer(self.hook_out or self.hook)
+
+    def _per_layer(self, hook: str) -> list[str]:
+        layers = self.layer_numbers()
+        if not layers:
+            return [hook]
+        if hook.startswith("blocks."):
+            raise ValueError(
+                f"with --layers, --hook and --hook-out name a hookpoint kind such as mlp.hook_in "
+                f"(read at every layer), not one hookpoint ({hook!r})"
+            )
+        return [f"blocks.{layer}.{hook}" for layer in layers]
+
     def hooks(self) -> set[str]:
-        """The hookpoints it reads: its input, and a transcoder's output."""
-        return {self.hook, self.hook_out} - {""}
+        """The hookpoints it reads: its inputs, and a transcoder's outputs."""
+        if not self.hook:
+            return set()
+        return set(self.inputs()) | set(self.outputs())
 
 
 @dataclass
@@ -203,6 +239,12 @@ class TrainConfig(SAESpec):
                 raise ValueError(
                     f"name {spec.name!r} would write outside --out: give a plain folder name"
                 )
+            if spec.layers and not (spec.hook and spec.hook_out):
+                raise ValueError(
+                    f"a cross-layer transcoder (layers {spec.layers!r}) needs --hook and --hook-out: "
+                    "the hookpoint kinds it reads and writes, e.g. mlp.hook_in and hook_mlp_out"
+                )
+            spec.hooks()  # a malformed --layers, named now
             if spec.expansion_factor <= 0 and not spec.d_sae:
                 raise ValueError(f"expansion_factor must be positive, got {spec.expansion_factor}")
             if spec.lr < 0:

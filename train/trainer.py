@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from sae.clt import CLTConfig, CrossLayerTranscoder
 from sae.config import SAEConfig
 from sae.locks import exclusive
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext
@@ -198,27 +199,31 @@ def rebatch(chunks: Iterable[dict[str, Tensor]], batch_size: int) -> Iterator[di
             held, count = [{k: v[batch_size:] for k, v in flat.items()}], count - batch_size
 
 
-# -- one SAE --------------------------------------------------------------------------------------
+# -- one SAE ---------------------------------------------------------------------------------------
 @dataclass
 class Member:
     spec: SAESpec
     name: str
-    sae: SAE
+    sae: SAE | CrossLayerTranscoder
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    tokens_since_fired: Tensor  # [d_sae]
+    tokens_since_fired: Tensor  # [latents]
 
     @property
-    def hook(self) -> str:
-        return self.sae.cfg.hook_name
+    def transcoder(self) -> bool:
+        return self.sae.cfg.is_transcoder
 
-    @property
-    def hook_out(self) -> str:
-        return self.sae.cfg.hook_name_out
+    def input(self, batch: dict[str, Tensor]) -> Tensor:
+        """What the member reads: its hookpoint's rows, or a CLT's layers side by side."""
+        return _joined(batch, self.spec.inputs())
 
     def target(self, batch: dict[str, Tensor]) -> Tensor:
-        """What the member predicts from batch[hook]: the same rows, or a transcoder's output."""
-        return batch[self.hook_out]
+        """What the member predicts: its input's rows, or a transcoder's outputs."""
+        return _joined(batch, self.spec.outputs())
+
+
+def _joined(batch: dict[str, Tensor], hooks: list[str]) -> Tensor:
+    return batch[hooks[0]] if len(hooks) == 1 else torch.cat([batch[h] for h in hooks], -1)
 
 
 def member_name(spec: SAESpec) -> str:
@@ -228,7 +233,8 @@ def member_name(spec: SAESpec) -> str:
     width = spec.expansion_factor if not spec.d_sae else spec.d_sae
     hooks = [spec.hook] + ([spec.hook_out] if spec.hook_out not in ("", spec.hook) else [])
     skip = "-skip" if spec.skip else ""
-    return f"{spec.architecture}{k}-x{width}{skip}-" + "-to-".join(
+    clt = f"clt-L{spec.layers.replace(',', '_')}-" if spec.layers else ""
+    return f"{clt}{spec.architecture}{k}-x{width}{skip}-" + "-to-".join(
         h.replace(".", "_") for h in hooks
     )
 
@@ -266,32 +272,67 @@ def build_member(
     device: torch.device,
     meta: dict,
 ) -> Member:
+    dictionary = (
+        build_clt(cfg, spec, source, device, meta)
+        if spec.layers
+        else build_sae(cfg, spec, source, device, meta)
+    )
+    d_sae = dictionary.cfg.d_sae
+    lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
+    # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    latents = dictionary.cfg.total_latents if spec.layers else d_sae
+    return Member(
+        spec,
+        member_name(spec),
+        dictionary,
+        optimizer,
+        schedule,
+        torch.zeros(latents, dtype=torch.long, device=device),
+    )
+
+
+def build_sae(
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+) -> SAE:
     d_in, hook_out = source.d_in[spec.hook], spec.hook_out or spec.hook
-    d_sae = spec.d_sae or spec.expansion_factor * d_in
     transcoder = hook_out != spec.hook or spec.skip
     sae_cfg = SAEConfig(
-        architecture=spec.architecture, d_in=d_in, d_sae=d_sae, k=spec.k, hook_name=spec.hook,
-        hook_name_out=hook_out, d_out=source.d_in[hook_out], skip=spec.skip,
-        apply_b_dec_to_input=not transcoder, device=str(device),
+        architecture=spec.architecture, d_in=d_in, d_sae=spec.d_sae or spec.expansion_factor * d_in,
+        k=spec.k, hook_name=spec.hook, hook_name_out=hook_out, d_out=source.d_in[hook_out],
+        skip=spec.skip, apply_b_dec_to_input=not transcoder, device=str(device),
         matryoshka_widths=list(spec.matryoshka_widths),
         normalize_activations="expected_average_only_in" if cfg.normalize else "none",
         norm_scaling_factor=source.scale[spec.hook] if cfg.normalize else 1.0,
         norm_scaling_factor_out=source.scale[hook_out] if cfg.normalize else 1.0, **meta,
     )  # fmt: skip
-    sae = REGISTRY[sae_cfg.architecture](sae_cfg)
-    lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
-    # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    return Member(
-        spec,
-        member_name(spec),
-        sae,
-        optimizer,
-        schedule,
-        torch.zeros(d_sae, dtype=torch.long, device=device),
-    )
+    return REGISTRY[sae_cfg.architecture](sae_cfg)
+
+
+def build_clt(
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+) -> CrossLayerTranscoder:
+    inputs, outputs = spec.inputs(), spec.outputs()
+    widths = {h: source.d_in[h] for h in inputs + outputs}
+    d_in, d_out = source.d_in[inputs[0]], source.d_in[outputs[0]]
+    if {widths[h] for h in inputs} != {d_in} or {widths[h] for h in outputs} != {d_out}:
+        raise ValueError(f"a cross-layer transcoder's layers have one width each side; got {widths}")
+    if spec.skip:
+        raise ValueError(
+            "cross-layer transcoders are trained without a skip path here (circuit-tracer's CLT "
+            "files cannot hold one either); drop --skip"
+        )
+    clt_cfg = CLTConfig(
+        architecture=spec.architecture, hook_names=inputs, hook_names_out=outputs, d_in=d_in,
+        d_out=d_out, d_sae=spec.d_sae or spec.expansion_factor * d_in, k=spec.k,
+        normalize_activations="expected_average_only_in" if cfg.normalize else "none",
+        norm_scaling_factors=[source.scale[h] if cfg.normalize else 1.0 for h in inputs],
+        norm_scaling_factors_out=[source.scale[h] if cfg.normalize else 1.0 for h in outputs],
+        device=str(device), **meta,
+    )  # fmt: skip
+    return CrossLayerTranscoder(clt_cfg)
 
 
 def keep_freed_memory() -> None:
@@ -416,9 +457,9 @@ class Trainer:
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
         for m in self.members:
-            x = self.world.shard(batch[m.hook]).to(self.device, non_blocking=True).float()
+            x = self.world.shard(m.input(batch)).to(self.device, non_blocking=True).float()
             y = None
-            if m.sae.cfg.is_transcoder:
+            if m.transcoder:
                 y = self.world.shard(m.target(batch)).to(self.device, non_blocking=True).float()
             coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
             ctx = TrainContext(
@@ -441,7 +482,7 @@ class Trainer:
             bad = ~out.loss.detach().isfinite().reshape(1)
             flags = self.world.any_rank(torch.cat([out.fired, bad]))
             fired, diverged[m.name] = flags[:-1], flags[-1]
-            m.tokens_since_fired += len(batch[m.hook])  # global rows: `fired` is over ranks
+            m.tokens_since_fired += len(batch[m.spec.inputs()[0]])  # global rows: `fired` is over ranks
             m.tokens_since_fired.masked_fill_(fired, 0)
             metrics.update(self.member_metrics(m, x if y is None else y, out))
         return StepMetrics(metrics, diverged)
@@ -487,7 +528,7 @@ class Trainer:
         dictionary's units; then the architecture's own start (JumpReLU's threshold)."""
         for m in self.members:
             if self.cfg.b_dec_init != "zeros":
-                y = m.target(batch).to(self.device).float() * m.sae.output_scale
+                y = m.sae.scale_target(m.target(batch).to(self.device)).float()
                 centre = (
                     geometric_median(y) if self.cfg.b_dec_init == "geometric_median" else y.mean(0)
                 )

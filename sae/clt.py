@@ -1,0 +1,363 @@
+"""Cross-layer transcoders (Ameisen et al. 2025, "Circuit Tracing"): layer i's latents read that
+layer's MLP input and write to the MLP outputs of layers i..n-1, trained jointly, so that each MLP
+output is predicted by the latents of every layer up to its own. They are what circuit-tracer
+builds attribution graphs from; a chain of per-layer transcoders would split one computation
+that spans several MLPs into as many features.
+
+Layer i's part is one of sae.models' dictionaries: a transcoder from layer i's input to the
+concatenated outputs of layers i..n-1 (d_out = (n - i) * d). So each sparsity rule keeps its own
+encoder and training recipe (thresholds, AuxK, unit decoder rows); this module adds the sum over
+layers, the per-layer scales and the joint loss. Shapes, n layers, F latents per layer:
+
+    z_i     = part_i.encode(x_i * s_i)                                  [..., F]
+    y_hat_j = (sum_{i <= j} z_i @ W_dec_i[:, block j] + b_dec_j) / t_j    [..., d_out]
+
+Inputs and outputs travel concatenated over layers ([..., n * d_in] and [..., n * d_out], in layer
+order), which is how the trainer hands a dictionary the hookpoints it reads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae.config import DTYPES, NORMALIZATIONS, ConfigError, SAEConfig
+from sae.kernels import sparse_decode
+from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse
+
+KIND = "cross_layer_transcoder"
+"""cfg.json's `dictionary` for a CLT (a plain SAE's cfg.json has no such key)."""
+LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+RULES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
+"""Rules a CLT's layers may use: Matryoshka's prefix losses are per dictionary, not per layer."""
+
+
+@dataclass
+class CLTConfig:
+    """Shape, rule and provenance of one cross-layer transcoder."""
+
+    architecture: str = "jumprelu"
+    """Every layer's sparsity rule: standard, topk, batchtopk, jumprelu or gated."""
+    hook_names: list[str] = field(default_factory=list)
+    """Input hookpoint of each layer, in layer order: blocks.L.<kind> with one kind."""
+    hook_names_out: list[str] = field(default_factory=list)
+    """Output hookpoint of each layer (the same layers, another kind: blocks.L.hook_mlp_out)."""
+    d_in: int = 576
+    """Width of each layer's input."""
+    d_out: int = 0
+    """Width of each layer's output; 0 is d_in."""
+    d_sae: int = 4608
+    """Latents per layer."""
+    k: int = 32
+    """Active latents per row and layer (topk), or on average (batchtopk)."""
+    normalize_activations: str = "none"
+    """As SAEConfig's: expected_average_only_in scales each layer's input and output."""
+    norm_scaling_factors: list[float] = field(default_factory=list)
+    """Input scale of each layer (empty: 1)."""
+    norm_scaling_factors_out: list[float] = field(default_factory=list)
+    """Output scale of each layer (empty: 1)."""
+    model_name: str = ""
+    context_size: int = 128
+    prepend_bos: bool = True
+    dataset_path: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.d_out = self.d_out or self.d_in
+        n = self.n_layers
+        if self.architecture not in RULES:
+            raise ConfigError(
+                f"a cross-layer transcoder's layers use one of {RULES}, not {self.architecture!r}"
+            )
+        if n == 0 or len(self.hook_names_out) != n:
+            raise ConfigError(
+                f"a cross-layer transcoder needs one input and one output hookpoint per layer; got "
+                f"{len(self.hook_names)} inputs and {len(self.hook_names_out)} outputs"
+            )
+        layers_in, kinds_in = layer_kinds(self.hook_names)
+        layers_out, kinds_out = layer_kinds(self.hook_names_out)
+        if layers_in != layers_out or len(kinds_in | kinds_out) != 2 or len(kinds_in) != 1:
+            raise ConfigError(
+                "a cross-layer transcoder reads one hookpoint kind and writes another at the same "
+                f"layers, one per layer in order; got {self.hook_names} -> {self.hook_names_out}"
+            )
+        if sorted(set(layers_in)) != layers_in:
+            raise ConfigError(f"the layers must increase, one hookpoint each; got {layers_in}")
+        for name in ("d_in", "d_out", "d_sae", "k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ConfigError(f"normalize_activations must be one of {NORMALIZATIONS}")
+        for name in ("norm_scaling_factors", "norm_scaling_factors_out"):
+            scales = getattr(self, name) or [1.0] * n
+            if len(scales) != n or not all(s > 0 for s in scales):
+                raise ConfigError(f"{name} should hold {n} positive scales, got {scales}")
+            setattr(self, name, [float(s) for s in scales])
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.hook_names)
+
+    @property
+    def layers(self) -> list[int]:
+        return layer_kinds(self.hook_names)[0]
+
+    @property
+    def is_transcoder(self) -> bool:
+        return True
+
+    @property
+    def total_latents(self) -> int:
+        return self.n_layers * self.d_sae
+
+    def part(self, i: int) -> SAEConfig:
+        """Layer i's part: a transcoder to the outputs of layers i.. (scales are the CLT's)."""
+        return SAEConfig(
+            architecture=self.architecture, d_in=self.d_in, d_sae=self.d_sae, k=self.k,
+            d_out=(self.n_layers - i) * self.d_out, hook_name=self.hook_names[i],
+            hook_name_out=self.hook_names_out[i], apply_b_dec_to_input=False,
+            model_name=self.model_name, dtype=self.dtype, device=self.device,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dictionary": KIND, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> CLTConfig:
+        data = {k: v for k, v in data.items() if k != "dictionary"}
+        if unknown := sorted(set(data) - {f.name for f in fields(cls)}):
+            raise ConfigError(f"{source}: unknown CLTConfig keys {unknown}")
+        return cls(**data)
+
+
+def layer_kinds(hooks: list[str]) -> tuple[list[int], set[str]]:
+    """The layers of blocks.L.<kind> hookpoints and the kinds they name."""
+    matches = [LAYER_HOOK.match(h) for h in hooks]
+    if not all(matches):
+        bad = [h for h, m in zip(hooks, matches, strict=True) if not m]
+        raise ConfigError(f"a cross-layer transcoder's hookpoints are blocks.L.<kind>; got {bad}")
+    return [int(m.group(1)) for m in matches], {m.group(2) for m in matches}
+
+
+class CrossLayerTranscoder(nn.Module):
+    """n per-layer parts (sae.models dictionaries) and one output bias per output layer."""
+
+    def __init__(self, cfg: CLTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(self._part(i) for i in range(cfg.n_layers))
+        self.b_dec = nn.Parameter(
+            torch.zeros(cfg.n_layers * cfg.d_out, dtype=DTYPES[cfg.dtype], device=cfg.device)
+        )
+
+    def _part(self, i: int) -> SAE:
+        """Layer i's dictionary, whose own output bias is a zero buffer: b_dec_j is shared by
+        every layer writing to j, and one parameter per output keeps its learning rate that of
+        any other weight."""
+        part = REGISTRY[self.cfg.architecture](self.cfg.part(i))
+        del part.b_dec
+        part.register_buffer("b_dec", torch.zeros_like(part.W_dec[0]), persistent=False)
+        return part
+
+    # the trainer's view: the same members as an SAE's ------------------------------------------
+    @property
+    def sparsity_coefficient(self) -> float:
+        return self.layers[0].sparsity_coefficient
+
+    @property
+    def batch_wide(self) -> bool:
+        return self.layers[0].batch_wide
+
+    @property
+    def scales(self) -> tuple[Tensor, Tensor]:
+        """s [n] and t [n], 1 unless normalize_activations is on."""
+        on = self.cfg.normalize_activations != "none"
+        n = self.cfg.n_layers
+        s = self.cfg.norm_scaling_factors if on else [1.0] * n
+        t = self.cfg.norm_scaling_factors_out if on else [1.0] * n
+        return self.b_dec.new_tensor(s), self.b_dec.new_tensor(t)
+
+    def per_layer(self, x: Tensor, width: int, what: str) -> Tensor:
+        """[..., n * width] -> [..., n, width], refusing another width."""
+        n = self.cfg.n_layers
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != n * width:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"cross-layer transcoder over {n} layers expects {what} concatenated over its "
+                f"layers, last dimension {n} * {width} = {n * width}; got {shape}"
+            )
+        return x.to(self.b_dec.dtype).unflatten(-1, (n, width))
+
+    def scale_target(self, y: Tensor) -> Tensor:
+        """y [..., n * d_out] in the dictionary's units (each layer times its t)."""
+        return (self.per_layer(y, self.cfg.d_out, "targets") * self.scales[1][:, None]).flatten(-2)
+
+    def scaled_inputs(self, x: Tensor) -> list[Tensor]:
+        s = self.scales[0]
+        return list((self.per_layer(x, self.cfg.d_in, "inputs") * s[:, None]).unbind(-2))
+
+    # inference ---------------------------------------------------------------------------------
+    def encode_layer(self, i: int, x: Tensor) -> Tensor:
+        """Layer i's codes [..., F] from its input [..., d_in] (in the model's units)."""
+        return self.layers[i].encode(x.to(self.b_dec.dtype) * self.scales[0][i])
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., n * d_in] -> [..., n * F]: every layer's codes, concatenated."""
+        return torch.cat([p.encode(x_i) for p, x_i in zip(self.layers, self.scaled_inputs(x),
+                                                             strict=True)], -1)  # fmt: skip
+
+    def decode_layer(self, j: int, codes: list[Tensor]) -> Tensor:
+        """Output j [..., d_out] from the codes of layers 0..j (codes[i] for layer i)."""
+        d = self.cfg.d_out
+        y = self.b_dec[j * d : (j + 1) * d]
+        for i in range(j + 1):
+            block = self.layers[i].W_dec[:, (j - i) * d : (j - i + 1) * d]
+            y = y + codes[i].to(block.dtype) @ block
+        return y / self.scales[1][j]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """[..., n * F] -> [..., n * d_out]."""
+        codes = list(z.unflatten(-1, (self.cfg.n_layers, self.cfg.d_sae)).unbind(-2))
+        return torch.cat([self.decode_layer(j, codes) for j in range(self.cfg.n_layers)], -1)
+
+    def predict(self, x: Tensor, z: Tensor) -> Tensor:
+        return self.decode(z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # training ----------------------------------------------------------------------------------
+    def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
+        """MSE of all layers' outputs together (summed over layers and d_out, mean over rows),
+        plus each layer's penalty terms (summed under their names), each computed against the
+        outputs it writes: its AuxK reconstructs the joint residual of layers i.., its L1 weighs
+        codes by the norm of their whole decoder row."""
+        if y is None:
+            raise ValueError("a cross-layer transcoder trains on pairs: pass its targets y")
+        n, d, F = self.cfg.n_layers, self.cfg.d_out, self.cfg.d_sae
+        x_s, y_s = self.scaled_inputs(x), self.scale_target(y)
+        dead = ctx.dead.view(n, F) if ctx.dead is not None else [None] * n
+        contexts = [TrainContext(ctx.sparsity_coefficient, ctx.aux_coefficient, m, ctx.bandwidth)
+                    for m in dead]  # fmt: skip
+        outputs = list(self.b_dec.expand(len(y_s), -1).split(d, -1))
+        pres, codes = [], []
+        for i, part in enumerate(self.layers):
+            pre = part.pre_acts(x_s[i])
+            z = part.train_activate(x_s[i], pre, contexts[i])
+            for j, block in enumerate(self._decode_part(part, z).split(d, -1), start=i):
+                outputs[j] = outputs[j] + block
+            pres.append(pre)
+            codes.append(z)
+        y_hat_s = torch.cat(outputs, -1)
+        terms = {"mse_loss": mse(y_hat_s, y_s)}
+        per_layer = []
+        for i, part in enumerate(self.layers):
+            tail = slice(i * d, None)
+            own = part.penalties(y_s[:, tail], pres[i], codes[i], y_hat_s[:, tail],
+                                 self.b_dec[tail], contexts[i])  # fmt: skip
+            for name, value in own.items():
+                terms[name] = terms.get(name, 0) + value
+            active = codes[i].detach() > 0
+            per_layer.append(LossOutput(y_s.new_zeros(()), y_hat_s, own, active.any(0),
+                                        active.sum(-1).float().mean(), codes[i].detach()))  # fmt: skip
+        y_hat = (y_hat_s.unflatten(-1, (n, d)) / self.scales[1][:, None]).flatten(-2)
+        return LossOutput(
+            sum(terms.values()), y_hat, terms, torch.cat([o.fired for o in per_layer]),
+            sum(o.l0 for o in per_layer), layers=per_layer,
+        )  # fmt: skip
+
+    @staticmethod
+    def _decode_part(part: SAE, z: Tensor) -> Tensor:
+        """z @ W_dec: from z's nonzero entries alone where the rule's code has no gradient off
+        them (top-k styles), which is most of a CLT's cost (W_dec_0 is n * d wide)."""
+        if not part.sparse_code:
+            return z @ part.W_dec
+        rows, latents = z.nonzero(as_tuple=True)
+        return sparse_decode(z[rows, latents], rows, latents, part.W_dec, len(z))
+
+    @torch.no_grad()
+    def start_training(self) -> None:
+        for part in self.layers:
+            part.start_training()
+
+    @torch.no_grad()
+    def reach_step(self, step: int, total_steps: int) -> None:
+        for part in self.layers:
+            part.reach_step(step, total_steps)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        for part in self.layers:
+            part.before_step()
+
+    @torch.no_grad()
+    def after_step(self, out: LossOutput) -> None:
+        for part, own in zip(self.layers, out.layers, strict=True):
+            part.after_step(own)
+
+    # files -------------------------------------------------------------------------------------
+    def folded_state_dict(self) -> dict[str, Tensor]:
+        """Weights with s and t folded in (W_enc_i * s_i, decoder blocks and b_dec_j / t_j)."""
+        s, t = self.scales
+        d = self.cfg.d_out
+        state = {name: w.detach() for name, w in self.state_dict().items()}
+        for i in range(self.cfg.n_layers):
+            state[f"layers.{i}.W_enc"] = state[f"layers.{i}.W_enc"] * s[i]
+            blocks = state[f"layers.{i}.W_dec"].unflatten(-1, (-1, d))  # [F, n - i, d]
+            state[f"layers.{i}.W_dec"] = (blocks / t[i:, None]).flatten(-2)
+        state["b_dec"] = (state["b_dec"].unflatten(-1, (-1, d)) / t[:, None]).flatten(-2)
+        return state
+
+    def save(self, path: str | Path) -> Path:
+        """cfg.json (`dictionary: cross_layer_transcoder`, our fields, scales folded) and
+        sae_weights.safetensors (layers.{i}.W_enc [d_in, F], layers.{i}.W_dec [F, (n - i) *
+        d_out], their rule's encoder tensors, b_dec [n * d_out])."""
+        import json
+
+        from sae.io import CFG_FILE, WEIGHTS_FILE, write_tensors, write_text
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_tensors(path / WEIGHTS_FILE, self.folded_state_dict())
+        n = self.cfg.n_layers
+        cfg = {**self.cfg.to_dict(), "normalize_activations": "none",
+               "norm_scaling_factors": [1.0] * n, "norm_scaling_factors_out": [1.0] * n,
+               "dtype": str(self.b_dec.dtype).removeprefix("torch."), "device": "cpu"}  # fmt: skip
+        write_text(path / CFG_FILE, json.dumps(cfg, indent=2))
+        return path
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"{c.architecture}, layers {c.layers}, {c.hook_names[0]} -> "
+                f"{c.hook_names_out[0]}..., d_in={c.d_in}, d_sae={c.d_sae} per layer")  # fmt: skip
+
+
+def load(path: Path, cfg_dict: dict[str, Any], state: dict[str, Tensor], device: str = "cpu",
+         dtype: str | torch.dtype | None = None) -> CrossLayerTranscoder:  # fmt: skip
+    """A saved CLT from its cfg.json contents and weights, refusing tensors that do not fit."""
+    from sae.io import FormatError, refuse_nonfinite
+
+    source = str(path)
+    try:
+        cfg = CLTConfig.from_dict({**cfg_dict, "device": "meta"}, source)
+    except (ConfigError, TypeError) as e:
+        raise FormatError(f"{source}: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in CrossLayerTranscoder(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        wrong = sorted(set(got.items()) ^ set(expected.items()))
+        raise FormatError(f"{source}: the weights do not fit the CLT its cfg.json describes: {wrong}")
+    refuse_nonfinite(state, source)
+    dtype = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
+    cfg.dtype, cfg.device = dtype, device
+    clt = CrossLayerTranscoder(cfg)
+    clt.load_state_dict({k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()})
+    return clt
