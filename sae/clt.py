@@ -354,7 +354,9 @@ def load(path: Path, cfg_dict: dict[str, Any], state: dict[str, Tensor], device:
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         wrong = sorted(set(got.items()) ^ set(expected.items()))
-        raise FormatError(f"{source}: the weights do not fit the CLT its cfg.json describes: {wrong}")
+        raise FormatError(
+            f"{source}: the weights do not fit the CLT its cfg.json describes: {wrong}"
+        )
     refuse_nonfinite(state, source)
     dtype = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     cfg.dtype, cfg.device = dtype, device

@@ -99,10 +99,14 @@ def clt_to_circuit_tracer(clt: CrossLayerTranscoder, out: Path) -> Path:
     if c.layers != list(range(c.n_layers)):
         raise ValueError(f"{name}: circuit-tracer's CLTs cover every layer from 0")
     if c.d_in != c.d_out:
-        raise ValueError(f"{name}: circuit-tracer's CLTs map d_model to d_model, not {c.d_in} to {c.d_out}")
+        raise ValueError(
+            f"{name}: circuit-tracer's CLTs map d_model to d_model, not {c.d_in} to {c.d_out}"
+        )
     thresholds = c.architecture in JUMPRELU_LIKE
     if thresholds and any(bool((p.threshold < 0).any()) for p in clt.layers):
-        raise ValueError(f"{name}: negative thresholds, which circuit-tracer's JumpReLU reads differently")
+        raise ValueError(
+            f"{name}: negative thresholds, which circuit-tracer's JumpReLU reads differently"
+        )
     state, d = clt.folded_state_dict(), c.d_out
     out.mkdir(parents=True, exist_ok=True)
     for i in range(c.n_layers):

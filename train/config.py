@@ -104,7 +104,9 @@ class SAESpec:
         numbers: list[int] = []
         for part in filter(None, self.layers.replace(" ", "").split(",")):
             first, _, last = part.partition("-")
-            if not (first.isdigit() and (last or first).isdigit()) or int(last or first) < int(first):
+            if not (first.isdigit() and (last or first).isdigit()) or int(last or first) < int(
+                first
+            ):
                 raise ValueError(f"layers {self.layers!r}: expected ranges such as 0-29 or 0,4,8")
             numbers += range(int(first), int(last or first) + 1)
         if sorted(set(numbers)) != numbers:

@@ -318,7 +318,9 @@ def build_clt(
     widths = {h: source.d_in[h] for h in inputs + outputs}
     d_in, d_out = source.d_in[inputs[0]], source.d_in[outputs[0]]
     if {widths[h] for h in inputs} != {d_in} or {widths[h] for h in outputs} != {d_out}:
-        raise ValueError(f"a cross-layer transcoder's layers have one width each side; got {widths}")
+        raise ValueError(
+            f"a cross-layer transcoder's layers have one width each side; got {widths}"
+        )
     if spec.skip:
         raise ValueError(
             "cross-layer transcoders are trained without a skip path here (circuit-tracer's CLT "
@@ -482,7 +484,9 @@ class Trainer:
             bad = ~out.loss.detach().isfinite().reshape(1)
             flags = self.world.any_rank(torch.cat([out.fired, bad]))
             fired, diverged[m.name] = flags[:-1], flags[-1]
-            m.tokens_since_fired += len(batch[m.spec.inputs()[0]])  # global rows: `fired` is over ranks
+            m.tokens_since_fired += len(
+                batch[m.spec.inputs()[0]]
+            )  # global rows: `fired` is over ranks
             m.tokens_since_fired.masked_fill_(fired, 0)
             metrics.update(self.member_metrics(m, x if y is None else y, out))
         return StepMetrics(metrics, diverged)
