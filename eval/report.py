@@ -30,12 +30,14 @@ from eval.concepts import (
     purity_report,
 )
 from eval.reconstruction import ReconstructionStats
+from eval.replacement import replacement_report
 from eval.sparsity import SparsityStats
-from eval.splice import SplicedLosses
+from eval.splice import SplicedLosses, sae_variants
 from eval.top_activations import TopActivations
 from sae.cli import positional
+from sae.clt import CrossLayerTranscoder
 from sae.hooks import record
-from sae.io import check_writable, write_json
+from sae.io import CFG_FILE, check_writable, load_set, write_json
 from sae.lm import DEFAULT_MODEL, check_context, load_lm, resolve_hook
 from sae.models import SAE
 from sae.progress import progress
@@ -46,7 +48,8 @@ from train.harvest import resolve_device
 SCHEMA = "sae-forge/eval/1"
 HEADLINE = (
     "explained_variance", "fvu", "mse", "cosine", "l2_ratio",
-    "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_score",
+    "ce_clean", "ce_sae", "ce_replacement", "ce_replacement_with_errors", "ce_zero_ablation",
+    "ce_mean_ablation", "ce_loss_recovered", "kl_score",
     "l0", "dead_fraction", "dense_fraction",
 )  # fmt: skip
 
@@ -57,7 +60,8 @@ class EvalConfig:
     and first-letter absorption (or, with --synthetic, recovery of known features)."""
 
     sae: str = positional()
-    """The SAE: a directory, hf:..., saelens:... or wandb:... (anything sae.load takes)."""
+    """The SAE: a directory, hf:..., saelens:... or wandb:... (anything sae.load takes); a CLT,
+    or a folder of per-layer transcoders, is scored as the replacement model."""
     model: str = ""
     """LM to run (default: the SAE's model_name, else the cache's model, else smollm2-135m)."""
     dataset: str = "shakespeare"
@@ -115,11 +119,43 @@ def evaluate(
     if cfg.json:
         check_writable(Path(cfg.json).parent)
     cfg.device = str(resolve_device(cfg.device))  # no CUDA here: one line, not torch's assert
-    d = sae_lib.load(d) if isinstance(d, (str, Path)) else d
+    d = load_dictionary(d) if isinstance(d, (str, Path)) else d
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
     lm, tokenizer, ids, name = load_inputs(d, cfg)
+    if isinstance(d, (CrossLayerTranscoder, list)):
+        return replacement_score(d, lm, ids, cfg, name)
     return score(d.to(cfg.device).eval(), lm, tokenizer, ids, cfg, name)
+
+
+def load_dictionary(source: str | Path) -> SAE | CrossLayerTranscoder | list[SAE]:
+    """What `sae eval` scores: one dictionary (anything sae.load takes), or a local folder of
+    per-layer transcoders (a training run's), scored together as the replacement model."""
+    if Path(source).is_dir() and not (Path(source) / CFG_FILE).exists():
+        found = load_set(source)
+        return found[0] if len(found) == 1 else found
+    return sae_lib.load(source)
+
+
+def replacement_score(
+    d: CrossLayerTranscoder | list[SAE], lm: nn.Module, ids: Tensor, cfg: EvalConfig, name: str
+) -> dict:
+    """A CLT's or a transcoder set's report: eval.replacement's scores with every MLP output
+    replaced at once (concept purity and absorption are per-dictionary scores, not computed)."""
+    parts = d if isinstance(d, list) else [d]
+    for part in parts:
+        part.to(cfg.device).eval()
+    report = replacement_report(d, lm, ids, cfg.batch_size, cfg.device)
+    first = parts[0].cfg
+    report["meta"] = {
+        "schema": SCHEMA, "sae": cfg.sae, "architecture": first.architecture,
+        "dictionary": "cross_layer_transcoder" if isinstance(d, CrossLayerTranscoder) else "transcoder_set",
+        "hook_names_out": [layer["hook_name_out"] for layer in report["layers"]],
+        "model": name, "dataset": cfg.cache or cfg.dataset, "split": "" if cfg.cache else cfg.split,
+        "windows": len(ids), "context_size": ids.shape[1], "tokens": ids[:, 1:].numel(),
+    }  # fmt: skip
+    _write(report, cfg.json)
+    return report
 
 
 def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
@@ -129,7 +165,10 @@ def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
     cache = ActivationCache(cfg.cache) if cfg.cache else None
     if cache:
         cfg.context_size = cache.manifest["context_size"]
-    name = cfg.model or d.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
+    first = d[0] if isinstance(d, list) else d
+    name = (
+        cfg.model or first.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
+    )
     lm, tokenizer = load_lm(name, device=cfg.device)
     check_fits(d, lm, name)
     check_context(lm, cfg.context_size)
@@ -173,7 +212,7 @@ def score(
                 codes.add(z)
             if examples is not None:
                 examples.add(z, scored)
-            losses.add(lm, d, batch, logits, acts[hook_out])
+            losses.add(lm, batch, logits, sae_variants(lm, d, acts[hook_out]))
             scored += len(x)
             bar.update(len(x))
 
@@ -199,11 +238,21 @@ def score(
     return report
 
 
-def check_fits(d: SAE, lm: nn.Module, name: str) -> None:
+def hook_widths(d: SAE | CrossLayerTranscoder | list[SAE]) -> list[tuple[str, int, str]]:
+    """(hookpoint, width, which width) for every hookpoint the dictionary reads or writes."""
+    if isinstance(d, list):
+        return [entry for part in d for entry in hook_widths(part)]
+    if isinstance(d, CrossLayerTranscoder):
+        return [(h, d.cfg.d_in, "d_in") for h in d.cfg.hook_names] + [
+            (h, d.cfg.d_out, "d_out") for h in d.cfg.hook_names_out
+        ]
+    return [(d.cfg.hook_name, d.cfg.d_in, "d_in"), (d.cfg.hook_name_out, d.cfg.d_out, "d_out")]
+
+
+def check_fits(d: SAE | CrossLayerTranscoder | list[SAE], lm: nn.Module, name: str) -> None:
     """Refuse, before any forward pass, a dictionary whose hookpoints or widths the model does not
     have (a transcoder's output too)."""
-    for hook, size, what in [(d.cfg.hook_name, d.cfg.d_in, "d_in"),
-                             (d.cfg.hook_name_out, d.cfg.d_out, "d_out")]:  # fmt: skip
+    for hook, size, what in hook_widths(d):
         point = resolve_hook(lm, hook)  # unknown hookpoints raise, listing valid ones
         width = point.width  # unknown for some module paths: the SAE's encode names a mismatch
         if width is not None and size != width:

@@ -42,40 +42,47 @@ def _ratio(recovered: float, ablated: float) -> float:
 VARIANTS = ("sae", "zero_ablation", "mean_ablation")
 
 
+def sae_variants(model: nn.Module, sae: SAE, acts: Tensor) -> dict[str, AbstractContextManager]:
+    """The edited passes of one dictionary: spliced in, zero- and mean-ablated at its output hook
+    (a transcoder's: the MLP's output). `acts`: that hook's activation [batch, seq, d] in the clean
+    pass (for the mean)."""
+    mean = acts[:, 1:].flatten(0, -2).mean(0)
+    hook = sae.cfg.hook_name_out  # where the prediction goes (an SAE's own hook)
+    return {
+        "sae": splice(model, sae, hook),
+        "zero_ablation": edit(model, hook, _keep_first(torch.zeros_like)),
+        "mean_ablation": edit(model, hook, _keep_first(lambda x: mean.to(x.dtype).expand_as(x))),
+    }
+
+
 class SplicedLosses:
-    """Running sums over batches: add(model, sae, ids, clean_logits, acts) per batch, result().
+    """Running sums over batches: add(model, ids, clean_logits, variants) per batch, result().
 
-    The caller runs the clean forward (recording the hook's activation, which the evaluation needs
-    anyway), so each batch costs one clean and three edited forward passes."""
+    The caller runs the clean forward (recording the activations the evaluation needs anyway), so
+    each batch costs one clean and one forward per variant. `main` names the variant scored
+    against zero ablation (CE loss recovered, KL score)."""
 
-    def __init__(self) -> None:
-        self.sums = dict.fromkeys(
-            ["ce_clean", *(f"{m}_{v}" for v in VARIANTS for m in ("ce", "kl"))], 0.0
-        )
+    def __init__(self, main: str = "sae") -> None:
+        self.main = main
+        self.sums: dict[str, float] = {"ce_clean": 0.0}
         self.n = 0
 
     @torch.no_grad()
     def add(
-        self, model: nn.Module, sae: SAE, ids: Tensor, clean_logits: Tensor, acts: Tensor
+        self,
+        model: nn.Module,
+        ids: Tensor,
+        clean_logits: Tensor,
+        variants: dict[str, AbstractContextManager],
     ) -> None:
-        """`acts`: the output hook's activation [batch, seq, d] in the clean pass (for the mean
-        ablation). A transcoder's variants replace its output hook (an MLP's output)."""
         clean_logp, clean_ce = _scored(clean_logits, ids)
-        mean = acts[:, 1:].flatten(0, -2).mean(0)
-        hook = sae.cfg.hook_name_out  # where the prediction goes (an SAE's own hook)
-        variants: dict[str, AbstractContextManager] = {
-            "sae": splice(model, sae, hook),
-            "zero_ablation": edit(model, hook, _keep_first(torch.zeros_like)),
-            "mean_ablation": edit(
-                model, hook, _keep_first(lambda x: mean.to(x.dtype).expand_as(x))
-            ),
-        }
         self.sums["ce_clean"] += clean_ce.sum().item()
         for name, context in variants.items():
             with context:
                 logp, ce = _scored(model(ids).logits, ids)
-            self.sums[f"ce_{name}"] += ce.sum().item()
-            self.sums[f"kl_{name}"] += (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
+            kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).sum().item()
+            self.sums[f"ce_{name}"] = self.sums.get(f"ce_{name}", 0.0) + ce.sum().item()
+            self.sums[f"kl_{name}"] = self.sums.get(f"kl_{name}", 0.0) + kl
         self.n += clean_ce.numel()
 
     def result(self) -> dict[str, float]:
@@ -84,10 +91,13 @@ class SplicedLosses:
                 "no tokens to score: windows need at least 3 tokens (BOS, context, target)"
             )
         out = {k: v / self.n for k, v in self.sums.items()}
+        main = self.main
         out["ce_loss_recovered"] = _ratio(
-            out["ce_zero_ablation"] - out["ce_sae"], out["ce_zero_ablation"] - out["ce_clean"]
+            out["ce_zero_ablation"] - out[f"ce_{main}"], out["ce_zero_ablation"] - out["ce_clean"]
         )
-        out["kl_score"] = _ratio(out["kl_zero_ablation"] - out["kl_sae"], out["kl_zero_ablation"])
+        out["kl_score"] = _ratio(
+            out["kl_zero_ablation"] - out[f"kl_{main}"], out["kl_zero_ablation"]
+        )
         out["tokens"] = self.n
         return out
 
@@ -100,5 +110,5 @@ def spliced_losses(model: nn.Module, sae: SAE, batches: Iterable[Tensor]) -> dic
     for ids in batches:
         with record(model, [sae.cfg.hook_name_out]) as acts:
             logits = model(ids).logits
-        losses.add(model, sae, ids, logits, acts[sae.cfg.hook_name_out])
+        losses.add(model, ids, logits, sae_variants(model, sae, acts[sae.cfg.hook_name_out]))
     return losses.result()

@@ -12,25 +12,12 @@ from pathlib import Path
 import yaml
 
 from sae.clt import CrossLayerTranscoder, layer_kinds
-from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, load_dir, save, write_tensors, write_text
+from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, load_set, save, write_tensors, write_text
 from sae.models import SAE
 
 HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 JUMPRELU_LIKE = ("jumprelu", "batchtopk", "matryoshka_batchtopk")
 """Rules whose inference is a JumpReLU (BatchTopK's shared threshold is one per latent here)."""
-
-
-def load_set(source: str | Path) -> list[SAE]:
-    """The dictionary in `source`, or one per subfolder holding one (a training run's folder)."""
-    source = Path(source)
-    if (source / CFG_FILE).exists():
-        return [load_dir(source)]
-    found = (
-        sorted(p for p in source.iterdir() if (p / CFG_FILE).exists()) if source.is_dir() else []
-    )
-    if not found:
-        raise FileNotFoundError(f"{source} holds no dictionary, nor subfolders with one")
-    return [load_dir(p) for p in found]
 
 
 def to_circuit_tracer(dictionaries: list[SAE | CrossLayerTranscoder], out: Path) -> Path:

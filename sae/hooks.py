@@ -16,6 +16,7 @@ from numbers import Integral
 import torch
 from torch import Tensor, nn
 
+from sae.clt import CrossLayerTranscoder
 from sae.lm import resolve_hook
 from sae.models import SAE
 
@@ -187,6 +188,58 @@ def splice(
             return y_hat.to(y.dtype)
 
         stack.enter_context(_edit_positions(model, hook or sae.cfg.hook_name_out, fn, skip_first))
+        yield
+
+
+@contextmanager
+def replace_mlps(
+    model: nn.Module,
+    dictionary: CrossLayerTranscoder | Sequence[SAE],
+    error_term: bool = False,
+    skip_first: bool = True,
+) -> Iterator[None]:
+    """The replacement model: every output hook of a cross-layer transcoder, or of a set of
+    per-layer transcoders, replaced at once by its prediction from the inputs of this forward
+    pass (so each layer reads what the replaced layers before it wrote). A CLT's layer j adds what
+    the latents of layers 0..j write to it. `error_term` adds each output's error back (the model
+    runs exactly as clean; attribution graphs keep these errors as nodes)."""
+    if not isinstance(dictionary, CrossLayerTranscoder):
+        with ExitStack() as stack:
+            for t in dictionary:
+                stack.enter_context(splice(model, t, error_term=error_term, skip_first=skip_first))
+            yield
+        return
+    clt, codes = dictionary, {}
+
+    def read(i: int) -> Edit:
+        def fn(x: Tensor) -> Tensor:
+            if i == 0:
+                codes.clear()  # a new forward pass
+            codes[i] = clt.encode_layer(i, x)
+            return x
+
+        return fn
+
+    def write(j: int) -> Edit:
+        def fn(y: Tensor) -> Tensor:
+            if j not in codes:
+                raise RuntimeError(
+                    f"CLT output {clt.cfg.hook_names_out[j]} ran before its input "
+                    f"{clt.cfg.hook_names[j]}: a CLT replaces outputs computed from its inputs"
+                )
+            y_hat = clt.decode_layer(j, [codes[i] for i in range(j + 1)])
+            if error_term:
+                y_hat = y_hat + (y.to(y_hat.dtype) - y_hat.detach())
+            return y_hat.to(y.dtype)
+
+        return fn
+
+    with ExitStack() as stack:
+        for j, (hook_in, hook_out) in enumerate(
+            zip(clt.cfg.hook_names, clt.cfg.hook_names_out, strict=True)
+        ):
+            stack.enter_context(edit(model, hook_in, read(j)))
+            stack.enter_context(_edit_positions(model, hook_out, write(j), skip_first))
         yield
 
 

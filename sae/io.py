@@ -217,6 +217,19 @@ def load_dir(
     )
 
 
+def load_set(source: str | os.PathLike) -> list[SAE | clt.CrossLayerTranscoder]:
+    """The dictionary in `source`, or one per subfolder holding one (a training run's folder)."""
+    source = Path(source)
+    if (source / CFG_FILE).exists():
+        return [load_dir(source)]
+    found = (
+        sorted(p for p in source.iterdir() if (p / CFG_FILE).exists()) if source.is_dir() else []
+    )
+    if not found:
+        raise FileNotFoundError(f"{source} holds no dictionary, nor subfolders with one")
+    return [load_dir(p) for p in found]
+
+
 def _pickle_refusal(path: Path) -> PickleRefused:
     return PickleRefused(
         f"refusing to load {path}: {path.suffix} checkpoints are Python pickles, and unpickling a "
