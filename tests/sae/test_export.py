@@ -12,6 +12,7 @@ import sae
 from sae.cli import main
 from sae.export import export
 from tests.conftest import make_sae
+from tests.sae.test_clt import make_clt
 
 CLIENTS = Path(__file__).resolve().parents[2] / ".venv" / "clients"
 RULES = ["standard", "jumprelu", "batchtopk"]
@@ -113,3 +114,55 @@ def test_sparsify_export_reads_back_through_our_sparsify_import(tmp_path, kind):
 def _saved(d, tmp_path, name="saved"):
     d.save(tmp_path / name)
     return tmp_path / name
+
+
+@pytest.fixture
+def circuit_tracer_clt(circuit_tracer):
+    import circuit_tracer.transcoder.cross_layer_transcoder as module
+
+    return module
+
+
+@pytest.mark.parametrize("architecture", RULES)
+@torch.no_grad()
+def test_a_clt_loads_in_circuit_tracer_with_our_codes_and_outputs(
+    tmp_path, circuit_tracer_clt, architecture
+):
+    """circuit-tracer's load_clt on our export (scales folded): the same codes at every layer and
+    the same reconstructions of every output from them."""
+    clt = make_clt(architecture, layers=[0, 1, 2, 3], normalize_activations="expected_average_only_in",
+                   norm_scaling_factors=[0.5, 2.0, 1.5, 1.0], norm_scaling_factors_out=[3.0, 0.7, 1.1, 2.0])  # fmt: skip
+    clt.save(tmp_path / "clt")
+    out = export(tmp_path / "clt", "circuit-tracer", tmp_path / "ct")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model_kind"] == "cross_layer_transcoder"
+    theirs = circuit_tracer_clt.load_clt(str(out), feature_input_hook=config["feature_input_hook"],
+                                         feature_output_hook=config["feature_output_hook"],
+                                         device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)  # fmt: skip
+    assert (theirs.n_layers, theirs.d_transcoder, theirs.feature_input_hook) == (
+        4,
+        16,
+        "mlp.hook_in",
+    )
+    x = torch.randn(4, 30, 6) * 2  # [layers, positions, d], circuit-tracer's layout
+    ours = torch.stack([clt.encode_layer(i, x[i]) for i in range(4)])
+    their_z = theirs.encode(x)
+    assert (ours > 0).any() and (ours == 0).any()
+    torch.testing.assert_close(their_z, ours, atol=1e-5, rtol=1e-5)
+    rows = x.permute(1, 0, 2).flatten(1)  # [positions, layers * d], ours
+    want = clt(rows).unflatten(-1, (4, 6)).permute(1, 0, 2)
+    torch.testing.assert_close(theirs.decode(their_z.to_sparse()), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_clt_circuit_tracer_cannot_express_is_refused(tmp_path):
+    cases = [
+        (make_clt("topk"), "loads only ReLU and JumpReLU CLTs from files"),
+        (make_clt("standard", layers=[1, 2]), "cover every layer from 0"),
+    ]
+    for i, (clt, message) in enumerate(cases):
+        clt.save(tmp_path / str(i))
+        with pytest.raises(ValueError, match=message):
+            export(tmp_path / str(i), "circuit-tracer", tmp_path / "out")
+        assert not (tmp_path / "out").exists(), "nothing written"
+    with pytest.raises(ValueError, match="no layout for a cross-layer transcoder"):
+        export(tmp_path / "0", "saelens", tmp_path / "out")

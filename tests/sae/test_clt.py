@@ -1,0 +1,158 @@
+"""Cross-layer transcoders: a one-layer CLT is a transcoder, layer j's output depends on the inputs
+of layers <= j only, the sparse decode equals the dense one, the scales fold into saved files, and
+what cannot be a CLT is refused by name."""
+
+import pytest
+import torch
+
+import sae
+from sae.clt import RULES, CLTConfig, CrossLayerTranscoder
+from sae.config import ConfigError
+from sae.models import TrainContext
+from tests.conftest import make_sae
+
+D, F = 6, 16
+
+
+def hooks(layers, kind="mlp.hook_in"):
+    return [f"blocks.{i}.{kind}" for i in layers]
+
+
+def make_clt(architecture="jumprelu", layers=(0, 1, 2), seed=0, **fields):
+    """A CLT with every parameter random (thresholds small and positive)."""
+    torch.manual_seed(seed)
+    cfg = CLTConfig(architecture=architecture, hook_names=hooks(layers),
+                    hook_names_out=hooks(layers, "hook_mlp_out"), d_in=D, d_sae=F, k=3, **fields)  # fmt: skip
+    clt = CrossLayerTranscoder(cfg)
+    with torch.no_grad():
+        for name, tensor in clt.state_dict().items():
+            if name.endswith("threshold"):
+                tensor.copy_(torch.rand_like(tensor) * 0.3)
+            else:
+                tensor.copy_(torch.randn_like(tensor) * 0.5)
+    return clt
+
+
+def grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("architecture", RULES)
+def test_a_one_layer_clt_is_a_transcoder(architecture):
+    """Same weights, same codes, outputs, loss terms and gradients as sae.models' transcoder."""
+    clt = make_clt(architecture, layers=[4])
+    t = make_sae(architecture, d_in=D, d_sae=F, k=3, hook_name="blocks.4.mlp.hook_in",
+                 hook_name_out="blocks.4.hook_mlp_out", apply_b_dec_to_input=False)  # fmt: skip
+    state = {k.removeprefix("layers.0."): v for k, v in clt.state_dict().items() if k != "b_dec"}
+    t.load_state_dict({**state, "b_dec": clt.b_dec.detach()})
+    x, y = torch.randn(64, D) * 2, torch.randn(64, D)
+    torch.testing.assert_close(clt.encode(x), t.encode(x))
+    torch.testing.assert_close(clt(x), t(x))
+    ctx = TrainContext(sparsity_coefficient=0.3, aux_coefficient=0.5, dead=torch.rand(F) < 0.5)
+    ours = clt.training_loss(x, ctx, y)
+    theirs = sae.SAE.training_loss(t, x, ctx, y)  # the dense reference
+    assert set(ours.parts) == set(theirs.parts)
+    for name in ours.parts:
+        torch.testing.assert_close(ours.parts[name], theirs.parts[name], atol=1e-5, rtol=1e-5)
+    ours.loss.backward()
+    theirs.loss.backward()
+    mine = grads(clt)
+    for name, g in grads(t).items():
+        torch.testing.assert_close(mine["b_dec" if name == "b_dec" else f"layers.0.{name}"], g,
+                                   atol=1e-4, rtol=1e-4)  # fmt: skip
+    assert torch.equal(ours.fired, theirs.fired) and ours.l0 == theirs.l0
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "topk"])
+def test_each_output_reads_only_the_layers_up_to_its_own(architecture):
+    clt = make_clt(architecture, layers=[0, 1, 2, 3])
+    x = torch.randn(32, 4 * D) * 2
+    y = clt(x).unflatten(-1, (4, D))
+    later = x.clone()
+    later[:, 2 * D :] += torch.randn(32, 2 * D) * 3  # layers 2 and 3 only
+    changed = clt(later).unflatten(-1, (4, D))
+    torch.testing.assert_close(changed[:, :2], y[:, :2])
+    assert not torch.allclose(changed[:, 2:], y[:, 2:])
+    # layer 0's latents reach every later output: that is what a per-layer transcoder cannot do
+    z = clt.encode(x).unflatten(-1, (4, F))
+    only_layer_0 = torch.cat([z[:, 0], torch.zeros(32, 3 * F)], -1)
+    reach = clt.decode(only_layer_0).unflatten(-1, (4, D)) - clt.b_dec.view(4, D)
+    assert all(reach[:, j].abs().sum() > 0 for j in range(4))
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_the_sparse_decode_equals_the_dense_one(architecture, monkeypatch):
+    clt = make_clt(architecture)
+    x, y = torch.randn(128, 3 * D), torch.randn(128, 3 * D)
+    ctx = TrainContext(aux_coefficient=0.5, dead=torch.rand(3 * F) < 0.3)
+    sparse = clt.training_loss(x, ctx, y)
+    sparse.loss.backward()
+    sparse_grads = grads(clt)
+    clt.zero_grad()
+    for part in clt.layers:
+        monkeypatch.setattr(part, "sparse_code", False)
+    dense = clt.training_loss(x, ctx, y)
+    dense.loss.backward()
+    for name in dense.parts:
+        torch.testing.assert_close(sparse.parts[name], dense.parts[name], atol=1e-5, rtol=1e-5)
+    for name, g in grads(clt).items():
+        torch.testing.assert_close(sparse_grads[name], g, atol=1e-4, rtol=1e-4)
+
+
+def test_the_loss_is_the_joint_mse_of_every_output():
+    """By hand: y_hat_j = sum_{i<=j} z_i @ W_dec_i[:, block j] + b_dec_j, MSE over all outputs."""
+    clt = make_clt("standard")
+    x, y = torch.randn(16, 3 * D), torch.randn(16, 3 * D)
+    z = [clt.layers[i].encode(x[:, i * D : (i + 1) * D]) for i in range(3)]
+    y_hat = torch.cat([
+        sum(z[i] @ clt.layers[i].W_dec[:, (j - i) * D : (j - i + 1) * D] for i in range(j + 1))
+        + clt.b_dec[j * D : (j + 1) * D]
+        for j in range(3)
+    ], -1)  # fmt: skip
+    out = clt.training_loss(x, TrainContext(sparsity_coefficient=0.0), y)
+    torch.testing.assert_close(out.parts["mse_loss"], (y_hat - y).pow(2).sum(-1).mean())
+    torch.testing.assert_close(out.x_hat, y_hat)
+
+
+@torch.no_grad()
+def test_saved_files_fold_the_scales_and_load_back(tmp_path):
+    clt = make_clt("batchtopk", normalize_activations="expected_average_only_in",
+                   norm_scaling_factors=[0.5, 2.0, 1.5], norm_scaling_factors_out=[3.0, 0.7, 1.1])  # fmt: skip
+    x = torch.randn(20, 3 * D)
+    clt.save(tmp_path / "clt")
+    back = sae.load(tmp_path / "clt")
+    assert isinstance(back, CrossLayerTranscoder) and back.cfg.normalize_activations == "none"
+    torch.testing.assert_close(back(x), clt(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back.encode(x), clt.encode(x), atol=1e-5, rtol=1e-5)
+    assert back.cfg.hook_names == clt.cfg.hook_names
+
+
+def test_what_is_not_a_clt_is_refused(tmp_path):
+    cases = [
+        ({"hook_names": ["blocks.0.mlp.hook_in", "blocks.1.hook_resid_mid"]}, "reads one hookpoint kind"),
+        ({"hook_names": hooks([1, 0]), "hook_names_out": hooks([1, 0], "hook_mlp_out")}, "must increase"),
+        ({"hook_names_out": hooks([0, 2], "hook_mlp_out")}, "at the same layers"),
+        ({"hook_names": ["mlp.0", "mlp.1"]}, r"are blocks\.L\.<kind>"),
+        ({"architecture": "matryoshka_batchtopk"}, "layers use one of"),
+        ({"hook_names_out": hooks([0], "hook_mlp_out")}, "one input and one output hookpoint per layer"),
+    ]  # fmt: skip
+    for fields, message in cases:
+        cfg = {
+            "hook_names": hooks([0, 1]),
+            "hook_names_out": hooks([0, 1], "hook_mlp_out"),
+            **fields,
+        }
+        with pytest.raises(ConfigError, match=message):
+            CLTConfig(**cfg)
+    clt = make_clt()
+    with pytest.raises(ValueError, match=r"last dimension 3 \* 6 = 18; got \(4, 6\)"):
+        clt(torch.randn(4, D))
+    clt.save(tmp_path / "clt")
+    weights = tmp_path / "clt" / "sae_weights.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    state["layers.1.W_enc"] = state["layers.1.W_enc"][:, :5].contiguous()
+    save_file(state, weights)
+    with pytest.raises(sae.FormatError, match="do not fit the CLT"):
+        sae.load(tmp_path / "clt")
