@@ -30,14 +30,15 @@ from eval.concepts import (
     purity_report,
 )
 from eval.reconstruction import ReconstructionStats
+from eval.replacement import HEADLINE as REPLACEMENT_HEADLINE
 from eval.replacement import replacement_report
 from eval.sparsity import SparsityStats
 from eval.splice import SplicedLosses, sae_variants
 from eval.top_activations import TopActivations
 from sae.cli import positional
-from sae.clt import CrossLayerTranscoder
 from sae.hooks import record
 from sae.io import CFG_FILE, check_writable, load_set, write_json
+from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL, check_context, load_lm, resolve_hook
 from sae.models import SAE
 from sae.progress import progress
@@ -48,8 +49,7 @@ from train.harvest import resolve_device
 SCHEMA = "sae-forge/eval/1"
 HEADLINE = (
     "explained_variance", "fvu", "mse", "cosine", "l2_ratio",
-    "ce_clean", "ce_sae", "ce_replacement", "ce_replacement_with_errors", "ce_zero_ablation",
-    "ce_mean_ablation", "ce_loss_recovered", "kl_score",
+    "ce_clean", "ce_sae", "ce_zero_ablation", "ce_mean_ablation", "ce_loss_recovered", "kl_score",
     "l0", "dead_fraction", "dense_fraction",
 )  # fmt: skip
 
@@ -123,12 +123,12 @@ def evaluate(
     if cfg.synthetic:
         return _synthetic_report(d, cfg)
     lm, tokenizer, ids, name = load_inputs(d, cfg)
-    if isinstance(d, (CrossLayerTranscoder, list)):
+    if isinstance(d, (LayeredDictionary, list)):
         return replacement_score(d, lm, ids, cfg, name)
     return score(d.to(cfg.device).eval(), lm, tokenizer, ids, cfg, name)
 
 
-def load_dictionary(source: str | Path) -> SAE | CrossLayerTranscoder | list[SAE]:
+def load_dictionary(source: str | Path) -> SAE | LayeredDictionary | list[SAE]:
     """What `sae eval` scores: one dictionary (anything sae.load takes), or a local folder of
     per-layer transcoders (a training run's), scored together as the replacement model."""
     if Path(source).is_dir() and not (Path(source) / CFG_FILE).exists():
@@ -138,10 +138,11 @@ def load_dictionary(source: str | Path) -> SAE | CrossLayerTranscoder | list[SAE
 
 
 def replacement_score(
-    d: CrossLayerTranscoder | list[SAE], lm: nn.Module, ids: Tensor, cfg: EvalConfig, name: str
+    d: LayeredDictionary | list[SAE], lm: nn.Module, ids: Tensor, cfg: EvalConfig, name: str
 ) -> dict:
-    """A CLT's or a transcoder set's report: eval.replacement's scores with every MLP output
-    replaced at once (concept purity and absorption are per-dictionary scores, not computed)."""
+    """A CLT's, a crosscoder's or a transcoder set's report: eval.replacement's scores with every
+    hookpoint it writes replaced at once (concept purity and absorption are scores of one
+    dictionary at one hookpoint, not computed here)."""
     parts = d if isinstance(d, list) else [d]
     for part in parts:
         part.to(cfg.device).eval()
@@ -149,7 +150,7 @@ def replacement_score(
     first = parts[0].cfg
     report["meta"] = {
         "schema": SCHEMA, "sae": cfg.sae, "architecture": first.architecture,
-        "dictionary": "cross_layer_transcoder" if isinstance(d, CrossLayerTranscoder) else "transcoder_set",
+        "dictionary": d.kind if isinstance(d, LayeredDictionary) else "transcoder_set",
         "hook_names_out": [layer["hook_name_out"] for layer in report["layers"]],
         "model": name, "dataset": cfg.cache or cfg.dataset, "split": "" if cfg.cache else cfg.split,
         "windows": len(ids), "context_size": ids.shape[1], "tokens": ids[:, 1:].numel(),
@@ -238,18 +239,19 @@ def score(
     return report
 
 
-def hook_widths(d: SAE | CrossLayerTranscoder | list[SAE]) -> list[tuple[str, int, str]]:
+def hook_widths(d: SAE | LayeredDictionary | list[SAE]) -> list[tuple[str, int, str]]:
     """(hookpoint, width, which width) for every hookpoint the dictionary reads or writes."""
     if isinstance(d, list):
         return [entry for part in d for entry in hook_widths(part)]
-    if isinstance(d, CrossLayerTranscoder):
+    if isinstance(d, LayeredDictionary):
+        outputs = getattr(d.cfg, "hook_names_out", [])  # a crosscoder writes what it reads
         return [(h, d.cfg.d_in, "d_in") for h in d.cfg.hook_names] + [
-            (h, d.cfg.d_out, "d_out") for h in d.cfg.hook_names_out
+            (h, d.cfg.d_out, "d_out") for h in outputs
         ]
     return [(d.cfg.hook_name, d.cfg.d_in, "d_in"), (d.cfg.hook_name_out, d.cfg.d_out, "d_out")]
 
 
-def check_fits(d: SAE | CrossLayerTranscoder | list[SAE], lm: nn.Module, name: str) -> None:
+def check_fits(d: SAE | LayeredDictionary | list[SAE], lm: nn.Module, name: str) -> None:
     """Refuse, before any forward pass, a dictionary whose hookpoints or widths the model does not
     have (a transcoder's output too)."""
     for hook, size, what in hook_widths(d):
@@ -358,7 +360,8 @@ def fmt(value: Any, spec: str = ".4g") -> str:
 
 def table(report: dict) -> str:
     """The headline numbers and the summary of each detailed score, one line each."""
-    lines = [f"{k:<22} {report[k]:.4f}" for k in HEADLINE if k in report]
+    headline = REPLACEMENT_HEADLINE if "layers" in report else HEADLINE
+    lines = [f"{k:<22} {report[k]:.4f}" for k in headline if k in report]
     if "concepts" in report:
         c = report["concepts"]
         lines.append(

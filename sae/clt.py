@@ -19,15 +19,15 @@ order), which is how the trainer hands a dictionary the hookpoints it reads.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from sae.config import DTYPES, NORMALIZATIONS, ConfigError, SAEConfig
+from sae.config import DTYPES, ConfigError, SAEConfig
 from sae.kernels import sparse_decode
+from sae.layered import LayeredDictionary, LayersConfig
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse
 
 KIND = "cross_layer_transcoder"
@@ -38,35 +38,21 @@ RULES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 
 
 @dataclass
-class CLTConfig:
-    """Shape, rule and provenance of one cross-layer transcoder."""
+class CLTConfig(LayersConfig):
+    """Shape, rule and provenance of one cross-layer transcoder: `hook_names` are each layer's
+    input (blocks.L.<kind>, one kind), `d_sae` its latents."""
 
     architecture: str = "jumprelu"
     """Every layer's sparsity rule: standard, topk, batchtopk, jumprelu or gated."""
-    hook_names: list[str] = field(default_factory=list)
-    """Input hookpoint of each layer, in layer order: blocks.L.<kind> with one kind."""
     hook_names_out: list[str] = field(default_factory=list)
     """Output hookpoint of each layer (the same layers, another kind: blocks.L.hook_mlp_out)."""
-    d_in: int = 576
-    """Width of each layer's input."""
     d_out: int = 0
     """Width of each layer's output; 0 is d_in."""
-    d_sae: int = 4608
-    """Latents per layer."""
-    k: int = 32
-    """Active latents per row and layer (topk), or on average (batchtopk)."""
-    normalize_activations: str = "none"
-    """As SAEConfig's: expected_average_only_in scales each layer's input and output."""
-    norm_scaling_factors: list[float] = field(default_factory=list)
-    """Input scale of each layer (empty: 1)."""
     norm_scaling_factors_out: list[float] = field(default_factory=list)
     """Output scale of each layer (empty: 1)."""
-    model_name: str = ""
-    context_size: int = 128
-    prepend_bos: bool = True
-    dataset_path: str = ""
-    dtype: str = "float32"
-    device: str = "cpu"
+
+    kind: ClassVar[str] = KIND
+    scale_fields: ClassVar[tuple[str, ...]] = ("norm_scaling_factors", "norm_scaling_factors_out")
 
     def __post_init__(self) -> None:
         self.d_out = self.d_out or self.d_in
@@ -89,22 +75,9 @@ class CLTConfig:
             )
         if sorted(set(layers_in)) != layers_in:
             raise ConfigError(f"the layers must increase, one hookpoint each; got {layers_in}")
-        for name in ("d_in", "d_out", "d_sae", "k"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.normalize_activations not in NORMALIZATIONS:
-            raise ConfigError(f"normalize_activations must be one of {NORMALIZATIONS}")
-        for name in ("norm_scaling_factors", "norm_scaling_factors_out"):
-            scales = getattr(self, name) or [1.0] * n
-            if len(scales) != n or not all(s > 0 for s in scales):
-                raise ConfigError(f"{name} should hold {n} positive scales, got {scales}")
-            setattr(self, name, [float(s) for s in scales])
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.hook_names)
+        if self.d_out <= 0:
+            raise ConfigError(f"d_out must be positive, got {self.d_out}")
+        super().__post_init__()
 
     @property
     def layers(self) -> list[int]:
@@ -127,16 +100,6 @@ class CLTConfig:
             model_name=self.model_name, dtype=self.dtype, device=self.device,
         )  # fmt: skip
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"dictionary": KIND, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> CLTConfig:
-        data = {k: v for k, v in data.items() if k != "dictionary"}
-        if unknown := sorted(set(data) - {f.name for f in fields(cls)}):
-            raise ConfigError(f"{source}: unknown CLTConfig keys {unknown}")
-        return cls(**data)
-
 
 def layer_kinds(hooks: list[str]) -> tuple[list[int], set[str]]:
     """The layers of blocks.L.<kind> hookpoints and the kinds they name."""
@@ -147,8 +110,11 @@ def layer_kinds(hooks: list[str]) -> tuple[list[int], set[str]]:
     return [int(m.group(1)) for m in matches], {m.group(2) for m in matches}
 
 
-class CrossLayerTranscoder(nn.Module):
+class CrossLayerTranscoder(LayeredDictionary):
     """n per-layer parts (sae.models dictionaries) and one output bias per output layer."""
+
+    kind = KIND
+    config = CLTConfig
 
     def __init__(self, cfg: CLTConfig):
         super().__init__()
@@ -167,34 +133,14 @@ class CrossLayerTranscoder(nn.Module):
         part.register_buffer("b_dec", torch.zeros_like(part.W_dec[0]), persistent=False)
         return part
 
-    # the trainer's view: the same members as an SAE's ------------------------------------------
     @property
-    def sparsity_coefficient(self) -> float:
-        return self.layers[0].sparsity_coefficient
-
-    @property
-    def batch_wide(self) -> bool:
-        return self.layers[0].batch_wide
+    def parts(self) -> list[SAE]:
+        return list(self.layers)
 
     @property
     def scales(self) -> tuple[Tensor, Tensor]:
         """s [n] and t [n], 1 unless normalize_activations is on."""
-        on = self.cfg.normalize_activations != "none"
-        n = self.cfg.n_layers
-        s = self.cfg.norm_scaling_factors if on else [1.0] * n
-        t = self.cfg.norm_scaling_factors_out if on else [1.0] * n
-        return self.b_dec.new_tensor(s), self.b_dec.new_tensor(t)
-
-    def per_layer(self, x: Tensor, width: int, what: str) -> Tensor:
-        """[..., n * width] -> [..., n, width], refusing another width."""
-        n = self.cfg.n_layers
-        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != n * width:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
-                f"cross-layer transcoder over {n} layers expects {what} concatenated over its "
-                f"layers, last dimension {n} * {width} = {n * width}; got {shape}"
-            )
-        return x.to(self.b_dec.dtype).unflatten(-1, (n, width))
+        return self.layer_scales(), self.layer_scales("norm_scaling_factors_out")
 
     def scale_target(self, y: Tensor) -> Tensor:
         """y [..., n * d_out] in the dictionary's units (each layer times its t)."""
@@ -283,26 +229,6 @@ class CrossLayerTranscoder(nn.Module):
         rows, latents = z.nonzero(as_tuple=True)
         return sparse_decode(z[rows, latents], rows, latents, part.W_dec, len(z))
 
-    @torch.no_grad()
-    def start_training(self) -> None:
-        for part in self.layers:
-            part.start_training()
-
-    @torch.no_grad()
-    def reach_step(self, step: int, total_steps: int) -> None:
-        for part in self.layers:
-            part.reach_step(step, total_steps)
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        for part in self.layers:
-            part.before_step()
-
-    @torch.no_grad()
-    def after_step(self, out: LossOutput) -> None:
-        for part, own in zip(self.layers, out.layers, strict=True):
-            part.after_step(own)
-
     # files -------------------------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:
         """Weights with s and t folded in (W_enc_i * s_i, decoder blocks and b_dec_j / t_j)."""
@@ -316,50 +242,7 @@ class CrossLayerTranscoder(nn.Module):
         state["b_dec"] = (state["b_dec"].unflatten(-1, (-1, d)) / t[:, None]).flatten(-2)
         return state
 
-    def save(self, path: str | Path) -> Path:
-        """cfg.json (`dictionary: cross_layer_transcoder`, our fields, scales folded) and
-        sae_weights.safetensors (layers.{i}.W_enc [d_in, F], layers.{i}.W_dec [F, (n - i) *
-        d_out], their rule's encoder tensors, b_dec [n * d_out])."""
-        import json
-
-        from sae.io import CFG_FILE, WEIGHTS_FILE, write_tensors, write_text
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        write_tensors(path / WEIGHTS_FILE, self.folded_state_dict())
-        n = self.cfg.n_layers
-        cfg = {**self.cfg.to_dict(), "normalize_activations": "none",
-               "norm_scaling_factors": [1.0] * n, "norm_scaling_factors_out": [1.0] * n,
-               "dtype": str(self.b_dec.dtype).removeprefix("torch."), "device": "cpu"}  # fmt: skip
-        write_text(path / CFG_FILE, json.dumps(cfg, indent=2))
-        return path
-
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"{c.architecture}, layers {c.layers}, {c.hook_names[0]} -> "
                 f"{c.hook_names_out[0]}..., d_in={c.d_in}, d_sae={c.d_sae} per layer")  # fmt: skip
-
-
-def load(path: Path, cfg_dict: dict[str, Any], state: dict[str, Tensor], device: str = "cpu",
-         dtype: str | torch.dtype | None = None) -> CrossLayerTranscoder:  # fmt: skip
-    """A saved CLT from its cfg.json contents and weights, refusing tensors that do not fit."""
-    from sae.io import FormatError, refuse_nonfinite
-
-    source = str(path)
-    try:
-        cfg = CLTConfig.from_dict({**cfg_dict, "device": "meta"}, source)
-    except (ConfigError, TypeError) as e:
-        raise FormatError(f"{source}: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in CrossLayerTranscoder(cfg).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got != expected:
-        wrong = sorted(set(got.items()) ^ set(expected.items()))
-        raise FormatError(
-            f"{source}: the weights do not fit the CLT its cfg.json describes: {wrong}"
-        )
-    refuse_nonfinite(state, source)
-    dtype = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
-    cfg.dtype, cfg.device = dtype, device
-    clt = CrossLayerTranscoder(cfg)
-    clt.load_state_dict({k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()})
-    return clt

@@ -13,6 +13,7 @@ import yaml
 
 from sae.clt import CrossLayerTranscoder, layer_kinds
 from sae.io import CFG_FILE, SPARSIFY_WEIGHTS_FILE, load_set, save, write_tensors, write_text
+from sae.layered import LayeredDictionary
 from sae.models import SAE
 
 HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -25,8 +26,10 @@ def to_circuit_tracer(dictionaries: list[SAE | CrossLayerTranscoder], out: Path)
     activation_function.threshold for JumpReLU-like rules, W_skip [d, d]) and config.yaml, which
     circuit-tracer's `load_transcoders` reads. One transcoder per layer 0..n-1, all between the
     same two hookpoint kinds of their layer, with one width, as its TranscoderSet requires."""
-    if any(isinstance(d, CrossLayerTranscoder) for d in dictionaries):
-        return clt_to_circuit_tracer(_only(dictionaries, "circuit-tracer (a CLT)"), out)
+    if any(isinstance(d, LayeredDictionary) for d in dictionaries):
+        return clt_to_circuit_tracer(
+            _only(dictionaries, "circuit-tracer", CrossLayerTranscoder), out
+        )
     layers = {}
     for d in dictionaries:
         layer, kinds = _circuit_tracer_layer(d)
@@ -168,17 +171,18 @@ FORMATS: dict[str, Callable[[list[SAE], Path], Path]] = {
 }
 
 
-def _only(dictionaries: list[SAE | CrossLayerTranscoder], fmt: str) -> SAE:
+def _only(dictionaries: list, fmt: str, kind: type = SAE):
+    """The one dictionary of the source, of the kind the format holds."""
     if len(dictionaries) != 1:
         raise ValueError(
             f"--format {fmt} writes one dictionary; the source holds {len(dictionaries)}"
         )
-    if isinstance(dictionaries[0], CrossLayerTranscoder) and "CLT" not in fmt:
-        raise ValueError(
-            f"--format {fmt} has no layout for a cross-layer transcoder; circuit-tracer's has "
-            "(--format circuit-tracer), and sae.load reads ours"
-        )
-    return dictionaries[0]
+    d = dictionaries[0]
+    if not isinstance(d, kind):
+        what = d.kind if isinstance(d, LayeredDictionary) else "a one-hookpoint dictionary"
+        where = " (circuit-tracer's holds CLTs)" if isinstance(d, CrossLayerTranscoder) else ""
+        raise ValueError(f"--format {fmt} has no layout for a {what}{where}; sae.load reads ours")
+    return d
 
 
 def export(source: str | Path, fmt: str, out: str | Path) -> Path:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae import clt
+from sae import clt, crosscoder, layered  # noqa: F401 (crosscoder: registers its kind)
 from sae.config import DTYPES, ConfigError, SAEConfig
 from sae.models import REGISTRY, SAE
 
@@ -192,8 +192,8 @@ def load_dir(
         raise FileNotFoundError(f"no SAE directory at {path}")
     if (path / CFG_FILE).exists() and (path / WEIGHTS_FILE).exists():
         cfg_dict = read_cfg(path / CFG_FILE)
-        if cfg_dict.get("dictionary") == clt.KIND:
-            return clt.load(path, cfg_dict, read_weights(path / WEIGHTS_FILE), device, dtype)
+        if "dictionary" in cfg_dict:  # a CLT's or a crosscoder's (sae/layered.py)
+            return layered.load(path, cfg_dict, read_weights(path / WEIGHTS_FILE), device, dtype)
         cfg = cfg_from_dict(cfg_dict, source=str(path / CFG_FILE))
         state = saelens_state(cfg_dict, read_weights(path / WEIGHTS_FILE))
         return build(cfg, state, str(path / WEIGHTS_FILE), device, dtype)

@@ -94,8 +94,9 @@ class SAESpec:
     skip: bool = False
     """Add a linear skip path from input to output (a skip transcoder)."""
     layers: str = ""
-    """Train a cross-layer transcoder over these layers (0-29, or 0,4,8): `hook` and `hook_out`
-    then name the hookpoint kinds it reads and writes at each (mlp.hook_in, hook_mlp_out)."""
+    """Train one dictionary over these layers (0-29, or 0,4,8): `hook` names the hookpoint kind
+    read at each (hook_resid_post: a crosscoder), and `hook_out` the kind written (mlp.hook_in ->
+    hook_mlp_out: a cross-layer transcoder)."""
     name: str = ""
     """Directory name under the run's output (empty: derived from the settings)."""
 
@@ -241,10 +242,11 @@ class TrainConfig(SAESpec):
                 raise ValueError(
                     f"name {spec.name!r} would write outside --out: give a plain folder name"
                 )
-            if spec.layers and not (spec.hook and spec.hook_out):
+            if spec.layers and not spec.hook:
                 raise ValueError(
-                    f"a cross-layer transcoder (layers {spec.layers!r}) needs --hook and --hook-out: "
-                    "the hookpoint kinds it reads and writes, e.g. mlp.hook_in and hook_mlp_out"
+                    f"a dictionary over layers {spec.layers!r} needs --hook: the hookpoint kind it "
+                    "reads at each (hook_resid_post for a crosscoder; mlp.hook_in with --hook-out "
+                    "hook_mlp_out for a cross-layer transcoder)"
                 )
             spec.hooks()  # a malformed --layers, named now
             if spec.expansion_factor <= 0 and not spec.d_sae:

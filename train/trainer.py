@@ -31,6 +31,8 @@ from torch import Tensor
 
 from sae.clt import CLTConfig, CrossLayerTranscoder
 from sae.config import SAEConfig
+from sae.crosscoder import Crosscoder, CrosscoderConfig
+from sae.layered import LayeredDictionary
 from sae.locks import exclusive
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext
 from sae.progress import progress
@@ -204,7 +206,7 @@ def rebatch(chunks: Iterable[dict[str, Tensor]], batch_size: int) -> Iterator[di
 class Member:
     spec: SAESpec
     name: str
-    sae: SAE | CrossLayerTranscoder
+    sae: SAE | LayeredDictionary
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     tokens_since_fired: Tensor  # [latents]
@@ -233,7 +235,8 @@ def member_name(spec: SAESpec) -> str:
     width = spec.expansion_factor if not spec.d_sae else spec.d_sae
     hooks = [spec.hook] + ([spec.hook_out] if spec.hook_out not in ("", spec.hook) else [])
     skip = "-skip" if spec.skip else ""
-    clt = f"clt-L{spec.layers.replace(',', '_')}-" if spec.layers else ""
+    kind = "clt" if spec.hook_out else "crosscoder"
+    clt = f"{kind}-L{spec.layers.replace(',', '_')}-" if spec.layers else ""
     return f"{clt}{spec.architecture}{k}-x{width}{skip}-" + "-to-".join(
         h.replace(".", "_") for h in hooks
     )
@@ -272,18 +275,15 @@ def build_member(
     device: torch.device,
     meta: dict,
 ) -> Member:
-    dictionary = (
-        build_clt(cfg, spec, source, device, meta)
-        if spec.layers
-        else build_sae(cfg, spec, source, device, meta)
-    )
+    build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
+    dictionary = build(cfg, spec, source, device, meta)
     d_sae = dictionary.cfg.d_sae
     lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    latents = dictionary.cfg.total_latents if spec.layers else d_sae
+    latents = dictionary.cfg.total_latents if spec.layers else d_sae  # a CLT's: every layer's
     return Member(
         spec,
         member_name(spec),
@@ -314,27 +314,46 @@ def build_sae(
 def build_clt(
     cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
 ) -> CrossLayerTranscoder:
-    inputs, outputs = spec.inputs(), spec.outputs()
-    widths = {h: source.d_in[h] for h in inputs + outputs}
-    d_in, d_out = source.d_in[inputs[0]], source.d_in[outputs[0]]
-    if {widths[h] for h in inputs} != {d_in} or {widths[h] for h in outputs} != {d_out}:
-        raise ValueError(
-            f"a cross-layer transcoder's layers have one width each side; got {widths}"
-        )
+    outputs = spec.outputs()
+    return CrossLayerTranscoder(CLTConfig(
+        **layered_fields(cfg, spec, source, device, meta), hook_names_out=outputs,
+        d_out=one_width(source, outputs, "outputs"),
+        norm_scaling_factors_out=[source.scale[h] if cfg.normalize else 1.0 for h in outputs],
+    ))  # fmt: skip
+
+
+def build_crosscoder(
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+) -> Crosscoder:
+    fields = layered_fields(cfg, spec, source, device, meta)
+    return Crosscoder(CrosscoderConfig(**fields, matryoshka_widths=list(spec.matryoshka_widths)))
+
+
+def layered_fields(
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+) -> dict[str, Any]:
+    """The LayersConfig fields of a dictionary over spec's layers (sae/layered.py)."""
     if spec.skip:
         raise ValueError(
-            "cross-layer transcoders are trained without a skip path here (circuit-tracer's CLT "
-            "files cannot hold one either); drop --skip"
+            "dictionaries over several layers are trained without a skip path here "
+            "(circuit-tracer's CLT files cannot hold one either); drop --skip"
         )
-    clt_cfg = CLTConfig(
-        architecture=spec.architecture, hook_names=inputs, hook_names_out=outputs, d_in=d_in,
-        d_out=d_out, d_sae=spec.d_sae or spec.expansion_factor * d_in, k=spec.k,
+    inputs = spec.inputs()
+    d_in = one_width(source, inputs, "inputs")
+    return dict(
+        architecture=spec.architecture, hook_names=inputs, d_in=d_in,
+        d_sae=spec.d_sae or spec.expansion_factor * d_in, k=spec.k,
         normalize_activations="expected_average_only_in" if cfg.normalize else "none",
         norm_scaling_factors=[source.scale[h] if cfg.normalize else 1.0 for h in inputs],
-        norm_scaling_factors_out=[source.scale[h] if cfg.normalize else 1.0 for h in outputs],
         device=str(device), **meta,
     )  # fmt: skip
-    return CrossLayerTranscoder(clt_cfg)
+
+
+def one_width(source: Source, hooks: list[str], what: str) -> int:
+    widths = {h: source.d_in[h] for h in hooks}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"a dictionary over several layers has one width of {what}; got {widths}")
+    return widths[hooks[0]]
 
 
 def keep_freed_memory() -> None:
@@ -402,7 +421,7 @@ class Trainer:
         if isinstance(data, ActivationCache):
             specs = [replace(s, hook=s.hook or _only(data.hookpoints)) for s in cfg.specs()]
             for spec in specs:
-                for hook in spec.hooks() - set(data.hookpoints):
+                for hook in sorted(spec.hooks() - set(data.hookpoints)):
                     raise ValueError(
                         f"SAE {member_name(spec)} wants hookpoint {hook!r}, but {data.url} has {data.hookpoints}"
                     )

@@ -154,5 +154,7 @@ def test_what_is_not_a_clt_is_refused(tmp_path):
     state = load_file(weights)
     state["layers.1.W_enc"] = state["layers.1.W_enc"][:, :5].contiguous()
     save_file(state, weights)
-    with pytest.raises(sae.FormatError, match="do not fit the CLT"):
+    with pytest.raises(
+        sae.FormatError, match="do not fit the cross_layer_transcoder its cfg.json describes"
+    ):
         sae.load(tmp_path / "clt")

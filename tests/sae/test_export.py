@@ -164,5 +164,5 @@ def test_a_clt_circuit_tracer_cannot_express_is_refused(tmp_path):
         with pytest.raises(ValueError, match=message):
             export(tmp_path / str(i), "circuit-tracer", tmp_path / "out")
         assert not (tmp_path / "out").exists(), "nothing written"
-    with pytest.raises(ValueError, match="no layout for a cross-layer transcoder"):
+    with pytest.raises(ValueError, match="no layout for a cross_layer_transcoder"):
         export(tmp_path / "0", "saelens", tmp_path / "out")

@@ -98,8 +98,8 @@ def test_a_clt_interrupted_by_ctrl_c_resumes_to_the_uninterrupted_run(cache, tmp
     "settings, message",
     [
         ({"hook": f"blocks.0.{IN}", "hook_out": OUT}, "name a hookpoint kind such as mlp.hook_in"),
-        ({"hook": IN, "hook_out": ""}, "needs --hook and --hook-out"),
-        ({"hook": IN, "hook_out": OUT, "layers": "0-3"}, r"wants hookpoint 'blocks\.3\.mlp\.hook_in'"),
+        ({"hook": ""}, "needs --hook: the hookpoint kind"),
+        ({"hook": IN, "hook_out": OUT, "layers": "0-3"}, r"wants hookpoint 'blocks\.3\.hook_mlp_out'"),
         ({"hook": IN, "hook_out": OUT, "layers": "2-1"}, "expected ranges such as 0-29"),
         ({"hook": IN, "hook_out": OUT, "skip": True}, "drop --skip"),
         ({"hook": IN, "hook_out": OUT, "architecture": "matryoshka_batchtopk"}, "layers use one of"),
