@@ -23,7 +23,11 @@ UPSTREAM_TESTS := tests/sae/test_environment.py tests/sae/test_hooks.py tests/sa
 	tests/sae/test_hub.py tests/sae/test_io.py tests/sae/test_saelens_interop.py \
 	tests/train/test_tracking.py tests/train/test_cache.py tests/eval/test_saelens_evals.py
 
-.PHONY: install demo test test-latest test-oldest lock bench lint clean
+# circuit-tracer's own environment (.venv-circuit-tracer): its pins clash with ours, so the suite runs
+# it as a separate process (tests/sae/test_circuit_tracer.py) on what `sae export` writes.
+CT_VENV := .venv-circuit-tracer
+
+.PHONY: install clients-venv demo test test-latest test-oldest lock bench lint clean
 
 install: $(VENV)/.installed
 
@@ -52,16 +56,25 @@ endif
 		|| echo "note: Debian chromium is not installed; the dashboard's browser test will be skipped"
 	touch $@
 
+clients-venv: $(CT_VENV)/.installed
+
+$(CT_VENV)/.installed: requirements/circuit-tracer.txt | install
+	test -x $(CT_VENV)/bin/python || python3 -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -c "import torch" 2>/dev/null || $(CT_VENV)/bin/python -m pip install -q --no-deps "$(TORCH)"
+	$(VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python --require-hashes --no-deps \
+		-r requirements/circuit-tracer.txt
+	touch $@
+
 demo: install
 	$(VENV)/bin/sae demo
 
-test: install
+test: install clients-venv
 	$(PY) -m ruff check sae train eval tests bench requirements
 	$(PY) -m pytest -q --durations=15
 
 # The newest allowed releases of UPSTREAM in a side environment (.venv-latest), then the tests that
 # touch them; what moved against the lock is printed first. torch stays as installed.
-test-latest: install
+test-latest: install clients-venv
 	$(call install-locked,.venv-latest,$(VENV)/bin/uv pip install -q --python .venv-latest/bin/python)
 	.venv-latest/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-latest/torch.txt
 	$(VENV)/bin/uv pip install -q --python .venv-latest/bin/python -U $(UPSTREAM) -c .venv-latest/torch.txt
@@ -86,6 +99,10 @@ lock: install
 		--no-emit-package torch --no-emit-package triton -o requirements/lock.txt
 	$(VENV)/bin/uv pip compile requirements/data.in --no-deps --generate-hashes -q \
 		--python-version 3.11 -o requirements/data.txt
+	$(VENV)/bin/uv pip compile requirements/circuit-tracer.in --generate-hashes -q \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_WHEELS) -c requirements/torch-cpu.txt \
+		--no-emit-package torch --no-emit-package triton -o requirements/circuit-tracer.txt
 
 bench: install
 	@for b in bench/*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
@@ -96,4 +113,4 @@ lint: install
 	$(PY) -m ruff format --check sae train eval tests bench requirements
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .pytest_cache runs
+	rm -rf $(VENV) .venv-latest .venv-oldest $(CT_VENV) .pytest_cache runs

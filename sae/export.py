@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -190,3 +191,28 @@ def export(source: str | Path, fmt: str, out: str | Path) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {sorted(FORMATS)}")
     return FORMATS[fmt](load_set(source), Path(out))
+
+
+def write_model_folder(model: str, out: str | Path) -> Path:
+    """The LM as a Hugging Face folder that transformers 4.56-4.57 (circuit-tracer 0.5's pin)
+    reads as the model we run: our folders are saved by transformers 5, whose config keeps RoPE's
+    theta under `rope_parameters` (4.57 would take its default of 10000) and whose tokenizer class
+    4.57 does not know (the tokenizer.json it wraps is the same)."""
+    from sae.lm import model_path
+
+    source, out = Path(model_path(model)), Path(out)
+    if not (source / "config.json").exists():
+        raise ValueError(f"{model} is not a local model folder ({source}); circuit-tracer can load it by name")
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            config["rope_scaling"] = rope
+    write_text(out / "config.json", json.dumps(config, indent=2))
+    tokenizer = json.loads((out / "tokenizer_config.json").read_text())
+    if tokenizer.get("tokenizer_class") == "TokenizersBackend":
+        tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    write_text(out / "tokenizer_config.json", json.dumps(tokenizer, indent=2))
+    return out

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae import clt, crosscoder, layered  # noqa: F401 (crosscoder: registers its kind)
+from sae import clt, crosscoder, layered  # noqa: F401 (they register their kinds)
 from sae.config import DTYPES, ConfigError, SAEConfig
 from sae.models import REGISTRY, SAE
 
@@ -217,17 +218,24 @@ def load_dir(
     )
 
 
-def load_set(source: str | os.PathLike) -> list[SAE | clt.CrossLayerTranscoder]:
-    """The dictionary in `source`, or one per subfolder holding one (a training run's folder)."""
+def load_set(source: str | os.PathLike) -> list[SAE | layered.LayeredDictionary]:
+    """The dictionary in `source`, or one per subfolder holding one (a training run's folder),
+    in the order of their names with numbers compared as numbers (layer 2 before layer 10)."""
     source = Path(source)
     if (source / CFG_FILE).exists():
         return [load_dir(source)]
     found = (
-        sorted(p for p in source.iterdir() if (p / CFG_FILE).exists()) if source.is_dir() else []
+        sorted((p for p in source.iterdir() if (p / CFG_FILE).exists()), key=_natural)
+        if source.is_dir()
+        else []
     )
     if not found:
         raise FileNotFoundError(f"{source} holds no dictionary, nor subfolders with one")
     return [load_dir(p) for p in found]
+
+
+def _natural(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def _pickle_refusal(path: Path) -> PickleRefused:

@@ -1,0 +1,99 @@
+"""circuit-tracer 0.5.0 itself, in its own virtualenv (`make clients-venv`), on dictionaries trained
+here for all 30 SmolLM2 layers in one streaming pass: ReLU transcoders, JumpReLU skip transcoders
+and a JumpReLU cross-layer transcoder, exported by `sae export --format circuit-tracer`. Its
+nnsight backend, on the model folder `write_model_folder` writes, gives our logits, our codes at
+every layer and position >= 1 (the same active sets) and our predictions (its reconstructions, MLP
+output minus its error vectors), and attribute() builds a finite graph whose replacement and completeness
+scores lie in [0, 1]."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from eval.replacement import hookpoints, predictions
+from sae.export import export, write_model_folder
+from sae.hooks import record
+from sae.io import load_set
+from train.config import HarvestConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CT_PYTHON = ROOT / ".venv-circuit-tracer" / "bin" / "python"
+SCRIPT = ROOT / "tests" / "clients" / "circuit_tracer_check.py"
+LAYERS = 30
+KINDS = ("relu", "skip", "clt")
+
+
+def per_layer(architecture, name, **more):
+    return [{"architecture": architecture, "hook": f"blocks.{i}.mlp.hook_in", "name": f"{name}/layer_{i}",
+             "hook_out": f"blocks.{i}.hook_mlp_out", **more} for i in range(LAYERS)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, smollm2):
+    if not CT_PYTHON.exists():
+        pytest.fail(f"{CT_PYTHON} is missing: run `make clients-venv` (make test does)")
+    root = tmp_path_factory.mktemp("circuit-tracer")
+    sweep = per_layer("standard", "relu") + per_layer("jumprelu", "skip", skip=True)
+    sweep.append({"architecture": "jumprelu", "layers": f"0-{LAYERS - 1}", "hook": "mlp.hook_in",
+                  "hook_out": "hook_mlp_out", "name": "clt", "d_sae": 32})  # fmt: skip
+    stream = HarvestConfig(model="smollm2-135m", context_size=64, batch_size=8, device="cpu")
+    train.fit(stream, sweep=sweep, d_sae=64, total_tokens=8192, batch_size=1024, warmup_steps=2,
+              lr=4e-3, out=str(root / "run"), device="cpu")  # fmt: skip
+    exports = {
+        kind: export(root / "run" / kind, "circuit-tracer", root / f"{kind}-ct") for kind in KINDS
+    }
+    tokenizer = smollm2[1]
+    ids = [
+        tokenizer.bos_token_id,
+        *tokenizer("To be, or not to be, that is the question")["input_ids"],
+    ]
+    (root / "tokens.json").write_text(json.dumps(ids))
+    return root, exports, write_model_folder("smollm2-135m", root / "model"), torch.tensor(ids)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_circuit_tracer_computes_our_codes_predictions_and_a_graph(exported, smollm2, kind):
+    root, exports, model_dir, ids = exported
+    out = root / f"{kind}-theirs.safetensors"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    run = subprocess.run([str(CT_PYTHON), str(SCRIPT), str(exports[kind]), str(model_dir),
+                          str(root / "tokens.json"), str(out)],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=root)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    theirs = load_file(out)
+    found = load_set(root / "run" / kind)
+    dictionary = found if kind != "clt" else found[0]
+    inputs, outputs = hookpoints(dictionary)
+    model = smollm2[0]
+    with torch.no_grad(), record(model, inputs + outputs) as acts:
+        logits = model(ids[None]).logits[0]
+        codes, y_hats = predictions(dictionary, [acts[h] for h in inputs])
+    torch.testing.assert_close(theirs["logits"], logits, atol=1e-4, rtol=1e-5)
+    ours = torch.stack([z[0] for z in codes])[:, 1:]  # [layer, position, latent]
+    their_codes = theirs["activations"][:, 1:]
+    assert torch.equal(their_codes > 0, ours > 0), "the same latents fire at every layer"
+    active_layers = int((ours > 0).flatten(1).any(1).sum())
+    assert active_layers >= LAYERS // 2 and (ours == 0).any(), "codes are sparse, not empty"
+    torch.testing.assert_close(their_codes, ours, atol=1e-4, rtol=1e-4)
+    # its transformers 4.57 forward differs from ours by float rounding (1e-4 deep in the model):
+    # the dictionary's own arithmetic is compared on its inputs
+    their_inputs = theirs["inputs"]
+    torch.testing.assert_close(
+        their_inputs, torch.stack([acts[h][0] for h in inputs]), atol=1e-3, rtol=1e-4
+    )
+    with torch.no_grad():
+        codes, y_hats = predictions(dictionary, list(their_inputs[:, None]))
+    torch.testing.assert_close(
+        their_codes, torch.stack([z[0] for z in codes])[:, 1:], atol=1e-5, rtol=1e-5
+    )
+    recon = torch.stack([y[0] for y in y_hats])[:, 1:]
+    torch.testing.assert_close(theirs["reconstructions"][:, 1:], recon, atol=1e-5, rtol=1e-5)
+    replacement, completeness = theirs["scores"].tolist()
+    assert bool(theirs["graph_finite"]) and 0 <= replacement <= 1 and 0 <= completeness <= 1
+    print(f"{kind}: replacement score {replacement:.3f}, completeness {completeness:.3f}")
