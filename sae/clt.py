@@ -33,6 +33,8 @@ from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse
 KIND = "cross_layer_transcoder"
 """cfg.json's `dictionary` for a CLT (a plain SAE's cfg.json has no such key)."""
 LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+DECODE_FLOATS = 2**24
+"""Entries x width per chunk of a top-k part's sparse decode (64 MB of float32)."""
 RULES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 """Rules a CLT's layers may use: Matryoshka's prefix losses are per dictionary, not per layer."""
 
@@ -223,11 +225,17 @@ class CrossLayerTranscoder(LayeredDictionary):
     @staticmethod
     def _decode_part(part: SAE, z: Tensor) -> Tensor:
         """z @ W_dec: from z's nonzero entries alone where the rule's code has no gradient off
-        them (top-k styles), which is most of a CLT's cost (W_dec_0 is n * d wide)."""
+        them (top-k styles), which is most of a CLT's cost (W_dec_0 is n * d wide). A few rows
+        at a time: the decode's backward on CPU holds an [entries, width] tensor, 1.1 GB for 1024
+        rows of k 16 at SmolLM2's layer 0 (width 30 * 576), which chunks keep to DECODE_FLOATS."""
         if not part.sparse_code:
             return z @ part.W_dec
-        rows, latents = z.nonzero(as_tuple=True)
-        return sparse_decode(z[rows, latents], rows, latents, part.W_dec, len(z))
+        rows_per_chunk = max(1, DECODE_FLOATS // (part.cfg.k * part.cfg.d_out))
+        chunks = []
+        for z_c in z.split(rows_per_chunk):
+            rows, latents = z_c.nonzero(as_tuple=True)
+            chunks.append(sparse_decode(z_c[rows, latents], rows, latents, part.W_dec, len(z_c)))
+        return torch.cat(chunks)
 
     # files -------------------------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:

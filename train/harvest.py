@@ -38,6 +38,8 @@ from train.data import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STREAM_GROUP_BYTES = 256 * 2**20
+"""At most this many bytes of rows per shuffled group when training straight from the model."""
 
 
 class NonFiniteActivations(FloatingPointError):
@@ -246,13 +248,14 @@ class Harvester:
                     )
 
     def stream(self) -> Iterator[dict[str, Tensor]]:
-        """Rows without a cache, for training straight from the model: each group of
-        shard_windows windows is forwarded and its rows shuffled (seeded), group after group,
-        through the dataset again (in a new order) when it ends."""
+        """Rows without a cache, for training straight from the model: each group of windows
+        (stream_windows) is forwarded and its rows shuffled (seeded), group after group, through
+        the dataset again (in a new order) when it ends."""
         rng = torch.Generator().manual_seed(self.cfg.seed)
+        per_group = self.stream_windows()
         for epoch in range(sys.maxsize):
             windows, first, count = self.windows(epoch), 0, 0
-            while group := list(islice(windows, self.cfg.shard_windows)):
+            while group := list(islice(windows, per_group)):
                 rows = self.shard_rows(group, first, first // self.cfg.batch_size)
                 first += len(group)
                 count += len(rows["tokens"])
@@ -260,6 +263,16 @@ class Harvester:
                 yield {h: rows[acts_key(h)][order] for h in self.cfg.hook}
             if not count:  # another pass would find none either: never a batch, for ever
                 raise self.no_window("nothing to train on")
+
+    def stream_windows(self) -> int:
+        """Windows per shuffled group of a stream: shard_windows, fewer (a multiple of batch_size)
+        where its rows at every hookpoint would pass STREAM_GROUP_BYTES. A CLT over SmolLM2's 30
+        layers reads 60 hookpoints: 256 windows of them are 2.2 GB in bfloat16, held twice while
+        the trainer re-batches them."""
+        c = self.cfg
+        window_bytes = (c.context_size - 1) * sum(self.d_in.values()) * DTYPES[c.dtype].itemsize
+        fits = STREAM_GROUP_BYTES // window_bytes // c.batch_size * c.batch_size
+        return max(c.batch_size, min(c.shard_windows, fits))
 
     def no_window(self, consequence: str) -> ValueError:
         c = self.cfg
