@@ -35,10 +35,11 @@ from sae.cli import positional
 from sae.io import check_writable, write_text
 from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
+from train.config import TextOptions
 
 
 @dataclass
-class DashboardConfig:
+class DashboardConfig(TextOptions):
     """Write a static HTML dashboard of an SAE: overview, latent table and a page per latent."""
 
     sae: str = positional()
@@ -47,16 +48,14 @@ class DashboardConfig:
     """Folder to write index.html and latents/ into."""
     model: str = ""
     """LM (default: the SAE's model_name, else smollm2-135m)."""
-    dataset: str = "shakespeare"
-    """Text the contexts come from."""
     split: str = "test"
-    """Dataset split."""
+    """Dataset split; shakespeare's `test` holds 4 plays never trained on."""
     cache: str = ""
     """Take the token windows from this activation cache instead (e.g. runs/demo/heldout)."""
     tokens: int = 20_000
     """Tokens streamed for examples and scores."""
     context_size: int = 64
-    """Window length, BOS included."""
+    """Tokens per window, BOS included."""
     latents: int = 50
     """Pages for this many latents, the most frequently firing first."""
     latent_ids: list[int] = field(default_factory=list)
@@ -93,8 +92,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     scoring = (
         scored_windows(report, d, cfg)
         if cfg.report
-        else EvalConfig(sae=cfg.sae, model=cfg.model, dataset=cfg.dataset, split=cfg.split,
-                        cache=cfg.cache, tokens=cfg.tokens, context_size=cfg.context_size,
+        else EvalConfig(sae=cfg.sae, **cfg.text_options(), cache=cfg.cache, tokens=cfg.tokens,
                         absorption=False)
     )  # fmt: skip
     lm, tokenizer, ids, name = load_inputs(d, scoring)

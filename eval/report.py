@@ -43,6 +43,7 @@ from sae.lm import DEFAULT_MODEL, check_context, load_lm, resolve_hook
 from sae.models import SAE
 from sae.progress import progress
 from train.cache import ActivationCache
+from train.config import TextOptions
 from train.data import load_documents, token_windows
 from train.harvest import resolve_device
 
@@ -55,7 +56,7 @@ HEADLINE = (
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TextOptions):
     """Score an SAE on held-out text: reconstruction, spliced-in LM loss, sparsity, concept purity
     and first-letter absorption (or, with --synthetic, recovery of known features)."""
 
@@ -64,8 +65,6 @@ class EvalConfig:
     or a folder of per-layer transcoders, is scored as the replacement model."""
     model: str = ""
     """LM to run (default: the SAE's model_name, else the cache's model, else smollm2-135m)."""
-    dataset: str = "shakespeare"
-    """Text to score on (any dataset train.data reads)."""
     split: str = "test"
     """Dataset split; shakespeare's `test` holds 4 plays never trained on."""
     cache: str = ""
@@ -74,8 +73,6 @@ class EvalConfig:
     tokens: int = 50_000
     """Tokens to score (positions 1.. of each window, rounded up to whole windows); 0: every whole
     window of the dataset split or cache."""
-    context_size: int = 128
-    """Window length in tokens, BOS included."""
     batch_size: int = 8
     """Windows per forward pass."""
     device: str = "cpu"
@@ -264,7 +261,7 @@ def check_fits(d: SAE | LayeredDictionary | list[SAE], lm: nn.Module, name: str)
 
 
 def dataset_windows(tokenizer, cfg: EvalConfig) -> Iterator[Tensor]:
-    docs = enumerate(load_documents(cfg.dataset, cfg.split))
+    docs = enumerate(load_documents(cfg.dataset, cfg.split, cfg.text_column))
     return (torch.from_numpy(w.tokens) for w in token_windows(tokenizer, docs, cfg.context_size))
 
 

@@ -246,6 +246,9 @@ class ExportOptions:
     """Directory to write into."""
     format: str = "circuit-tracer"
     """circuit-tracer, sparsify or saelens."""
+    model_folder: str = ""
+    """Also write the dictionary's LM here as a Hugging Face folder that circuit-tracer's
+    transformers (<= 4.57) reads as ours: needed for the embedded smollm2-135m."""
     overwrite: bool = False
     """Write into an OUT that already holds files."""
 
@@ -258,8 +261,17 @@ def run_export(opts: ExportOptions) -> None:
         raise ValueError(f"OUT {opts.out} is the source itself; export into another directory")
     if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
         raise FileExistsError(f"{opts.out} is not empty; pass --overwrite to write into it")
-    export(opts.source, opts.format, out)
+    written = export(opts.source, opts.format, out)
     print(f"wrote {opts.source} as {opts.format} to {opts.out}")
+    if opts.model_folder:
+        from sae.export import write_model_folder
+        from sae.io import load_set
+
+        model = load_set(opts.source)[0].cfg.model_name
+        write_model_folder(model, opts.model_folder)
+        print(f"wrote {model} to {opts.model_folder}; in circuit-tracer: ReplacementModel."
+              f"from_pretrained_and_transcoders({opts.model_folder!r}, <loaded {written}>, "
+              "backend='nnsight')")  # fmt: skip
 
 
 @dataclass(frozen=True)

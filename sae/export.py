@@ -202,7 +202,9 @@ def write_model_folder(model: str, out: str | Path) -> Path:
 
     source, out = Path(model_path(model)), Path(out)
     if not (source / "config.json").exists():
-        raise ValueError(f"{model} is not a local model folder ({source}); circuit-tracer can load it by name")
+        raise ValueError(
+            f"{model} is not a local model folder ({source}); circuit-tracer can load it by name"
+        )
     shutil.copytree(source, out, dirs_exist_ok=True)
     config = json.loads((out / "config.json").read_text())
     rope = config.get("rope_parameters") or {}

@@ -3,20 +3,37 @@ config files use the same names. Kept free of heavy imports so `sae --help` stay
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class HarvestConfig:
-    """Run the model over a text dataset and store activations at one or more hookpoints."""
+class TextOptions:
+    """Which LM runs on which text: declared once for harvest, streaming training, eval and the
+    dashboard, so each flag means the same everywhere."""
 
     model: str = "smollm2-135m"
     """Model: smollm2-135m (embedded), all-minilm-l6-v2 (embedded), an HF id or a local folder."""
     dataset: str = "shakespeare"
     """Text: shakespeare (embedded), a local text file or folder, or a `datasets` name."""
+    split: str = "train"
+    """Split: train/test/all for shakespeare (test = 4 held-out plays), or a `datasets` split."""
+    text_column: str = "text"
+    """Text column, for `datasets` datasets."""
+    context_size: int = 128
+    """Tokens per window, BOS included."""
+
+    def text_options(self) -> dict:
+        """These fields' values (to build another stage's config from this one's)."""
+        return {f.name: getattr(self, f.name) for f in fields(TextOptions)}
+
+
+@dataclass
+class HarvestConfig(TextOptions):
+    """Run the model over a text dataset and store activations at one or more hookpoints."""
+
     hook: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"])
     """Hookpoints to capture in the same forward pass (repeat the flag for several)."""
     tokens: int = 1_000_000
@@ -25,8 +42,6 @@ class HarvestConfig:
     """Cache directory: a local path or an fsspec URL such as s3://bucket/prefix."""
     batch_size: int = 8
     """Windows per forward pass."""
-    context_size: int = 128
-    """Tokens per window, BOS included."""
     dtype: str = "bfloat16"
     """The cache's dtype: float32, bfloat16 or float16."""
     precision: str = "auto"
@@ -40,10 +55,6 @@ class HarvestConfig:
     """Seed of the window order."""
     shard_windows: int = 256
     """Windows per shard (a multiple of batch_size); a restarted harvest resumes at a shard boundary."""
-    split: str = "train"
-    """Split: train/test/all for shakespeare (test = 4 held-out plays), or a `datasets` split."""
-    text_column: str = "text"
-    """Text column, for `datasets` datasets."""
 
     def __post_init__(self) -> None:
         if not self.hook:
@@ -141,8 +152,9 @@ class SAESpec:
 
 
 @dataclass
-class TrainConfig(SAESpec):
-    """Train one or more SAEs on the same batches of a harvested activation cache."""
+class TrainConfig(SAESpec, TextOptions):
+    """Train one or more SAEs on the same batches of a harvested activation cache, or straight
+    from a model (--stream: --model's forward passes on --dataset)."""
 
     cache: str = "runs/demo/cache"
     """Activation cache (local path or fsspec URL) written by `sae harvest`."""
@@ -183,11 +195,9 @@ class TrainConfig(SAESpec):
     autocast: bool = False
     """Run the SAEs' matmuls in bfloat16 (torch.autocast, as SAELens's `autocast`); parameters,
     Adam moments and the sparse gradient sums stay float32."""
-    stream_model: str = ""
-    """Train straight from this model's forward passes instead of a cache (no disk; resuming
-    recomputes the skipped activations)."""
-    stream_dataset: str = "shakespeare"
-    """Text for --stream-model."""
+    stream: bool = False
+    """Train straight from --model's forward passes on --dataset (--split, --text-column,
+    --context-size) instead of a cache: no disk; resuming recomputes the skipped activations."""
     sweep: list[dict] = field(default_factory=list, metadata={"cli": False})
     """SAEs to train together, each a mapping of SAESpec fields (from a --config YAML file)."""
 

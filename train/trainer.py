@@ -38,7 +38,7 @@ from sae.models import REGISTRY, SAE, LossOutput, TrainContext
 from sae.progress import progress
 from train import checkpoint
 from train.cache import ActivationCache
-from train.config import HarvestConfig, SAESpec, TrainConfig
+from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
 from train.distributed import World
 from train.harvest import host_core_spare, resolve_device
 from train.tracking import Tracker
@@ -376,11 +376,13 @@ def keep_freed_memory() -> None:
 # -- the run --------------------------------------------------------------------------------------
 RESUMABLE = frozenset(
     {"total_tokens", "checkpoint_every", "resume", "overwrite", "out", "wandb_project",
-     "wandb_entity", "device", "autocast", "b_dec_init", "cache", "stream_model", "stream_dataset"}
+     "wandb_entity", "device", "autocast", "b_dec_init", "cache", "stream",
+     *(f.name for f in fields(TextOptions))}
 )  # fmt: skip
 """TrainConfig fields a --resume may change: how long (a run extended), where and on what hardware
 it runs, and what no longer acts (b_dec_init). The data is compared by what it is (Source.identity:
-a cache's shards, a model stream's settings), not by its path, so a moved cache resumes."""
+a cache's shards, a model stream's settings, the text options among them), not by its path, so a
+moved cache resumes."""
 PER_SAE = frozenset({"sweep", *(f.name for f in fields(SAESpec))})
 """Compared per SAE (its resolved spec), so a sweep's entries may come in another order."""
 
@@ -791,11 +793,7 @@ def fit(
 
 
 def train_cli(cfg: TrainConfig) -> None:
-    data = (
-        HarvestConfig(model=cfg.stream_model, dataset=cfg.stream_dataset, device=cfg.device)
-        if cfg.stream_model
-        else cfg.cache
-    )
+    data = HarvestConfig(**cfg.text_options(), device=cfg.device) if cfg.stream else cfg.cache
     saes = Trainer(cfg, data).run()
     for sae in saes:
         print(f"trained {sae.cfg.architecture} d_sae={sae.cfg.d_sae} on {sae.cfg.hook_name}")

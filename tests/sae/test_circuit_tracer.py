@@ -1,7 +1,7 @@
 """circuit-tracer 0.5.0 itself, in its own virtualenv (`make clients-venv`), on dictionaries trained
 here for all 30 SmolLM2 layers in one streaming pass: ReLU transcoders, JumpReLU skip transcoders
 and a JumpReLU cross-layer transcoder, exported by `sae export --format circuit-tracer`. Its
-nnsight backend, on the model folder `write_model_folder` writes, gives our logits, our codes at
+nnsight backend, on the model folder `sae export --model-folder` writes, gives our logits, our codes at
 every layer and position >= 1 (the same active sets) and our predictions (its reconstructions, MLP
 output minus its error vectors), and attribute() builds a finite graph whose replacement and completeness
 scores lie in [0, 1]."""
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from eval.replacement import hookpoints, predictions
-from sae.export import export, write_model_folder
+from sae.cli import main
 from sae.hooks import record
 from sae.io import load_set
 from train.config import HarvestConfig
@@ -45,16 +45,17 @@ def exported(tmp_path_factory, smollm2):
     stream = HarvestConfig(model="smollm2-135m", context_size=64, batch_size=8, device="cpu")
     train.fit(stream, sweep=sweep, d_sae=64, total_tokens=8192, batch_size=1024, warmup_steps=2,
               lr=4e-3, out=str(root / "run"), device="cpu")  # fmt: skip
-    exports = {
-        kind: export(root / "run" / kind, "circuit-tracer", root / f"{kind}-ct") for kind in KINDS
-    }
+    exports = {kind: root / f"{kind}-ct" for kind in KINDS}
+    for kind, out in exports.items():  # the CLT's with the model folder circuit-tracer reads
+        model = ["--model-folder", str(root / "model")] if kind == "clt" else []
+        main(["export", str(root / "run" / kind), str(out), "--format", "circuit-tracer", *model])
     tokenizer = smollm2[1]
     ids = [
         tokenizer.bos_token_id,
         *tokenizer("To be, or not to be, that is the question")["input_ids"],
     ]
     (root / "tokens.json").write_text(json.dumps(ids))
-    return root, exports, write_model_folder("smollm2-135m", root / "model"), torch.tensor(ids)
+    return root, exports, root / "model", torch.tensor(ids)
 
 
 @pytest.mark.parametrize("kind", KINDS)
