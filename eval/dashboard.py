@@ -126,6 +126,14 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     return out
 
 
+def what_reads(d: SAE) -> str:
+    """The heading: rule, latents and hookpoints (a transcoder's input and output)."""
+    c = d.cfg
+    if c.is_transcoder:
+        return f"{c.architecture} transcoder, {c.d_sae} latents reading {c.hook_name}, writing {c.hook_name_out}"
+    return f"{c.architecture} SAE, {c.d_sae} latents on {c.hook_name}"
+
+
 def scored_windows(report: dict, d: SAE, cfg: DashboardConfig) -> EvalConfig:
     """The windows `sae eval` scored for `report`, read from its meta; a report without one, or of
     an SAE of another width or hookpoint, is refused (its densities would not be this SAE's)."""
@@ -253,7 +261,7 @@ def overview(d: SAE, report: dict, pages: list[int]) -> str:
             f"{_score_cell(autointerp.get(str(latent)))}</tr>"
         )
     body = (
-        f"<h1>{html.escape(d.cfg.architecture)} SAE, {d.cfg.d_sae} latents on {html.escape(d.cfg.hook_name)}</h1>"
+        f"<h1>{html.escape(what_reads(d))}</h1>"
         f"{scored}<table id='scores'>{scores}</table><h2>Firing density (log10, live latents)</h2>{density_svg}"
         f"<p>{sparsity['dead_fraction']:.1%} dead on {sparsity['tokens']:,} tokens.</p>"
         f"<h2>Latents</h2><table id='latents'><thead><tr><th>latent</th><th>density</th><th>concept</th>"

@@ -293,3 +293,32 @@ def test_the_latent_table_sorts_in_the_browser(site, tmp_path):
     rows = re.findall(r'<tr><td data-v="\d+">.*?</td><td>([^<]+)</td>', table)
     densities = [float(v) for v in rows]
     assert len(densities) > 100 and densities == sorted(densities, reverse=True)
+
+
+def test_a_transcoders_dashboard_reads_its_input_and_scores_its_output(
+    smollm2, tmp_path, monkeypatch
+):
+    """Pages of latents read at the MLP's input, with the output's explained variance and the CE
+    loss with the MLP's output replaced; auto-interp explains and scores them like an SAE's."""
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    monkeypatch.setattr(eval.dashboard, "make_client", lambda spec, local_lm: ScriptedClient(
+        lambda p: "line ends" if "short phrase" in p else "[1, 0, 1, 0, 1]"))  # fmt: skip
+    t = make_sae("topk", d_in=576, d_sae=48, k=4, hook_name="blocks.3.mlp.hook_in",
+                 hook_name_out="blocks.3.hook_mlp_out", apply_b_dec_to_input=False,
+                 model_name="smollm2-135m")  # fmt: skip
+    t.save(tmp_path / "t")
+    out = build_dashboard(DashboardConfig(sae=str(tmp_path / "t"), out=str(tmp_path / "site"),
+                                          tokens=4 * 63, latents=3, autointerp="local"))  # fmt: skip
+    index = (out / "index.html").read_text()
+    assert (
+        "transcoder, 48 latents reading blocks.3.mlp.hook_in, writing blocks.3.hook_mlp_out"
+        in index
+    )
+    pages = sorted((out / "latents").glob("*.html"))
+    assert len(pages) == 3 and "line ends" in pages[0].read_text()
+    report = eval.report.evaluate(
+        t, tokens=4 * 63, context_size=64, concepts=False, absorption=False
+    )
+    assert report["ce_sae"] > report["ce_clean"], (
+        "the MLP's output replaced by a random transcoder's"
+    )
