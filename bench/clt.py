@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -22,17 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 # this file's folder holds bench/train.py: keep it from shadowing the `train` package
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from eval.replacement import replacement_report  # noqa: E402
 from eval.report import EvalConfig, dataset_windows, take_tokens  # noqa: E402
+from sae.environment import machine  # noqa: E402
 from sae.lm import load_lm  # noqa: E402
 from train.config import HarvestConfig, TrainConfig  # noqa: E402
 from train.harvest import Harvester  # noqa: E402
-from train.trainer import Trainer, rebatch  # noqa: E402
+from train.sources import rebatch  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 
 LAYERS = 30
 
@@ -119,8 +117,7 @@ def main() -> None:
         "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": args.tokens / train_s,
         "step_s": step_s, "peak_rss_gb": peak_rss_gb(),
         "scores": scores, "clt_over_set": ratios,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine(),
     }  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "clt-cpu.json"

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 # this file's folder holds bench/train.py: keep it from shadowing the `train` package
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from eval.report import evaluate  # noqa: E402
+from sae.environment import machine  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.harvest import harvest  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
@@ -78,8 +75,7 @@ def main() -> None:
         "hooks": [hook_in, hook_out], "tokens": args.tokens, "eval_tokens": args.eval_tokens,
         "expansion": args.expansion, "k": args.k, "scores": scores, "transcoder_over_sae": ratios,
         "harvest_s": harvest_s, "train_s_both": train_s,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine(),
     }  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "transcoder-cpu.json"

@@ -41,3 +41,14 @@ def check_versions() -> None:
             "; ".join(problems) + ". Install a supported release (pip install 'NAME>=LOW'), "
             "or run `make install`, which installs the tested versions of requirements/lock.txt"
         )
+
+
+def machine() -> dict[str, object]:
+    """The machine a benchmark ran on, for its results file (bench/results/*.json)."""
+    import os
+    import platform
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__}  # fmt: skip

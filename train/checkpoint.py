@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +22,9 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
 from sae.io import atomic_write, write_text
+
+if TYPE_CHECKING:
+    from train.trainer import Member
 
 NAME = "checkpoint"
 CHECKSUM = "state_sha256"
@@ -84,6 +88,34 @@ def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None
                 ) from e
             return tensors, meta
     return None
+
+
+def member_state(prefix: str, m: Member) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One member's tensors, under `prefix` (its weights, dead-latent counter, Adam moments), and
+    its metadata (its resolved spec, the optimizer's layout, the schedule)."""
+    tensors = {f"{prefix}.sae.{k}": v for k, v in m.sae.state_dict().items()}
+    tensors[f"{prefix}.tokens_since_fired"] = m.tokens_since_fired
+    opt_tensors, opt_meta = flatten_optimizer(f"{prefix}.opt", m.optimizer.state_dict())
+    meta = {"spec": asdict(m.spec), "optimizer": opt_meta, "schedule": m.schedule.state_dict()}
+    return {**tensors, **opt_tensors}, meta
+
+
+def restore_member(
+    prefix: str, m: Member, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    """Load what member_state saved into a member built as the run builds it."""
+    weights = f"{prefix}.sae."
+    m.sae.load_state_dict(
+        {k.removeprefix(weights): v for k, v in tensors.items() if k.startswith(weights)}
+    )
+    m.tokens_since_fired.copy_(tensors[f"{prefix}.tokens_since_fired"])
+    params = list(m.sae.parameters())
+    m.optimizer.load_state_dict(
+        unflatten_optimizer(f"{prefix}.opt", tensors, meta["optimizer"], params)
+    )
+    for group in m.optimizer.param_groups:  # as this run builds it, not as saved
+        group["fused"] = m.optimizer.defaults["fused"]
+    m.schedule.load_state_dict(meta["schedule"])
 
 
 def flatten_optimizer(

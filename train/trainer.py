@@ -1,8 +1,9 @@
 """Fit one or many SAEs on the same batches: `train.fit(...)` and `sae train`.
 
 Each SAE is a `Member`: the module, its Adam optimizer and schedule, and its dead-latent counter.
-One loop reads a batch (all hookpoints at once) and steps every member on it. Checkpointing is in
-checkpoint.py, metrics in tracking.py; the architectures' losses are in sae/models.py.
+One loop reads a batch (all hookpoints at once, from a train/sources.py Source) and steps every
+member on it. Checkpointing is in checkpoint.py, metrics in tracking.py; the dictionaries' losses
+and training recipes are theirs (sae/models.py, sae/clt.py, sae/crosscoder.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
-from hashlib import sha256
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,10 +37,10 @@ from sae.locks import exclusive
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext
 from sae.progress import progress
 from train import checkpoint
-from train.cache import ActivationCache
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
 from train.distributed import World
 from train.harvest import host_core_spare, resolve_device
+from train.sources import Data, Source, source_for
 from train.tracking import Tracker
 
 T = TypeVar("T")
@@ -50,77 +50,7 @@ class NonFiniteLoss(FloatingPointError):
     """A NaN/inf loss: the run stops; its last checkpoint, if it wrote one, is from before it."""
 
 
-# -- data -----------------------------------------------------------------------------------------
-class Source:
-    """Batches of {hook: [batch_size, d_in]} for as many tokens as asked, from a cache (reshuffled
-    each pass), straight from the model (a HarvestConfig: forward passes as training goes, no
-    cache), or any iterable of [n, d_in] tensors (re-batched). Deterministic: resuming skips the
-    batches already used (for a model stream, by recomputing them)."""
-
-    def __init__(
-        self,
-        data: str | ActivationCache | HarvestConfig | Iterable[Tensor],
-        hooks: list[str],
-        batch_size: int,
-        seed: int,
-    ):
-        self.hooks, self.batch_size, self.seed = hooks, batch_size, seed
-        self.cache = (
-            ActivationCache(str(data))
-            if isinstance(data, (str, Path))
-            else data
-            if isinstance(data, ActivationCache)
-            else None
-        )
-        # what the data is, for --resume to refuse other data (None: an iterable, unknowable)
-        self.identity: dict[str, Any] | None = None
-        if self.cache is not None:
-            if len(self.cache) < batch_size:  # every pass would yield nothing, for ever
-                raise ValueError(
-                    f"{self.cache.url} holds {len(self.cache):,} rows, fewer than "
-                    f"batch_size={batch_size:,}: not one batch; lower --batch-size or harvest more"
-                )
-            for h in hooks:  # a NaN/inf row: the manifest's scale falls back to 1.0
-                if not math.isfinite(mean_norm := self.cache.stats(h)["mean_norm"]):
-                    raise ValueError(
-                        f"{self.cache.url}: the mean_norm of {h} is {mean_norm}, so the cache "
-                        "holds NaN/inf activations; harvest it again"
-                    )
-            self.d_in = {h: self.cache.d_in(h) for h in hooks}
-            self.scale = {h: self.cache.stats(h)["norm_scaling_factor"] for h in hooks}
-            shards = "".join(s["sha256"] for s in self.cache.shards)  # a moved cache is the same
-            self.identity = {"rows": len(self.cache), "shards": sha256(shards.encode()).hexdigest()}
-            return
-        if isinstance(data, HarvestConfig):
-            from train.harvest import Harvester  # loads the model
-
-            harvest = replace(data, hook=hooks, seed=seed)
-            chunks = Harvester(harvest).stream()
-            self.identity = {
-                k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device")
-            }
-        else:
-            chunks = ({hooks[0]: x.reshape(-1, x.shape[-1])} for x in data)
-        first = next(chunks)  # peek: widths and input scales
-        self.chunks = chain([first], chunks)
-        self.d_in = {h: first[h].shape[-1] for h in hooks}
-        self.scale = {}
-        for h in hooks:
-            mean_norm = first[h].float().norm(dim=-1).mean().item()
-            if not math.isfinite(mean_norm):
-                raise ValueError(f"the data's first {len(first[h])} rows of {h} hold NaN/inf")
-            self.scale[h] = math.sqrt(self.d_in[h]) / mean_norm if mean_norm > 0 else 1.0
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        if self.cache is None:
-            yield from rebatch(self.chunks, self.batch_size)
-            return
-        for epoch in range(sys.maxsize):
-            yield from self.cache.batches(
-                self.batch_size, hook=self.hooks, seed=self.seed + epoch, drop_last=True
-            )
-
-
+# -- reading ahead ---------------------------------------------------------------------------------
 def prefetched(
     items: Iterable[T],
     depth: int = 2,
@@ -186,19 +116,6 @@ class StepMetrics:
             values[name] = number if self.values[name].is_floating_point() else int(number)
         flags = numbers[len(self.tensors) :]
         return values, [name for name, flag in zip(self.diverged, flags, strict=True) if flag]
-
-
-def rebatch(chunks: Iterable[dict[str, Tensor]], batch_size: int) -> Iterator[dict[str, Tensor]]:
-    """{hook: [n, d]} chunks of any n -> {hook: [batch_size, d]} batches (the remainder is dropped)."""
-    held: list[dict[str, Tensor]] = []
-    count = 0
-    for chunk in chunks:
-        held.append(chunk)
-        count += len(next(iter(chunk.values())))
-        while count >= batch_size:
-            flat = {k: torch.cat([c[k] for c in held]) for k in chunk}
-            yield {k: v[:batch_size] for k, v in flat.items()}
-            held, count = [{k: v[batch_size:] for k, v in flat.items()}], count - batch_size
 
 
 # -- one SAE ---------------------------------------------------------------------------------------
@@ -412,52 +329,25 @@ def interrupt_between_steps(enabled: bool = True) -> Iterator[Callable[[], bool]
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: str | ActivationCache | Iterable[Tensor]):
+    def __init__(self, cfg: TrainConfig, data: Data | Source):
+        """`data`: a Source (train/sources.py), or what source_for makes one of (a cache's path
+        or URL, a HarvestConfig to stream from, an iterable of tensors)."""
         self.cfg = cfg
         self.world = World()
         self.device = self.world.device(resolve_device(cfg.device))
         if self.device.type == "cpu":
             keep_freed_memory()
-        if isinstance(data, (str, Path)):
-            data = ActivationCache(str(data))
-        if isinstance(data, ActivationCache):
-            specs = [replace(s, hook=s.hook or _only(data.hookpoints)) for s in cfg.specs()]
-            for spec in specs:
-                for hook in sorted(spec.hooks() - set(data.hookpoints)):
-                    raise ValueError(
-                        f"SAE {member_name(spec)} wants hookpoint {hook!r}, but {data.url} has {data.hookpoints}"
-                    )
-            manifest = data.manifest
-            meta = {
-                "model_name": manifest["model"],
-                "context_size": manifest["context_size"],
-                "dataset_path": manifest["dataset"],
-            }
-        elif isinstance(
-            data, HarvestConfig
-        ):  # stream from the model: the SAEs' hookpoints are harvested
-            specs = [replace(s, hook=s.hook or data.hook[0]) for s in cfg.specs()]
-            meta = {
-                "model_name": data.model,
-                "context_size": data.context_size,
-                "dataset_path": data.dataset,
-            }
-        else:
-            specs = [replace(s, hook=s.hook or SAEConfig.hook_name) for s in cfg.specs()]
-            if len(set().union(*(s.hooks() for s in specs))) > 1:
-                raise ValueError(
-                    "a stream of tensors feeds one hookpoint; give every SAE the same `hook` "
-                    "(transcoders need a cache or a model stream with both hookpoints)"
-                )
-            meta = {"model_name": "", "dataset_path": ""}  # unknown: not the defaults' SmolLM2
-        hooks = sorted(set().union(*(s.hooks() for s in specs)))
-        self.source = Source(data, hooks, cfg.batch_size, cfg.seed)
+        self.source = source = source_for(data)
+        specs = [replace(s, hook=s.hook or source.default_hook()) for s in cfg.specs()]
+        for spec in specs:
+            source.check(spec.hooks(), member_name(spec))
+        source.open(sorted(set().union(*(s.hooks() for s in specs))), cfg.batch_size, cfg.seed)
         self.total_steps = cfg.total_tokens // cfg.batch_size
         self.members = []
         for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
             self.members.append(
-                build_member(cfg, s, self.source, self.total_steps, self.device, meta)
+                build_member(cfg, s, source, self.total_steps, self.device, source.meta)
             )
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
@@ -678,17 +568,8 @@ class Trainer:
             "data": self.source.identity,
         }
         for i, m in enumerate(self.members):
-            tensors.update({f"m{i}.sae.{k}": v for k, v in m.sae.state_dict().items()})
-            tensors[f"m{i}.tokens_since_fired"] = m.tokens_since_fired
-            opt_tensors, opt_meta = checkpoint.flatten_optimizer(
-                f"m{i}.opt", m.optimizer.state_dict()
-            )
-            tensors.update(opt_tensors)
-            meta["members"][m.name] = {
-                "spec": asdict(m.spec),
-                "optimizer": opt_meta,
-                "schedule": m.schedule.state_dict(),
-            }
+            member_tensors, meta["members"][m.name] = checkpoint.member_state(f"m{i}", m)
+            tensors.update(member_tensors)
         checkpoint.save(self.out, tensors, meta)
 
     def restore(self) -> str | None:
@@ -704,25 +585,7 @@ class Trainer:
             )
         self.refuse_other_settings(meta)
         for i, m in enumerate(self.members):
-            m.sae.load_state_dict(
-                {
-                    k.removeprefix(f"m{i}.sae."): v
-                    for k, v in tensors.items()
-                    if k.startswith(f"m{i}.sae.")
-                }
-            )
-            m.tokens_since_fired.copy_(tensors[f"m{i}.tokens_since_fired"])
-            m.optimizer.load_state_dict(
-                checkpoint.unflatten_optimizer(
-                    f"m{i}.opt",
-                    tensors,
-                    meta["members"][m.name]["optimizer"],
-                    list(m.sae.parameters()),
-                )  # fmt: skip
-            )
-            for group in m.optimizer.param_groups:  # as this run builds it, not as saved
-                group["fused"] = m.optimizer.defaults["fused"]
-            m.schedule.load_state_dict(meta["members"][m.name]["schedule"])
+            checkpoint.restore_member(f"m{i}", m, tensors, meta["members"][m.name])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = self.saved_step = meta["step"]
         return meta.get("wandb_run_id")
@@ -767,17 +630,7 @@ class Trainer:
             )
 
 
-def _only(hooks: list[str]) -> str:
-    if len(hooks) != 1:
-        raise ValueError(
-            f"the cache holds several hookpoints {hooks}; name one with --hook (`hook=` in train.fit, or `hook` per sweep entry)"
-        )
-    return hooks[0]
-
-
-def fit(
-    data: str | ActivationCache | HarvestConfig | Iterable[Tensor], **settings: Any
-) -> SAE | list[SAE]:
+def fit(data: Data | Source, **settings: Any) -> SAE | list[SAE]:
     """Train SAEs on a cache path/URL, straight from a model (a HarvestConfig: no cache), or on any
     iterable of [n, d_in] activation tensors. Every TrainConfig field is a keyword with a working
     default; `sweep=[{...}, ...]` trains several on the same batches. Returns the SAE, or the list

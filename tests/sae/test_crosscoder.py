@@ -117,20 +117,14 @@ def test_sae_eval_replaces_every_layer_of_a_crosscoder(tmp_path, smollm2):
         CrosscoderConfig(hook_names=HOOKS, d_in=576, d_sae=64, k=8, model_name="smollm2-135m")
     )
     c.save(tmp_path / "xc")
-    out = tmp_path / "xc.json"
-    main(
-        [
-            "eval",
-            str(tmp_path / "xc"),
-            "--tokens",
-            "126",
-            "--context-size",
-            "64",
-            "--json",
-            str(out),
-        ]
-    )
-    report = json.loads(out.read_text())
+
+    def scored(folder):
+        out = tmp_path / f"{folder}.json"
+        main(["eval", str(tmp_path / folder), "--tokens", "126", "--context-size", "64",
+              "--json", str(out)])  # fmt: skip
+        return json.loads(out.read_text())
+
+    report = scored("xc")
     assert [layer["hook_name_out"] for layer in report["layers"]] == HOOKS
     assert report["meta"]["dictionary"] == "crosscoder" and report["l0"] == pytest.approx(8)
     assert report["ce_replacement_with_errors"] == pytest.approx(report["ce_clean"], abs=1e-5)
@@ -139,17 +133,5 @@ def test_sae_eval_replaces_every_layer_of_a_crosscoder(tmp_path, smollm2):
         c.sae.W_dec.zero_()
         c.sae.b_dec.zero_()
     c.save(tmp_path / "nothing")
-    main(
-        [
-            "eval",
-            str(tmp_path / "nothing"),
-            "--tokens",
-            "126",
-            "--context-size",
-            "64",
-            "--json",
-            str(out),
-        ]
-    )
-    report = json.loads(out.read_text())
+    report = scored("nothing")
     assert report["ce_replacement"] == pytest.approx(report["ce_zero_ablation"], rel=1e-5)

@@ -325,12 +325,13 @@ def test_training_straight_from_the_model_sees_the_harvest_rows(cache, tmp_path)
     """Streaming (no cache) forwards the same windows a harvest would, shuffled within each group."""
     import train
     from train.config import HarvestConfig
-    from train.trainer import Source
+    from train.sources import ModelSource
 
     stream = HarvestConfig(
         hook=HOOKS, context_size=32, batch_size=4, shard_windows=8, dtype="float32", device="cpu"
     )
-    source = Source(stream, HOOKS, batch_size=124, seed=0)
+    source = ModelSource(stream)
+    source.open(HOOKS, batch_size=124, seed=0)
     first = torch.cat([b[HOOKS[0]] for b in islice(iter(source), 2)])  # 248 rows = the first group
     shard = cache.read_shard(0)[f"acts.{HOOKS[0]}"]
     assert len(first) == len(shard) == 248
@@ -355,14 +356,14 @@ def test_training_straight_from_the_model_sees_the_harvest_rows(cache, tmp_path)
 
 def test_training_from_a_dataset_without_one_window_is_refused(tmp_path):
     """Each pass over it would give no rows: the stream would wait for ever for the first."""
-    from train.trainer import Source
+    from train.sources import ModelSource
 
     (tmp_path / "empty.txt").write_text("")
     stream = HarvestConfig(
         dataset=str(tmp_path / "empty.txt"), hook=HOOKS[:1], context_size=32, device="cpu"
     )
     with pytest.raises(ValueError, match=r"empty.txt' \(split train\) fills not one 32-token"):
-        Source(stream, HOOKS[:1], batch_size=124, seed=0)
+        ModelSource(stream).open(HOOKS[:1], batch_size=124, seed=0)
 
 
 def test_a_harvest_resumed_on_changed_text_is_refused(tmp_path):
