@@ -94,7 +94,8 @@ def test_circuit_tracer_computes_our_codes_predictions_and_a_graph(exported, smo
         their_codes, torch.stack([z[0] for z in codes])[:, 1:], atol=1e-5, rtol=1e-5
     )
     recon = torch.stack([y[0] for y in y_hats])[:, 1:]
-    torch.testing.assert_close(theirs["reconstructions"][:, 1:], recon, atol=1e-5, rtol=1e-5)
+    # a CLT's output sums 30 layers' writes, in another order than circuit-tracer's index_add
+    torch.testing.assert_close(theirs["reconstructions"][:, 1:], recon, atol=1e-4, rtol=1e-4)
     replacement, completeness = theirs["scores"].tolist()
     assert bool(theirs["graph_finite"]) and 0 <= replacement <= 1 and 0 <= completeness <= 1
     print(f"{kind}: replacement score {replacement:.3f}, completeness {completeness:.3f}")
