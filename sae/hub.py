@@ -1,6 +1,7 @@
 """sae.load(): one entry point for every place a dictionary can come from.
 
-"runs/demo/sae"                      a local directory (ours, SAELens's or sparsify's layout)
+"runs/demo/sae"                      a local directory (ours, SAELens's or sparsify's layout; a
+                                     cross-layer transcoder or crosscoder of ours loads as its class)
 "hf:org/repo[/subdir][@revision]"    a Hugging Face repo, through huggingface_hub's cache
 "saelens:<release>/<sae_id>"         SAELens's pretrained registry (needs the interop extra)
 """

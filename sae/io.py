@@ -181,7 +181,8 @@ def _finite(obj: Any) -> Any:
 def load_dir(
     path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None
 ) -> SAE:
-    """Load an SAE directory in our/SAELens layout or sparsify's layout."""
+    """Load an SAE directory in our/SAELens layout or sparsify's layout, or one of our
+    dictionaries over several hookpoints (cfg.json with `dictionary`: sae/layered.py)."""
     path = Path(path)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
