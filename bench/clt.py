@@ -51,7 +51,7 @@ def step_time(trainer: Trainer, batch: dict, members: list, repeat: int = 3) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=200_000, help="rows streamed and trained on")
+    ap.add_argument("--tokens", type=int, default=80_000, help="rows streamed and trained on")
     ap.add_argument("--eval-tokens", type=int, default=8_000)
     ap.add_argument("--d-sae", type=int, default=576, help="latents per layer (both)")
     ap.add_argument("--k", type=int, default=16, help="batchtopk's average per layer")

@@ -1,0 +1,121 @@
+"""MLP transcoder training speed: ours against EleutherAI sparsify's (`--transcode`), one step at a
+time on the same rows.
+
+sparsify has no activation cache and no trainer that takes rows, so its training step is run as
+its Trainer runs it (sparsify/trainer.py: forward with the target, loss fvu + auxk_alpha * auxk,
+backward, gradient parallel to the decoder rows removed, its default optimizer (signum:
+schedule-free SignSGD) stepped, decoder rows renormalized) on the batches ours trains on: TopK,
+k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 on CPU. The two
+alternate batch by batch, so a drift in the machine's speed falls on both; the median step time
+of each gives rows/s. sparsify comes from requirements/sparsify.txt, installed without its
+dependencies into .venv/sparsify (SPARSIFY_DISABLE_TRITON=1: with triton installed it picks its
+Triton decoder even for CPU tensors). Writes bench/results/transcoder-speed-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+# this file's folder holds bench/train.py: keep it from shadowing the `train` package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from sae.environment import machine  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.harvest import harvest  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SPARSIFY = ROOT / ".venv" / "sparsify"
+
+
+def sparsify_module():
+    """sparsify, installed into .venv/sparsify on first use."""
+    if not (SPARSIFY / "sparsify").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes",
+                        "--target", str(SPARSIFY), "-r", str(ROOT / "requirements" / "sparsify.txt")],
+                       check=True)  # fmt: skip
+    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    sys.path.insert(0, str(SPARSIFY))
+    import sparsify
+
+    return sparsify
+
+
+def sparsify_step(sparsify):
+    """One training step of sparsify's transcoder as its Trainer takes it, as a function of a batch."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify.sign_sgd import SignSGD
+
+    cfg = sparsify.SparseCoderConfig(num_latents=4608, k=32, transcode=True)
+    coder = sparsify.SparseCoder(576, cfg, device="cpu")
+    lr = 5e-3 / (coder.num_latents / 2**14) ** 0.5  # its trainer's default for signum
+    optimizer = ScheduleFreeWrapper(
+        SignSGD([{"params": coder.parameters(), "lr": lr}]), momentum=0.95
+    )
+    optimizer.train()
+
+    def step(x, y):
+        out = coder(x, y, dead_mask=None)  # none dies in a dozen steps, nor in ours
+        loss = out.fvu + 1 / 32 * out.auxk_loss  # its default auxk_alpha
+        loss.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad()
+        coder.set_decoder_norm_to_unit_norm()
+        return out.fvu.item()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    sparsify = sparsify_module()
+    hook_in, hook_out, batch = "blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out", 4096
+    scratch = Path(tempfile.mkdtemp())
+    cache = harvest(out=str(scratch / "cache"), hook=[hook_in, hook_out], tokens=batch * args.batches,
+                    dtype="float32", device="cpu")  # fmt: skip
+    cfg = TrainConfig(out=str(scratch / "train"), hook=hook_in, hook_out=hook_out, k=32, expansion_factor=8,
+                      total_tokens=batch * args.batches, batch_size=batch, lr=4e-3, warmup_steps=1,
+                      device="cpu")  # fmt: skip
+    trainer = Trainer(cfg, cache)
+    theirs = sparsify_step(sparsify)
+    batches = list(islice(trainer.source, args.batches))
+    times: dict[str, list[float]] = {"ours": [], "sparsify": []}
+    for i, b in enumerate(batches):
+        start = time.perf_counter()
+        trainer.train_step(b).read()
+        ours_s = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs(b[hook_in], b[hook_out])
+        theirs_s = time.perf_counter() - start
+        if i:  # the first step of each warms up allocators and caches
+            times["ours"].append(ours_s)
+            times["sparsify"].append(theirs_s)
+    rows = {k: batch / statistics.median(v) for k, v in times.items()}
+    ratio = rows["ours"] / rows["sparsify"]
+    print(
+        f"transcoder training rows/s: ours {rows['ours']:,.0f}, sparsify {rows['sparsify']:,.0f}: {ratio:.2f}x"
+    )
+    result = {"hooks": [hook_in, hook_out], "batch_size": batch, "k": 32, "d_sae": 4608,
+              "steps_timed": len(times["ours"]), "step_s": times, "rows_per_s": rows,
+              "ours_over_sparsify": ratio, "sparsify": sparsify.__version__, "machine": machine()}  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "transcoder-speed-cpu.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
