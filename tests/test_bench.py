@@ -56,3 +56,28 @@ def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
         == report["scores"]["transcoder"]["explained_variance"]
         / report["scores"]["sae"]["explained_variance"]
     )
+
+
+def test_clt_bench_scores_a_clt_beside_per_layer_transcoders(tmp_path):
+    report = run_bench("clt.py", tmp_path, "--tokens", "2048", "--eval-tokens", "300",
+                       "--d-sae", "32", "--k", "4", "--batch-size", "512")  # fmt: skip
+    assert report["layers"] == 30 and report["steps"] == 4
+    for name in ("clt", "set"):
+        s = report["scores"][name]
+        with_errors = s["ce_replacement_with_errors"]
+        assert abs(with_errors - s["ce_clean"]) < 1e-4, "with error terms: the clean model"
+        assert 0 < s["l0"] <= 30 * 32
+    assert report["step_s"]["clt"] > 0 and report["peak_rss_gb"] > 0
+    ratio = report["clt_over_set"]["ce_loss_recovered"]
+    assert (
+        ratio
+        == report["scores"]["clt"]["ce_loss_recovered"]
+        / report["scores"]["set"]["ce_loss_recovered"]
+    )
+
+
+def test_transcoder_speed_bench_times_ours_and_sparsify_on_the_same_batches(tmp_path):
+    report = run_bench("transcoder_speed.py", tmp_path, "--batches", "3")
+    assert report["steps_timed"] == 2 and report["sparsify"] == "1.3.3"
+    rows = report["rows_per_s"]
+    assert rows["ours"] > 0 and report["ours_over_sparsify"] == rows["ours"] / rows["sparsify"]
