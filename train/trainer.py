@@ -647,7 +647,8 @@ def fit(data: Data | Source, **settings: Any) -> SAE | list[SAE]:
 
 def train_cli(cfg: TrainConfig) -> None:
     data = HarvestConfig(**cfg.text_options(), device=cfg.device) if cfg.stream else cfg.cache
-    saes = Trainer(cfg, data).run()
-    for sae in saes:
-        print(f"trained {sae.cfg.architecture} d_sae={sae.cfg.d_sae} on {sae.cfg.hook_name}")
-    print(f"SAEs, checkpoint and metrics.jsonl in {cfg.out}")
+    trainer = Trainer(cfg, data)
+    trainer.run()
+    for m in trainer.members:  # the name says the rule, width and hookpoints
+        print(f"trained {m.name} ({m.sae.cfg.d_sae} latents)")
+    print(f"dictionaries, checkpoint and metrics.jsonl in {cfg.out}")
