@@ -33,6 +33,7 @@ from eval.report import HEADLINE, EvalConfig, fmt, load_inputs, score
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
 from sae.io import check_writable, write_text
+from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
 from train.config import TextOptions
@@ -82,6 +83,11 @@ class DashboardConfig(TextOptions):
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
     d = sae_lib.load(cfg.sae).eval()
+    if isinstance(d, LayeredDictionary):
+        raise ValueError(
+            f"{cfg.sae} is a {d.kind}: its dashboard (latents over several layers) is not built "
+            "yet; `sae eval` scores it as the replacement model"
+        )
     if bad := [i for i in cfg.latent_ids if not 0 <= i < d.cfg.d_sae]:
         raise ValueError(
             f"--latent-ids {bad[0]} is not a latent of {cfg.sae}: d_sae is {d.cfg.d_sae}, "

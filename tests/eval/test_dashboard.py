@@ -322,3 +322,12 @@ def test_a_transcoders_dashboard_reads_its_input_and_scores_its_output(
     assert report["ce_sae"] > report["ce_clean"], (
         "the MLP's output replaced by a random transcoder's"
     )
+
+
+def test_a_dictionary_over_several_layers_is_refused_before_any_work(tmp_path):
+    from tests.sae.test_crosscoder import make_crosscoder
+
+    make_crosscoder().save(tmp_path / "xc")
+    with pytest.raises(ValueError, match="is a crosscoder: its dashboard .* is not built yet"):
+        build_dashboard(DashboardConfig(sae=str(tmp_path / "xc"), out=str(tmp_path / "site")))
+    assert not (tmp_path / "site").exists()
