@@ -171,7 +171,7 @@ def dictionary_similarity(a, b, threshold: float = 0.9, chunk: int = 4096) -> di
     """Share of a's decoder rows whose best cosine match among b's exceeds `threshold`, and the
     other way round, with the mean best cosines (chunked: memory chunk x d_sae). Dictionaries of
     different d_in are not comparable: null scores and the reason."""
-    da, db = F.normalize(a.W_dec.float(), dim=-1), F.normalize(b.W_dec.float(), dim=-1)
+    da, db = (F.normalize(d.decoder_directions().float(), dim=-1) for d in (a, b))
     if da.shape[1] != db.shape[1]:
         return {**dict.fromkeys(SIMILARITY), "reason": f"d_in {da.shape[1]} vs {db.shape[1]}"}
 

@@ -250,6 +250,13 @@ class CrossLayerTranscoder(LayeredDictionary):
         state["b_dec"] = (state["b_dec"].unflatten(-1, (-1, d)) / t[:, None]).flatten(-2)
         return state
 
+    def decoder_directions(self) -> Tensor:
+        """[n * F, n * d_out]: every latent's writes to all output layers in model units, zero at
+        the layers before its own."""
+        state, d, n = self.folded_state_dict(), self.cfg.d_out, self.cfg.n_layers
+        rows = [torch.nn.functional.pad(state[f"layers.{i}.W_dec"], (i * d, 0)) for i in range(n)]
+        return torch.cat(rows)
+
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"{c.architecture}, layers {c.layers}, {c.hook_names[0]} -> "

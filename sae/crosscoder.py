@@ -121,5 +121,9 @@ class Crosscoder(LayeredDictionary):
         state["sae.b_dec"] = state["sae.b_dec"] / s
         return state
 
+    def decoder_directions(self) -> Tensor:
+        """[F, n * d]: each latent's directions at every hookpoint, in model units."""
+        return self.folded_state_dict()["sae.W_dec"]
+
     def extra_repr(self) -> str:
         return f"{self.cfg.architecture} over {self.cfg.hook_names}, d_sae={self.cfg.d_sae}"

@@ -326,6 +326,11 @@ class SAE(nn.Module):
             parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)  # [d_sae, 1]
             self.W_dec.grad -= parallel * self.W_dec
 
+    def decoder_directions(self) -> Tensor:
+        """[d_sae, d_out]: each latent's direction in the output space (what `sae compare`
+        matches between dictionaries)."""
+        return self.W_dec.detach()
+
     # -- decoder norms ------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

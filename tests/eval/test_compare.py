@@ -97,6 +97,26 @@ def test_dictionary_similarity():
     assert sim["mean_max_cosine_b_in_a"] > 0.5
 
 
+def test_dictionaries_over_several_layers_compare_by_their_writes_to_every_layer():
+    """A CLT's latents are matched by what they write to all output layers (zero before their own
+    layer): the same CLT matches itself, and its first layer's latents match a transcoder that
+    writes what they write."""
+    from tests.sae.test_clt import make_clt
+    from tests.sae.test_crosscoder import make_crosscoder
+
+    clt = make_clt("topk", layers=[0, 1, 2])
+    assert dictionary_similarity(clt, clt)["matched_a_in_b"] == 1.0
+    spread = sae.create("topk", d_in=6, d_out=18, d_sae=16, k=3, apply_b_dec_to_input=False,
+                        hook_name="blocks.0.mlp.hook_in", hook_name_out="blocks.0.hook_mlp_out")  # fmt: skip
+    with torch.no_grad():
+        spread.W_dec.copy_(clt.layers[0].W_dec * 2)
+    assert dictionary_similarity(spread, clt)["matched_a_in_b"] == 1.0
+    assert dictionary_similarity(clt, spread)["matched_a_in_b"] == pytest.approx(1 / 3)
+    xc = make_crosscoder()
+    assert dictionary_similarity(xc, xc)["mean_max_cosine_a_in_b"] == pytest.approx(1.0)
+    assert dictionary_similarity(xc, clt)["reason"] == "d_in 24 vs 18"
+
+
 def test_a_path_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is not a run"):
         load_run(str(tmp_path))
