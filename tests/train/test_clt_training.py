@@ -5,8 +5,6 @@ sweep with those transcoders and an SAE; Ctrl-C and resume; what a CLT run refus
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -119,18 +117,13 @@ def test_a_clt_run_refuses_what_it_cannot_train(cache, tmp_path, settings, messa
 def test_a_clt_on_two_processes_equals_one_process(cache, tmp_path, architecture):
     """torchrun with 2 gloo processes: each rank's half of every batch, gradients averaged, the
     same CLT as one process (per-row rules; a batch-wide one selects within each rank's rows)."""
-    from tests.train.test_trainer import failure, torchrun
+    from tests.train.test_trainer import one_and_two_processes
 
     cache, _, _ = cache
     common = ["--cache", cache.url, "--layers", "0-2", "--hook", IN, "--hook-out", OUT,
               "--architecture", architecture, "--k", "4", "--d-sae", "32", "--batch-size", "500",
               "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "train", "--out", str(tmp_path / "one"), *common],
-                            env=env, capture_output=True, text=True)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
-    assert ddp.returncode == 0, failure(ddp.stderr)
+    one_and_two_processes(tmp_path, *common)
     (folder,) = (tmp_path / "one").glob("clt-*")
     a, b = sae.load(folder), sae.load(tmp_path / "two" / folder.name)
     for key, value in a.state_dict().items():

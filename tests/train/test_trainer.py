@@ -503,6 +503,17 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
 
 
+def one_and_two_processes(tmp_path, *args: str) -> None:
+    """`python -m train` with args into tmp_path/one, then torchrun's 2 processes into
+    tmp_path/two; both must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "train", "--out", str(tmp_path / "one"), *args],
+                            env=env, capture_output=True, text=True)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *args)
+    assert ddp.returncode == 0, failure(ddp.stderr)
+
+
 def failure(stderr: str) -> str:
     """A failed torchrun's first error lines (its tail is the launcher's summary, which names no
     cause)."""
@@ -520,16 +531,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     )
     common = ["--cache", cache.url, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
               "--batch-size", "500", "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "train", "--out", str(tmp_path / "one"), *common],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
-    assert ddp.returncode == 0, failure(ddp.stderr)
+    one_and_two_processes(tmp_path, *common)
     for name in ("topk", "relu"):
         a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
         for key, value in a.state_dict().items():
@@ -572,12 +574,7 @@ def test_two_processes_count_dead_latents_over_the_global_batch(tmp_path):
     cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
     common = ["--cache", cache.url, "--architecture", "topk", "--k", "2", "--expansion-factor", "16",
               "--batch-size", "500", "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "train", "--out", str(tmp_path / "one"), *common],
-                            env=env, capture_output=True, text=True)  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *common)
-    assert ddp.returncode == 0, failure(ddp.stderr)
+    one_and_two_processes(tmp_path, *common)
 
     def dead(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
