@@ -190,10 +190,9 @@ def build_member(
     source: Source,
     total_steps: int,
     device: torch.device,
-    meta: dict,
 ) -> Member:
     build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
-    dictionary = build(cfg, spec, source, device, meta)
+    dictionary = build(cfg, spec, source, device)
     d_sae = dictionary.cfg.d_sae
     lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
@@ -211,9 +210,7 @@ def build_member(
     )
 
 
-def build_sae(
-    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
-) -> SAE:
+def build_sae(cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device) -> SAE:
     d_in, hook_out = source.d_in[spec.hook], spec.hook_out or spec.hook
     transcoder = hook_out != spec.hook or spec.skip
     sae_cfg = SAEConfig(
@@ -223,31 +220,31 @@ def build_sae(
         matryoshka_widths=list(spec.matryoshka_widths),
         normalize_activations="expected_average_only_in" if cfg.normalize else "none",
         norm_scaling_factor=source.scale[spec.hook] if cfg.normalize else 1.0,
-        norm_scaling_factor_out=source.scale[hook_out] if cfg.normalize else 1.0, **meta,
+        norm_scaling_factor_out=source.scale[hook_out] if cfg.normalize else 1.0, **source.meta,
     )  # fmt: skip
     return REGISTRY[sae_cfg.architecture](sae_cfg)
 
 
 def build_clt(
-    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device
 ) -> CrossLayerTranscoder:
     outputs = spec.outputs()
     return CrossLayerTranscoder(CLTConfig(
-        **layered_fields(cfg, spec, source, device, meta), hook_names_out=outputs,
+        **layered_fields(cfg, spec, source, device), hook_names_out=outputs,
         d_out=one_width(source, outputs, "outputs"),
         norm_scaling_factors_out=[source.scale[h] if cfg.normalize else 1.0 for h in outputs],
     ))  # fmt: skip
 
 
 def build_crosscoder(
-    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device
 ) -> Crosscoder:
-    fields = layered_fields(cfg, spec, source, device, meta)
+    fields = layered_fields(cfg, spec, source, device)
     return Crosscoder(CrosscoderConfig(**fields, matryoshka_widths=list(spec.matryoshka_widths)))
 
 
 def layered_fields(
-    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device, meta: dict
+    cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device
 ) -> dict[str, Any]:
     """The LayersConfig fields of a dictionary over spec's layers (sae/layered.py)."""
     if spec.skip:
@@ -262,7 +259,7 @@ def layered_fields(
         d_sae=spec.d_sae or spec.expansion_factor * d_in, k=spec.k,
         normalize_activations="expected_average_only_in" if cfg.normalize else "none",
         norm_scaling_factors=[source.scale[h] if cfg.normalize else 1.0 for h in inputs],
-        device=str(device), **meta,
+        device=str(device), **source.meta,
     )  # fmt: skip
 
 
@@ -346,9 +343,7 @@ class Trainer:
         self.members = []
         for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
-            self.members.append(
-                build_member(cfg, s, source, self.total_steps, self.device, source.meta)
-            )
+            self.members.append(build_member(cfg, s, source, self.total_steps, self.device))
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")
@@ -369,6 +364,7 @@ class Trainer:
         warm = min(
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
+        rows = len(next(iter(batch.values())))  # global: every rank's share, as `fired` below
         for m in self.members:
             x = self.world.shard(m.input(batch)).to(self.device, non_blocking=True).float()
             y = None
@@ -395,9 +391,7 @@ class Trainer:
             bad = ~out.loss.detach().isfinite().reshape(1)
             flags = self.world.any_rank(torch.cat([out.fired, bad]))
             fired, diverged[m.name] = flags[:-1], flags[-1]
-            m.tokens_since_fired += len(
-                batch[m.spec.inputs()[0]]
-            )  # global rows: `fired` is over ranks
+            m.tokens_since_fired += rows
             m.tokens_since_fired.masked_fill_(fired, 0)
             metrics.update(self.member_metrics(m, x if y is None else y, out))
         return StepMetrics(metrics, diverged)
