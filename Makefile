@@ -26,6 +26,9 @@ UPSTREAM_TESTS := tests/sae/test_environment.py tests/sae/test_hooks.py tests/sa
 # circuit-tracer's own environment (.venv-circuit-tracer): its pins clash with ours, so the suite runs
 # it as a separate process (tests/sae/test_circuit_tracer.py) on what `sae export` writes.
 CT_VENV := .venv-circuit-tracer
+# SAEBench's own environment (.venv-sae-bench), for the same reason (numpy < 2, datasets < 4): the
+# suite runs its evaluations there (tests/eval/test_saebench_agreement.py) and compares ours with them.
+SB_VENV := .venv-sae-bench
 
 .PHONY: install clients-venv demo test test-latest test-oldest lock bench lint clean
 
@@ -56,14 +59,21 @@ endif
 		|| echo "note: Debian chromium is not installed; the dashboard's browser test will be skipped"
 	touch $@
 
-clients-venv: $(CT_VENV)/.installed
+clients-venv: $(CT_VENV)/.installed $(SB_VENV)/.installed
+
+# $(1): a reference package's own virtualenv, filled from its lock $(2) over the torch wheel
+define client-venv
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q --no-deps "$(TORCH)"
+	$(VENV)/bin/uv pip install -q --python $(1)/bin/python --require-hashes --no-deps -r $(2)
+	touch $(1)/.installed
+endef
 
 $(CT_VENV)/.installed: requirements/circuit-tracer.txt | install
-	test -x $(CT_VENV)/bin/python || python3 -m venv $(CT_VENV)
-	$(CT_VENV)/bin/python -c "import torch" 2>/dev/null || $(CT_VENV)/bin/python -m pip install -q --no-deps "$(TORCH)"
-	$(VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python --require-hashes --no-deps \
-		-r requirements/circuit-tracer.txt
-	touch $@
+	$(call client-venv,$(CT_VENV),$<)
+
+$(SB_VENV)/.installed: requirements/sae-bench.txt | install
+	$(call client-venv,$(SB_VENV),$<)
 
 demo: install
 	$(VENV)/bin/sae demo
@@ -103,6 +113,11 @@ lock: install
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--find-links $(TORCH_WHEELS) -c requirements/torch-cpu.txt \
 		--no-emit-package torch --no-emit-package triton -o requirements/circuit-tracer.txt
+	$(VENV)/bin/uv pip compile requirements/sae-bench.in --generate-hashes -q \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--find-links $(TORCH_WHEELS) -c requirements/torch-cpu.txt --no-emit-package torch \
+		--no-emit-package triton --no-emit-package torchvision --no-emit-package nvidia-nccl-cu12 \
+		-o requirements/sae-bench.txt
 
 bench: install
 	@for b in bench/*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
@@ -113,4 +128,4 @@ lint: install
 	$(PY) -m ruff format --check sae train eval tests bench requirements
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest $(CT_VENV) .pytest_cache runs
+	rm -rf $(VENV) .venv-latest .venv-oldest $(CT_VENV) $(SB_VENV) .pytest_cache runs

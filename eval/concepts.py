@@ -9,29 +9,34 @@ the best concept, and measure its precision among the latent's top activations. 
 when that precision reaches the threshold. AUROC alone rewards broad detectors and precision alone
 rewards lucky tails; the pair says both what a latent detects and how cleanly.
 
-First-letter absorption follows SAEBench (Chanin et al. 2024, with Till's absorption fraction):
-single-token words in an in-context spelling prompt ("tape has the first letter: T" ...), a
-linear probe per letter on the LM activation at the word, an L1 probe on the SAE latents to rank
-candidate latents, k-sparse probes (k = 1..max_k) whose F1 jumps pick the letter's main latents,
-then for every word the probe gets right: the share of the probe projection carried by other
-latents aligned with the probe while the main latents fall short (absorption fraction), and
-whether a single such latent takes over while the main ones are silent (full absorption).
+First-letter absorption is SAEBench's (Chanin et al. 2024, with Till's absorption fraction), the
+same computation on the same kind of sample: words from the tokenizer's alphabetic tokens in
+in-context spelling prompts ("\\ntape has the first letter: T\\n ... {word} has the first letter:"),
+a logistic probe per letter on the LM activation at the word, an L1 probe on the SAE latents to
+rank candidates, k-sparse probes (k = 1..max_k) whose F1 jumps pick the letter's main latents,
+then for every held-out word the probe gets right: the share of the probe projection carried by
+other latents aligned with the probe while the main latents fall short (absorption fraction), and
+whether a single such latent takes over while the main ones are silent (full absorption). With
+the same words and seed the random draws are SAEBench's too (tests/eval/test_saebench_agreement.py
+runs SAEBench itself and compares).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import random
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain, islice
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
+from eval.probes import ProbeFit, f1, logistic_regression, train_probes
 from sae.models import SAE
 from train.harvest import capture
 
@@ -247,23 +252,31 @@ def purity_report(result: PurityResult, names: list[str], threshold: float = 0.8
 
 
 # -- first-letter absorption -------------------------------------------------------------------
+PROMPT = "{word} has the first letter:"
+
+
 @dataclass
 class AbsorptionConfig:
-    """SAEBench's settings, named as there."""
+    """SAEBench's `absorption` settings (its defaults); `words` and `icl_examples` set the cost
+    (the sample), never the definition."""
 
     words: int = 3000
-    """Single-token words to spell (those of the evaluated text first), split 4:1 into
-    probe-training and scored words."""
-    icl_examples: int = 4
-    """Solved examples in each spelling prompt."""
+    """Words to spell, drawn at random from SAEBench's vocabulary (every token that is letters,
+    with or without one leading space); 0 takes all of it, as SAEBench does."""
+    min_words_per_letter: int = 10
+    """Each letter gets at least this many words (topped up from the rest of the vocabulary)."""
+    icl_examples: int = 10
+    """Solved examples before the word in each prompt."""
     max_k: int = 10
     """Largest k of the k-sparse latent probes."""
     f1_jump: float = 0.03
-    """A latent joins a letter's main latents while adding it raises the probe's F1 this much."""
+    """A latent joins a letter's main latents while adding it raises the probe's F1 by more."""
     min_probe_f1: float = 0.6
-    """Letters whose LM probe scores below this F1 on held-out words are left out."""
-    min_words: int = 5
-    """Letters with fewer held-out words than this are left out."""
+    """Letters whose LM probe scores no more than this F1 on held-out words are left out."""
+    min_letters: int = 20
+    """Fewer letters passing the LM probe than this leaves absorption undefined (SAEBench stops)."""
+    l1: float = 0.01
+    """L1 weight of the probe on all latents that ranks candidate main latents."""
     absorber_cos: float = 0.1
     """An absorbing latent's decoder row has at least this cosine with the probe (fraction)."""
     full_absorber_cos: float = 0.025
@@ -273,106 +286,120 @@ class AbsorptionConfig:
     max_absorbers: int = 3
     """Latents that may share the absorption of one word."""
     batch_size: int = 64
-    seed: int = 0
+    seed: int = 42
 
 
-def spelling_vocab(ids: Tensor, strings: list[str], n: int) -> list[int]:
-    """n single-token words (a space and 2+ letters): those of the text by frequency, then the
-    rest of the tokenizer's vocabulary in id order (byte-pair merges come roughly by frequency).
-    The probes need thousands of words; a short text alone has too few."""
-    is_word = [bool(re.fullmatch(r" [A-Za-z]{2,}", s)) for s in strings]
-    in_text = [i for i, _ in Counter(ids.flatten().tolist()).most_common() if is_word[i]]
-    seen = set(in_text)
-    rest = (i for i, w in enumerate(is_word) if w and i not in seen)
-    return list(islice(chain(in_text, rest), n))
+@functools.lru_cache(maxsize=4)
+def alphabetic_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """SAEBench's spelling vocabulary, in id order: every token whose text is ASCII letters, with or
+    without one leading space (a sentencepiece "▁" reads as that space)."""
+    words = []
+    for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+        text = tokenizer.convert_tokens_to_string([token])
+        if token.startswith("▁") and not text.startswith(" "):
+            text = " " + text
+        body = text[1:] if text.startswith(" ") else text
+        if body and all(c in string.ascii_letters for c in body):
+            words.append(text)
+    return words
 
 
-def spelling_prompts(
-    tokenizer: PreTrainedTokenizerBase, words: list[int], cfg: AbsorptionConfig
-) -> tuple[Tensor, int]:
-    """Token ids [n_words, seq] of "<bos>{w} has the first letter: {W}\\n ... {word} has the first
-    letter:", every prompt the same length, and the position of the word being spelled."""
-    strings = token_strings(tokenizer)
-    suffix = tokenizer(" has the first letter:", add_special_tokens=False).input_ids
-    newline = tokenizer("\n", add_special_tokens=False).input_ids
-    letter = {c: tokenizer(" " + c.upper(), add_special_tokens=False).input_ids for c in LETTERS}
-    g = torch.Generator().manual_seed(cfg.seed)
-    rows = []
-    for w in words:
-        examples = [
-            words[int(j)] for j in torch.randperm(len(words), generator=g)[: cfg.icl_examples + 1]
-        ]
-        examples = [e for e in examples if e != w][: cfg.icl_examples]
-        ids = [tokenizer.bos_token_id]
-        for e in examples:
-            ids += [e, *suffix, *letter[strings[e][1].lower()], *newline]
-        rows.append([*ids, w, *suffix])
-    lengths = {len(r) for r in rows}
-    if len(lengths) != 1:
-        raise ValueError("spelling prompts differ in length: letters must be single tokens")
-    return torch.tensor(rows), len(rows[0]) - len(suffix) - 1
+def letter_of(word: str) -> str:
+    return word.strip()[0].lower()
 
 
-def fit_probes(
-    x: Tensor, y: Tensor, l1: float = 0.0, l2: float = 1e-2, steps: int = 300
-) -> tuple[Tensor, Tensor]:
-    """Class-balanced logistic regressions, one per column of y [n, P] (or one per leading batch
-    entry of x [P, n, f] with y [n, P]), on standardized inputs; returns weights [P, f] and biases
-    [P] in the units of x. Full-batch Adam: small problems, and L1 needs no smooth solver."""
-    batched = x.dim() == 3
-    xs = x if batched else x[None]
-    mean, std = xs.mean(1, keepdim=True), xs.std(1, keepdim=True).clamp_min(1e-6)
-    xs = (xs - mean) / std
-    p = y.shape[1]
-    w = torch.zeros(p, xs.shape[-1], requires_grad=True)
-    b = torch.zeros(p, requires_grad=True)
-    pos = y.sum(0).clamp_min(1)
-    pos_weight = (len(y) - pos) / pos
-    opt = torch.optim.Adam([w, b], lr=0.05)
-    with torch.enable_grad():
-        for _ in range(steps):
-            logits = (torch.einsum("pnf,pf->np", xs, w) if batched else xs[0] @ w.T) + b
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
-            loss = loss + l1 * w.abs().sum(-1).mean() + l2 * w.pow(2).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    w, b = w.detach(), b.detach()
-    w_units = w / std.squeeze(1)
-    return w_units, b - (w_units * mean.squeeze(1)).sum(-1)
+def spelling_words(tokenizer: PreTrainedTokenizerBase, cfg: AbsorptionConfig) -> list[str]:
+    """`cfg.words` words of the vocabulary at random (all for 0), at least
+    `cfg.min_words_per_letter` of every letter, in vocabulary order."""
+    vocab = alphabetic_tokens(tokenizer)
+    by_letter: dict[str, list[int]] = {c: [] for c in LETTERS}
+    for i, w in enumerate(vocab):
+        by_letter[letter_of(w)].append(i)
+    short = {c: len(ids) for c, ids in by_letter.items() if len(ids) < cfg.min_words_per_letter}
+    if short:
+        have = ", ".join(f"{c}: {n}" for c, n in short.items())
+        raise ValueError(
+            f"the tokenizer's vocabulary has too few single-token words for letters {have}; "
+            f"first-letter absorption needs {cfg.min_words_per_letter} per letter "
+            "(AbsorptionConfig.min_words_per_letter)"
+        )
+    if not cfg.words or cfg.words >= len(vocab):
+        return vocab
+    rng = random.Random(cfg.seed)
+    chosen = set(rng.sample(range(len(vocab)), cfg.words))
+    for ids in by_letter.values():
+        missing = cfg.min_words_per_letter - len(chosen.intersection(ids))
+        if missing > 0:
+            chosen.update(rng.sample([i for i in ids if i not in chosen], missing))
+    return [vocab[i] for i in sorted(chosen)]
 
 
-def f1(pred: Tensor, y: Tensor) -> Tensor:
-    """F1 per column of boolean predictions and labels [n, P]."""
-    tp = (pred & y).sum(0).double()
-    return 2 * tp / (pred.sum(0) + y.sum(0)).double().clamp_min(1)
+def spelling_prompt(word: str, examples: list[str], n: int, rng: random.Random) -> str:
+    """SAEBench's prompt: a newline, n solved examples drawn from `examples` (never the word
+    itself), then the word: "\\n{e} has the first letter: E\\n ... {word} has the first letter:"."""
+    for _ in range(1000):
+        shown = rng.sample(examples, n)
+        if word not in shown:
+            break
+    else:
+        raise ValueError(f"no {n} in-context examples without {word!r} in 1000 draws")
+    solved = [PROMPT.format(word=e) + " " + letter_of(e).upper() for e in shown]
+    return "\n" + "\n".join([*solved, PROMPT.format(word=word)])
+
+
+def word_activations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    hook: str,
+    batch_size: int,
+) -> Tensor:
+    """The activation at `hook` on each prompt's word token (the one before the template's tail),
+    BOS first; prompts are run in batches of equal length."""
+    tail = len(tokenizer(PROMPT.format(word=""), add_special_tokens=False).input_ids)
+    ids = [
+        [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts
+    ]
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), model.config.hidden_size)
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(i)
+    for rows in by_length.values():
+        for batch in torch.tensor(rows).split(batch_size):
+            tokens = torch.tensor([ids[i] for i in batch.tolist()], device=device)
+            acts = capture(model, [hook], input_ids=tokens)[hook]
+            out[batch] = acts[:, -tail - 1].float().cpu()
+    return out
 
 
 def main_latents(
-    z_train: Tensor, z_test: Tensor, y_train: Tensor, y_test: Tensor, cfg: AbsorptionConfig
+    z_train: Tensor,
+    z_test: Tensor,
+    y_train: Tensor,
+    y_test: Tensor,
+    cfg: AbsorptionConfig,
+    generator: torch.Generator,
 ) -> list[list[int]]:
-    """Per letter, the latents of the k-sparse probe at which F1 stops jumping by `f1_jump`.
-
-    Candidates are ranked by an L1 probe on all latents; the probes for every k and letter are fit
-    at once, the k-probe seeing its letter's first k candidates (the others zeroed)."""
-    w_units, _ = fit_probes(z_train, y_train.float(), l1=0.01)
-    # Rank by the weights on standardized latents, the ones the L1 penalty weighed: in raw units a
-    # latent that fires rarely and weakly (tiny std) gets a huge weight for a tiny effect.
-    ranking = w_units * z_train.std(0)
+    """Per letter, SAEBench's main latents: an L1 probe on all latents ranks candidates by weight;
+    the k-sparse probe on the first k (k = 1..max_k) is fit to optimum; k grows while the held-out
+    F1 rises by more than `f1_jump`."""
+    l1_fit = ProbeFit(batch_size=4096, weight_decay=1e-6, l1=cfg.l1)
+    ranking, _ = train_probes(z_train, y_train, l1_fit, generator)
     candidates = ranking.topk(cfg.max_k, dim=-1).indices  # [letters, max_k]
     first_k = torch.arange(cfg.max_k)[None] < torch.arange(1, cfg.max_k + 1)[:, None]  # [k, max_k]
 
-    def inputs(z: Tensor) -> Tensor:  # [max_k * letters, n, max_k]
+    def inputs(z: Tensor) -> Tensor:  # [max_k * letters, n, max_k], problem k * letters + letter
         chosen = z[:, candidates].permute(1, 0, 2)  # [letters, n, max_k]
         return (chosen[None] * first_k[:, None, None]).flatten(0, 1)
 
-    labels = y_train.float().repeat(1, cfg.max_k)  # column k * letters + letter
-    w, b = fit_probes(inputs(z_train), labels)
-    logits = torch.einsum("pnf,pf->np", inputs(z_test), w) + b
+    # Zeroed columns get zero weight at the optimum, so one fit with max_k columns is the k-probe.
+    w, b = logistic_regression(inputs(z_train), y_train.T.repeat(cfg.max_k, 1))
+    logits = torch.einsum("pnf,pf->np", inputs(z_test).double(), w) + b
     scores = f1(logits > 0, y_test.repeat(1, cfg.max_k)).view(cfg.max_k, -1)  # [k, letters]
     result = []
     for letter in range(len(candidates)):
-        best, k_main = -1.0, 0
+        best, k_main = -math.inf, 0
         for k in range(cfg.max_k):
             if scores[k, letter] <= best + cfg.f1_jump:
                 break
@@ -412,73 +439,130 @@ def word_absorption(
     return fraction, full
 
 
+def encode_rows(sae: SAE, x: Tensor) -> Tensor:
+    return torch.cat([sae.encode(b.to(sae.W_enc.device)).float().cpu() for b in x.split(1024)])
+
+
+@dataclass
+class Spelling:
+    """What absorption needs from the LM at one hookpoint, the same for every SAE there: the
+    probe-training and held-out words with their activations, the LM's letter probe, and for each
+    letter the activations of fresh prompts for the held-out words the probe gets right."""
+
+    hook: str
+    words: list[str]
+    x: dict[str, Tensor]  # "train" / "test": [n, d]
+    y: dict[str, Tensor]  # one-hot letters [n, 26]
+    probe_w: Tensor  # [26, d]
+    probe_b: Tensor  # [26]
+    probe_f1: Tensor  # [26] on the held-out words
+    hits: list[Tensor]  # per letter [n_hits, d]
+    generator: torch.Generator  # where the latent probes continue SAEBench's torch draws
+
+
 @torch.no_grad()
-def first_letter_absorption(
+def spelling(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    sae: SAE,
-    text_ids: Tensor,
+    hook: str,
     cfg: AbsorptionConfig | None = None,
-) -> dict:
-    """SAEBench's first-letter absorption of `sae` (see module doc) on words from `text_ids`."""
-    cfg = cfg or AbsorptionConfig()
-    strings = token_strings(tokenizer)
-    words = spelling_vocab(text_ids, strings, cfg.words)
-    prompts, position = spelling_prompts(tokenizer, words, cfg)
-    device = next(model.parameters()).device
-    hook = sae.cfg.hook_name
-    x = torch.cat(
-        [
-            capture(model, [hook], input_ids=batch.to(device))[hook][:, position].float().cpu()
-            for batch in prompts.split(cfg.batch_size)
-        ]
-    )
-    z = torch.cat([sae.encode(b.to(sae.W_enc.device)).float().cpu() for b in x.split(1024)])
-    letters = torch.tensor([LETTERS.index(strings[w][1].lower()) for w in words])
-    y = F.one_hot(letters, 26).bool()
-    test = (
-        torch.randperm(len(words), generator=torch.Generator().manual_seed(cfg.seed))
-        < len(words) // 5
-    )
-    probe_w, probe_b = fit_probes(x[~test], y[~test].float())
-    probe_correct = (x[test] @ probe_w.T + probe_b) > 0
-    probe_f1 = f1(probe_correct, y[test])
-    mains = main_latents(z[~test], z[test], y[~test], y[test], cfg)
+    words: list[str] | None = None,
+) -> Spelling:
+    """Prompts, activations and the LM's letter probe, drawn as SAEBench draws them.
 
-    direction = F.normalize(probe_w, dim=-1)
+    Python's `random` seeded with `cfg.seed` shuffles and splits the words 4:1 and picks each
+    prompt's examples (from its own split; for the absorption prompts from all words), in
+    SAEBench's order; torch's draws for the probes follow SAEBench's too. So `words` in SAEBench's
+    vocabulary order give SAEBench's prompts and probe; without `words`, `spelling_words` draws them."""
+    cfg = cfg or AbsorptionConfig()
+    words = words if words is not None else spelling_words(tokenizer, cfg)
+    rng = random.Random(cfg.seed)
+    shuffled = rng.sample(words, len(words))
+    cut = int(len(shuffled) * 0.8)
+    split = {"train": shuffled[:cut], "test": shuffled[cut:]}
+
+    def activations(prompts: list[str]) -> Tensor:
+        return word_activations(model, tokenizer, prompts, hook, cfg.batch_size)
+
+    x, y = {}, {}
+    for part, ws in split.items():
+        x[part] = activations([spelling_prompt(w, ws, cfg.icl_examples, rng) for w in ws])
+        y[part] = F.one_hot(torch.tensor([LETTERS.index(letter_of(w)) for w in ws]), 26).bool()
+    missing = [c for i, c in enumerate(LETTERS) if not y["train"][:, i].any()]
+    if missing:
+        raise ValueError(f"no probe-training word starts with {', '.join(missing)}: use more words")
+    g = torch.Generator().manual_seed(cfg.seed)
+    probe_w, probe_b = train_probes(x["train"], y["train"], ProbeFit(), g)
+    logits = x["test"] @ probe_w.T + probe_b
+    hits = []
+    for i in range(26):  # every letter, in order, so the prompt draws stay SAEBench's
+        hit = (y["test"][:, i] & (logits[:, i] > 0)).tolist()
+        found = [w for w, h in zip(split["test"], hit, strict=True) if h]
+        hits.append(activations([spelling_prompt(w, words, cfg.icl_examples, rng) for w in found]))
+    probe_f1 = f1(logits > 0, y["test"])
+    return Spelling(hook, words, x, y, probe_w, probe_b, probe_f1, hits, g)
+
+
+@torch.no_grad()
+def first_letter_absorption(sae: SAE, data: Spelling, cfg: AbsorptionConfig | None = None) -> dict:
+    """SAEBench's first-letter absorption of `sae` on `data` (see module doc and docs/eval.md)."""
+    cfg = cfg or AbsorptionConfig()
+    if sae.cfg.hook_name != data.hook:
+        raise ValueError(
+            f"the SAE reads {sae.cfg.hook_name}; the spelling data is from {data.hook}"
+        )
+    passing = data.probe_f1 > cfg.min_probe_f1
+    if int(passing.sum()) < cfg.min_letters:
+        scores = ", ".join(
+            f"{c} {float(v):.2f}" for c, v in zip(LETTERS, data.probe_f1, strict=True)
+        )
+        raise ValueError(
+            f"the LM probe passes F1 > {cfg.min_probe_f1} on {int(passing.sum())} letters, fewer "
+            f"than the {cfg.min_letters} absorption needs (SAEBench's min_feats_for_eval) at "
+            f"{data.hook} with {len(data.words)} words: {scores}. Use more words or a later layer."
+        )
+    z = {part: encode_rows(sae, v) for part, v in data.x.items()}
+    generator = torch.Generator().set_state(data.generator.get_state())  # every SAE the same draws
+    mains = main_latents(z["train"], z["test"], data.y["train"], data.y["test"], cfg, generator)
+    direction = F.normalize(data.probe_w, dim=-1)
     cos = F.normalize(sae.W_dec.detach().float().cpu(), dim=-1) @ direction.T  # [d_sae, 26]
-    per_letter = {}
+    per_letter, left_out = {}, {}
     for i, c in enumerate(LETTERS):
-        n_words = int(y[test][:, i].sum())
-        if n_words < cfg.min_words or probe_f1[i] < cfg.min_probe_f1:
+        xa = data.hits[i]
+        if not passing[i] or not len(xa):
+            left_out[c] = float(data.probe_f1[i])
             continue
-        hit = y[test][:, i] & probe_correct[:, i]  # words of this letter the probe gets right
         fraction, full = word_absorption(
-            x[test][hit] @ direction[i], z[test][hit], cos[:, i], mains[i], cfg
+            xa @ direction[i], encode_rows(sae, xa), cos[:, i], mains[i], cfg
         )
         per_letter[c] = {
-            "probe_f1": float(probe_f1[i]),
-            "words": n_words,
-            "probe_true_positives": int(hit.sum()),
+            "probe_f1": float(data.probe_f1[i]),
+            "words": int(data.y["test"][:, i].sum()),
+            "probe_true_positives": len(xa),
             "main_latents": mains[i],
-            "absorption_fraction": float(fraction.mean()) if hit.any() else 0.0,
-            "full_absorption_rate": float(full.double().mean()) if hit.any() else 0.0,
+            "absorption_fraction": float(fraction.mean()),
+            "full_absorption_rate": float(full.double().mean()),
+            "full_absorptions": int(full.sum()),
         }
-    if not per_letter:
-        raise ValueError(
-            f"no letter could be scored: the LM probe reached F1 >= {cfg.min_probe_f1} on "
-            f"no letter with >= {cfg.min_words} held-out words ({len(words)} words in the text)"
-        )
 
-    def mean(key: str) -> float:
-        return sum(v[key] for v in per_letter.values()) / len(per_letter)
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        v = torch.tensor(values, dtype=torch.double)
+        return float(v.mean()), float(v.std()) if len(v) > 1 else 0.0
 
+    rows = per_letter.values()
+    fraction_mean, fraction_std = mean_std([r["absorption_fraction"] for r in rows])
+    full_mean, full_std = mean_std([r["full_absorption_rate"] for r in rows])
+    main_mean, main_std = mean_std([len(r["main_latents"]) for r in rows])
     return {
-        "mean_absorption_fraction": mean("absorption_fraction"),
-        "mean_full_absorption_rate": mean("full_absorption_rate"),
-        "mean_main_latents": sum(len(v["main_latents"]) for v in per_letter.values())
-        / len(per_letter),
-        "probe_f1_mean": float(probe_f1.mean()),
-        "words": len(words),
+        "mean_absorption_fraction": fraction_mean,
+        "std_absorption_fraction": fraction_std,
+        "mean_full_absorption_rate": full_mean,
+        "std_full_absorption_rate": full_std,
+        "mean_main_latents": main_mean,
+        "std_main_latents": main_std,
+        "probe_f1_mean": float(data.probe_f1.mean()),
+        "words": len(data.words),
+        "icl_examples": cfg.icl_examples,
         "letters": per_letter,
+        "letters_left_out": left_out,
     }

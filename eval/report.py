@@ -4,7 +4,7 @@ Each batch of token windows runs the clean model once (recording the SAE's hookp
 three edited passes of the spliced-in loss; the recorded activations feed reconstruction, sparsity
 and concept purity, so every metric is computed on exactly the same tokens (positions 1..; the
 attention sink at position 0 is never scored). First-letter absorption runs afterwards on its own
-spelling prompts built from the words of the same text. The report is a flat dict of headline
+spelling prompts (SAEBench's, on words from the tokenizer's vocabulary). The report is a flat dict of headline
 numbers plus one nested dict per detailed score (schema in docs/eval.md).
 """
 
@@ -28,6 +28,7 @@ from eval.concepts import (
     first_letter_absorption,
     latent_purity,
     purity_report,
+    spelling,
 )
 from eval.reconstruction import ReconstructionStats
 from eval.replacement import HEADLINE as REPLACEMENT_HEADLINE
@@ -82,7 +83,10 @@ class EvalConfig(TextOptions):
     absorption: bool = True
     """Score first-letter absorption (SAEBench)."""
     absorption_words: int = 3000
-    """Single-token words to spell for absorption."""
+    """Words to spell for absorption, drawn from the tokenizer's alphabetic tokens (0: all of them,
+    as SAEBench; each word is one LM pass of about 90 tokens)."""
+    absorption_icl: int = 10
+    """Solved examples before each spelled word (SAEBench: 10; fewer make shorter prompts)."""
     synthetic: str = ""
     """Score recovery of ground-truth features instead: a YAML/JSON file of
     eval.synthetic.SyntheticConfig fields, or `default`; the SAE must have been trained on it."""
@@ -229,8 +233,9 @@ def score(
             **purity_report(latent_purity(codes, labels), names),
         }
     if cfg.absorption:
-        absorption_cfg = AbsorptionConfig(words=cfg.absorption_words)
-        report["absorption"] = first_letter_absorption(lm, tokenizer, d, ids, absorption_cfg)
+        absorption_cfg = AbsorptionConfig(words=cfg.absorption_words, icl_examples=cfg.absorption_icl)
+        data = spelling(lm, tokenizer, d.cfg.hook_name, absorption_cfg)
+        report["absorption"] = first_letter_absorption(d, data, absorption_cfg)
     report["meta"] = meta(d, cfg, name, ids)
     _write(report, cfg.json)
     return report
