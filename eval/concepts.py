@@ -443,6 +443,10 @@ def encode_rows(sae: SAE, x: Tensor) -> Tensor:
     return torch.cat([sae.encode(b.to(sae.W_enc.device)).float().cpu() for b in x.split(1024)])
 
 
+class AbsorptionUndefined(ValueError):
+    """Too few letters pass the LM probe for absorption to mean anything (SAEBench stops too)."""
+
+
 @dataclass
 class Spelling:
     """What absorption needs from the LM at one hookpoint, the same for every SAE there: the
@@ -451,7 +455,8 @@ class Spelling:
 
     hook: str
     words: list[str]
-    x: dict[str, Tensor]  # "train" / "test": [n, d]
+    split: dict[str, list[str]]  # "train" / "test": the words in SAEBench's shuffled order
+    x: dict[str, Tensor]  # activations at the words [n, d]
     y: dict[str, Tensor]  # one-hot letters [n, 26]
     probe_w: Tensor  # [26, d]
     probe_b: Tensor  # [26]
@@ -500,7 +505,7 @@ def spelling(
         found = [w for w, h in zip(split["test"], hit, strict=True) if h]
         hits.append(activations([spelling_prompt(w, words, cfg.icl_examples, rng) for w in found]))
     probe_f1 = f1(logits > 0, y["test"])
-    return Spelling(hook, words, x, y, probe_w, probe_b, probe_f1, hits, g)
+    return Spelling(hook, words, split, x, y, probe_w, probe_b, probe_f1, hits, g)
 
 
 @torch.no_grad()
@@ -516,7 +521,7 @@ def first_letter_absorption(sae: SAE, data: Spelling, cfg: AbsorptionConfig | No
         scores = ", ".join(
             f"{c} {float(v):.2f}" for c, v in zip(LETTERS, data.probe_f1, strict=True)
         )
-        raise ValueError(
+        raise AbsorptionUndefined(
             f"the LM probe passes F1 > {cfg.min_probe_f1} on {int(passing.sum())} letters, fewer "
             f"than the {cfg.min_letters} absorption needs (SAEBench's min_feats_for_eval) at "
             f"{data.hook} with {len(data.words)} words: {scores}. Use more words or a later layer."

@@ -11,6 +11,7 @@ numbers plus one nested dict per detailed score (schema in docs/eval.md).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 import sae as sae_lib
 from eval.concepts import (
     AbsorptionConfig,
+    AbsorptionUndefined,
     SparseCodes,
     concept_labels,
     first_letter_absorption,
@@ -233,9 +235,15 @@ def score(
             **purity_report(latent_purity(codes, labels), names),
         }
     if cfg.absorption:
-        absorption_cfg = AbsorptionConfig(words=cfg.absorption_words, icl_examples=cfg.absorption_icl)
+        absorption_cfg = AbsorptionConfig(
+            words=cfg.absorption_words, icl_examples=cfg.absorption_icl
+        )
         data = spelling(lm, tokenizer, d.cfg.hook_name, absorption_cfg)
-        report["absorption"] = first_letter_absorption(d, data, absorption_cfg)
+        try:
+            report["absorption"] = first_letter_absorption(d, data, absorption_cfg)
+        except AbsorptionUndefined as e:  # a property of the model and layer: keep the rest
+            report["absorption"] = {"undefined": str(e)}
+            print(f"absorption left undefined: {e}", file=sys.stderr)
     report["meta"] = meta(d, cfg, name, ids)
     _write(report, cfg.json)
     return report
@@ -369,7 +377,11 @@ def table(report: dict) -> str:
         lines.append(
             f"{'pure_fraction':<22} {c['pure_fraction']:.4f}  ({c['latents_scored']} latents scored, precision >= {c['purity_threshold']})"
         )
-    if "absorption" in report:
+    if "undefined" in report.get("absorption", {}):
+        lines.append(
+            f"{'absorption_fraction':<22} undefined  ({report['absorption']['undefined']})"
+        )
+    elif "absorption" in report:
         a = report["absorption"]
         lines.append(
             f"{'absorption_fraction':<22} {a['mean_absorption_fraction']:.4f}  (full {a['mean_full_absorption_rate']:.4f}, {len(a['letters'])} letters)"

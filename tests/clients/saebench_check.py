@@ -6,9 +6,10 @@ installed package), and what runs the model: transformers, behind the two Hooked
 methods the eval calls, run only up to the hooked block. TransformerLens runs every block and
 the 49k-wide unembedding for logits the eval never reads: 4 minutes for 500 prompts on two CPU
 cores, too slow for the suite; on these prompts its residual stream matches transformers' to
-8e-7 relative. Before each SAE the random
-generators are seeded and the probe folder is fresh, so every SAE sees the prompts a fresh run
-with that seed draws. Writes, per SAE, its eval output and the intermediate results the test
+8e-7 relative. The random generators are
+seeded before the first SAE; the LM probe is trained once and kept, as SAEBench keeps it for
+every SAE of a model and layer, and before each later SAE the generators are put back where they
+stood after it was trained, so every SAE sees the draws of a fresh run with that seed. Writes, per SAE, its eval output and the intermediate results the test
 compares (tests/eval/test_saebench_agreement.py) to OUT/<name>.json.
 
 Also fits scikit-learn's LogisticRegression, as SAEBench's k-sparse probes do, on OUT/lr_problem.json
@@ -81,6 +82,19 @@ class Reached(Exception):
     """Stops the forward pass at the hooked block."""
 
 
+def remember_generators(train_and_save_probes):
+    """Wraps SAEBench's LM-probe training to keep Python's and torch's generator states after it."""
+
+    def train(*args, **kwargs):
+        train_and_save_probes(*args, **kwargs)
+        AFTER_PROBE.update(python=random.getstate(), torch=torch.get_rng_state())
+
+    return train
+
+
+AFTER_PROBE: dict = {}
+
+
 def patched(out: Path, words: list[str]) -> None:
     """SAEBench's vocabulary is `words`, its model `Transformer`; its artifacts go under `out`."""
     absorption.HookedTransformer = SimpleNamespace(
@@ -90,17 +104,17 @@ def patched(out: Path, words: list[str]) -> None:
         module.get_alpha_tokens = lambda tokenizer: list(words)
     absorption.run_k_sparse_probing_experiment = partial(
         k_sparse_probing.run_k_sparse_probing_experiment,
-        experiment_dir=out / "k_sparse_probing", probes_dir=out / "probes",
+        experiment_dir=out / "k_sparse_probing", probes_dir=out.parent / "probes",
     )  # fmt: skip
     absorption.run_feature_absortion_experiment = partial(
         feature_absorption.run_feature_absortion_experiment,
         experiment_dir=out / "feature_absorption",
-        sparse_probing_experiment_dir=out / "k_sparse_probing", probes_dir=out / "probes",
+        sparse_probing_experiment_dir=out / "k_sparse_probing", probes_dir=out.parent / "probes",
     )  # fmt: skip
 
 
 def intermediates(out: Path, layer: int, name: str) -> dict:
-    (probes,) = (out / "probes").glob(f"*/layer_{layer}")
+    (probes,) = (out.parent / "probes").glob(f"*/layer_{layer}")
     probe = torch.load(probes / "probe.pth", weights_only=False)
     data = np.load(probes / "data.npz")
     metrics = pd.read_parquet(
@@ -145,6 +159,7 @@ def main(model_dir: str, words_json: str, seed: str, out: str, *sae_dirs: str) -
     words = json.loads(Path(words_json).read_text())
     if (Path(out) / "lr_problem.json").exists():
         logistic_regression(Path(out))
+    common.train_and_save_probes = remember_generators(common.train_and_save_probes)
     for sae_dir in sae_dirs:
         name = Path(sae_dir).name
         work = Path(out) / name
@@ -156,8 +171,12 @@ def main(model_dir: str, words_json: str, seed: str, out: str, *sae_dirs: str) -
             model_name=model_dir, random_seed=int(seed), min_feats_for_eval=1
         )
         (work / "results").mkdir(parents=True, exist_ok=True)
-        random.seed(int(seed))
-        torch.manual_seed(int(seed))
+        if AFTER_PROBE:
+            random.setstate(AFTER_PROBE["python"])
+            torch.set_rng_state(AFTER_PROBE["torch"])
+        else:
+            random.seed(int(seed))
+            torch.manual_seed(int(seed))
         result = absorption.run_eval(
             config, [(name, sae)], "cpu", str(work / "results"), force_rerun=True
         )

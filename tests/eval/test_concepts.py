@@ -1,22 +1,28 @@
 """Concept labels, purity scores and absorption against hand computations."""
 
+import random
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from eval.concepts import (
+    LETTERS,
     AbsorptionConfig,
     SparseCodes,
+    Spelling,
     concept_names,
-    f1,
-    fit_probes,
+    first_letter_absorption,
     latent_purity,
     main_latents,
     purity_report,
+    spelling_prompt,
+    spelling_words,
     token_strings,
     window_labels,
     word_absorption,
 )
+from eval.probes import ProbeFit, f1, logistic_regression, train_probes
 
 
 def test_labels_read_off_the_text(smollm2):
@@ -129,14 +135,39 @@ def test_probes_find_a_planted_direction():
     torch.manual_seed(0)
     x = torch.randn(600, 20) * 3 + 5
     y = torch.stack([x[:, 3] > 5, x[:, 7] - x[:, 2] > 0], 1)
-    w, b = fit_probes(x, y.float())
-    assert (f1((x @ w.T + b) > 0, y) > 0.95).all()
+    w, b = train_probes(x, y, ProbeFit(), torch.Generator().manual_seed(0))
+    assert (f1((x @ w.T + b) > 0, y) > 0.9).all()
     assert w[0].abs().argmax() == 3
+
+
+def test_probe_draws_follow_the_seed():
+    x, y = torch.randn(200, 8), torch.rand(200, 2) < 0.3
+    fit = ProbeFit(epochs=3)
+    first, again = (train_probes(x, y, fit, torch.Generator().manual_seed(5)) for _ in range(2))
+    other = train_probes(x, y, fit, torch.Generator().manual_seed(6))
+    assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+
+
+def test_logistic_regression_reaches_the_optimum():
+    """At the optimum of ||w||²/2 + Σ s_i loss_i the gradient vanishes: w = -Σ s_i (p_i - y_i) x_i
+    and Σ s_i (p_i - y_i) = 0 (the bias is unpenalised). Zero columns get zero weight."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(3, 400, 5, generator=g)).double()
+    x[1, :, 4] = 0
+    y = torch.rand(3, 400, generator=g) < torch.sigmoid(x[..., 0] - x[..., 1])
+    w, b = logistic_regression(x, y)
+    p = torch.sigmoid(torch.einsum("pnf,pf->pn", x, w) + b[:, None])
+    pos = y.sum(1, keepdim=True)
+    s = torch.where(y, 400 / (2 * pos.double()), 400 / (2 * (400 - pos.double())))
+    residual = s * (p - y.double())
+    assert torch.allclose(w, -torch.einsum("pnf,pn->pf", x, residual), atol=1e-8)
+    assert residual.sum(1).abs().max() < 1e-8
+    assert w[1, 4] == 0
 
 
 def test_main_latents_are_the_ones_that_carry_the_letter():
     torch.manual_seed(0)
-    n, d_sae = 1200, 40
+    n, d_sae = 16_000, 40  # SAEBench's L1 probe takes batches of 4096 for 50 epochs
     letters = torch.randint(0, 3, (n,))
     y = F.one_hot(letters, 3).bool()
     z = torch.rand(n, d_sae) * (torch.rand(n, d_sae) < 0.1)
@@ -144,24 +175,66 @@ def test_main_latents_are_the_ones_that_carry_the_letter():
     half = torch.rand(n) < 0.5  # letter 1: split over two latents
     z[:, 9] = ((letters == 1) & half) * 1.0
     z[:, 11] = ((letters == 1) & ~half) * 1.0
-    mains = main_latents(z[:900], z[900:], y[:900], y[900:], AbsorptionConfig(max_k=4))
+    cfg = AbsorptionConfig(max_k=4)
+    g = torch.Generator().manual_seed(0)
+    mains = main_latents(z[:12_000], z[12_000:], y[:12_000], y[12_000:], cfg, g)
     assert mains[0] == [5]
     assert sorted(mains[1]) == [9, 11]
 
 
-def test_a_rare_weak_latent_does_not_outrank_the_letter_detector():
-    """In raw units a latent firing rarely and weakly needs a huge probe weight for a tiny effect;
-    candidates are ranked by the standardized weights, so the real detector comes first."""
-    torch.manual_seed(0)
-    n = 2000
-    y = torch.zeros(n, 26, dtype=torch.bool)
-    y[:, 0] = torch.rand(n) < 0.1
-    y[:, 1:] = torch.rand(n, 25) < 0.04
-    z = (torch.rand(n, 30) < 0.02) * 0.05 * torch.rand(n, 30)  # rare, tiny, unrelated latents
-    z[:, 0] = (y[:, 0] & (torch.rand(n) < 0.9)) * (5 + torch.rand(n))  # letter 0's detector
-    z[:, 1] = (y[:, 0] & (torch.rand(n) < 0.1)) * 0.05 * torch.rand(n)  # tiny, 10% of positives
-    mains = main_latents(z[:1600], z[1600:], y[:1600], y[1600:], AbsorptionConfig())
-    assert mains[0] == [0]
+def test_spelling_prompt_is_saebenchs():
+    """SAEBench's create_icl_prompt with its first-letter formatter and separator prepended."""
+    words = [" cat", "Dog", " eel", " fox"]
+    prompt = spelling_prompt(" cat", words, 2, random.Random(0))
+    shown = random.Random(0).sample(words, 2)
+    assert " cat" not in shown  # the first draw has no contamination, so it is kept
+    e1, e2 = shown
+    assert prompt == (
+        f"\n{e1} has the first letter: {e1.strip()[0].upper()}\n{e2} has the first letter: "
+        f"{e2.strip()[0].upper()}\n cat has the first letter:"
+    )
+
+
+class Vocabulary:
+    """A tokenizer's vocabulary and nothing else (hashable, as the vocabulary cache needs)."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tokens[i] for i in ids]
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens).replace("Ġ", " ")
+
+
+def test_every_letter_gets_its_words():
+    tokens = [f"Ġ{c}{i:c}x" for c in LETTERS for i in range(97, 97 + 20)] + ["12", "Ġ!", "ĠaÃ"]
+    words = spelling_words(Vocabulary(tokens), AbsorptionConfig(words=100, min_words_per_letter=6))
+    per_letter = [sum(w[1] == c for w in words) for c in LETTERS]
+    assert min(per_letter) >= 6 and len(words) >= 100
+    assert all(w.startswith(" ") and w[1:].isalpha() for w in words)
+
+
+def test_a_vocabulary_short_of_a_letter_is_refused_by_name():
+    tokens = [f"Ġ{c}{i:c}" for c in LETTERS for i in range(97, 107) if c not in "qx"] + [
+        "Ġqa",
+        "Ġqu",
+    ]
+    with pytest.raises(ValueError, match=r"letters q: 2, x: 0.*needs 10 per letter"):
+        spelling_words(Vocabulary(tokens), AbsorptionConfig())
+
+
+def test_too_few_letters_passing_the_probe_is_refused():
+    d = 8
+    data = Spelling("h", ["w"], {}, {}, {}, torch.zeros(26, d), torch.zeros(26),
+                    torch.full((26,), 0.5), [], torch.Generator())  # fmt: skip
+    model = type("Stub", (), {"cfg": type("Cfg", (), {"hook_name": "h"})})()
+    with pytest.raises(ValueError, match=r"passes F1 > 0.6 on 0 letters, fewer than the 20"):
+        first_letter_absorption(model, data)
 
 
 def test_word_absorption_follows_saebench_cases():

@@ -30,6 +30,31 @@ def test_metrics_match_a_hand_computation_over_batches():
 
 
 @torch.no_grad()
+def test_saebench_and_uncentred_variants_follow_their_formulas():
+    """SAEBench 0.6's core eval (evals/core/main.py) as it computes explained_variance over
+    equal batches: per-batch E||x||^2 and per-dimension E[x^2], averaged, then
+    1 - E||x - x_hat||^2 / (E||x||^2 - mean_d(E[x^2])^2)."""
+    d = make_sae("topk", k=4)
+    torch.manual_seed(0)
+    x = torch.randn(300, 6) * 2 + 5
+    batches = x.split(60)
+    scores = reconstruction(d, batches)
+    sum_sq, per_dim, resid = [], [], []
+    for b in batches:
+        b, b_hat = b.double(), d(b).double()
+        sum_sq.append(b.pow(2).sum(-1).mean(0))
+        per_dim.append(b.pow(2).mean(0))
+        resid.append((b - b_hat).pow(2).sum(-1).mean(0))
+    total = torch.stack(sum_sq).mean(0) - torch.cat(per_dim).mean(0) ** 2
+    saebench = 1 - torch.stack(resid).mean(0) / total
+    assert scores["explained_variance_saebench"] == pytest.approx(saebench.item(), abs=1e-9)
+    x_hat = d(x).double()
+    uncentred = 1 - (x.double() - x_hat).pow(2).sum() / x.double().pow(2).sum()
+    assert scores["explained_variance_uncentred"] == pytest.approx(uncentred.item(), abs=1e-9)
+    assert scores["explained_variance"] < scores["explained_variance_saebench"]
+
+
+@torch.no_grad()
 def test_every_leading_index_is_a_token():
     d = make_sae("topk", k=4)
     torch.manual_seed(0)
