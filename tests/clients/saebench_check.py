@@ -92,6 +92,18 @@ def remember_generators(train_and_save_probes):
     return train
 
 
+def remember_probe(save_probe_and_data):
+    """Wraps SAEBench's probe saving to keep the probe's weights as trained, so that nothing
+    needs unpickling its probe.pth back."""
+
+    def save(probe, probe_data, probing_path):
+        save_probe_and_data(probe, probe_data, probing_path)
+        AFTER_PROBE.update(weight=probe.weights.detach().float().tolist(),
+                           bias=probe.biases.detach().float().tolist())  # fmt: skip
+
+    return save
+
+
 AFTER_PROBE: dict = {}
 
 
@@ -115,7 +127,6 @@ def patched(out: Path, words: list[str]) -> None:
 
 def intermediates(out: Path, layer: int, name: str) -> dict:
     (probes,) = (out.parent / "probes").glob(f"*/layer_{layer}")
-    probe = torch.load(probes / "probe.pth", weights_only=False)
     data = np.load(probes / "data.npz")
     metrics = pd.read_parquet(
         out / "k_sparse_probing" / name / f"layer_{layer}_{name}_metrics.parquet"
@@ -129,8 +140,8 @@ def intermediates(out: Path, layer: int, name: str) -> dict:
             "prompt"
         ].tolist(),
         "x_test": data["X_test"][:64].tolist(),
-        "probe_weight": probe.weights.detach().float().tolist(),
-        "probe_bias": probe.biases.detach().float().tolist(),
+        "probe_weight": AFTER_PROBE["weight"],
+        "probe_bias": AFTER_PROBE["bias"],
         "probe_f1": dict(zip(metrics["letter"], metrics["f1_probe"].astype(float), strict=True)),
         "k_sparse_f1": {
             row["letter"]: [float(row[f"f1_sparse_sae_{k}"]) for k in range(1, 11)]
@@ -160,6 +171,7 @@ def main(model_dir: str, words_json: str, seed: str, out: str, *sae_dirs: str) -
     if (Path(out) / "lr_problem.json").exists():
         logistic_regression(Path(out))
     common.train_and_save_probes = remember_generators(common.train_and_save_probes)
+    common.save_probe_and_data = remember_probe(common.save_probe_and_data)
     for sae_dir in sae_dirs:
         name = Path(sae_dir).name
         work = Path(out) / name
@@ -171,7 +183,7 @@ def main(model_dir: str, words_json: str, seed: str, out: str, *sae_dirs: str) -
             model_name=model_dir, random_seed=int(seed), min_feats_for_eval=1
         )
         (work / "results").mkdir(parents=True, exist_ok=True)
-        if AFTER_PROBE:
+        if "python" in AFTER_PROBE:
             random.setstate(AFTER_PROBE["python"])
             torch.set_rng_state(AFTER_PROBE["torch"])
         else:
