@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from eval.probes import ProbeFit, f1, logistic_regression, train_probes
+from eval.probes import ProbeFit, f1, last_token_activations, logistic_regression, train_probes
 from sae.models import SAE
-from train.harvest import capture
 
 LETTERS = string.ascii_lowercase
 SPEAKER = re.compile(r"\*\*([^*\n]+)\*\*")
@@ -355,22 +354,11 @@ def word_activations(
     batch_size: int,
 ) -> Tensor:
     """The activation at `hook` on each prompt's word token (the one before the template's tail),
-    BOS first; prompts are run in batches of equal length."""
+    BOS first. The tail is not run: under the causal mask it cannot change the word's activation."""
     tail = len(tokenizer(PROMPT.format(word=""), add_special_tokens=False).input_ids)
-    ids = [
-        [tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts
-    ]
-    device = next(model.parameters()).device
-    out = torch.empty(len(prompts), model.config.hidden_size)
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(ids):
-        by_length.setdefault(len(row), []).append(i)
-    for rows in by_length.values():
-        for batch in torch.tensor(rows).split(batch_size):
-            tokens = torch.tensor([ids[i] for i in batch.tolist()], device=device)
-            acts = capture(model, [hook], input_ids=tokens)[hook]
-            out[batch] = acts[:, -tail - 1].float().cpu()
-    return out
+    ids = [tokenizer(p, add_special_tokens=False).input_ids[:-tail] for p in prompts]
+    rows = [[tokenizer.bos_token_id, *row] for row in ids]
+    return last_token_activations(model, rows, hook, batch_size)
 
 
 def main_latents(

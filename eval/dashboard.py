@@ -29,7 +29,7 @@ from torch import Tensor
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.concepts import token_strings
-from eval.report import HEADLINE, EvalConfig, fmt, load_inputs, score
+from eval.report import HEADLINE, EvalConfig, fmt, load_inputs, score, summaries
 from eval.top_activations import TopActivations, activations_at, context_activations, gather
 from sae.cli import positional
 from sae.io import check_writable, write_text
@@ -240,6 +240,9 @@ def histogram_svg(counts: list[int], labels: list[str], width: int = 480, height
 def overview(d: SAE, report: dict, pages: list[int]) -> str:
     scores = "".join(
         f"<tr><td>{k}</td><td>{fmt(report[k], '.4f')}</td></tr>" for k in HEADLINE if k in report
+    ) + "".join(
+        f"<tr><td>{name}</td><td>{value}</td><td>{html.escape(detail)}</td></tr>"
+        for name, value, detail in summaries(report)
     )
     meta = report.get("meta", {})
     scored = (

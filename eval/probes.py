@@ -17,8 +17,37 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
+
+from train.harvest import capture
+
+
+def last_token_activations(
+    model: nn.Module, rows: list[list[int]], hook: str, batch_size: int
+) -> Tensor:
+    """The activation at `hook` on each token-id row's last token [len(rows), d], float32 on the CPU.
+
+    Rows run in order of length, `batch_size` at a time, right-padded to the longest in the batch
+    (the causal mask keeps padding out of earlier positions, the attention mask out of the rest),
+    so prompts of one length, as most of a probing set's are, share unpadded batches."""
+    if not rows:
+        raise ValueError("no prompts to run")
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: Tensor | None = None
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = torch.tensor([len(rows[i]) for i in batch])
+        tokens = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+        mask = torch.arange(tokens.shape[1]) < lengths[:, None]
+        tokens[mask] = torch.tensor([t for i in batch for t in rows[i]])
+        acts = capture(model, [hook], input_ids=tokens.to(device), attention_mask=mask.to(device))
+        last = acts[hook][torch.arange(len(batch)), lengths.to(acts[hook].device) - 1]
+        if out is None:
+            out = torch.empty(len(rows), last.shape[-1])
+        out[batch] = last.float().cpu()
+    return out
 
 
 @dataclass

@@ -59,9 +59,9 @@ def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
 
 
 def test_clt_bench_scores_a_clt_beside_per_layer_transcoders(tmp_path):
-    report = run_bench("clt.py", tmp_path, "--tokens", "2048", "--eval-tokens", "300",
-                       "--d-sae", "32", "--k", "4", "--batch-size", "512")  # fmt: skip
-    assert report["layers"] == 30 and report["steps"] == 4
+    report = run_bench("clt.py", tmp_path, "--tokens", "768", "--eval-tokens", "200",
+                       "--d-sae", "32", "--k", "4", "--batch-size", "256")  # fmt: skip
+    assert report["layers"] == 30 and report["steps"] == 3
     for name in ("clt", "set"):
         s = report["scores"][name]
         with_errors = s["ce_replacement_with_errors"]

@@ -64,7 +64,7 @@ PROPERTY = settings(max_examples=12, deadline=None, derandomize=True, database=N
                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 
 
-@PROPERTY
+@settings(PROPERTY, max_examples=8)  # each run that gets far loads the model: 8 s apiece
 @given(options({
     "--tokens": [-1, 0, 1, 64],
     "--context-size": [-3, 0, 1, 2, 33, 9000],

@@ -37,11 +37,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 class Transformer:
-    """`to_tokens` and `run_with_cache` (residual-stream hooks) as HookedTransformer has them:
-    BOS first, one length per batch (the eval's prompts have one)."""
+    """`tokenizer`, `to_tokens` and `run_with_cache` (residual-stream hooks) as HookedTransformer
+    has them: its tokenizer prepends BOS (TransformerLens reloads it with add_bos_token=True),
+    `to_tokens` too, one length per batch (the absorption prompts have one)."""
 
     def __init__(self, path: str):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, add_bos_token=True)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.cfg = SimpleNamespace(
             model_name=Path(path).name, d_model=self.model.config.hidden_size
@@ -56,12 +57,14 @@ class Transformer:
         return torch.tensor(rows)
 
     @torch.no_grad()
-    def run_with_cache(self, text: list[str], names_filter: list[str]):
-        """The residual stream after the hooked block; the blocks above it and the unembedding,
-        whose logits the eval never reads, are not run."""
+    def run_with_cache(self, inputs, names_filter: list[str], stop_at_layer=None):
+        """The residual stream after the hooked block, for texts or token ids (as
+        HookedTransformer, no attention mask); the blocks above it and the unembedding, whose
+        logits the evals never read, are not run."""
         (name,) = names_filter
         layer, kind = name.split(".")[1:]
         assert kind == "hook_resid_post", name
+        tokens = inputs if isinstance(inputs, torch.Tensor) else self.to_tokens(inputs)
         cache = {}
 
         def keep(module, args, output):
@@ -70,7 +73,7 @@ class Transformer:
 
         handle = self.model.model.layers[int(layer)].register_forward_hook(keep)
         try:
-            self.model.model(self.to_tokens(text))
+            self.model.model(tokens)
         except Reached:
             pass
         finally:
