@@ -491,7 +491,8 @@ def spelling(
     for i in range(26):  # every letter, in order, so the prompt draws stay SAEBench's
         hit = (y["test"][:, i] & (logits[:, i] > 0)).tolist()
         found = [w for w, h in zip(split["test"], hit, strict=True) if h]
-        hits.append(activations([spelling_prompt(w, words, cfg.icl_examples, rng) for w in found]))
+        prompts = [spelling_prompt(w, words, cfg.icl_examples, rng) for w in found]
+        hits.append(activations(prompts) if prompts else x["test"][:0])
     probe_f1 = f1(logits > 0, y["test"])
     return Spelling(hook, words, split, x, y, probe_w, probe_b, probe_f1, hits, g)
 

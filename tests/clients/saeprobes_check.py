@@ -8,7 +8,7 @@ adapter as the model (same tokenizer, BOS first, same padding, the residual stre
 TransformerLens never runs the whole model and its unembedding. Writes OUT/<name>.json per SAE:
 SAEBench's sparse-probing output, sae-probes' chosen latents per task and k, and the meta score.
 
-Usage: python saeprobes_check.py MODEL_DIR TASKS(comma-separated) OUT SAE_DIR...
+Usage: python saeprobes_check.py MODEL_DIR TASKS(comma-separated) META_STEPS OUT SAE_DIR...
 """
 
 import json
@@ -28,7 +28,7 @@ from saebench_check import Transformer
 KS = [1, 2, 5, 10, 20]
 
 
-def main(model_dir: str, tasks: str, out: str, *sae_dirs: str) -> None:
+def main(model_dir: str, tasks: str, meta_steps: str, out: str, *sae_dirs: str) -> None:
     root, names = Path(out), tasks.split(",")
     model = Transformer(model_dir)
     cache = root / "model_cache"
@@ -54,7 +54,8 @@ def main(model_dir: str, tasks: str, out: str, *sae_dirs: str) -> None:
             )
             chosen[task] = {str(e["k"]): e["indices"] for e in json.loads(path.read_text())}
         torch.manual_seed(42)
-        meta = run_eval_single_sae(name, name, sae, MetaStructureEvalConfig(), "cpu")
+        meta_cfg = MetaStructureEvalConfig(train_steps=int(meta_steps))
+        meta = run_eval_single_sae(name, name, sae, meta_cfg, "cpu")
         record = {
             "metrics": output["eval_result_metrics"],
             "details": {d["dataset_name"]: d for d in output["eval_result_details"]},

@@ -28,7 +28,9 @@ def sae_dir(trained_sae, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(sae_dir, smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
-    return ev.evaluate(str(sae_dir), **SMALL, absorption_words=100, absorption_icl=4, json=str(out)), out
+    return ev.evaluate(
+        str(sae_dir), **SMALL, absorption_words=100, absorption_icl=4, json=str(out)
+    ), out
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from eval.concepts import (
     spelling,
     spelling_words,
 )
-from eval.meta_sae import meta_sae_score
+from eval.meta_sae import MetaConfig, meta_sae_score
 from eval.probes import logistic_regression
 from eval.sparse_probing import METRICS, ProbingConfig, probing_tasks, sparse_probing
 from sae.cli import main
@@ -154,20 +154,23 @@ def test_logistic_regression_is_scikit_learns(compared):
     assert float(b[0]) == pytest.approx(solution["bias"], abs=3e-3)
 
 
-# Sparse probing and the meta-SAE score, on three of sae-probes' tasks with short prompts.
-TASKS = ["117_us_state_FL", "154_athlete_sport_football", "125_world_country_Italy"]
+# Sparse probing on two of sae-probes' tasks with short prompts (1000 and 2000 rows); the meta-SAE
+# score at a third of SAEBench's 1500 steps (both sides), to fit the suite's time.
+TASKS = ["117_us_state_FL", "125_world_country_Italy"]
 PROBING = ProbingConfig(tasks=TASKS)
+META = MetaConfig(steps=500)
 
 
 @pytest.fixture(scope="module")
 def probed(exported, smollm2):
     root, saes = exported
     (root / "probing").mkdir()
-    run = start(PROBE_SCRIPT, root, ",".join(TASKS), str(root / "probing"))
+    run = start(PROBE_SCRIPT, root, ",".join(TASKS), str(META.steps), str(root / "probing"))
     tasks = probing_tasks(*smollm2, saes["trained"].cfg.hook_name, PROBING)
     ours = {name: sparse_probing(d, tasks, PROBING) for name, d in saes.items()}
     meta = {
-        name: meta_sae_score(d)["decoder_fraction_variance_explained"] for name, d in saes.items()
+        name: meta_sae_score(d, META)["decoder_fraction_variance_explained"]
+        for name, d in saes.items()
     }
     finished(run)
     theirs = {name: json.loads((root / "probing" / f"{name}.json").read_text()) for name in saes}

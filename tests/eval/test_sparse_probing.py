@@ -58,7 +58,7 @@ def toy_data(tmp_path_factory):
 
 
 def test_the_split_is_balanced_disjoint_and_seeded():
-    y = np.array([1] * 700 + [0] * 800)
+    y = np.array([1] * 750 + [0] * 750)
     train, test = split(y, 1024, 42)
     assert len(train) == 1024 and len(test) == 1500 - 1024 - 1
     assert y[train].sum() == 512 and y[test].sum() == int(np.ceil(475 / 2))
@@ -135,20 +135,20 @@ def test_bad_tasks_are_named(tmp_path, smollm2):
 
 
 def test_the_meta_sae_explains_a_decoder_built_from_few_parts():
-    """A decoder whose rows are each the sum of two of 32 parts is explained by a meta-SAE of 64
-    latents with k 4; the same number of random rows is not."""
+    """A decoder whose rows are each the sum of two of 32 parts is explained by a meta-SAE of 128
+    latents with k 4; as many random rows are not (measured: 1.000 and 0.499)."""
     g = torch.Generator().manual_seed(0)
-    parts = torch.nn.functional.normalize(torch.randn(32, 64, generator=g), dim=1)
-    pairs = torch.randint(0, 32, (256, 2), generator=g)
-    composed = sae.create("topk", d_in=64, d_sae=256, k=4)
-    random = sae.create("topk", d_in=64, d_sae=256, k=4)
+    parts = torch.nn.functional.normalize(torch.randn(32, 128, generator=g), dim=1)
+    pairs = torch.randint(0, 32, (512, 2), generator=g)
+    composed = sae.create("topk", d_in=128, d_sae=512, k=4)
+    random = sae.create("topk", d_in=128, d_sae=512, k=4)
     with torch.no_grad():
         composed.W_dec.copy_(parts[pairs[:, 0]] + parts[pairs[:, 1]])
     cfg = MetaConfig(steps=400, batch_size=256, lr=5e-3)
     built, noise = meta_sae_score(composed, cfg), meta_sae_score(random, cfg)
-    assert built["meta_d_sae"] == 64 and built["k"] == 4
-    assert built["decoder_fraction_variance_explained"] > 0.8
-    assert noise["decoder_fraction_variance_explained"] < 0.5
+    assert built["meta_d_sae"] == 128 and built["k"] == 4
+    assert built["decoder_fraction_variance_explained"] > 0.99
+    assert noise["decoder_fraction_variance_explained"] < 0.6
 
 
 def test_variance_explained_by_hand():
