@@ -185,3 +185,12 @@ def test_sae_eval_probing_and_meta_on_the_cli(trained_sae, toy_data, tmp_path, c
     assert report["meta_sae"]["meta_d_sae"] == trained_sae.cfg.d_sae // 4
     assert f"probing_top_1_accuracy {probing['sae_top_1_test_accuracy']:.4f}" in printed
     assert "meta_sae_fve" in printed
+    # the dashboard's overview shows both beside the headline scores
+    main(["dashboard", str(tmp_path / "sae"), "--report", str(out), "--out", str(tmp_path / "site"),
+          "--latents", "1"])  # fmt: skip
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert (
+        f"<tr><td>probing_top_5_accuracy</td><td>{probing['sae_top_5_test_accuracy']:.4f}</td>"
+        in index
+    )
+    assert "<tr><td>meta_sae_fve</td>" in index
