@@ -81,3 +81,15 @@ def test_transcoder_speed_bench_times_ours_and_sparsify_on_the_same_batches(tmp_
     assert report["steps_timed"] == 2 and report["sparsify"] == "1.3.3"
     rows = report["rows_per_s"]
     assert rows["ours"] > 0 and report["ours_over_sparsify"] == rows["ours"] / rows["sparsify"]
+
+
+def test_eval_bench_times_ours_the_bare_forwards_saelens_and_the_dashboard(tmp_path):
+    report = run_bench("eval.py", tmp_path, "--tokens", "254", "--d-sae", "256",
+                       "--absorption-words", "260", "--latents", "2")  # fmt: skip
+    assert report["windows"] == 2 and report["tokens"] == 254 and report["batch_size"] == 2
+    rates, seconds = report["tokens_per_s"], report["seconds"]
+    assert rates["ours"] > 0 and rates["bare"] > 0 and rates["saelens"] > 0
+    assert report["ours_over_bare"] == seconds["bare"] / seconds["core"]
+    assert report["ours_over_saelens"] == seconds["saelens_run_evals"] / seconds["core"]
+    assert report["dashboard_over_eval"] == seconds["dashboard"] / seconds["with_concepts"]
+    assert report["absorption_per_100_words_s"] == seconds["absorption"] * 100 / 260

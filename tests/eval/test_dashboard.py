@@ -201,6 +201,28 @@ def test_a_report_fixes_the_windows_of_the_pages(trained_sae, smollm2, tmp_path,
         assert not list(out.rglob("*.tmp"))
 
 
+def test_one_pass_pages_equal_the_pages_of_an_eval_then_a_gather_pass(
+    trained_sae, smollm2, tmp_path, monkeypatch
+):
+    """Without --report the dashboard's evaluation also fills the top-activation buffers (one pass
+    over the windows); with a report of the same windows it gathers them in a pass of its own.
+    The pages are the same, so the single pass costs nothing in what is shown."""
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    sae_dir = saved_sae(trained_sae, tmp_path / "sae")
+    windows = {"tokens": 8 * 63, "context_size": 64}
+    eval.report.evaluate(sae_dir, **windows, absorption=False, json=str(tmp_path / "e.json"))
+    one = build_dashboard(
+        DashboardConfig(sae=sae_dir, out=str(tmp_path / "one"), latents=4, **windows)
+    )
+    two = build_dashboard(DashboardConfig(sae=sae_dir, out=str(tmp_path / "two"), latents=4,
+                                          report=str(tmp_path / "e.json")))  # fmt: skip
+
+    def pages(out: Path) -> dict[str, str]:
+        return {p.name: p.read_text() for p in (out / "latents").glob("*.html")}
+
+    assert len(pages(one)) == 4 and pages(one) == pages(two)
+
+
 def test_latents_chosen_by_id_get_pages(trained_sae, smollm2, tmp_path, monkeypatch):
     """--latent-ids pages a rare latent and a dead one (`--latents 0`: these alone), both linked
     from the overview; the dead one is not sent to auto-interp and its page says it never fired.

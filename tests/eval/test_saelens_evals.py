@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from eval.reconstruction import reconstruction
+from eval.saelens_evals import WindowStore, run_evals_config
 from eval.sparsity import SparsityStats
 from eval.splice import spliced_losses
 from sae.hooks import edit, record, splice
@@ -25,32 +26,13 @@ HOOK = "blocks.6.hook_resid_post"
 BATCH = 4  # windows per run_evals batch
 
 
-class WindowStore:
-    """What run_evals asks of an ActivationsStore (get_batch_tokens, reset_input_dataset,
-    context_size, store_batch_size_prompts), serving our windows in order. run_evals resets the
-    store between its CE pass and its reconstruction pass, so both see exactly these tokens."""
-
-    def __init__(self, ids: torch.Tensor, batch: int) -> None:
-        self.ids, self.next = ids, 0
-        self.context_size, self.store_batch_size_prompts = ids.shape[1], batch
-
-    def get_batch_tokens(self, batch_size: int) -> torch.Tensor:
-        out = self.ids[self.next : self.next + batch_size]
-        assert len(out) == batch_size, "run_evals asked for more windows than the test holds"
-        self.next += batch_size
-        return out
-
-    def reset_input_dataset(self) -> None:
-        self.next = 0
-
-
 @pytest.fixture(scope="module")
 def saelens_metrics(trained_sae, heldout_ids, tmp_path_factory):
     """run_evals under both of SAELens's token conventions: its default, which masks special
     tokens (here: BOS at position 0 only), and exclude_special_tokens=False (position 0 scored and
     spliced). Flattened to {metric: value}."""
     import sae_lens
-    from sae_lens.evals import EvalConfig, run_evals
+    from sae_lens.evals import run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -61,18 +43,7 @@ def saelens_metrics(trained_sae, heldout_ids, tmp_path_factory):
     # The bridge resolves our TransformerLens-style name to its own hook, so no renaming is needed.
     assert sl_sae.cfg.metadata.hook_name == HOOK
     assert bridge.hook_dict[HOOK] is bridge.hook_dict["blocks.6.hook_out"]
-    batches, rest = divmod(len(heldout_ids), BATCH)
-    assert rest == 0, f"{len(heldout_ids)} windows do not split into batches of {BATCH}"
-    config = EvalConfig(
-        batch_size_prompts=BATCH,
-        n_eval_reconstruction_batches=batches,
-        n_eval_sparsity_variance_batches=batches,
-        compute_kl=True,
-        compute_ce_loss=True,
-        compute_l2_norms=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-    )
+    config = run_evals_config(len(heldout_ids), BATCH)
     out = {}
     for convention, exclude in (("no_bos", True), ("bos", False)):
         metrics, _ = run_evals(
