@@ -6,7 +6,8 @@ sae-probes loads a HookedTransformer only to fill its activation cache; the cach
 by sae-probes' own `generate_single_dataset_activations` with saebench_check's transformers
 adapter as the model (same tokenizer, BOS first, same padding, the residual stream to 8e-7), so
 TransformerLens never runs the whole model and its unembedding. Writes OUT/<name>.json per SAE:
-SAEBench's sparse-probing output, sae-probes' chosen latents per task and k, and the meta score.
+SAEBench's sparse-probing output, sae-probes' chosen latents per task and k, and the meta score;
+and OUT/splits.json: every task's labels and train/test rows as sae-probes draws them.
 
 Usage: python saeprobes_check.py MODEL_DIR TASKS(comma-separated) META_STEPS OUT SAE_DIR...
 """
@@ -23,13 +24,26 @@ from sae_bench.evals.sparse_probing_sae_probes.eval_config import SparseProbingS
 from sae_lens import SAE
 from sae_probes.constants import DATA_PATH
 from sae_probes.generate_model_activations import generate_single_dataset_activations
+from sae_probes.utils_data import get_dataset_sizes, get_train_test_indices, get_yvals
 from saebench_check import Transformer
 
 KS = [1, 2, 5, 10, 20]
 
 
+def splits(seed: int = 42) -> dict:
+    """Per task: labels (first 5000 rows), training rows, held-out rows, as run_sae_eval gets them."""
+    out = {}
+    for task, size in get_dataset_sizes().items():
+        y = get_yvals(task)[:5000]
+        n_train = min(size - 100, 1024)
+        train, test = get_train_test_indices(y, n_train, len(y) - n_train - 1, 0.5, seed)
+        out[task] = [y.tolist(), train.tolist(), test.tolist()]
+    return out
+
+
 def main(model_dir: str, tasks: str, meta_steps: str, out: str, *sae_dirs: str) -> None:
     root, names = Path(out), tasks.split(",")
+    (root / "splits.json").write_text(json.dumps(splits()))
     model = Transformer(model_dir)
     cache = root / "model_cache"
     for sae_dir in sae_dirs:

@@ -27,7 +27,16 @@ from eval.concepts import (
 )
 from eval.meta_sae import MetaConfig, meta_sae_score
 from eval.probes import logistic_regression
-from eval.sparse_probing import METRICS, ProbingConfig, probing_tasks, sparse_probing
+from eval.sparse_probing import (
+    METRICS,
+    ProbingConfig,
+    data_dir,
+    probing_tasks,
+    read_task,
+    sparse_probing,
+    split,
+    task_files,
+)
 from sae.cli import main
 from sae.lm import smollm2_dir
 
@@ -174,7 +183,19 @@ def probed(exported, smollm2):
     }
     finished(run)
     theirs = {name: json.loads((root / "probing" / f"{name}.json").read_text()) for name in saes}
+    theirs["splits"] = json.loads((root / "probing" / "splits.json").read_text())
     return ours, meta, theirs
+
+
+def test_every_tasks_labels_and_split_are_sae_probes(probed):
+    """All 113 tasks, not only the two probed: the labels and the rows of each split."""
+    *_, theirs = probed
+    files = task_files(data_dir(PROBING))
+    assert len(files) == len(theirs["splits"]) == 113
+    for task, (labels, train, test) in theirs["splits"].items():
+        _, y = read_task(task, files[task], PROBING.max_rows)
+        ours = split(y, min(len(y) - 100, PROBING.train_rows), PROBING.seed)
+        assert y.tolist() == labels and ours[0].tolist() == train and ours[1].tolist() == test, task
 
 
 @pytest.mark.parametrize("name", ["trained", "random"])
