@@ -36,7 +36,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from eval.probes import ProbeFit, f1, last_token_activations, logistic_regression, train_probes
+from eval.probes import (
+    ProbeFit,
+    encode_rows,
+    f1,
+    last_token_activations,
+    logistic_regression,
+    train_probes,
+)
 from sae.models import SAE
 
 LETTERS = string.ascii_lowercase
@@ -425,10 +432,6 @@ def word_absorption(
         & (top_proj / x_proj >= cfg.projection_share)
     )
     return fraction, full
-
-
-def encode_rows(sae: SAE, x: Tensor) -> Tensor:
-    return torch.cat([sae.encode(b.to(sae.W_enc.device)).float().cpu() for b in x.split(1024)])
 
 
 class AbsorptionUndefined(ValueError):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from sae.models import SAE
 from train.harvest import capture
 
 
@@ -48,6 +49,13 @@ def last_token_activations(
             out = torch.empty(len(rows), last.shape[-1])
         out[batch] = last.float().cpu()
     return out
+
+
+@torch.no_grad()
+def encode_rows(sae: SAE, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """The SAE's codes for rows x [n, d_in], float32 on the CPU, batch_size rows at a time."""
+    device = sae.W_enc.device
+    return torch.cat([sae.encode(b.to(device)).float().cpu() for b in x.split(batch_size)])
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from eval.probes import last_token_activations
+from eval.probes import encode_rows, last_token_activations
 from sae.models import SAE
 
 MASTER = "probing_datasets_MASTER.csv.zst"
@@ -151,12 +151,17 @@ def best_probe(
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-    def probe(c: float) -> LogisticRegression:
+    def fitted(c: float, x: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        """sae-probes' probe for C = c, fit; unconverged fits at large C are expected, not news."""
         if l1:
-            return LogisticRegression(
+            probe = LogisticRegression(
                 C=c, l1_ratio=1.0, solver="saga", random_state=seed, max_iter=1000
             )
-        return LogisticRegression(C=c, random_state=seed, max_iter=1000)
+        else:
+            probe = LogisticRegression(C=c, random_state=seed, max_iter=1000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return probe.fit(x, y)
 
     n = len(x_train)
     fit = n - min(int(0.2 * n), 100)
@@ -164,17 +169,13 @@ def best_probe(
     def validated(c: float) -> float:
         if len(np.unique(y_train[:fit])) < 2:
             return 0.5
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model = probe(c).fit(x_train[:fit], y_train[:fit])
+        model = fitted(c, x_train[:fit], y_train[:fit])
         return roc_auc_score(y_train[fit:], model.predict_proba(x_train[fit:])[:, 1])
 
     cs = np.logspace(5, -5, 10)
     scores = Parallel(n_jobs=-1)(delayed(validated)(c) for c in cs)  # one fit per core at a time
     order = np.random.RandomState(seed).permutation(n)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = probe(cs[int(np.argmax(scores))]).fit(x_train[order], y_train[order])
+    model = fitted(cs[int(np.argmax(scores))], x_train[order], y_train[order])
     predicted = model.predict(x_test)
     return {
         "test_accuracy": float(accuracy_score(y_test, predicted)),
@@ -227,12 +228,6 @@ def ranked_latents(z: Tensor, y: np.ndarray) -> Tensor:
     return torch.argsort(gap.abs(), descending=True)
 
 
-@torch.no_grad()
-def encoded(sae: SAE, x: Tensor, batch_size: int = 128) -> Tensor:
-    device = sae.W_dec.device
-    return torch.cat([sae.encode(b.to(device)).float().cpu() for b in x.split(batch_size)])
-
-
 def sparse_probing(sae: SAE, tasks: list[ProbingTask], cfg: ProbingConfig) -> dict:
     """The SAE's k-sparse probes on every task, with the dense probe's scores beside them."""
     if not tasks:
@@ -244,7 +239,7 @@ def sparse_probing(sae: SAE, tasks: list[ProbingTask], cfg: ProbingConfig) -> di
         )
     by_task = {}
     for task in tasks:
-        z_train, z_test = encoded(sae, task.x_train), encoded(sae, task.x_test)
+        z_train, z_test = (encode_rows(sae, x, 128) for x in (task.x_train, task.x_test))
         ranking = ranked_latents(z_train, task.y_train)
         scores = {f"llm_{m}": task.llm[m] for m in METRICS}
         for k in cfg.ks:
