@@ -201,15 +201,20 @@ def load_dir(
         return build(cfg, state, str(path / WEIGHTS_FILE), device, dtype)
     if (path / CFG_FILE).exists() and (path / SPARSIFY_WEIGHTS_FILE).exists():
         return load_sparsify(path, device, dtype)
+    # a training run's folder (ours, or sparsify's beside its pickled optimizer state)
+    inside = sorted((p.parent for p in path.glob(f"*/{CFG_FILE}")), key=_natural)
+    if inside:
+        raise FileNotFoundError(
+            f"{path} is a training run's folder holding {len(inside)} dictionaries: "
+            f"{[p.name for p in inside]}; load one (sae.load('{inside[0]}')), or all of them "
+            "with sae.io.load_set"
+        )
     pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise _pickle_refusal(pickles[0])
     found = sorted(p.name for p in path.iterdir())
-    inside = sorted(str(p.parent) for p in path.glob(f"*/{CFG_FILE}"))  # a training run's folder
     hint = (
-        f"; the SAEs are in its subfolders: {inside}"
-        if inside
-        else "; it is an activation cache (sae train makes SAEs from it)"
+        "; it is an activation cache (sae train makes SAEs from it)"
         if "manifest.json" in found
         else ""
     )

@@ -99,6 +99,15 @@ class LayeredDictionary(nn.Module):
     def sparsity_coefficient(self) -> float:
         return self.parts[0].sparsity_coefficient
 
+    def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
+        """The parts' advice, with the L0 of one part (a CLT's L0 sums its layers')."""
+        part_l0 = l0 / len(self.parts)
+        return self.parts[0].training_advice(part_l0, coefficient, total_steps)
+
+    @property
+    def lr_factor(self) -> float:
+        return self.parts[0].lr_factor
+
     @property
     def batch_wide(self) -> bool:
         return self.parts[0].batch_wide

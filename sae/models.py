@@ -86,6 +86,8 @@ class SAE(nn.Module):
     """Per-latent encoder tensors that scale with a latent's code (for fold_decoder_norm_)."""
     sparsity_coefficient: ClassVar[float] = 0.0
     """The L1/L0 penalty weight training uses when none is given (0: the rule has no penalty)."""
+    lr_factor: ClassVar[float] = 1.0
+    """The rule's multiple of the default learning rate (train/schedule.py), as measured for it."""
     batch_wide: ClassVar[bool] = False
     """Whether training selects latents across the batch's rows (BatchTopK), so that a run split
     over processes selects within each process's rows."""
@@ -260,6 +262,19 @@ class SAE(nn.Module):
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:
         """Called before each step: the recipe's changes at points of the schedule (none here)."""
+
+    def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
+        """What looks unfinished at the end of training, a line each naming the setting to change.
+        A penalty rule's L0 follows its coefficient, not k: an L0 far from k means the two
+        disagree, and the dictionary is not the one a reader of its cfg.json expects."""
+        k = self.cfg.k
+        if self.uses_k or k / 2 <= l0 <= 2 * k:
+            return []
+        way = "raise" if l0 > k else "lower"
+        return [
+            f"L0 ended at {l0:.1f}, far from k={k}: {self.architecture}'s L0 is set by "
+            f"--sparsity-coefficient ({coefficient:g}), not by --k; {way} it"
+        ]
 
     def sparse_training_loss(
         self, x: Tensor, ctx: TrainContext, select: Selection, y: Tensor | None = None
@@ -541,6 +556,10 @@ class JumpReLUSAE(SAE):
         self.threshold.clamp_(min=0.0)
 
 
+THRESHOLD_RATE = 0.01
+"""BatchTopK's inference threshold: the rate of its moving average of the smallest kept code."""
+
+
 @register
 class BatchTopKSAE(SAE):
     """BatchTopK SAE (Bussmann et al. 2024). Training keeps the batch's k * n_rows largest
@@ -570,8 +589,24 @@ class BatchTopKSAE(SAE):
         """The inference threshold averages the smallest kept activation over the last fifth of
         training only: early codes are larger (~3x at init), and at the average's rate of 0.01 a
         run of a few hundred steps kept enough of them to cut L0 by a third."""
-        if step == int(0.8 * total_steps):
+        if step == self.threshold_start(total_steps):
             self.threshold.zero_()  # after_step starts the average afresh
+
+    @staticmethod
+    def threshold_start(total_steps: int) -> int:
+        return int(0.8 * total_steps)
+
+    def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
+        """The threshold is an average at rate THRESHOLD_RATE over the last fifth: over fewer steps
+        than its window (1 / rate) it still leans on the first values it saw."""
+        averaged = total_steps - self.threshold_start(total_steps)
+        if averaged >= 1 / THRESHOLD_RATE:
+            return []
+        return [
+            f"the inference threshold averaged only {averaged} steps (it settles over "
+            f"{1 / THRESHOLD_RATE:.0f}): its L0 may differ from k={self.cfg.k}; raise --total-tokens "
+            f"to at least {5 * round(1 / THRESHOLD_RATE)} batches"
+        ]
 
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         return self.batch_activate(pre)
@@ -587,7 +622,7 @@ class BatchTopKSAE(SAE):
         self.remove_parallel_grad_()
 
     @torch.no_grad()
-    def after_step(self, out: LossOutput, rate: float = 0.01) -> None:
+    def after_step(self, out: LossOutput, rate: float = THRESHOLD_RATE) -> None:
         """Unit decoder rows, and the inference threshold tracks (EMA) the smallest activation
         the batch top-k kept."""
         self.normalize_decoder_()

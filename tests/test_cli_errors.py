@@ -119,7 +119,7 @@ def test_synthetic_data_of_another_width_than_the_sae_is_named(tmp_path):
     [
         (["--dead-tokens", "-1"], "dead_tokens must be non-negative, got -1"),
         (["--checkpoint-every", "-1"], "checkpoint_every must be non-negative"),
-        (["--warmup-steps", "-5"], "warmup_steps must be non-negative"),
+        (["--warmup-steps", "-5"], r"warmup_steps must be -1 \(5% of the run\) or more"),
         (["--sparsity-warmup-fraction", "-1"], r"sparsity_warmup_fraction must be in \[0, 1\]"),
         (["--expansion-factor", "-2"], "expansion_factor must be positive, got -2"),
         (["--device", "gpu"], "--device 'gpu' is not a device"),

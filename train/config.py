@@ -94,7 +94,8 @@ class SAESpec:
     """Nested prefix sizes for matryoshka_batchtopk, increasing and ending at d_sae (empty: four
     prefixes doubling up to d_sae)."""
     lr: float = 0.0
-    """Adam learning rate; 0 scales it by width as Gao et al.: 2e-4 / sqrt(d_sae / 2**14)."""
+    """Adam learning rate; 0 picks it from the width and the run's length (train/schedule.py:
+    Gao et al.'s 2e-4 / sqrt(d_sae / 2**14) for long runs, larger for short ones)."""
     sparsity_coefficient: float = 0.0
     """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default."""
     hook: str = ""
@@ -146,8 +147,6 @@ class SAESpec:
 
     def hooks(self) -> set[str]:
         """The hookpoints it reads: its inputs, and a transcoder's outputs."""
-        if not self.hook:
-            return set()
         return set(self.inputs()) | set(self.outputs())
 
 
@@ -164,8 +163,8 @@ class TrainConfig(SAESpec, TextOptions):
     """Rows to train on (the cache is re-read in a new order if it is shorter)."""
     batch_size: int = 4096
     """Rows per optimizer step."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up."""
+    warmup_steps: int = -1
+    """Linear learning-rate warm-up steps (-1: 5% of the run, at most 1000)."""
     decay_fraction: float = 0.2
     """Final fraction of training over which the learning rate decays linearly to zero."""
     sparsity_warmup_fraction: float = 0.05
@@ -237,7 +236,11 @@ class TrainConfig(SAESpec, TextOptions):
                 f"{self.batch_size}): the run would train no step; raise --total-tokens or "
                 "lower --batch-size"
             )
-        for name in ("warmup_steps", "dead_tokens", "checkpoint_every", "aux_coefficient"):
+        if self.warmup_steps < -1:
+            raise ValueError(
+                f"warmup_steps must be -1 (5% of the run) or more, got {self.warmup_steps}"
+            )
+        for name in ("dead_tokens", "checkpoint_every", "aux_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         for name in ("decay_fraction", "sparsity_warmup_fraction"):

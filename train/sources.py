@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae.config import SAEConfig
 from train.cache import ActivationCache
 from train.config import HarvestConfig
 
@@ -153,7 +152,8 @@ class TensorSource(ChunkSource):
         self.tensors = tensors
 
     def default_hook(self) -> str:
-        return SAEConfig.hook_name
+        """None known: the dictionary records "" unless `hook` names where the tensors came from."""
+        return ""
 
     def chunks(self, hooks: list[str], seed: int) -> Iterator[dict[str, Tensor]]:
         if len(hooks) > 1:

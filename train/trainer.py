@@ -40,6 +40,7 @@ from train import checkpoint
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
 from train.distributed import World
 from train.harvest import host_core_spare, resolve_device
+from train.schedule import default_lr, default_warmup, lr_lambda
 from train.sources import Data, Source, source_for
 from train.tracking import Tracker
 
@@ -150,29 +151,19 @@ def member_name(spec: SAESpec) -> str:
         return spec.name
     k = f"-k{spec.k}" if getattr(REGISTRY.get(spec.architecture), "uses_k", False) else ""
     width = spec.expansion_factor if not spec.d_sae else spec.d_sae
-    hooks = [spec.hook] + ([spec.hook_out] if spec.hook_out not in ("", spec.hook) else [])
+    hooks = [spec.hook] if spec.hook else []  # none: tensors of unknown origin
+    hooks += [spec.hook_out] if spec.hook_out not in ("", spec.hook) else []
     skip = "-skip" if spec.skip else ""
     kind = "clt" if spec.hook_out else "crosscoder"
     clt = f"{kind}-L{spec.layers.replace(',', '_')}-" if spec.layers else ""
-    return f"{clt}{spec.architecture}{k}-x{width}{skip}-" + "-to-".join(
-        h.replace(".", "_") for h in hooks
-    )
+    name = f"{clt}{spec.architecture}{k}-x{width}{skip}"
+    return f"{name}-" + "-to-".join(h.replace(".", "_") for h in hooks) if hooks else name
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Linear warm-up, constant, then linear decay to zero over the last decay_fraction."""
-    decay_start = total_steps * (1 - cfg.decay_fraction)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        decay = (
-            1.0
-            if step < decay_start
-            else max(0.0, (total_steps - step) / max(1.0, total_steps - decay_start))
-        )
-        return warm * decay
-
-    return factor
+MIN_STEPS = 100
+"""Fewer optimizer steps than this and a run is warned to be too short to judge (bench/lr_sweep.py)."""
+MAX_DEAD_FRACTION = 0.1
+"""A larger share of dead latents at the end is warned about."""
 
 
 def geometric_median(x: Tensor, iterations: int = 30) -> Tensor:
@@ -194,11 +185,13 @@ def build_member(
     build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
     dictionary = build(cfg, spec, source, device)
     d_sae = dictionary.cfg.d_sae
-    lr = spec.lr or 2e-4 / math.sqrt(d_sae / 2**14)
+    lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else default_warmup(total_steps)
+    factor = lr_lambda(warmup, cfg.decay_fraction, total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     latents = dictionary.cfg.total_latents if spec.layers else d_sae  # a CLT's: every layer's
     return Member(
         spec,
@@ -351,6 +344,7 @@ class Trainer:
             10_000_000, max(cfg.batch_size, cfg.total_tokens // 20)
         )
         self.step = 0
+        self.last_values: dict[str, float] = {}  # the last step's metrics, for end_advice
         self.saved_step: int | None = None  # the step of the run's last checkpoint
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -384,6 +378,7 @@ class Trainer:
             self.world.average_gradients(m.sae)
             m.sae.before_step()
             m.optimizer.step()
+            lr = m.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
             m.schedule.step()
             m.sae.after_step(out)
             self.world.average_buffers(m.sae)
@@ -393,10 +388,12 @@ class Trainer:
             fired, diverged[m.name] = flags[:-1], flags[-1]
             m.tokens_since_fired += rows
             m.tokens_since_fired.masked_fill_(fired, 0)
-            metrics.update(self.member_metrics(m, x if y is None else y, out))
+            metrics.update(self.member_metrics(m, x if y is None else y, out, lr))
         return StepMetrics(metrics, diverged)
 
-    def member_metrics(self, m: Member, y: Tensor, out: LossOutput) -> dict[str, Tensor | float]:
+    def member_metrics(
+        self, m: Member, y: Tensor, out: LossOutput, lr: float
+    ) -> dict[str, Tensor | float]:
         """SAELens's W&B names (explained variance of the target y: an SAE's input, a
         transcoder's output); suffixed with the SAE's name when a run trains several."""
         with torch.no_grad():
@@ -406,7 +403,7 @@ class Trainer:
             values["metrics/explained_variance"] = 1 - (y - out.x_hat).pow(2).sum() / variance
             values["metrics/l0"] = out.l0
             values["sparsity/dead_features"] = (m.tokens_since_fired > self.dead_tokens).sum()
-            values["details/current_learning_rate"] = m.optimizer.param_groups[0]["lr"]
+            values["details/current_learning_rate"] = lr
         return {k + self.suffix(m): v for k, v in values.items()}
 
     def suffix(self, m: Member) -> str:
@@ -431,6 +428,46 @@ class Trainer:
                 )
                 raise NonFiniteLoss(f"SAE {m.name}: {what} at step {step}; {kept}")
         tracker.log(values, step)
+        self.last_values = values
+
+    def length_advice(self) -> list[str]:
+        """Warnings for a run too short for its settings, one line each naming what to change."""
+        steps, warmup = self.total_steps, self.cfg.warmup_steps
+        lines = []
+        if steps < MIN_STEPS:
+            lines.append(
+                f"the run has {steps} steps of {self.cfg.batch_size:,} rows: too few for a "
+                f"dictionary to mean much (explained variance still climbs steeply below "
+                f"{MIN_STEPS}); raise --total-tokens to {MIN_STEPS * self.cfg.batch_size:,} or "
+                "lower --batch-size"
+            )
+        if warmup > steps / 4:
+            reach = "never reaches lr" if warmup > steps else f"reaches lr only at step {warmup}"
+            lines.append(
+                f"warmup_steps={warmup} is longer than a quarter of the run ({steps} steps): the "
+                f"learning rate {reach}; lower --warmup-steps (-1: 5% of the run)"
+            )
+        return lines
+
+    def end_advice(self, values: dict[str, float]) -> list[str]:
+        """Warnings for what looks unfinished at the end (dead latents, the rule's own checks:
+        an L0 far from k, an unsettled threshold), one line each naming what to change."""
+        lines = []
+        for m in self.members:
+            suffix = self.suffix(m)
+            coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
+            advice = m.sae.training_advice(
+                values["metrics/l0" + suffix], coefficient, self.total_steps
+            )
+            dead = values["sparsity/dead_features" + suffix] / len(m.tokens_since_fired)
+            if dead > MAX_DEAD_FRACTION:
+                advice.append(
+                    f"{dead:.0%} of the latents are dead at the end (silent for the last "
+                    f"{self.dead_tokens:,} tokens): lower --expansion-factor, or raise "
+                    "--aux-coefficient (top-k rules) or --total-tokens"
+                )
+            lines += [f"{m.name}: {line}" for line in advice]
+        return lines
 
     def init_b_dec(self, batch: dict[str, Tensor]) -> None:
         """b_dec starts at the geometric median (or mean) of the first batch's targets, in the
@@ -461,12 +498,8 @@ class Trainer:
                 )
             if self.world.is_main:  # a later --resume must not pick up the old run's state
                 checkpoint.remove(self.out)
-        if cfg.warmup_steps > self.total_steps:  # after the refusal: no advice for a run not made
-            warnings.warn(
-                f"warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): "
-                "the learning rate never reaches lr; lower warmup_steps (--warmup-steps)",
-                stacklevel=2,
-            )
+        for line in self.length_advice():  # after the refusal: no advice for a run not made
+            warnings.warn(line, stacklevel=3)
         tracker_id = self.restore() if cfg.resume else None
         tracker = Tracker(
             self.out,
@@ -521,6 +554,9 @@ class Trainer:
                 f"{cfg.out}: the data ran out after {self.step} of {self.total_steps} steps",
                 file=sys.stderr,
             )
+        if self.world.is_main and self.last_values:
+            for line in self.end_advice(self.last_values):
+                warnings.warn(line, stacklevel=3)
         if self.world.is_main:  # the SAEs first: a disk too full for the checkpoint keeps them
             for m in self.members:
                 m.sae.save(self.out / m.name)

@@ -100,11 +100,21 @@ def test_perfect_reconstruction_explains_everything():
 def test_demo_end_to_end_small(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     summary = run_demo(
-        DemoConfig(out=str(tmp_path), train_tokens=12_288, eval_tokens=2_000, batch_size=1024)
+        DemoConfig(
+            out=str(tmp_path),
+            train_tokens=12_288,
+            eval_tokens=2_000,
+            batch_size=1024,
+            ce_tokens=254,
+        )  # fmt: skip
     )
     assert set(summary) == {"sae", "batchtopk-k32-x4"}
     assert summary["sae"]["d_sae"] == 4608 and 20 < summary["sae"]["l0"] <= 32
     assert 0 < summary["sae"]["explained_variance"] < 1
+    for s in summary.values():  # the spliced-in loss is in the summary, not a second command away
+        assert s["ce_clean"] < s["ce_sae"] < s["ce_zero_ablation"]
+        recovered = (s["ce_zero_ablation"] - s["ce_sae"]) / (s["ce_zero_ablation"] - s["ce_clean"])
+        assert s["ce_loss_recovered"] == pytest.approx(recovered) and 0 < s["kl_score"] < 1
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "sae" / "cfg.json").exists() and list(
         (tmp_path / "wandb").glob("offline-run-*")

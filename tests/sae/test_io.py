@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sae
-from sae.io import CFG_FILE, WEIGHTS_FILE
+from sae.io import CFG_FILE, WEIGHTS_FILE, load_set
 from tests.conftest import make_sae
 
 
@@ -240,13 +240,32 @@ def test_a_run_folder_or_a_cache_is_told_apart_from_an_sae(tmp_path):
     make_sae("topk").save(tmp_path / "run" / "topk-k4")
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     with pytest.raises(
-        FileNotFoundError, match=r"the SAEs are in its subfolders: \[.*run/topk-k4'\]"
+        FileNotFoundError, match=r"a training run's folder holding 1 dictionaries: \['topk-k4'\]"
     ):
         sae.load(tmp_path / "run")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "manifest.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="it is an activation cache"):
         sae.load(tmp_path / "cache")
+
+
+def test_a_sparsify_run_folder_lists_its_coders_instead_of_refusing_its_pickles(tmp_path):
+    """sparsify's checkpoint folder keeps its optimizer and state as .pt pickles beside one folder
+    per hookpoint: the coders are loadable, and we never unpickle the rest."""
+    run = tmp_path / "checkpoints" / "run"
+    for layer in (10, 6):
+        write_sparsify(run / f"layers.{layer}")
+    for name in ("optimizer_0.pt", "state.pt", "lr_scheduler_0.pt"):
+        (run / name).write_bytes(b"not unpickled")
+    (run / "config.json").write_text("{}")
+    with pytest.raises(
+        FileNotFoundError, match=r"holding 2 dictionaries: \['layers.6', 'layers.10'\]"
+    ):
+        sae.load(run)
+    assert [d.cfg.hook_name for d in load_set(run)] == [
+        "blocks.6.hook_resid_post",
+        "blocks.10.hook_resid_post",
+    ]
 
 
 def test_unknown_scheme(tmp_path):

@@ -313,9 +313,10 @@ def test_fit_without_out_replaces_its_scratch_directory(tmp_path, monkeypatch):
 def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path):
     def fit():
         train.fit((torch.randn(100, 16) for _ in range(4)), d_sae=32, k=4, total_tokens=400,
-                  batch_size=100, out=str(tmp_path))  # fmt: skip
+                  batch_size=100, warmup_steps=100, out=str(tmp_path))  # fmt: skip
 
-    with pytest.warns(UserWarning, match=r"warmup_steps=100 is longer than the run \(4 steps\)"):
+    with pytest.warns(UserWarning, match=r"warmup_steps=100 is longer than a quarter of the run "
+                      r"\(4 steps\): the learning rate never reaches lr"):  # fmt: skip
         fit()
     with warnings.catch_warnings():  # a run refused before it starts gets no advice
         warnings.simplefilter("error")

@@ -1,0 +1,116 @@
+"""Budget-aware defaults (train/schedule.py) and the warnings that say when a run's settings do not
+fit its length or its result looks unfinished."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import train
+from tests.conftest import synthetic
+from train.config import TrainConfig
+from train.schedule import LONG_RUN_STEPS, default_lr, default_warmup, lr_lambda
+from train.trainer import Trainer
+
+
+def test_the_default_rate_is_gao_s_for_long_runs_and_grows_as_runs_shorten():
+    gao = 2e-4 / math.sqrt(4608 / 2**14)
+    assert default_lr(4608, LONG_RUN_STEPS) == pytest.approx(gao)
+    assert default_lr(4608, 10 * LONG_RUN_STEPS) == pytest.approx(gao)
+    rates = [default_lr(4608, steps) for steps in (25, 100, 400, 1600, LONG_RUN_STEPS)]
+    assert rates == sorted(rates, reverse=True) and rates[0] > 10 * gao
+    assert default_lr(4 * 4608, 400) == pytest.approx(default_lr(4608, 400) / 2)  # 1/sqrt(width)
+    assert default_lr(4608, 400, factor=0.5) == pytest.approx(default_lr(4608, 400) / 2)
+
+
+def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():
+    assert [default_warmup(s) for s in (1, 10, 146, 2000, 10**6)] == [1, 1, 7, 100, 1000]
+
+
+def test_the_schedule_warms_up_holds_and_decays_to_zero():
+    factor = lr_lambda(warmup_steps=5, decay_fraction=0.2, total_steps=100)
+    assert [factor(s) for s in (0, 4, 50, 79)] == [0.2, 1.0, 1.0, 1.0]
+    assert factor(90) == pytest.approx(0.5) and factor(100) == 0.0
+
+
+def fit(tmp_path, steps=10, rows=100, **settings):
+    _, batches = synthetic(n_features=32, d=16, batch=rows)
+    settings = {"d_sae": 32, "k": 4, "total_tokens": steps * rows, "batch_size": rows,
+                "out": str(tmp_path / "run"), "overwrite": True, **settings}  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = train.fit(batches(steps), **settings)
+    return d, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_the_run_s_defaults_follow_its_length(tmp_path):
+    fit(tmp_path, steps=40)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    rates = [line["details/current_learning_rate"] for line in lines]
+    peak = default_lr(32, 40)
+    assert rates[0] == pytest.approx(peak / 2)  # 2 warm-up steps: 5% of 40
+    assert max(rates) == pytest.approx(peak) and rates[-1] < peak / 4
+
+
+def test_a_short_run_and_a_long_warmup_are_warned_about_naming_the_setting(tmp_path):
+    _, said = fit(tmp_path, steps=10, warmup_steps=4)
+    assert any("the run has 10 steps of 100 rows: too few" in s and "--total-tokens" in s
+               for s in said)  # fmt: skip
+    assert any("warmup_steps=4 is longer than a quarter of the run (10 steps): the learning "
+               "rate reaches lr only at step 4; lower --warmup-steps" in s for s in said)  # fmt: skip
+    _, said = fit(tmp_path, steps=120, warmup_steps=-1)
+    assert not [s for s in said if "too few" in s or "warmup" in s]
+
+
+def test_a_penalty_rule_whose_l0_ends_far_from_k_is_warned_about(tmp_path):
+    """The synthetic rows hold about 1.3 features each: a JumpReLU SAE ends near that."""
+    _, said = fit(tmp_path, architecture="jumprelu", sparsity_coefficient=0.5, k=16)
+    (line,) = [s for s in said if "far from k" in s]
+    assert "far from k=16: jumprelu's L0 is set by --sparsity-coefficient (0.5), not by --k; lower it" in line  # fmt: skip
+    _, said = fit(tmp_path, architecture="topk")  # k sets a top-k rule's L0: nothing to say
+    assert not [s for s in said if "far from k" in s]
+
+
+def test_an_unsettled_batchtopk_threshold_is_warned_about(tmp_path):
+    _, said = fit(tmp_path, architecture="batchtopk", steps=20)
+    assert any("inference threshold averaged only 4 steps (it settles over 100)" in s
+               and "--total-tokens" in s for s in said)  # fmt: skip
+    _, said = fit(tmp_path, architecture="batchtopk", steps=600, rows=50)
+    assert not [s for s in said if "threshold" in s]
+
+
+def test_many_dead_latents_at_the_end_are_warned_about(tmp_path):
+    """Data in 4 directions, 256 latents, k 1: most latents never fire."""
+    basis = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    batches = ((torch.rand(100, 4) @ basis) for _ in range(30))
+    with pytest.warns(UserWarning, match=r"topk-k1-x256: \d+% of the latents are dead at the end "
+                      r"\(silent for the last 150 tokens\): lower --expansion-factor"):  # fmt: skip
+        train.fit(batches, d_sae=256, k=1, total_tokens=3000, batch_size=100,
+                  out=str(tmp_path / "run"))  # fmt: skip
+
+
+def test_tensors_of_unknown_origin_record_no_model_or_hookpoint(tmp_path):
+    """cfg.json said smollm2-135m and blocks.6.hook_resid_post for any tensors: SAEConfig's
+    defaults, wrong for every other model."""
+    d, _ = fit(tmp_path)
+    saved = json.loads(next((tmp_path / "run").glob("*/cfg.json")).read_text())
+    assert (d.cfg.model_name, d.cfg.hook_name, d.cfg.dataset_path) == ("", "", "")
+    assert (saved["metadata"]["model_name"], saved["metadata"]["hook_name"]) == ("", "")
+    d, _ = fit(tmp_path, hook="blocks.3.hook_resid_pre")  # named by the caller: kept
+    assert d.cfg.hook_name == "blocks.3.hook_resid_pre"
+
+
+def test_warmup_below_minus_one_is_refused():
+    with pytest.raises(ValueError, match=r"warmup_steps must be -1 \(5% of the run\) or more"):
+        TrainConfig(warmup_steps=-2)
+
+
+def test_the_trainer_picks_each_member_s_rate_from_its_own_width(tmp_path):
+    _, batches = synthetic(n_features=32, d=16, batch=100)
+    cfg = TrainConfig(total_tokens=4000, batch_size=100, out=str(tmp_path),
+                      sweep=[{"d_sae": 32, "k": 4}, {"d_sae": 128, "k": 4}])  # fmt: skip
+    trainer = Trainer(cfg, batches(40))
+    rates = [m.optimizer.defaults["lr"] for m in trainer.members]
+    assert rates == pytest.approx([default_lr(32, 40), default_lr(128, 40)])
