@@ -22,7 +22,7 @@ import torch
 
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from eval.demo import heldout_scores  # noqa: E402
+from eval.demo import DemoConfig, heldout_scores, train_and_heldout  # noqa: E402
 from sae.environment import machine  # noqa: E402
 from sae.models import REGISTRY  # noqa: E402
 from train.cache import ActivationCache  # noqa: E402
@@ -87,8 +87,10 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", required=True, help="training activations (sae harvest)")
-    parser.add_argument("--heldout", required=True, help="held-out activations (another split)")
+    parser.add_argument("--cache", help="training activations (default: SmolLM2 layer 6 on the "
+                        "training plays, harvested into runs/bench/layer6/cache on first use)")  # fmt: skip
+    parser.add_argument("--heldout", help="held-out activations (default: the 4 held-out plays, "
+                        "runs/bench/layer6/heldout)")  # fmt: skip
     parser.add_argument("--architectures", nargs="+", default=["topk"])
     parser.add_argument("--widths", nargs="+", type=int, default=[2304, 4608, 9216])
     parser.add_argument("--budgets", nargs="+", type=int, default=[100_000, 400_000, 1_600_000])
@@ -102,6 +104,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/lr-sweep")
     parser.add_argument("--results", default="")
     args = parser.parse_args()
+    if not (args.cache and args.heldout):
+        caches = train_and_heldout(Path("runs/bench/layer6"), DemoConfig.hook, 2_000_000, 40_000)
+        args.cache, args.heldout = (c.url for c in caches)
     args.coefficient = {a: float(c) for a, _, c in (s.partition("=") for s in args.coefficient)}
     heldout = ActivationCache(args.heldout)
     rows = []

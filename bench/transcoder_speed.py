@@ -2,9 +2,10 @@
 time on the same rows.
 
 sparsify has no activation cache and no trainer that takes rows, so its training step is run as
-its Trainer runs it (sparsify/trainer.py: forward with the target, loss fvu + auxk_alpha * auxk,
-backward, gradient parallel to the decoder rows removed, its default optimizer (signum:
-schedule-free SignSGD) stepped, decoder rows renormalized) on the batches ours trains on: TopK,
+its Trainer runs it for a transcoder (sparsify/trainer.py 1.3.3: forward with the target, loss fvu
+(its default auxk_alpha is 0), backward, its default optimizer (signum: schedule-free SignSGD)
+stepped; with `transcode` it neither removes the gradient parallel to the decoder rows nor
+renormalizes them, as our recipe does) on the batches ours trains on: TopK,
 k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 on CPU. The two
 alternate batch by batch, so a drift in the machine's speed falls on both; the median step time
 of each gives rows/s. sparsify comes from requirements/sparsify.txt, installed without its
@@ -64,13 +65,10 @@ def sparsify_step(sparsify):
     optimizer.train()
 
     def step(x, y):
-        out = coder(x, y, dead_mask=None)  # none dies in a dozen steps, nor in ours
-        loss = out.fvu + 1 / 32 * out.auxk_loss  # its default auxk_alpha
-        loss.backward()
-        coder.remove_gradient_parallel_to_decoder_directions()
-        optimizer.step()
+        out = coder(x, y, dead_mask=None)  # its default auxk_alpha is 0: no AuxK term
+        out.fvu.backward()
+        optimizer.step()  # a transcoder's decoder is left free: no row norms, no parallel grad
         optimizer.zero_grad()
-        coder.set_decoder_norm_to_unit_norm()
         return out.fvu.item()
 
     return step

@@ -61,11 +61,20 @@ def heldout_scores(sae: SAE, cache: ActivationCache, hook: str) -> dict[str, flo
     return {**recon.result(), "l0": spars["l0"], "dead_fraction": spars["dead_fraction"]}
 
 
+def train_and_heldout(
+    out: Path, hook: str, train_tokens: int, eval_tokens: int
+) -> tuple[ActivationCache, ActivationCache]:
+    """SmolLM2's activations at `hook` on the 34 training plays (out/cache) and on the 4 held-out
+    plays (out/heldout); a cache already there is kept (a harvest resumes or returns it)."""
+    common = {"hook": [hook], "device": "cpu"}
+    cache = harvest(out=str(out / "cache"), tokens=train_tokens, split="train", **common)
+    heldout = harvest(out=str(out / "heldout"), tokens=eval_tokens, split="test", **common)
+    return cache, heldout
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    common = {"hook": [cfg.hook], "device": "cpu"}
-    cache = harvest(out=str(out / "cache"), tokens=cfg.train_tokens, split="train", **common)
-    heldout = harvest(out=str(out / "heldout"), tokens=cfg.eval_tokens, split="test", **common)
+    cache, heldout = train_and_heldout(out, cfg.hook, cfg.train_tokens, cfg.eval_tokens)
     sweep = [
         {"architecture": "topk", "k": cfg.k, "expansion_factor": 8, "name": "sae"},
         {

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import synthetic_cache
+from train.schedule import default_lr
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,3 +96,41 @@ def test_eval_bench_times_ours_the_bare_forwards_saelens_and_the_dashboard(tmp_p
     assert report["ours_over_saelens"] == seconds["saelens_run_evals"] / seconds["core"]
     assert report["dashboard_over_eval"] == seconds["dashboard"] / seconds["with_concepts"]
     assert report["absorption_per_100_words_s"] == seconds["absorption"] * 100 / 260
+
+
+def test_quality_bench_scores_ours_sparsify_and_saelens_on_the_same_rows(tmp_path):
+    synthetic_cache(tmp_path / "cache", rows=12_000, d=64, shard_rows=4_000)
+    synthetic_cache(tmp_path / "heldout", rows=4_000, d=64, shard_rows=4_000, seed=1)
+    report = run_bench("quality.py", tmp_path / "scratch", "--cache", str(tmp_path / "cache"),
+                       "--heldout", str(tmp_path / "heldout"), "--budgets", "8192",
+                       "--results", str(tmp_path / "scratch" / "quality.json"))  # fmt: skip
+    assert (report["d_sae"], report["k"], report["heldout_rows"]) == (512, 32, 4_000)
+    (result,) = report["results"]
+    assert (result["budget"], result["steps"]) == (8192, 2)
+    scores = result["scores"]
+    assert list(scores) == ["ours", "sparsify", "saelens"]
+    assert scores["sparsify"]["version"] == "1.3.3"
+    for s in scores.values():
+        assert -1 <= s["explained_variance"] <= 1  # 2 steps: no quality yet
+        assert 0 < s["l0"] <= 32 and 0 <= s["dead_fraction"] <= 1 and s["rows_per_s"] > 0
+    ratio = result["ours_over_saelens"]["explained_variance"]
+    assert ratio == scores["ours"]["explained_variance"] / scores["saelens"]["explained_variance"]
+
+
+def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path):
+    synthetic_cache(tmp_path / "cache", rows=8_000, d=64, shard_rows=4_000)
+    synthetic_cache(tmp_path / "heldout", rows=4_000, d=64, shard_rows=4_000, seed=1)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "lr_sweep.py"), "--cache", str(tmp_path / "cache"),
+                    "--heldout", str(tmp_path / "heldout"), "--widths", "128", "256", "--budgets", "4000",
+                    "--multipliers", "0.5", "1", "--batch-size", "1000", "--out", str(tmp_path / "runs"),
+                    "--results", str(tmp_path / "sweep.json")],
+                   check=True, cwd=ROOT, capture_output=True, timeout=600)  # fmt: skip
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(report["runs"]) == 4 and report["batch_size"] == 1000
+    for point in report["points"]:  # per width: the best multiple against the default (x1)
+        runs = [r for r in report["runs"] if r["d_sae"] == point["d_sae"]]
+        assert point["best_explained_variance"] == max(r["explained_variance"] for r in runs)
+        assert point["default_lr"] == default_lr(point["d_sae"], 4)
+        assert point["shortfall"] == point["best_explained_variance"] - next(
+            r["explained_variance"] for r in runs if r["multiplier"] == 1
+        )
