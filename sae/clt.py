@@ -148,7 +148,7 @@ class CrossLayerTranscoder(LayeredDictionary):
         """y [..., n * d_out] in the dictionary's units (each layer times its t)."""
         return (self.per_layer(y, self.cfg.d_out, "targets") * self.scales[1][:, None]).flatten(-2)
 
-    def part_inputs(self, x: Tensor) -> list[Tensor]:
+    def scaled_inputs(self, x: Tensor) -> list[Tensor]:
         s = self.scales[0]
         return list((self.per_layer(x, self.cfg.d_in, "inputs") * s[:, None]).unbind(-2))
 
@@ -159,7 +159,7 @@ class CrossLayerTranscoder(LayeredDictionary):
 
     def encode(self, x: Tensor) -> Tensor:
         """[..., n * d_in] -> [..., n * F]: every layer's codes, concatenated."""
-        return torch.cat([p.encode(x_i) for p, x_i in zip(self.layers, self.part_inputs(x),
+        return torch.cat([p.encode(x_i) for p, x_i in zip(self.layers, self.scaled_inputs(x),
                                                              strict=True)], -1)  # fmt: skip
 
     def decode_layer(self, j: int, codes: list[Tensor]) -> Tensor:
@@ -191,7 +191,7 @@ class CrossLayerTranscoder(LayeredDictionary):
         if y is None:
             raise ValueError("a cross-layer transcoder trains on pairs: pass its targets y")
         n, d, F = self.cfg.n_layers, self.cfg.d_out, self.cfg.d_sae
-        x_s, y_s = self.part_inputs(x), self.scale_target(y)
+        x_s, y_s = self.scaled_inputs(x), self.scale_target(y)
         dead = ctx.dead.view(n, F) if ctx.dead is not None else [None] * n
         contexts = [TrainContext(ctx.sparsity_coefficient, ctx.aux_coefficient, m, ctx.bandwidth)
                     for m in dead]  # fmt: skip

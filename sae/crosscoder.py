@@ -94,9 +94,6 @@ class Crosscoder(LayeredDictionary):
 
     scale_target = scaled
 
-    def part_inputs(self, x: Tensor) -> list[Tensor]:
-        return [self.scaled(x)]
-
     def encode(self, x: Tensor) -> Tensor:
         return self.sae.encode(self.scaled(x))
 

@@ -129,14 +129,10 @@ class LayeredDictionary(nn.Module):
         scales = getattr(self.cfg, name) if on else [1.0] * self.cfg.n_layers
         return self.parts[0].W_enc.new_tensor(scales)
 
-    def part_inputs(self, x: Tensor) -> list[Tensor]:
-        """What each part reads of x, the inputs concatenated over the hookpoints."""
-        raise NotImplementedError
-
     @torch.no_grad()
-    def start_training(self, x: Tensor) -> None:
-        for part, x_part in zip(self.parts, self.part_inputs(x), strict=True):
-            part.start_training(x_part)
+    def start_training(self) -> None:
+        for part in self.parts:
+            part.start_training()
 
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:

@@ -255,9 +255,9 @@ class SAE(nn.Module):
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
     @torch.no_grad()
-    def start_training(self, x: Tensor) -> None:
+    def start_training(self) -> None:
         """The recipe's initialisation before the first step, after the trainer has set b_dec
-        from the first batch's targets; x is the first batch's input (none by default)."""
+        from the first batch's targets (none by default)."""
 
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:
@@ -537,15 +537,8 @@ class JumpReLUSAE(SAE):
         self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
 
     @torch.no_grad()
-    def start_training(self, x: Tensor) -> None:
-        """Every threshold starts where the first batch's codes average k per row (one value for
-        all latents, as BatchTopK's), and at least 0.01 so that the kernel estimator sees
-        pre-activations near it. Started at 0.01 everywhere, the L0 penalty needs thousands of
-        steps to lift them: an 8x SAE on SmolLM2's layer 6 still fired about 290 latents per
-        token after 97 steps, at any coefficient from 0.5 to 8 (docs/decisions.md 51)."""
-        pre = self.pre_acts(x).flatten()
-        kept = pre.topk(min(len(pre), self.cfg.k * len(x))).values[-1]
-        self.threshold.fill_(max(kept.item(), 0.01))
+    def start_training(self) -> None:
+        self.threshold.fill_(0.01)  # above 0, so the kernel estimator sees pre-activations near it
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)

@@ -480,7 +480,7 @@ class Trainer:
                 )
                 with torch.no_grad():
                     m.sae.b_dec.copy_(centre)
-            m.sae.start_training(m.input(batch).to(self.device).float())
+            m.sae.start_training()
 
     def run(self) -> list[SAE]:
         """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone
