@@ -75,9 +75,9 @@ def test_a_penalty_rule_whose_l0_ends_far_from_k_is_warned_about(tmp_path):
 
 def test_an_unsettled_batchtopk_threshold_is_warned_about(tmp_path):
     _, said = fit(tmp_path, architecture="batchtopk", steps=20)
-    assert any("inference threshold averaged only 4 steps (it settles over 100)" in s
-               and "--total-tokens" in s for s in said)  # fmt: skip
-    _, said = fit(tmp_path, architecture="batchtopk", steps=600, rows=50)
+    assert any("inference threshold averaged only 4 batches (the last fifth of the run)" in s
+               and "raise --total-tokens to at least 50 batches" in s for s in said)  # fmt: skip
+    _, said = fit(tmp_path, architecture="batchtopk", steps=50)
     assert not [s for s in said if "threshold" in s]
 
 
