@@ -64,7 +64,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     a config file's values are not overwritten by defaults."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in fields(cls):
-        default, help_text = _default(f), docs.get(f.name, "")
+        default = _default(f)
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if f.metadata.get("cli") is False:  # set from a --config file only
             continue
         if f.metadata.get("positional"):  # may come from --config: checked in build_options
