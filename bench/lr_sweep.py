@@ -63,6 +63,19 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     return rows
 
 
+L0_TOLERANCE = 1.1
+"""Under a penalty rule a learning rate counts as better only at an L0 at most this times the
+default's: the rate moves L0 too, and a denser code explains more without being a better fit."""
+
+
+def rivals(group: list[dict], default: dict | None) -> list[dict]:
+    """The runs the default is measured against: all of them for rules with k (equal L0); for
+    penalty rules (ReLU-L1, JumpReLU, Gated) those at matched or lower L0."""
+    if default is None or REGISTRY[default["architecture"]].uses_k:
+        return group
+    return [r for r in group if r["l0"] <= L0_TOLERANCE * default["l0"]]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Per point: the best multiplier's explained variance against the default's (multiplier 1)."""
     points: dict[tuple, list[dict]] = {}
@@ -70,8 +83,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         points.setdefault((row["architecture"], row["d_sae"], row["tokens"]), []).append(row)
     table = []
     for (architecture, width, tokens), group in sorted(points.items()):
-        best = max(group, key=lambda r: r["explained_variance"])
         default = next((r for r in group if r["multiplier"] == 1), None)
+        best = max(rivals(group, default), key=lambda r: r["explained_variance"])
         table.append({
             "architecture": architecture, "d_sae": width, "tokens": tokens, "steps": group[0]["steps"],
             "best_lr": best["lr"], "best_explained_variance": best["explained_variance"],
@@ -81,6 +94,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "default_explained_variance": default and default["explained_variance"],
             "shortfall": default and best["explained_variance"] - default["explained_variance"],
             "default_l0": default and default["l0"],
+            "best_l0": best["l0"],
         })  # fmt: skip
     return table
 

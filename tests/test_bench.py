@@ -1,10 +1,13 @@
 """The benchmarks run end to end on a tiny configuration and write the JSON they promise (their
 figures are measured by running them in full, never asserted here)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import synthetic_cache
 from train.schedule import default_lr
@@ -134,3 +137,20 @@ def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path
         assert point["shortfall"] == point["best_explained_variance"] - next(
             r["explained_variance"] for r in runs if r["multiplier"] == 1
         )
+
+
+def test_lr_sweep_judges_penalty_rules_at_matched_l0():
+    """Under an L1 penalty a larger rate may give a denser code that explains more: it is not a
+    better rate unless its L0 is within 10% of the default's."""
+    spec = importlib.util.spec_from_file_location("lr_sweep", ROOT / "bench" / "lr_sweep.py")
+    lr_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lr_sweep)
+    point = {"d_sae": 64, "tokens": 4000, "steps": 4}
+    runs = [
+        {**point, "architecture": a, "multiplier": m, "lr": m, "explained_variance": ev, "l0": l0}
+        for a in ("standard", "topk")
+        for m, ev, l0 in [(0.5, 0.70, 30.0), (1.0, 0.75, 32.0), (2.0, 0.80, 64.0), (4.0, 0.76, 35.0)]
+    ]
+    standard, topk = lr_sweep.summarise(runs)
+    assert (standard["best_lr"], standard["best_l0"], standard["shortfall"]) == (4.0, 35.0, pytest.approx(0.01))
+    assert (topk["best_lr"], topk["shortfall"]) == (2.0, pytest.approx(0.05))  # k fixes L0: all count
