@@ -254,6 +254,10 @@ class SAE(nn.Module):
     def after_step(self, out: LossOutput) -> None:
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameters trained at a multiple of the dictionary's learning rate, by name (none here)."""
+        return {}
+
     @torch.no_grad()
     def start_training(self) -> None:
         """The recipe's initialisation before the first step, after the trainer has set b_dec
@@ -524,6 +528,11 @@ class StepSTE(torch.autograd.Function):
         return None, -(kernel * grad).sum(0), None
 
 
+THRESHOLD_LR_SCALE = 0.25
+"""JumpReLU's threshold learns at this times sqrt(d_in) times the dictionary's rate (measured:
+bench/lr_sweep.py and docs/training.md; 1 left 60% of the latents dead, 0.1 barely moved L0)."""
+
+
 @register
 class JumpReLUSAE(SAE):
     """JumpReLU SAE (Rajamanoharan et al. 2024): a learned per-latent threshold."""
@@ -539,6 +548,14 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def start_training(self) -> None:
         self.threshold.fill_(0.01)  # above 0, so the kernel estimator sees pre-activations near it
+
+    def lr_scales(self) -> dict[str, float]:
+        """Adam moves every parameter by about the learning rate per step, whatever its size. A
+        threshold lives on the scale of the pre-activations (about 1 with normalized inputs, and
+        L0 32 of thousands of latents needs thresholds near 2-3), sqrt(d_in) times an encoder
+        weight's: at the shared rate it could not climb from 0.01 to there in a run of a few
+        hundred steps, and L0 stayed near 290 whatever the coefficient (docs/training.md)."""
+        return {"threshold": THRESHOLD_LR_SCALE * math.sqrt(self.cfg.d_in)}
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from sae.models import SAE
 
 LONG_RUN_STEPS = 14_600
 """Steps from which Gao et al.'s width rule holds unchanged; shorter runs take a larger rate."""
@@ -26,6 +31,21 @@ def default_lr(d_sae: int, steps: int, factor: float = 1.0) -> float:
     width = 2e-4 / math.sqrt(d_sae / 2**14)
     length = max(1.0, LONG_RUN_STEPS / max(1, steps)) ** SHORT_RUN_EXPONENT
     return factor * width * length
+
+
+def param_groups(dictionary: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Adam's parameter groups: every parameter at `lr`, except those an architecture trains
+    faster (SAE.lr_scales: JumpReLU's thresholds), each SAE part of a layered dictionary included."""
+    scaled = {
+        id(getattr(part, name)): scale
+        for part in dictionary.modules()
+        if isinstance(part, SAE)
+        for name, scale in part.lr_scales().items()
+    }
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}  # first: the rate that is logged
+    for p in dictionary.parameters():
+        groups.setdefault(scaled.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items() if ps]
 
 
 def default_warmup(steps: int) -> int:

@@ -40,7 +40,7 @@ from train import checkpoint
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
 from train.distributed import World
 from train.harvest import host_core_spare, resolve_device
-from train.schedule import default_lr, default_warmup, lr_lambda
+from train.schedule import default_lr, default_warmup, lr_lambda, param_groups
 from train.sources import Data, Source, source_for
 from train.tracking import Tracker
 
@@ -188,7 +188,7 @@ def build_member(
     lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
+    optimizer = torch.optim.Adam(param_groups(dictionary, lr), lr=lr, betas=(0.9, 0.999), fused=fused)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else default_warmup(total_steps)
     factor = lr_lambda(warmup, cfg.decay_fraction, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

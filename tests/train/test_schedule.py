@@ -11,7 +11,7 @@ import torch
 import train
 from tests.conftest import synthetic
 from train.config import TrainConfig
-from train.schedule import LONG_RUN_STEPS, default_lr, default_warmup, lr_lambda
+from train.schedule import LONG_RUN_STEPS, default_lr, default_warmup, lr_lambda, param_groups
 from train.trainer import Trainer
 
 
@@ -114,3 +114,21 @@ def test_the_trainer_picks_each_member_s_rate_from_its_own_width(tmp_path):
     trainer = Trainer(cfg, batches(40))
     rates = [m.optimizer.defaults["lr"] for m in trainer.members]
     assert rates == pytest.approx([default_lr(32, 40), default_lr(128, 40)])
+
+
+def test_jumprelu_thresholds_learn_at_the_pre_activations_scale(tmp_path):
+    """At the shared rate, thresholds started at 0.01 could not reach the pre-activations' scale
+    in a short run, so L0 hardly followed the coefficient (SmolLM2: 295 / 287 / 285 at 0.5 / 2 / 8).
+    Trained sqrt(d_in) / 4 times faster, the L0 penalty sets L0 within the run."""
+    _, batches = synthetic(n_features=128, d=64, batch=512)
+    l0 = {}
+    for coefficient in (0.05, 2.0):
+        d = train.fit(batches(60), architecture="jumprelu", d_sae=256, total_tokens=60 * 512,
+                      batch_size=512, sparsity_coefficient=coefficient, out=str(tmp_path / "run"),
+                      overwrite=True)  # fmt: skip
+        l0[coefficient] = (d.encode(next(batches(1))) > 0).sum(-1).float().mean().item()
+    assert l0[2.0] < l0[0.05] / 4, l0  # the coefficient sets L0
+    # near the 128 * 0.04 = 5.1 features active per row: 6.4 (14.6 at the shared rate)
+    assert l0[2.0] < 1.5 * 128 * 0.04, l0
+    (threshold,) = [g for g in param_groups(d, 1e-3) if any(p is d.threshold for p in g["params"])]
+    assert threshold["lr"] == pytest.approx(1e-3 * 8 / 4) and len(threshold["params"]) == 1
