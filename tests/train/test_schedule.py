@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from tests.conftest import synthetic
+from tests.conftest import make_sae, synthetic
 from train.config import TrainConfig
 from train.schedule import LONG_RUN_STEPS, default_lr, default_warmup, lr_lambda, param_groups
 from train.trainer import Trainer
@@ -132,3 +132,14 @@ def test_jumprelu_thresholds_learn_at_the_pre_activations_scale(tmp_path):
     assert l0[2.0] < 1.5 * 128 * 0.04, l0
     (threshold,) = [g for g in param_groups(d, 1e-3) if any(p is d.threshold for p in g["params"])]
     assert threshold["lr"] == pytest.approx(1e-3 * 8 / 4) and len(threshold["params"]) == 1
+
+
+def test_every_part_of_a_layered_dictionary_gets_its_own_threshold_rate():
+    """A CLT or crosscoder holds its per-layer SAEs as submodules: each part's thresholds are found."""
+    parts = torch.nn.ModuleList(
+        [make_sae("jumprelu", d_in=64), make_sae("topk", d_in=64), make_sae("jumprelu", d_in=64)]
+    )
+    base, fast = param_groups(parts, 0.01)
+    assert list(map(id, fast["params"])) == [id(parts[0].threshold), id(parts[2].threshold)]
+    assert fast["lr"] == pytest.approx(0.01 * 8 / 4)  # sqrt(64) / 4
+    assert base["lr"] == 0.01 and len(base["params"]) == len(list(parts.parameters())) - 2
