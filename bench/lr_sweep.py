@@ -34,23 +34,18 @@ from train.trainer import Trainer  # noqa: E402
 def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout) -> list[dict]:
     """Train every width x multiplier of one architecture and budget together; score each."""
     steps = budget // args.batch_size
+    rule = REGISTRY[architecture]
+    coefficient = args.coefficient.get(architecture, rule.sparsity_coefficient)  # 0: no penalty
     sweep, rows = [], []
     for width in widths:
         for multiplier in args.multipliers:
-            lr = default_lr(width, steps, REGISTRY[architecture].lr_factor) * multiplier
-            name = f"{architecture}-{width}-x{multiplier:g}"
-            entry = {
-                "architecture": architecture,
-                "d_sae": width,
-                "k": args.k,
-                "lr": lr,
-                "name": name,
-            }
-            if args.coefficient.get(architecture):
-                entry["sparsity_coefficient"] = args.coefficient[architecture]
-            sweep.append(entry)
+            lr = default_lr(width, steps, rule.lr_factor) * multiplier
+            sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
+                          "sparsity_coefficient": coefficient,
+                          "name": f"{architecture}-{width}-x{multiplier:g}"})  # fmt: skip
             rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
-                         "steps": steps, "multiplier": multiplier, "lr": lr})  # fmt: skip
+                         "steps": steps, "multiplier": multiplier, "lr": lr,
+                         "sparsity_coefficient": coefficient})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip

@@ -130,6 +130,7 @@ def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path
                    check=True, cwd=ROOT, capture_output=True, timeout=600)  # fmt: skip
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert len(report["runs"]) == 4 and report["batch_size"] == 1000
+    assert {r["sparsity_coefficient"] for r in report["runs"]} == {0.0}  # TopK: no penalty
     for point in report["points"]:  # per width: the best multiple against the default (x1)
         runs = [r for r in report["runs"] if r["d_sae"] == point["d_sae"]]
         assert point["best_explained_variance"] == max(r["explained_variance"] for r in runs)
