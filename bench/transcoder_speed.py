@@ -6,11 +6,13 @@ its Trainer runs it for a transcoder (sparsify/trainer.py 1.3.3: forward with th
 (its default auxk_alpha is 0), backward, its default optimizer (signum: schedule-free SignSGD)
 stepped; with `transcode` it neither removes the gradient parallel to the decoder rows nor
 renormalizes them, as our recipe does) on the batches ours trains on: TopK,
-k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 on CPU. The two
-alternate batch by batch, so a drift in the machine's speed falls on both; the median step time
-of each gives rows/s. sparsify comes from requirements/sparsify.txt, installed without its
-dependencies into .venv/sparsify (SPARSIFY_DISABLE_TRITON=1: with triton installed it picks its
-Triton decoder even for CPU tensors). Writes bench/results/transcoder-speed-cpu.json.
+k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 (or both under bf16
+autocast, `--autocast`), on CUDA when there is one. The two alternate batch by batch, so a drift
+in the machine's speed falls on both; the median step time of each gives rows/s. sparsify is taken
+from the environment when it is there, else from requirements/sparsify.txt, installed without its
+dependencies into .venv/sparsify. On CPU, SPARSIFY_DISABLE_TRITON=1: with triton installed it picks
+its Triton decoder even for CPU tensors; on CUDA it keeps that decoder, its fast path. Writes
+bench/results/transcoder-speed-<device>.json.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from itertools import islice
 from pathlib import Path
+
+import torch
 
 # this file's folder holds bench/train.py: keep it from shadowing the `train` package
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -38,26 +43,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SPARSIFY = ROOT / ".venv" / "sparsify"
 
 
-def sparsify_module():
-    """sparsify, installed into .venv/sparsify on first use."""
+def sparsify_module(device: str):
+    """sparsify: the environment's, else installed into .venv/sparsify on first use."""
+    if device == "cpu":
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    with suppress(ImportError):
+        import sparsify
+
+        return sparsify
     if not (SPARSIFY / "sparsify").exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes",
                         "--target", str(SPARSIFY), "-r", str(ROOT / "requirements" / "sparsify.txt")],
                        check=True)  # fmt: skip
-    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
     sys.path.insert(0, str(SPARSIFY))
     import sparsify
 
     return sparsify
 
 
-def sparsify_step(sparsify):
+def sparsify_step(sparsify, device: str, autocast: bool):
     """One training step of sparsify's transcoder as its Trainer takes it, as a function of a batch."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify.sign_sgd import SignSGD
 
     cfg = sparsify.SparseCoderConfig(num_latents=4608, k=32, transcode=True)
-    coder = sparsify.SparseCoder(576, cfg, device="cpu")
+    coder = sparsify.SparseCoder(576, cfg, device=device)
     lr = 5e-3 / (coder.num_latents / 2**14) ** 0.5  # its trainer's default for signum
     optimizer = ScheduleFreeWrapper(
         SignSGD([{"params": coder.parameters(), "lr": lr}]), momentum=0.95
@@ -65,7 +75,8 @@ def sparsify_step(sparsify):
     optimizer.train()
 
     def step(x, y):
-        out = coder(x, y, dead_mask=None)  # its default auxk_alpha is 0: no AuxK term
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast):
+            out = coder(x, y, dead_mask=None)  # its default auxk_alpha is 0: no AuxK term
         out.fvu.backward()
         optimizer.step()  # a transcoder's decoder is left free: no row norms, no parallel grad
         optimizer.zero_grad()
@@ -74,30 +85,48 @@ def sparsify_step(sparsify):
     return step
 
 
+def timed(step, batch: dict, device: str) -> float:
+    """Seconds of one step, the device's queue drained before and after."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(batch)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast, both sides")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    sparsify = sparsify_module()
+    device = args.device
+    sparsify = sparsify_module(device)
     hook_in, hook_out, batch = "blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out", 4096
     scratch = Path(tempfile.mkdtemp())
     cache = harvest(out=str(scratch / "cache"), hook=[hook_in, hook_out], tokens=batch * args.batches,
-                    dtype="float32", device="cpu")  # fmt: skip
+                    dtype="float32", device=device)  # fmt: skip
     cfg = TrainConfig(out=str(scratch / "train"), hook=hook_in, hook_out=hook_out, k=32, expansion_factor=8,
                       total_tokens=batch * args.batches, batch_size=batch, lr=4e-3, warmup_steps=1,
-                      device="cpu")  # fmt: skip
+                      device=device, autocast=args.autocast)  # fmt: skip
     trainer = Trainer(cfg, cache)
-    theirs = sparsify_step(sparsify)
+    step = sparsify_step(sparsify, device, args.autocast)
+
+    def ours(b: dict) -> None:
+        trainer.train_step(b).read()
+
+    def theirs(b: dict) -> None:
+        step(b[hook_in], b[hook_out])
+
     batches = list(islice(trainer.source, args.batches))
     times: dict[str, list[float]] = {"ours": [], "sparsify": []}
     for i, b in enumerate(batches):
-        start = time.perf_counter()
-        trainer.train_step(b).read()
-        ours_s = time.perf_counter() - start
-        start = time.perf_counter()
-        theirs(b[hook_in], b[hook_out])
-        theirs_s = time.perf_counter() - start
+        b = {hook: x.to(device) for hook, x in b.items()}  # on the device before either clock
+        ours_s = timed(ours, b, device)
+        theirs_s = timed(theirs, b, device)
         if i:  # the first step of each warms up allocators and caches
             times["ours"].append(ours_s)
             times["sparsify"].append(theirs_s)
@@ -106,11 +135,13 @@ def main() -> None:
     print(
         f"transcoder training rows/s: ours {rows['ours']:,.0f}, sparsify {rows['sparsify']:,.0f}: {ratio:.2f}x"
     )
-    result = {"hooks": [hook_in, hook_out], "batch_size": batch, "k": 32, "d_sae": 4608,
+    result = {"hooks": [hook_in, hook_out], "batch_size": batch, "k": 32, "d_sae": 4608, "device": device,
+              "dtype": "bfloat16 autocast" if args.autocast else "float32",
               "steps_timed": len(times["ours"]), "step_s": times, "rows_per_s": rows,
               "ours_over_sparsify": ratio, "sparsify": sparsify.__version__, "machine": machine()}  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / "transcoder-speed-cpu.json"
+    suffix = "-bf16" if args.autocast else ""
+    path = Path(args.out) / f"transcoder-speed{suffix}-{torch.device(device).type}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -37,6 +37,7 @@ from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL
 from sae.models import SAE
 from train.config import TextOptions
+from train.harvest import resolve_device
 
 
 @dataclass
@@ -71,6 +72,8 @@ class DashboardConfig(TextOptions):
     are then gathered on the windows it scored (model, dataset or cache, tokens and context size
     from its meta), so --model, --dataset, --split, --cache, --tokens and --context-size are
     ignored. By default the overview is scored on --tokens (absorption left out for speed)."""
+    device: str = "cpu"
+    """Device for the LM and the SAE (cpu, cuda, cuda:N, auto); the pages are the same on any."""
     autointerp: str = ""
     """Explain and score the paged latents: `local` (the embedded SmolLM2-Instruct, offline),
     `openai:MODEL` (OPENAI_BASE_URL / OPENAI_API_KEY), or empty for none."""
@@ -82,6 +85,7 @@ class DashboardConfig(TextOptions):
 
 
 def build_dashboard(cfg: DashboardConfig) -> Path:
+    device = str(resolve_device(cfg.device))  # no CUDA here: one line, before any loading
     d = sae_lib.load(cfg.sae).eval()
     if isinstance(d, LayeredDictionary):
         raise ValueError(
@@ -101,7 +105,9 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
         else EvalConfig(sae=cfg.sae, **cfg.text_options(), cache=cfg.cache, tokens=cfg.tokens,
                         absorption=False)
     )  # fmt: skip
+    scoring.device = device
     lm, tokenizer, ids, name = load_inputs(d, scoring)
+    d.to(device)
     if cfg.report:
         examples = gather(lm, d, ids, top=cfg.top)
     else:  # one pass over the windows gives the scores and the examples

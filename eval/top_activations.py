@@ -168,7 +168,7 @@ def gather(lm: nn.Module, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopA
 @torch.no_grad()
 def _hook_acts(lm: nn.Module, d: SAE, windows: Tensor) -> Tensor:
     with record(lm, [d.cfg.hook_name]) as acts:
-        lm(windows)
+        lm(windows.to(d.W_dec.device))
     return acts[d.cfg.hook_name][:, 1:].reshape(-1, d.cfg.d_in).float()
 
 
