@@ -24,8 +24,12 @@ def grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_encode_and_decode_match_dense_autograd(device):
+def test_sparse_encode_and_decode_match_dense_autograd(device, monkeypatch):
+    """In float64 the torch path is exact up to summation order. The Triton kernels accumulate in
+    float32 whatever the inputs (2e-3 off here on an H200, and in the interpreter): they are held
+    to float32 tolerances in tests/sae/test_triton.py, and kept out of this one."""
     needs(device)
+    monkeypatch.setenv("SAE_FORGE_TRITON", "0")
     torch.manual_seed(0)
     batch, d_in, d_sae, k = 64, 24, 96, 5
     f64 = {"device": device, "dtype": torch.float64}  # exact up to summation order
@@ -94,7 +98,9 @@ def test_training_loss_equals_the_dense_reference(
     assert dense.parts["auxiliary_reconstruction_loss"].item() > 0 if dead else True
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, atol=1e-5, rtol=1e-5)
     assert torch.equal(sparse.fired, dense.fired) and sparse.l0 == dense.l0
-    assert sparse.smallest == dense.z[dense.z > 0].min()  # BatchTopK's threshold statistic
+    # BatchTopK's threshold statistic: the same entry, computed by another matmul (on CUDA,
+    # cuBLAS picks kernels by shape, so the last bit may differ)
+    torch.testing.assert_close(sparse.smallest, dense.z[dense.z > 0].min().detach())
     for got, want in zip(sparse_grads, grads(params), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
