@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, closing, suppress
 from itertools import islice
 
 import numpy as np
@@ -36,6 +36,7 @@ from train.data import (
     shuffled,
     token_windows,
 )
+from train.prefetch import prefetched
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STREAM_GROUP_BYTES = 256 * 2**20
@@ -304,6 +305,12 @@ class Harvester:
         # counted here, not by the writer thread
         shard_index, submitted = writer.shards_done, writer.rows_done
         windows = islice(self.windows(), shard_index * c.shard_windows, None)
+        # tokenizing is host work too (on an H200 it took 2x the forward passes of SmolLM2's
+        # first 7 layers): the next shard's windows are made while this one's forwards run
+        background = host_core_spare(self.device)
+        shards = prefetched(
+            iter(lambda: list(islice(windows, c.shard_windows)), []), depth=int(background)
+        )
         bar = progress(
             total=c.tokens,
             initial=submitted,
@@ -315,9 +322,8 @@ class Harvester:
         # serializing and hashing a shard is CPU work: the writer thread does it where it has a
         # core; otherwise it is done in line, and only the I/O (write, fsync, rename), which
         # barely uses a core, overlaps the next forward passes
-        background = host_core_spare(self.device)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            while submitted < c.tokens and (shard := list(islice(windows, c.shard_windows))):
+        with ThreadPoolExecutor(max_workers=1) as pool, closing(shards):
+            while submitted < c.tokens and (shard := next(shards, None)):
                 first_window = shard_index * c.shard_windows
                 rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
                 wanted = c.tokens - submitted

@@ -16,15 +16,13 @@ import signal
 import sys
 import threading
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,11 +38,10 @@ from train import checkpoint
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
 from train.distributed import World
 from train.harvest import host_core_spare, resolve_device
+from train.prefetch import prefetched
 from train.schedule import default_lr, default_warmup, lr_lambda, param_groups
 from train.sources import Data, Source, source_for
 from train.tracking import Tracker
-
-T = TypeVar("T")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -52,38 +49,6 @@ class NonFiniteLoss(FloatingPointError):
 
 
 # -- reading ahead ---------------------------------------------------------------------------------
-def prefetched(
-    items: Iterable[T],
-    depth: int = 2,
-    prepare: Callable[[T], T] | None = None,
-    setup: Callable[[], Any] | None = None,
-) -> Iterator[T]:
-    """The items in order, each read (and `prepare`d) up to `depth` ahead by a worker thread
-    (started with `setup`), so a cache's shard reads, hash checks and shuffles, or a pinned copy,
-    happen while the device steps; depth 0 reads in line. An error is raised where its item would
-    have come; closing stops the reading."""
-    it = iter(items)
-    done = object()
-
-    def take():
-        item = next(it, done)
-        return item if item is done or prepare is None else prepare(item)
-
-    if depth == 0:
-        while (item := take()) is not done:
-            yield item
-        return
-    # one worker: the iterator is never run twice at once
-    pool = ThreadPoolExecutor(max_workers=1, initializer=setup)
-    try:
-        ahead = deque(pool.submit(take) for _ in range(depth))
-        while (item := ahead.popleft().result()) is not done:
-            ahead.append(pool.submit(take))
-            yield item
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
 def pinned(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Page-locked copies of host tensors: their copy to the GPU then runs without the host
     waiting (tensors already on a GPU stay)."""

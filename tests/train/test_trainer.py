@@ -23,8 +23,9 @@ import train
 from tests.conftest import HOOK, sigkill_when, start_sae, synthetic, synthetic_cache
 from train.cache import ActivationCache
 from train.config import TrainConfig
+from train.prefetch import prefetched
 from train.tracking import read_offline_run
-from train.trainer import NonFiniteLoss, Trainer, prefetched
+from train.trainer import NonFiniteLoss, Trainer
 
 
 def random_batches(n: int, rows: int, d: int = 16, nan_at: int | None = None):
