@@ -42,7 +42,11 @@ class Source:
     def check(self, hooks: set[str], who: str) -> None:
         """Refuse, naming `who`, hookpoints this source cannot give."""
 
-    def open(self, hooks: list[str], batch_size: int, seed: int) -> None:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
+        """Get ready to give, of every global batch of batch_size rows, rank `rank`'s
+        batch_size / ranks rows (its contiguous n-th: train/order.py)."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -73,7 +77,9 @@ class CacheSource(Source):
                 f"SAE {who} wants hookpoint {hook!r}, but {self.cache.url} has {self.cache.hookpoints}"
             )
 
-    def open(self, hooks: list[str], batch_size: int, seed: int) -> None:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
         cache = self.cache
         if len(cache) < batch_size:  # every pass would yield nothing, for ever
             raise ValueError(
@@ -87,28 +93,35 @@ class CacheSource(Source):
                     "NaN/inf activations; harvest it again"
                 )
         self.hooks, self.batch_size, self.seed = hooks, batch_size, seed
+        self.rank, self.ranks = rank, ranks
         self.d_in = {h: cache.d_in(h) for h in hooks}
         self.scale = {h: cache.stats(h)["norm_scaling_factor"] for h in hooks}
         shards = "".join(s["sha256"] for s in cache.shards)  # a moved cache is the same
         self.identity = {"rows": len(cache), "shards": sha256(shards.encode()).hexdigest()}
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        """This rank's part of each batch; it reads only those rows."""
         for epoch in range(sys.maxsize):
             yield from self.cache.batches(
-                self.batch_size, hook=self.hooks, seed=self.seed + epoch, drop_last=True
-            )
+                self.batch_size, self.hooks, seed=self.seed + epoch, drop_last=True,
+                rank=self.rank, ranks=self.ranks,
+            )  # fmt: skip
 
 
 class ChunkSource(Source):
-    """Chunks of {hook: [n, d]} of any n, re-batched; widths and scales from the first chunk."""
+    """Chunks of {hook: [n, d]} of any n, re-batched; widths and scales from the first chunk.
+    Every rank reads every chunk and keeps its part of each batch."""
 
     def chunks(self, hooks: list[str], seed: int) -> Iterator[dict[str, Tensor]]:
         raise NotImplementedError
 
-    def open(self, hooks: list[str], batch_size: int, seed: int) -> None:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
         chunks = self.chunks(hooks, seed)
         first = next(chunks)  # peek: widths and input scales
         self._chunks, self.batch_size = chain([first], chunks), batch_size
+        self.part = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
         self.d_in = {h: first[h].shape[-1] for h in hooks}
         self.scale = {}
         for h in hooks:
@@ -118,7 +131,8 @@ class ChunkSource(Source):
             self.scale[h] = math.sqrt(self.d_in[h]) / mean_norm if mean_norm > 0 else 1.0
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        yield from rebatch(self._chunks, self.batch_size)
+        for batch in rebatch(self._chunks, self.batch_size):
+            yield {h: x[self.part] for h, x in batch.items()}
 
 
 class ModelSource(ChunkSource):
