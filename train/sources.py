@@ -123,21 +123,16 @@ class ChunkSource(Source):
         self._chunks, self.batch_size = chain([first], chunks), batch_size
         self.part = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
         self.d_in = {h: first[h].shape[-1] for h in hooks}
-        self.scale = {}
-        for h in hooks:
-            mean_norm = first[h].float().norm(dim=-1).mean().item()
-            if not math.isfinite(mean_norm):
-                raise ValueError(f"the data's first {len(first[h])} rows of {h} hold NaN/inf")
-            self.scale[h] = math.sqrt(self.d_in[h]) / mean_norm if mean_norm > 0 else 1.0
+        self.scale = input_scales(first)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for batch in rebatch(self._chunks, self.batch_size):
             yield {h: x[self.part] for h, x in batch.items()}
 
 
-class ModelSource(ChunkSource):
+class ModelSource(Source):
     """The model's forward passes as training goes (a HarvestConfig: its text options, and any
-    hookpoints the run asks for)."""
+    hookpoints the run asks for); each rank forwards only the windows holding its rows."""
 
     def __init__(self, harvest: HarvestConfig):
         self.harvest = harvest
@@ -147,14 +142,22 @@ class ModelSource(ChunkSource):
     def default_hook(self) -> str:
         return self.harvest.hook[0]
 
-    def chunks(self, hooks: list[str], seed: int) -> Iterator[dict[str, Tensor]]:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
         from train.harvest import Harvester  # loads the model
 
         harvest = replace(self.harvest, hook=hooks, seed=seed)
         self.identity = {
             k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device")
         }
-        return Harvester(harvest).stream()
+        self.harvester = Harvester(harvest)
+        self.d_in = dict(self.harvester.d_in)
+        self.scale = input_scales(self.harvester.first_rows(batch_size))  # alike on every rank
+        self.batch_size, self.rank, self.ranks = batch_size, rank, ranks
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        yield from self.harvester.stream(self.batch_size, self.rank, self.ranks)
 
 
 class TensorSource(ChunkSource):
@@ -176,6 +179,17 @@ class TensorSource(ChunkSource):
                 "(transcoders need a cache or a model stream with both hookpoints)"
             )
         return ({hooks[0]: x.reshape(-1, x.shape[-1])} for x in self.tensors)
+
+
+def input_scales(rows: dict[str, Tensor]) -> dict[str, float]:
+    """Each hookpoint's scale to mean norm sqrt(d), measured on these rows."""
+    scales = {}
+    for h, x in rows.items():
+        mean_norm = x.float().norm(dim=-1).mean().item()
+        if not math.isfinite(mean_norm):
+            raise ValueError(f"the data's first {len(x)} rows of {h} hold NaN/inf")
+        scales[h] = math.sqrt(x.shape[-1]) / mean_norm if mean_norm > 0 else 1.0
+    return scales
 
 
 def source_for(data: Data | Source) -> Source:
