@@ -769,3 +769,13 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_continues_from_it(tmp_pa
     assert f"checkpoint of step {state['step']} saved" in err
     assert run_cli(cache.url, run, "--resume", *short).wait() == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 60
+
+
+def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
+    from train.distributed import World
+
+    world = World()
+    world.size = 3
+    with pytest.raises(ValueError, match=r"--batch-size 500 does not split evenly over 3 .*"
+                       r"make it a multiple of 3 \(say 498\)"):  # fmt: skip
+        world.check_batch_size(500)
