@@ -30,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sae.io import atomic_write
+from train import order
 
 FORMAT = "sae-forge-activations/1"
 MANIFEST = "manifest.json"
@@ -66,6 +67,11 @@ IDENTITY = (
 """Manifest fields that must match for a harvest to add to an existing cache (shard_windows too:
 a resumed harvest skips shards x shard_windows windows). Caches from before a field was recorded
 are not compared on it."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+}  # fmt: skip
+"""Safetensors' dtype names, for reading part of a shard."""
 
 
 class CacheError(RuntimeError):
@@ -298,6 +304,7 @@ class ActivationCache:
                 stacklevel=2,
             )
         self.shards = self.manifest["shards"]
+        self._headers: dict[int, tuple[dict[str, Any], int]] = {}  # shard_rows reads them once
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])  # where each shard starts
         if self.offsets[-1] != self.manifest["token_count"]:
             raise CacheError(
@@ -356,20 +363,23 @@ class ActivationCache:
     def _as_listed(self, i: int, name: str, t: torch.Tensor) -> torch.Tensor:
         """t, once it has the rows (and, activations, the dtype and width) the manifest lists: the
         sha256 vouches for a shard's bytes, not for the manifest's account of them."""
+        self._check_listed(i, name, t.dtype, list(t.shape))
+        return t
+
+    def _check_listed(self, i: int, name: str, dtype: torch.dtype | None, shape: list[int]) -> None:
         entry, problems = self.shards[i], []
-        if len(t) != entry["rows"]:
-            problems.append(f"{len(t)} rows, the manifest says {entry['rows']}")
+        if shape[0] != entry["rows"]:
+            problems.append(f"{shape[0]} rows, the manifest says {entry['rows']}")
         hook = name.removeprefix("acts.")
         if name != hook and hook in self.hookpoints:
-            if str(t.dtype).removeprefix("torch.") != self.manifest["dtype"]:
-                problems.append(f"dtype {t.dtype}, the manifest says {self.manifest['dtype']}")
-            if t.shape[-1] != self.manifest["d_in"][hook]:
+            if str(dtype).removeprefix("torch.") != self.manifest["dtype"]:
+                problems.append(f"dtype {dtype}, the manifest says {self.manifest['dtype']}")
+            if shape[-1] != self.manifest["d_in"][hook]:
                 problems.append(
-                    f"width {t.shape[-1]}, the manifest says {self.manifest['d_in'][hook]}"
+                    f"width {shape[-1]}, the manifest says {self.manifest['d_in'][hook]}"
                 )
         if problems:
             raise CorruptShard(f"{self.url}: shard {entry['name']}, {name}: " + "; ".join(problems))
-        return t
 
     def verify(self) -> None:
         """Check every shard's bytes; raises CorruptShard naming the first bad one."""
@@ -413,6 +423,61 @@ class ActivationCache:
                 ) from e
         return self.read_shard(i)[name]
 
+    def shard_rows(self, i: int, start: int, stop: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Rows start:stop of some tensors of shard i, reading only their bytes (one ranged read
+        each, at once: a rank of a data-parallel run reads its part of a shard, not all of it).
+        A part has no hash to check: its header, sizes, dtype and width are checked."""
+        header, base = self._header(i)
+        entry, spans, shapes = self.shards[i], [], []
+        for key in keys:
+            if key not in header:
+                raise CorruptShard(f"{self.url}: shard {entry['name']} has no {key}")
+            shape, (first, last) = header[key]["shape"], header[key]["data_offsets"]
+            self._check_listed(i, key, SAFETENSORS_DTYPES.get(header[key]["dtype"]), shape)
+            row = (last - first) // max(1, shape[0])  # bytes per row
+            spans.append((base + first + start * row, base + first + stop * row))
+            shapes.append((SAFETENSORS_DTYPES[header[key]["dtype"]], [stop - start, *shape[1:]]))
+        data = self._ranges(i, spans)
+        return {
+            key: torch.frombuffer(bytearray(d), dtype=dtype).reshape(shape)
+            for key, d, (dtype, shape) in zip(keys, data, shapes, strict=True)
+        }
+
+    def _header(self, i: int) -> tuple[dict[str, Any], int]:
+        """Shard i's safetensors header (per tensor: dtype, shape, byte offsets) and where its data
+        begins: two small reads, once per shard."""
+        if i not in self._headers:
+            (size,) = self._ranges(i, [(0, 8)])
+            n = int.from_bytes(size, "little")
+            if not 0 < n < self.shards[i]["bytes"]:
+                raise CorruptShard(f"{self.url}: shard {self.shards[i]['name']} is unreadable")
+            (text,) = self._ranges(i, [(8, 8 + n)])
+            try:
+                self._headers[i] = (json.loads(text), 8 + n)
+            except json.JSONDecodeError as e:
+                raise CorruptShard(
+                    f"{self.url}: shard {self.shards[i]['name']} has an unreadable header: {e}"
+                ) from e
+        return self._headers[i]
+
+    def _ranges(self, i: int, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Byte ranges of shard i, fetched together (concurrently on object stores)."""
+        entry = self.shards[i]
+        if any(stop > entry["bytes"] for _, stop in spans):
+            raise CorruptShard(f"{self.url}: shard {entry['name']}: its header points past its end")
+        starts, stops = zip(*spans, strict=True)
+        data = self.fs.cat_ranges([self._path(i)] * len(spans), list(starts), list(stops))
+        for d, (a, b) in zip(data, spans, strict=True):
+            if isinstance(d, FileNotFoundError):
+                raise CorruptShard(f"{self.url}: shard {entry['name']} is missing") from d
+            if isinstance(d, Exception):
+                raise d
+            if len(d) != b - a:
+                raise CorruptShard(
+                    f"{self.url}: shard {entry['name']} is shorter than its manifest says (truncated?)"
+                )
+        return data
+
     def batches(
         self,
         batch_size: int,
@@ -421,53 +486,81 @@ class ActivationCache:
         seed: int = 0,
         buffer_rows: int = 262_144,
         drop_last: bool = False,
+        rank: int = 0,
+        ranks: int = 1,
     ) -> Iterator[Any]:
         """[batch_size, d_in] activations of one hookpoint, or, for a list of hookpoints, dicts
         of them for the same rows (one read of the data for several SAEs). Shuffled: shards in a
-        seeded random order, rows mixed within a buffer of about `buffer_rows` rows (whole shards
-        are loaded), so memory is bounded by the buffer, not the cache. Every shard read is
-        hash-checked. Arguments are checked here, at the call, not at the first batch."""
+        seeded random order, then rows mixed within blocks of about `buffer_rows` rows
+        (train/order.py), so memory is bounded by the block, not the cache. `rank` of `ranks`:
+        that rank's rows of each of those batches (batch_size / ranks of them), read alone, about
+        1/ranks of the bytes. A shard read whole is hash-checked (every one, in one process);
+        a part of one is size-checked. Arguments are checked here, not at the first batch."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank {rank} is not one of ranks 0..{ranks - 1}")
         hooks = [self._hook(h) for h in hook] if isinstance(hook, list) else [self._hook(hook)]
         return self._batches(batch_size, hooks, isinstance(hook, list), shuffle, seed,
-                             buffer_rows, drop_last)  # fmt: skip
+                             buffer_rows, drop_last, rank, ranks)  # fmt: skip
 
     def _batches(
         self, batch_size: int, hooks: list[str], as_dicts: bool, shuffle: bool, seed: int,
-        buffer_rows: int, drop_last: bool,
+        buffer_rows: int, drop_last: bool, rank: int, ranks: int,
     ) -> Iterator[Any]:  # fmt: skip
         keys = [acts_key(h) for h in hooks]
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-        pending: list[dict[str, torch.Tensor]] = []
-        held = 0
-        for n, i in enumerate(order):
-            shard = self.read_shard(int(i))
-            pending.append({k: shard[k] for k in keys})
-            held += self.shards[i]["rows"]
-            if held < buffer_rows and n + 1 < len(order):
-                continue
-            block = {k: torch.cat([p[k] for p in pending]) for k in keys}
-            if shuffle:
-                perm = torch.as_tensor(rng.permutation(len(block[keys[0]])))
-                block = {k: v[perm] for k, v in block.items()}
-            rows = len(block[keys[0]])
-            full = rows // batch_size * batch_size
-            for start in range(0, full, batch_size):
-                yield self._pick(
-                    {k: v[start : start + batch_size] for k, v in block.items()}, as_dicts, keys
-                )
-            pending = [{k: v[full:] for k, v in block.items()}] if full < rows else []
-            held = rows - full
-        if pending and not drop_last:
-            yield self._pick(pending[0], as_dicts, keys)
+        shards = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        stream = _Stream(self, shards, keys)
+        sizes = (self.shards[i]["rows"] for i in shards)
+        for block in order.blocks(sizes, batch_size, buffer_rows, rng if shuffle else None):
+            parts = [order.rank_part(b, rank, ranks) for b in block.batches]
+            lo, hi = order.span(block, parts)
+            rows = stream.read(lo, hi)  # {key: [hi - lo, ...]}
+            for batch, part in zip(block.batches, parts, strict=True):
+                if drop_last and len(batch) < batch_size:
+                    return
+                index = torch.as_tensor(part - lo)
+                yield self._pick({k: v[index] for k, v in rows.items()}, as_dicts, keys)
 
     @staticmethod
     def _pick(batch: dict[str, torch.Tensor], as_dicts: bool, keys: list[str]) -> Any:
         return (
             {k.removeprefix("acts."): v for k, v in batch.items()} if as_dicts else batch[keys[0]]
         )
+
+
+class _Stream:
+    """A cache's shards end to end in a given order, read a stretch at a time: shards the stretch
+    covers whole are read whole (and hash-checked), the ends of others in part. The last shard read
+    whole is held, since the next stretch starts in it."""
+
+    def __init__(self, cache: ActivationCache, shards: np.ndarray, keys: list[str]):
+        self.cache, self.shards, self.keys = cache, shards, keys
+        self.starts = np.cumsum([0] + [cache.shards[i]["rows"] for i in shards])
+        self.held: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def read(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """{key: [hi - lo, ...]}, rows lo:hi of the stream."""
+        parts = []
+        for j in range(int(np.searchsorted(self.starts, lo, side="right")) - 1, len(self.shards)):
+            a, b = int(self.starts[j]), int(self.starts[j + 1])
+            if a >= hi:
+                break
+            if b > a:
+                parts.append(self.piece(j, max(lo, a) - a, min(hi, b) - a))
+        if not parts:
+            return {k: torch.empty(0) for k in self.keys}
+        return {k: torch.cat([p[k] for p in parts]) for k in self.keys}
+
+    def piece(self, j: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        i = int(self.shards[j])
+        if self.held is None or self.held[0] != j:
+            if (start, stop) != (0, self.cache.shards[i]["rows"]):
+                return self.cache.shard_rows(i, start, stop, self.keys)
+            shard = self.cache.read_shard(i)
+            self.held = (j, {k: shard[k] for k in self.keys})
+        return {k: v[start:stop] for k, v in self.held[1].items()}
 
 
 def load_cache(url: str) -> ActivationCache:

@@ -13,10 +13,11 @@ import inspect
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing, suppress
-from itertools import islice
+from itertools import islice, takewhile
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from sae.hooks import edit
 from sae.lm import check_context, load_lm
 from sae.locks import exclusive
 from sae.progress import progress
+from train import order
 from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
 from train.config import HarvestConfig
 from train.data import (
@@ -248,22 +250,35 @@ class Harvester:
                         "nothing from this shard was written"
                     )
 
-    def stream(self) -> Iterator[dict[str, Tensor]]:
-        """Rows without a cache, for training straight from the model: each group of windows
-        (stream_windows) is forwarded and its rows shuffled (seeded), group after group, through
-        the dataset again (in a new order) when it ends."""
-        rng = torch.Generator().manual_seed(self.cfg.seed)
-        per_group = self.stream_windows()
-        for epoch in range(sys.maxsize):
-            windows, first, count = self.windows(epoch), 0, 0
-            while group := list(islice(windows, per_group)):
-                rows = self.shard_rows(group, first, first // self.cfg.batch_size)
-                first += len(group)
-                count += len(rows["tokens"])
-                order = torch.randperm(len(rows["tokens"]), generator=rng)
-                yield {h: rows[acts_key(h)][order] for h in self.cfg.hook}
-            if not count:  # another pass would find none either: never a batch, for ever
-                raise self.no_window("nothing to train on")
+    def stream(self, batch_size: int, rank: int = 0, ranks: int = 1) -> Iterator[dict[str, Tensor]]:
+        """Rank `rank`'s rows of each global batch, for training straight from the model: the
+        windows, pass after pass through the dataset (each in a new order), are train/order.py's
+        stream, in blocks of about stream_windows windows; a rank forwards only the windows
+        holding its rows (and one process each window once)."""
+        rng = np.random.default_rng(self.cfg.seed)
+        windows = WindowStream(self)
+        block_rows = self.stream_windows() * (self.cfg.context_size - 1)
+        for block in order.blocks(windows.sizes(), batch_size, block_rows, rng):
+            parts = [order.rank_part(b, rank, ranks) for b in block.batches]
+            lo, hi = order.span(block, parts)
+            rows = windows.read(lo, hi)  # {hook: [hi - lo, d]}
+            for part in parts:
+                index = torch.as_tensor(part - lo)
+                yield {h: rows[h][index] for h in self.cfg.hook}
+
+    def first_rows(self, count: int) -> dict[str, Tensor]:
+        """{hook: rows} of the first windows holding `count` rows, the same on every rank (the
+        input scales of a stream are measured on them)."""
+        windows, rows = [], 0
+        for w in self.windows(0):
+            windows.append(w)
+            rows += window_rows(w)
+            if rows >= count:
+                break
+        if not rows:  # every pass over the data would find none: never a batch, for ever
+            raise self.no_window("nothing to train on")
+        acts = self.shard_rows(windows, 0, 0)
+        return {h: acts[acts_key(h)] for h in self.cfg.hook}
 
     def stream_windows(self) -> int:
         """Windows per shuffled group of a stream: shard_windows, fewer (a multiple of batch_size)
@@ -356,6 +371,63 @@ class Harvester:
             file=sys.stderr,
         )
         return ActivationCache(c.out)
+
+
+def window_rows(w: Window) -> int:
+    """The rows a window gives: its real tokens but the first (shard_rows keeps those)."""
+    return int((w.docs[1:] != PAD_DOC).sum())
+
+
+class WindowStream:
+    """The dataset's windows end to end, pass after pass, forwarded only when a stretch of their
+    rows is read. The last window forwarded is held, since the next stretch may start in it."""
+
+    def __init__(self, harvester: Harvester):
+        self.harvester = harvester
+        self.pending: deque[tuple[int, int, int, Window]] = (
+            deque()
+        )  # index, rows start:stop, window
+        self.held: tuple[int, int, dict[str, Tensor]] = (0, 0, {})  # rows start:stop, acts
+
+    def sizes(self) -> Iterator[int]:
+        """Each window's rows, as train/order.py counts them; the window waits in `pending`."""
+        index = position = 0
+        for epoch in range(sys.maxsize):
+            before = position
+            for w in self.harvester.windows(epoch):
+                rows = window_rows(w)
+                self.pending.append((index, position, position + rows, w))
+                index, position = index + 1, position + rows
+                yield rows
+            if position == before:  # another pass would find none either
+                raise self.harvester.no_window("nothing to train on")
+
+    def read(self, lo: int, hi: int) -> dict[str, Tensor]:
+        """{hook: [hi - lo, d]}, rows lo:hi of the stream (stretches come in increasing order)."""
+        while self.pending and self.pending[0][2] <= lo:
+            self.pending.popleft()
+        start, stop, acts = self.held
+        parts = [(start, acts)] if start <= lo < stop else []
+        after = stop if parts else lo  # the windows needed end past this
+        todo = [p for p in takewhile(lambda p: p[1] < hi, self.pending) if p[2] > after]
+        if todo:
+            first = todo[0][0]
+            rows = self.harvester.shard_rows(
+                [p[3] for p in todo], first, first // self.harvester.cfg.batch_size
+            )
+            new = {h: rows[acts_key(h)] for h in self.harvester.cfg.hook}
+            parts.append((todo[0][1], new))
+            last = todo[-1]
+            self.held = (
+                last[1],
+                last[2],
+                {h: v[len(v) - (last[2] - last[1]) :] for h, v in new.items()},
+            )
+        base = parts[0][0]
+        return {
+            h: torch.cat([p[h] for _, p in parts])[lo - base : hi - base]
+            for h in self.harvester.cfg.hook
+        }
 
 
 def _to_host(t: Tensor) -> Tensor:

@@ -42,7 +42,11 @@ class Source:
     def check(self, hooks: set[str], who: str) -> None:
         """Refuse, naming `who`, hookpoints this source cannot give."""
 
-    def open(self, hooks: list[str], batch_size: int, seed: int) -> None:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
+        """Get ready to give, of every global batch of batch_size rows, rank `rank`'s
+        batch_size / ranks rows (its contiguous n-th: train/order.py)."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -73,7 +77,9 @@ class CacheSource(Source):
                 f"SAE {who} wants hookpoint {hook!r}, but {self.cache.url} has {self.cache.hookpoints}"
             )
 
-    def open(self, hooks: list[str], batch_size: int, seed: int) -> None:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
         cache = self.cache
         if len(cache) < batch_size:  # every pass would yield nothing, for ever
             raise ValueError(
@@ -87,43 +93,46 @@ class CacheSource(Source):
                     "NaN/inf activations; harvest it again"
                 )
         self.hooks, self.batch_size, self.seed = hooks, batch_size, seed
+        self.rank, self.ranks = rank, ranks
         self.d_in = {h: cache.d_in(h) for h in hooks}
         self.scale = {h: cache.stats(h)["norm_scaling_factor"] for h in hooks}
         shards = "".join(s["sha256"] for s in cache.shards)  # a moved cache is the same
         self.identity = {"rows": len(cache), "shards": sha256(shards.encode()).hexdigest()}
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        """This rank's part of each batch; it reads only those rows."""
         for epoch in range(sys.maxsize):
             yield from self.cache.batches(
-                self.batch_size, hook=self.hooks, seed=self.seed + epoch, drop_last=True
-            )
+                self.batch_size, self.hooks, seed=self.seed + epoch, drop_last=True,
+                rank=self.rank, ranks=self.ranks,
+            )  # fmt: skip
 
 
 class ChunkSource(Source):
-    """Chunks of {hook: [n, d]} of any n, re-batched; widths and scales from the first chunk."""
+    """Chunks of {hook: [n, d]} of any n, re-batched; widths and scales from the first chunk.
+    Every rank reads every chunk and keeps its part of each batch."""
 
     def chunks(self, hooks: list[str], seed: int) -> Iterator[dict[str, Tensor]]:
         raise NotImplementedError
 
-    def open(self, hooks: list[str], batch_size: int, seed: int) -> None:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
         chunks = self.chunks(hooks, seed)
         first = next(chunks)  # peek: widths and input scales
         self._chunks, self.batch_size = chain([first], chunks), batch_size
+        self.part = slice(rank * batch_size // ranks, (rank + 1) * batch_size // ranks)
         self.d_in = {h: first[h].shape[-1] for h in hooks}
-        self.scale = {}
-        for h in hooks:
-            mean_norm = first[h].float().norm(dim=-1).mean().item()
-            if not math.isfinite(mean_norm):
-                raise ValueError(f"the data's first {len(first[h])} rows of {h} hold NaN/inf")
-            self.scale[h] = math.sqrt(self.d_in[h]) / mean_norm if mean_norm > 0 else 1.0
+        self.scale = input_scales(first)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        yield from rebatch(self._chunks, self.batch_size)
+        for batch in rebatch(self._chunks, self.batch_size):
+            yield {h: x[self.part] for h, x in batch.items()}
 
 
-class ModelSource(ChunkSource):
+class ModelSource(Source):
     """The model's forward passes as training goes (a HarvestConfig: its text options, and any
-    hookpoints the run asks for)."""
+    hookpoints the run asks for); each rank forwards only the windows holding its rows."""
 
     def __init__(self, harvest: HarvestConfig):
         self.harvest = harvest
@@ -133,14 +142,22 @@ class ModelSource(ChunkSource):
     def default_hook(self) -> str:
         return self.harvest.hook[0]
 
-    def chunks(self, hooks: list[str], seed: int) -> Iterator[dict[str, Tensor]]:
+    def open(
+        self, hooks: list[str], batch_size: int, seed: int, rank: int = 0, ranks: int = 1
+    ) -> None:
         from train.harvest import Harvester  # loads the model
 
         harvest = replace(self.harvest, hook=hooks, seed=seed)
         self.identity = {
             k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device")
         }
-        return Harvester(harvest).stream()
+        self.harvester = Harvester(harvest)
+        self.d_in = dict(self.harvester.d_in)
+        self.scale = input_scales(self.harvester.first_rows(batch_size))  # alike on every rank
+        self.batch_size, self.rank, self.ranks = batch_size, rank, ranks
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        yield from self.harvester.stream(self.batch_size, self.rank, self.ranks)
 
 
 class TensorSource(ChunkSource):
@@ -162,6 +179,17 @@ class TensorSource(ChunkSource):
                 "(transcoders need a cache or a model stream with both hookpoints)"
             )
         return ({hooks[0]: x.reshape(-1, x.shape[-1])} for x in self.tensors)
+
+
+def input_scales(rows: dict[str, Tensor]) -> dict[str, float]:
+    """Each hookpoint's scale to mean norm sqrt(d), measured on these rows."""
+    scales = {}
+    for h, x in rows.items():
+        mean_norm = x.float().norm(dim=-1).mean().item()
+        if not math.isfinite(mean_norm):
+            raise ValueError(f"the data's first {len(x)} rows of {h} hold NaN/inf")
+        scales[h] = math.sqrt(x.shape[-1]) / mean_norm if mean_norm > 0 else 1.0
+    return scales
 
 
 def source_for(data: Data | Source) -> Source:

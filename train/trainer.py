@@ -93,6 +93,8 @@ class Member:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     tokens_since_fired: Tensor  # [latents]
+    loss: Callable[..., LossOutput] | None = None
+    """sae.training_loss, or its data-parallel wrapper (World.training_loss), set by the Trainer."""
 
     @property
     def transcoder(self) -> bool:
@@ -292,16 +294,19 @@ class Trainer:
         self.device = self.world.device(resolve_device(cfg.device))
         if self.device.type == "cpu":
             keep_freed_memory()
+        self.world.check_batch_size(cfg.batch_size)
         self.source = source = source_for(data)
         specs = [replace(s, hook=s.hook or source.default_hook()) for s in cfg.specs()]
         for spec in specs:
             source.check(spec.hooks(), member_name(spec))
-        source.open(sorted(set().union(*(s.hooks() for s in specs))), cfg.batch_size, cfg.seed)
+        hooks = sorted(set().union(*(s.hooks() for s in specs)))
+        source.open(hooks, cfg.batch_size, cfg.seed, self.world.rank, self.world.size)
         self.total_steps = cfg.total_tokens // cfg.batch_size
         self.members = []
         for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
             self.members.append(build_member(cfg, s, source, self.total_steps, self.device))
+            self.members[-1].loss = self.world.training_loss(self.members[-1].sae)
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")
@@ -323,12 +328,11 @@ class Trainer:
         warm = min(
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
-        rows = len(next(iter(batch.values())))  # global: every rank's share, as `fired` below
+        # this rank's part of the global batch; the dead-latent count is in global rows, as `fired`
+        rows = len(next(iter(batch.values()))) * self.world.size
         for m in self.members:
-            x = self.world.shard(m.input(batch)).to(self.device, non_blocking=True).float()
-            y = None
-            if m.transcoder:
-                y = self.world.shard(m.target(batch)).to(self.device, non_blocking=True).float()
+            x = m.input(batch).to(self.device, non_blocking=True).float()
+            y = m.target(batch).to(self.device, non_blocking=True).float() if m.transcoder else None
             coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
             ctx = TrainContext(
                 coefficient * warm,
@@ -337,10 +341,9 @@ class Trainer:
             )
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
-                out = m.sae.training_loss(x, ctx, y)
+                out = m.loss(x, ctx, y)
             m.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.world.average_gradients(m.sae)
+            out.loss.backward()  # averaged over ranks as it runs (World.training_loss)
             m.sae.before_step()
             m.optimizer.step()
             lr = m.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
@@ -435,11 +438,13 @@ class Trainer:
         return lines
 
     def init_b_dec(self, batch: dict[str, Tensor]) -> None:
-        """b_dec starts at the geometric median (or mean) of the first batch's targets, in the
-        dictionary's units; then the architecture's own start (JumpReLU's threshold)."""
+        """b_dec starts at the geometric median (or mean) of the first global batch's targets
+        (gathered from the ranks), in the dictionary's units; then the architecture's own start
+        (JumpReLU's threshold)."""
         for m in self.members:
             if self.cfg.b_dec_init != "zeros":
-                y = m.sae.scale_target(m.target(batch).to(self.device)).float()
+                y = self.world.gather(m.target(batch).to(self.device))
+                y = m.sae.scale_target(y).float()
                 centre = (
                     geometric_median(y) if self.cfg.b_dec_init == "geometric_median" else y.mean(0)
                 )

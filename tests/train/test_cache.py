@@ -291,3 +291,51 @@ def test_a_shard_number_past_the_end_is_named(tmp_path):
     write(str(tmp_path))
     with pytest.raises(IndexError, match=r"has shards 0\.\.3, not 99"):
         load_cache(tmp_path).read_shard(99)
+
+
+def counting_reads(monkeypatch, c) -> list[int]:
+    """Bytes the cache fetches, whole shards and ranges alike, one entry per read."""
+    read = []
+    cat_file, cat_ranges = c.fs.cat_file, c.fs.cat_ranges
+
+    def whole(*args, **kwargs):
+        read.append(len(data := cat_file(*args, **kwargs)))
+        return data
+
+    def ranges(*args, **kwargs):
+        data = cat_ranges(*args, **kwargs)
+        read.extend(len(d) for d in data)
+        return data
+
+    monkeypatch.setattr(c.fs, "cat_file", whole)
+    monkeypatch.setattr(c.fs, "cat_ranges", ranges)
+    return read
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_each_rank_reads_its_part_of_every_global_batch_and_about_half_the_bytes(
+    tmp_path, monkeypatch, request, where
+):
+    """Two ranks' batches, side by side, are one process's batches (same seed), and each rank
+    reads well under the bytes one process reads (every rank read all of them before)."""
+    url = request.getfixturevalue("s3_bucket") + "/c" if where == "s3" else str(tmp_path)
+    write(url, sizes=(1000, 900, 1100, 1000, 950, 1050, 1000, 1000))
+    args = dict(hook=HOOKS, shuffle=True, seed=3, buffer_rows=2000, drop_last=True)
+    read = counting_reads(monkeypatch, c := load_cache(url))
+    one = list(c.batches(400, **args))
+    one_bytes = sum(read)
+    ranks = []
+    for rank in (0, 1):
+        read.clear()
+        c = load_cache(url)  # a process of its own: nothing read before
+        read = counting_reads(monkeypatch, c)
+        ranks.append(list(c.batches(400, **args, rank=rank, ranks=2)))
+        assert sum(read) < 0.6 * one_bytes, f"rank {rank} read {sum(read)} of {one_bytes} bytes"
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 20
+    for batch, part0, part1 in zip(one, *ranks, strict=True):
+        for hook in HOOKS:
+            torch.testing.assert_close(torch.cat([part0[hook], part1[hook]]), batch[hook])
+    seen = torch.cat([b[HOOKS[0]][:, 0] for b in one]).long()
+    assert len(set(seen.tolist())) == 8000 and seen.tolist() != sorted(seen.tolist()), "shuffled"
+    with pytest.raises(ValueError, match="rank 2 is not one of ranks 0..1"):
+        c.batches(100, hook=HOOKS, rank=2, ranks=2)

@@ -381,3 +381,32 @@ def test_a_harvest_resumed_on_changed_text_is_refused(tmp_path):
     (texts / "a.txt").write_text("Friends, Romans, countrymen, lend me your ears. " * 40)
     with pytest.raises(CacheMismatch, match="dataset_fingerprint: cache has '[0-9a-f]{64}'"):
         harvest(**settings)
+
+
+def test_each_rank_of_a_model_stream_forwards_only_the_windows_of_its_rows(monkeypatch):
+    """Two ranks' parts of each batch, side by side, are one process's batch (up to the float
+    error of forwarding windows in other groups), and each rank forwards about half the windows
+    one process forwards (every rank forwarded all of them)."""
+    from train.sources import ModelSource
+
+    stream = HarvestConfig(
+        hook=HOOKS, context_size=32, batch_size=4, shard_windows=16, dtype="float32", device="cpu"
+    )
+    source = ModelSource(stream)
+    source.open(HOOKS, batch_size=124, seed=0)
+    harvester, forwarded = source.harvester, []
+    shard_rows = harvester.shard_rows
+    monkeypatch.setattr(
+        harvester, "shard_rows", lambda w, *a: forwarded.extend(w) or shard_rows(w, *a)
+    )
+    one = list(islice(harvester.stream(124), 12))
+    windows = len(forwarded)
+    parts = []
+    for rank in (0, 1):
+        forwarded.clear()
+        parts.append(list(islice(harvester.stream(124, rank, 2), 12)))
+        assert len(forwarded) <= 0.65 * windows, (rank, len(forwarded), windows)
+    for batch, part0, part1 in zip(one, *parts, strict=True):
+        for hook in HOOKS:
+            joined = torch.cat([part0[hook], part1[hook]])
+            torch.testing.assert_close(joined, batch[hook], atol=1e-4, rtol=1e-4)  # batched apart

@@ -546,6 +546,73 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     )
 
 
+COUNTING_RUN = """
+import json, sys
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from train.config import TrainConfig
+from train.trainer import Trainer
+
+cache, out = sys.argv[1:]
+sweep = [{"architecture": a, "name": a} for a in ("topk", "standard", "jumprelu", "gated")]
+trainer = Trainer(TrainConfig(cache=cache, out=out, sweep=sweep, k=4, expansion_factor=4,
+                              batch_size=500, total_tokens=10_000, device="cpu"), cache)
+counts = {"buckets": 0, "all_reduce": 0, "bytes": 0}
+
+def counted_bucket(state, bucket):
+    counts["buckets"] += 1
+    return allreduce_hook(state, bucket)
+
+def all_reduce(*args, **kwargs):
+    counts["all_reduce"] += 1
+    return reduce(*args, **kwargs)
+
+def counted(read):
+    def fn(*args, **kwargs):
+        data = read(*args, **kwargs)
+        counts["bytes"] += len(data) if isinstance(data, bytes) else sum(map(len, data))
+        return data
+    return fn
+
+if trainer.world.size > 1:
+    for m in trainer.members:
+        m.loss.register_comm_hook(None, counted_bucket)
+    reduce, dist.all_reduce = dist.all_reduce, all_reduce
+fs = trainer.source.cache.fs
+fs.cat_file, fs.cat_ranges = counted(fs.cat_file), counted(fs.cat_ranges)
+trainer.run()
+with open(f"{out}/counts-{trainer.world.rank}.json", "w") as f:
+    json.dump({**counts, "steps": trainer.step, "members": len(trainer.members),
+               "parameters": sum(len(list(m.sae.parameters())) for m in trainer.members)}, f)
+"""
+
+
+def test_two_processes_read_half_the_data_and_reduce_gradients_in_a_few_collectives(tmp_path):
+    """Each of 2 gloo ranks reads about half the cache's bytes and reduces each SAE's gradients in
+    one bucket per step (not one all_reduce per parameter); the SAEs (four architectures whose loss
+    is a mean over rows) end as one process's, trained on the same global batches."""
+    cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=1_000)
+    (script := tmp_path / "counting_run.py").write_text(COUNTING_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), cache.url, str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(str(script), cache.url, str(tmp_path / "two"))
+    assert two.returncode == 0, failure(two.stderr)
+    single = json.loads((tmp_path / "one" / "counts-0.json").read_text())
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / "two" / f"counts-{rank}.json").read_text())
+        steps, members = counts["steps"], counts["members"]
+        assert steps == 20 and members == 4 and counts["parameters"] > 2 * members
+        assert counts["buckets"] == steps * members, "one gradient bucket per SAE and step"
+        assert counts["all_reduce"] <= 2 * steps * members, "fired latents and buffers: one each"
+        assert counts["bytes"] < 0.6 * single["bytes"], (rank, counts["bytes"], single["bytes"])
+    for name in ("topk", "standard", "jumprelu", "gated"):
+        a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4)
+
+
 def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
     """The gradients are averaged over ranks, so a NaN on rank 1 reaches rank 0's weights: rank 0
     must not save them, though its own loss was finite."""
@@ -704,3 +771,13 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_continues_from_it(tmp_pa
     assert f"checkpoint of step {state['step']} saved" in err
     assert run_cli(cache.url, run, "--resume", *short).wait() == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 60
+
+
+def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
+    from train.distributed import World
+
+    world = World()
+    world.size = 3
+    with pytest.raises(ValueError, match=r"--batch-size 500 does not split evenly over 3 .*"
+                       r"make it a multiple of 3 \(say 498\)"):  # fmt: skip
+        world.check_batch_size(500)
