@@ -17,6 +17,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+VERSION = "blocks/1"
+"""Recorded in a run's data identity: a checkpoint made on another order (before this one, rows
+were shuffled within buffers of whole shards) is refused on resume, since its remaining batches
+would not be the ones an uninterrupted run trains on."""
+
 
 class Block(NamedTuple):
     start: int

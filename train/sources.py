@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from train import order
 from train.cache import ActivationCache
 from train.config import HarvestConfig
 
@@ -97,7 +98,8 @@ class CacheSource(Source):
         self.d_in = {h: cache.d_in(h) for h in hooks}
         self.scale = {h: cache.stats(h)["norm_scaling_factor"] for h in hooks}
         shards = "".join(s["sha256"] for s in cache.shards)  # a moved cache is the same
-        self.identity = {"rows": len(cache), "shards": sha256(shards.encode()).hexdigest()}
+        self.identity = {"rows": len(cache), "shards": sha256(shards.encode()).hexdigest(),
+                         "order": order.VERSION}  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         """This rank's part of each batch; it reads only those rows."""
@@ -150,7 +152,7 @@ class ModelSource(Source):
         harvest = replace(self.harvest, hook=hooks, seed=seed)
         self.identity = {
             k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device")
-        }
+        } | {"order": order.VERSION}
         self.harvester = Harvester(harvest)
         self.d_in = dict(self.harvester.d_in)
         self.scale = input_scales(self.harvester.first_rows(batch_size))  # alike on every rank

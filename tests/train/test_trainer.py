@@ -161,6 +161,13 @@ def test_resume_refuses_other_data_or_settings_and_allows_a_longer_run(tmp_path)
         ):
             train.fit(data, resume=True, **{**settings, **change})
     assert (run / "checkpoint" / "state.json").read_text() == state, "nothing resumed"
+    # a checkpoint of another data order (before train/order.py, none was recorded)
+    older = json.loads(state)
+    del older["data"]["order"]
+    (run / "checkpoint" / "state.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="trained with other settings .*'order': 'blocks/1'"):
+        train.fit(cache.url, resume=True, **settings)
+    (run / "checkpoint" / "state.json").write_text(state)
     moved = shutil.copytree(tmp_path / "cache", tmp_path / "moved")  # the same cache elsewhere
     with pytest.warns(UserWarning, match="resuming with total_tokens=3,000 .* from step 4"):
         train.fit(str(moved), resume=True, **{**settings, "total_tokens": 3000,
