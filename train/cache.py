@@ -395,15 +395,15 @@ class ActivationCache:
             raise IndexError(f"row index out of range for {self.url} with {len(self)} rows")
         name = key if key in META_KEYS else acts_key(self._hook(key))
         shard_of = np.searchsorted(self.offsets, index, side="right") - 1
-        parts, order = [], []
+        parts, places = [], []  # each part's rows' places in index
         for s in np.unique(shard_of):
             local = index[shard_of == s] - self.offsets[s]
             parts.append(self._shard_tensor(int(s), name)[torch.as_tensor(local)])
-            order.append(np.nonzero(shard_of == s)[0])
+            places.append(np.nonzero(shard_of == s)[0])
         if not parts:
             return torch.empty(0)
         out = torch.cat(parts)
-        return out[torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))]
+        return out[torch.as_tensor(np.argsort(np.concatenate(places), kind="stable"))]
 
     def _shard_tensor(self, i: int, name: str) -> torch.Tensor:
         if isinstance(self.fs, LocalFileSystem):
