@@ -270,6 +270,16 @@ def test_latent_ids_out_of_range_are_refused_before_running_the_model(
     assert not (tmp_path / "site").exists()
 
 
+def test_a_device_the_machine_lacks_is_refused_before_anything_loads(trained_sae, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = DashboardConfig(sae=saved_sae(trained_sae, tmp_path / "sae"), out=str(tmp_path / "site"),
+                          device="cuda")  # fmt: skip
+    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA device"):
+        build_dashboard(cfg)
+    assert not (tmp_path / "site").exists()
+
+
 def test_a_report_of_another_sae_or_without_meta_is_refused(trained_sae, tmp_path):
     sae_dir = saved_sae(trained_sae, tmp_path / "sae")
     meta = {"d_sae": trained_sae.cfg.d_sae, "hook_name": trained_sae.cfg.hook_name, "windows": 1}
