@@ -34,6 +34,8 @@ from train import order
 
 FORMAT = "sae-forge-activations/1"
 MANIFEST = "manifest.json"
+PART = "manifest.part-{}.json"
+"""A rank's manifest of the shards it wrote in a harvest split over processes (merged at the end)."""
 META_KEYS = ("tokens", "docs", "positions", "windows")
 MANIFEST_KEYS = (
     "format",
@@ -123,17 +125,20 @@ class PreparedShard(NamedTuple):
 class CacheWriter:
     """Appends shards to a cache; reopening with the same identity resumes after the last shard."""
 
-    def __init__(self, url: str, identity: dict[str, Any]):
+    def __init__(self, url: str, identity: dict[str, Any], part: int | None = None):
+        """`part`: the rank of a harvest split over processes, which records the shards it
+        writes in its own part manifest (PART); `merge_parts` gathers them into the manifest."""
         self.url = url
         self.fs, self.root = _filesystem(url)
         if isinstance(self.fs, LocalFileSystem):
             self.fs.makedirs(self.root, exist_ok=True)
         else:
             self._check_bucket(url)
+        self.name = MANIFEST if part is None else PART.format(part)
         identity = {"format": FORMAT, **identity}
         existing = (
-            _read_manifest(self.fs, self.root, url)
-            if self.fs.exists(_join(self.root, MANIFEST))
+            _read_manifest(self.fs, self.root, url, self.name)
+            if self.fs.exists(_join(self.root, self.name))
             else None
         )
         if existing is not None:
@@ -147,7 +152,8 @@ class CacheWriter:
                     f"{url} holds a different harvest; refusing to mix. " + "; ".join(diffs)
                 )
             self.manifest = existing
-            self._remove_temporaries()
+            if part is None:  # a rank's temporaries may be another rank's shard in flight
+                self._remove_temporaries()
         else:
             self.manifest = {
                 **identity,
@@ -199,23 +205,49 @@ class CacheWriter:
             entry["trimmed"] = True
         return PreparedShard(data, entry)
 
-    def commit(self, shard: PreparedShard) -> None:
-        """The I/O half: store the shard under the next name, then record it in the manifest."""
-        name = f"shard-{self.shards_done:05d}.safetensors"
+    def commit(self, shard: PreparedShard, index: int | None = None) -> None:
+        """The I/O half: store the shard under its name (shard number `index`, by default the
+        next), then record it in the manifest."""
+        name = shard_name(self.shards_done if index is None else index)
         _put(self.fs, _join(self.root, name), shard.data)
         self.manifest["shards"].append({"name": name, **shard.entry})
         self.manifest["token_count"] += shard.entry["rows"]
         self._save_manifest()
 
-    def write_shard(self, tensors: dict[str, torch.Tensor], trimmed: bool = False) -> None:
-        self.commit(self.prepare(tensors, trimmed))
+    def write_shard(
+        self, tensors: dict[str, torch.Tensor], trimmed: bool = False, index: int | None = None
+    ) -> None:
+        self.commit(self.prepare(tensors, trimmed), index)
+
+    def parts(self) -> list[int]:
+        """The ranks with a part manifest in this cache's folder (a harvest split over
+        processes, perhaps over another number of them before it was resumed)."""
+        paths = self.fs.glob(_join(self.root, PART.format("*")))
+        return sorted(int(p.rsplit("part-", 1)[1].removesuffix(".json")) for p in paths)
+
+    def merge_parts(self) -> None:
+        """Take the ranks' part manifests' shards, in order, as this manifest's (which is then
+        the one a single process writes for the same windows), and delete the parts."""
+        names = [PART.format(rank) for rank in self.parts()]
+        shards = sorted(
+            (s for name in names for s in _read_manifest(self.fs, self.root, self.url, name)["shards"]),
+            key=lambda s: s["name"],
+        )  # fmt: skip
+        if [s["name"] for s in shards] != [shard_name(i) for i in range(len(shards))]:
+            raise CacheError(f"{self.url}: the ranks' shards are not numbered 0..{len(shards) - 1}")
+        self.manifest["shards"] = shards
+        self.manifest["token_count"] = sum(s["rows"] for s in shards)
+        self._save_manifest()
+        for name in names:
+            self.fs.rm(_join(self.root, name))
 
     def drop_trimmed(self) -> None:
         """Forget a last shard cut short to an earlier --tokens (a harvest stopped before it
         finished), so that a harvest asking for more redoes it whole instead of skipping the
         rows its windows held beyond the cut."""
-        if self.manifest["shards"] and self.manifest["shards"][-1].get("trimmed"):
-            self.manifest["token_count"] -= self.manifest["shards"].pop()["rows"]
+        if trimmed := [s for s in self.manifest["shards"] if s.get("trimmed")]:
+            self.manifest["shards"] = [s for s in self.manifest["shards"] if s not in trimmed]
+            self.manifest["token_count"] -= sum(s["rows"] for s in trimmed)
             self._save_manifest()
 
     def finish(self, note: str | None = None) -> None:
@@ -226,7 +258,11 @@ class CacheWriter:
 
     def _save_manifest(self) -> None:
         self.manifest["stats"] = _total_stats(self.manifest)
-        _put(self.fs, _join(self.root, MANIFEST), json.dumps(self.manifest, indent=1).encode())
+        _put(self.fs, _join(self.root, self.name), json.dumps(self.manifest, indent=1).encode())
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
 
 
 def _shard_stats(x: torch.Tensor) -> dict[str, Any]:
@@ -260,29 +296,27 @@ def _total_stats(manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, Any]:
+def _read_manifest(
+    fs: fsspec.AbstractFileSystem, root: str, url: str, name: str = MANIFEST
+) -> dict[str, Any]:
     try:
-        manifest = json.loads(fs.cat_file(_join(root, MANIFEST)))
+        manifest = json.loads(fs.cat_file(_join(root, name)))
     except json.JSONDecodeError as e:
-        raise CacheError(f"{url}/{MANIFEST} is not valid JSON: {e}") from e
+        raise CacheError(f"{url}/{name} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
-        raise CacheError(f"{url}/{MANIFEST} should be a JSON object, not {type(manifest).__name__}")
+        raise CacheError(f"{url}/{name} should be a JSON object, not {type(manifest).__name__}")
     if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
-        raise CacheError(
-            f"{url}/{MANIFEST}: missing keys {missing} (an edited or damaged manifest)"
-        )
+        raise CacheError(f"{url}/{name}: missing keys {missing} (an edited or damaged manifest)")
     if manifest.get("format") != FORMAT:
-        raise CacheError(
-            f"{url}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}"
-        )
+        raise CacheError(f"{url}/{name}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     names = [shard["name"] for shard in manifest["shards"]]
     if repeated := sorted({n for n in names if names.count(n) > 1}):  # verify() read them twice
-        raise CacheError(f"{url}/{MANIFEST}: shards {repeated} listed more than once (edited?)")
+        raise CacheError(f"{url}/{name}: shards {repeated} listed more than once (edited?)")
     for key in ("d_in", "stats") if manifest["shards"] else ("d_in",):  # stats come with shards
         # hookpoints edited apart from these failed in train with a bare KeyError
         if unmatched := sorted(set(manifest["hookpoints"]) ^ set(manifest[key])):
             raise CacheError(
-                f"{url}/{MANIFEST}: hookpoints and {key} disagree on {unmatched} (edited?)"
+                f"{url}/{name}: hookpoints and {key} disagree on {unmatched} (edited?)"
             )
     return manifest
 

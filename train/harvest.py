@@ -14,9 +14,9 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, closing, suppress
+from contextlib import ExitStack, closing, nullcontext, suppress
 from itertools import islice, takewhile
 
 import numpy as np
@@ -28,7 +28,7 @@ from sae.lm import check_context, load_lm
 from sae.locks import exclusive
 from sae.progress import progress
 from train import order
-from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key
+from train.cache import META_KEYS, ActivationCache, CacheWriter, acts_key, shard_name
 from train.config import HarvestConfig
 from train.data import (
     PAD_DOC,
@@ -38,6 +38,7 @@ from train.data import (
     shuffled,
     token_windows,
 )
+from train.distributed import World
 from train.prefetch import prefetched
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -298,65 +299,128 @@ class Harvester:
         )
 
     def run(self) -> ActivationCache:
+        writer = CacheWriter(self.cfg.out, self.identity())
+        if self.finished(writer):
+            return ActivationCache(self.cfg.out)
+        self.check_extent(writer.rows_done)
+        writer.drop_trimmed()  # redone: whole, or cut again to this --tokens
+        self.write_shards(writer, writer.shards_done, writer.rows_done, lambda index: True)
+        return self.finish(writer)
+
+    def run_part(self, world: World) -> ActivationCache:
+        """This rank's part of a harvest split over processes (torchrun): shard i is forwarded
+        and written by rank i % ranks, which lists it in its part manifest; every rank makes
+        (tokenizes) every window, to know where shards start and the last one ends. When all are
+        done, rank 0 merges the parts into the manifest a single process writes for the same
+        windows, so the cache is the same bytes. Resumes after any rank was killed, with any
+        number of processes: a shard any part lists is done."""
         c = self.cfg
-        writer = CacheWriter(c.out, self.identity())
-        if writer.manifest["complete"]:
-            if writer.rows_done < c.tokens and "note" not in writer.manifest:
-                raise FileExistsError(
-                    f"{c.out} is a finished cache of {writer.rows_done:,} tokens, and a finished "
-                    f"cache is not extended (to {c.tokens:,}): harvest into a new --out"
-                )
+        writer = CacheWriter(c.out, self.identity())  # written last, by rank 0
+        if self.finished(writer, quiet=not world.is_main):
+            return ActivationCache(c.out)
+        if writer.shards_done:
+            raise ValueError(
+                f"{c.out} holds an unfinished harvest of one process: resume it with one process "
+                "(sae harvest without torchrun), or harvest into a new --out"
+            )
+        parts = {r: CacheWriter(c.out, self.identity(), part=r) for r in writer.parts()}
+        self.check_extent(sum(part.rows_done for part in parts.values()))
+        world.barrier()  # every rank has read the parts before any drops a trimmed shard
+        if world.is_main:
+            for part in parts.values():
+                part.drop_trimmed()
+        world.barrier()
+        done = {s["name"] for part in parts.values() for s in part.manifest["shards"]}
+        mine = CacheWriter(c.out, self.identity(), part=world.rank)
+        self.write_shards(
+            mine, 0, 0,
+            lambda index: index % world.size == world.rank and shard_name(index) not in done,
+            show=world.is_main,
+        )  # fmt: skip
+        world.barrier()
+        if world.is_main:
+            writer.merge_parts()
+            self.finish(writer)
+        world.barrier()
+        return ActivationCache(c.out)
+
+    def finished(self, writer: CacheWriter, quiet: bool = False) -> bool:
+        """Whether the cache is already complete (it is then left as it is)."""
+        c = self.cfg
+        if not writer.manifest["complete"]:
+            return False
+        if writer.rows_done < c.tokens and "note" not in writer.manifest:
+            raise FileExistsError(
+                f"{c.out} is a finished cache of {writer.rows_done:,} tokens, and a finished "
+                f"cache is not extended (to {c.tokens:,}): harvest into a new --out"
+            )
+        if not quiet:
             print(
                 f"{c.out}: harvest already complete ({writer.rows_done:,} tokens)", file=sys.stderr
             )
-            return ActivationCache(c.out)
-        if writer.rows_done > c.tokens:  # cutting the cache would delete written shards
+        return True
+
+    def check_extent(self, rows_done: int) -> None:
+        """Refuse to resume with fewer --tokens than are written: cutting would delete shards."""
+        c = self.cfg
+        if rows_done > c.tokens:
             raise ValueError(
-                f"{c.out} is an unfinished cache that already holds {writer.rows_done:,} tokens, "
-                f"more than --tokens {c.tokens:,}: resume with --tokens {writer.rows_done:,} or "
+                f"{c.out} is an unfinished cache that already holds {rows_done:,} tokens, "
+                f"more than --tokens {c.tokens:,}: resume with --tokens {rows_done:,} or "
                 "more, or harvest into a new --out"
             )
-        writer.drop_trimmed()  # redone: whole, or cut again to this --tokens
-        # counted here, not by the writer thread
-        shard_index, submitted = writer.shards_done, writer.rows_done
-        windows = islice(self.windows(), shard_index * c.shard_windows, None)
+
+    def write_shards(
+        self,
+        writer: CacheWriter,
+        start: int,
+        submitted: int,
+        mine: Callable[[int], bool],
+        show: bool = True,
+    ) -> None:
+        """Forward and write shards start.. that are `mine` until --tokens rows are reached,
+        counting every shard's rows (a rank of a split harvest skips the other ranks'), the last
+        one cut there. `submitted`: the rows before shard `start`."""
+        c = self.cfg
+        windows = islice(self.windows(), start * c.shard_windows, None)
         # tokenizing is host work too (on an H200 it took 2x the forward passes of SmolLM2's
         # first 7 layers): the next shard's windows are made while this one's forwards run
         background = host_core_spare(self.device)
         shards = prefetched(
-            iter(lambda: list(islice(windows, c.shard_windows)), []), depth=int(background)
+            enumerate(iter(lambda: list(islice(windows, c.shard_windows)), []), start),
+            depth=int(background),
         )
-        bar = progress(
-            total=c.tokens,
-            initial=submitted,
-            unit="tok",
-            unit_scale=True,
-            desc="harvest",
-        )
+        bar = progress(total=c.tokens, initial=submitted, unit="tok", unit_scale=True,
+                       desc="harvest", disable=not show)  # fmt: skip
         pending: Future | None = None
         # serializing and hashing a shard is CPU work: the writer thread does it where it has a
         # core; otherwise it is done in line, and only the I/O (write, fsync, rename), which
         # barely uses a core, overlaps the next forward passes
         with ThreadPoolExecutor(max_workers=1) as pool, closing(shards):
-            while submitted < c.tokens and (shard := next(shards, None)):
-                first_window = shard_index * c.shard_windows
-                rows = self.shard_rows(shard, first_window, first_window // c.batch_size)
-                wanted = c.tokens - submitted
-                trimmed = len(rows["tokens"]) > wanted
-                rows = {k: v[:wanted] for k, v in rows.items()}
-                prepared = None if background else writer.prepare(rows, trimmed)
-                if pending is not None:
-                    pending.result()  # at most one shard in flight: memory stays bounded
-                pending = (
-                    pool.submit(writer.write_shard, rows, trimmed)
-                    if background
-                    else pool.submit(writer.commit, prepared)
-                )
-                shard_index, submitted = shard_index + 1, submitted + len(rows["tokens"])
-                bar.update(len(rows["tokens"]))
+            for index, shard in shards:
+                if submitted >= c.tokens:
+                    break
+                rows, wanted = sum(map(window_rows, shard)), c.tokens - submitted
+                if mine(index):
+                    first_window = index * c.shard_windows
+                    acts = self.shard_rows(shard, first_window, first_window // c.batch_size)
+                    acts, trimmed = {k: v[:wanted] for k, v in acts.items()}, rows > wanted
+                    prepared = None if background else writer.prepare(acts, trimmed)
+                    if pending is not None:
+                        pending.result()  # at most one shard in flight: memory stays bounded
+                    pending = (
+                        pool.submit(writer.write_shard, acts, trimmed, index)
+                        if background
+                        else pool.submit(writer.commit, prepared, index)
+                    )
+                submitted += min(rows, wanted)
+                bar.update(min(rows, wanted))
             if pending is not None:
                 pending.result()
         bar.close()
+
+    def finish(self, writer: CacheWriter) -> ActivationCache:
+        c = self.cfg
         if not writer.rows_done:  # a "complete" empty cache would refuse the run after a fix
             raise self.no_window(f"nothing harvested, and {c.out} has no manifest")
         note = None
@@ -441,9 +505,16 @@ def _to_host(t: Tensor) -> Tensor:
 
 
 def harvest(cfg: HarvestConfig | None = None, **overrides) -> ActivationCache:
-    """Harvest activations into a cache (resuming one that was interrupted); returns its reader."""
+    """Harvest activations into a cache (resuming one that was interrupted); returns its reader.
+    Under torchrun the windows' shards are split over the processes (Harvester.run_part)."""
     from dataclasses import replace
 
     cfg = replace(cfg or HarvestConfig(), **overrides)
-    with exclusive(cfg.out):  # before the model loads: a second writer is refused at once
-        return Harvester(cfg).run()
+    world = World()
+    if world.size == 1:
+        with exclusive(cfg.out):  # before the model loads: a second writer is refused at once
+            return Harvester(cfg).run()
+    cfg = replace(cfg, device=str(world.device(resolve_device(cfg.device))))
+    # rank 0 holds the lock; the others write nothing before run_part's first barrier
+    with exclusive(cfg.out) if world.is_main else nullcontext():
+        return Harvester(cfg).run_part(world)

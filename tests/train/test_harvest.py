@@ -2,7 +2,12 @@
 corruption, NaN, a dataset that runs out, and refusing to mix caches."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -410,3 +415,62 @@ def test_each_rank_of_a_model_stream_forwards_only_the_windows_of_its_rows(monke
         for hook in HOOKS:
             joined = torch.cat([part0[hook], part1[hook]])
             torch.testing.assert_close(joined, batch[hook], atol=1e-4, rtol=1e-4)  # batched apart
+
+
+SPLIT = ["--tokens", "1500", "--context-size", "32", "--batch-size", "2", "--shard-windows", "4",
+         "--hook", "blocks.2.hook_resid_post", "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+"""13 shards, the last cut: a harvest small enough to split over processes in a test."""
+
+
+def torchrun_harvest(out: Path, processes: int) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(processes), "-m", "sae.cli", "harvest", "--out", str(out), *SPLIT]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(out.parent / f"{out.name}.log", "ab") as log:  # the workers' output, to look at
+        return subprocess.Popen(launcher, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def rank_process(out: Path, rank: int) -> int | None:
+    """The pid of the torchrun worker of this rank harvesting into `out`."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if f"RANK={rank}".encode() in environ and str(out).encode() in cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_a_harvest_split_over_processes_is_the_one_process_cache_and_survives_a_killed_rank(
+    tmp_path,
+):
+    """torchrun: each rank forwards and writes every n-th shard; the merged cache is the one
+    process's, byte for byte. A rank killed part way fails the job at once, and a rerun resumes
+    from the shards every part lists."""
+    # one process through torchrun too: the same thread count, so the same float sums
+    assert torchrun_harvest(tmp_path / "one", 1).wait(timeout=120) == 0
+    split = tmp_path / "split"
+    job = torchrun_harvest(split, 2)
+    deadline = time.time() + 120
+    while not read_json(split / "manifest.part-1.json")["shards"]:  # rank 1 wrote a shard
+        assert time.time() < deadline and job.poll() is None, "rank 1 wrote no shard"
+        time.sleep(0.02)
+    os.kill(rank_process(split, 1), signal.SIGKILL)
+    assert job.wait(timeout=120) != 0, "the job goes down with its rank"
+    assert not (split / "manifest.json").exists()
+    done = [
+        s["name"] for r in (0, 1) for s in read_json(split / f"manifest.part-{r}.json")["shards"]
+    ]
+    assert 1 <= len(done) < 13
+    assert torchrun_harvest(split, 2).wait(timeout=180) == 0
+    assert not list(split.glob("manifest.part-*"))
+    one = sorted(p.name for p in (tmp_path / "one").glob("shard-*"))
+    assert sorted(p.name for p in split.glob("shard-*")) == one and len(one) == 13
+    for name in ["manifest.json", *one]:
+        assert (split / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"shards": []}
