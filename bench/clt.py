@@ -29,7 +29,6 @@ from sae.environment import machine  # noqa: E402
 from sae.lm import load_lm  # noqa: E402
 from train.config import HarvestConfig, TrainConfig  # noqa: E402
 from train.harvest import Harvester  # noqa: E402
-from train.sources import rebatch  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 LAYERS = 30
@@ -65,7 +64,7 @@ def main() -> None:
 
     start = time.perf_counter()  # the bare stream: forwards and hookpoint copies, nothing trained
     rows = 0
-    for chunk in Harvester(stream).stream():
+    for chunk in Harvester(stream).stream(args.batch_size):
         if (rows := rows + len(chunk[hooks[0]])) >= args.tokens:
             break
     stream_rows_s = rows / (time.perf_counter() - start)
@@ -98,7 +97,7 @@ def main() -> None:
         print(f"{name:4s} CE loss recovered {s['ce_loss_recovered']:.3f} | KL score {s['kl_score']:.3f} | "
               f"explained variance {s['explained_variance']:.3f} | L0 {s['l0']:.0f} | dead "
               f"{s['dead_fraction']:.1%}", flush=True)  # fmt: skip
-    batch = next(rebatch(Harvester(stream).stream(), args.batch_size))
+    batch = next(Harvester(stream).stream(args.batch_size))
     step_s = {"clt": step_time(trainer, batch, trainer.members[:1]),
               "set": step_time(trainer, batch, trainer.members[1:])}  # fmt: skip
     print(f"one training step: CLT {step_s['clt']:.3f} s, 30 transcoders {step_s['set']:.3f} s")

@@ -112,17 +112,17 @@ class Stream(nn.Module):
         return self.rows(x.view(*input_ids.shape, -1))
 
 
-def sparsify_module():
+def sparsify_module(device: torch.device):
     """sparsify, installed by bench/transcoder_speed.py's installer on first use."""
     path = Path(__file__).with_name("transcoder_speed.py")
     spec = importlib.util.spec_from_file_location("transcoder_speed", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.sparsify_module()
+    return module.sparsify_module(device.type)
 
 
 def sparsify(cache: str, hook: str, d_in: int, steps: int, out: Path, device: torch.device):
-    sparsify = sparsify_module()
+    sparsify = sparsify_module(device)
     start = time.perf_counter()
     cfg = sparsify.TrainConfig(sparsify.SparseCoderConfig(num_latents=EXPANSION * d_in, k=K),
                                batch_size=1, hookpoints=["rows"], log_to_wandb=False,
