@@ -1,0 +1,140 @@
+"""Scale-out on this machine: training throughput with 1, 2 and 4 processes (torchrun, gloo, one
+thread each) per mode, beside the ideal (linear in processes, up to the cores), and the cache bytes
+each rank reads.
+
+  data    data parallel: each rank reads and trains on its part of every global batch (1/N of the
+          bytes of one process) and DistributedDataParallel averages the gradients
+
+TopK, k 32, 8x (d_in 576), global batch 4096, a synthetic bf16 cache; steps timed after two of
+warm-up, between barriers. Writes bench/results/scaling-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# this file's folder holds bench/train.py: keep it from shadowing the `train` package
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from sae.environment import machine  # noqa: E402
+from train.cache import CacheWriter  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+
+D_IN, BATCH, WARMUP = 576, 4096, 2
+MODES = {"data": {}}
+"""Each mode's TrainConfig settings beyond the shared ones."""
+
+
+def synthetic_cache(path: Path, shards: int, rows: int = 4096) -> str:
+    """Random bf16 rows: what is read and reduced, not what is learnt, is measured here."""
+    identity = {"model": "synthetic", "revision": "0", "hookpoints": ["h"], "d_in": {"h": D_IN},
+                "dtype": "bfloat16", "context_size": 128, "prepend_bos": True,
+                "dataset": "synthetic", "pack": True, "seed": 0}  # fmt: skip
+    writer = CacheWriter(str(path), identity)
+    g = torch.Generator().manual_seed(0)
+    for i in range(shards):
+        meta = torch.arange(i * rows, (i + 1) * rows)
+        writer.write_shard({"acts.h": torch.randn(rows, D_IN, generator=g).bfloat16(),
+                            "tokens": meta.int(), "docs": meta.int(), "positions": meta.int(),
+                            "windows": meta})  # fmt: skip
+    writer.finish()
+    return str(path)
+
+
+def worker(cache: str, out: str, mode: str, steps: int) -> None:
+    """One rank (under torchrun): time `steps` steps, count the bytes its cache reads, and write
+    both to out/rank-R.json."""
+    from train.trainer import Trainer
+
+    cfg = TrainConfig(out=out, hook="h", architecture="topk", k=32, expansion_factor=8,
+                      batch_size=BATCH, total_tokens=(steps + WARMUP + 1) * BATCH, lr=4e-3,
+                      device="cpu", **MODES[mode])  # fmt: skip
+    trainer = Trainer(cfg, cache)
+    read = {"bytes": 0}
+    fs = trainer.source.cache.fs
+
+    def counted(fn):
+        def reads(*args, **kwargs):
+            data = fn(*args, **kwargs)
+            read["bytes"] += len(data) if isinstance(data, bytes) else sum(map(len, data))
+            return data
+
+        return reads
+
+    fs.cat_file, fs.cat_ranges = counted(fs.cat_file), counted(fs.cat_ranges)
+    batches = iter(trainer.source)
+    trainer.init_b_dec(next(batches))
+    for i in range(WARMUP + steps):
+        if i == WARMUP:
+            trainer.world.barrier()
+            start = time.perf_counter()
+        trainer.train_step(next(batches)).read()
+        trainer.step += 1
+    trainer.world.barrier()
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "steps": steps, "bytes": read["bytes"]}
+    (Path(out) / f"rank-{trainer.world.rank}.json").write_text(json.dumps(result))
+
+
+def run(cache: str, mode: str, processes: int, steps: int, scratch: Path) -> dict:
+    out = scratch / f"{mode}-{processes}"
+    out.mkdir(parents=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(processes), __file__, "--worker", cache, str(out), mode, str(steps)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launcher, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{mode} with {processes} processes failed:\n{done.stderr[-3000:]}")
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)]
+    seconds = max(r["seconds"] for r in ranks)
+    return {"processes": processes, "rows_per_s": steps * BATCH / seconds,
+            "bytes_per_rank": [r["bytes"] for r in ranks]}  # fmt: skip
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:
+        cache, out, mode, steps = sys.argv[2:]
+        return worker(cache, out, mode, int(steps))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    scratch = Path(tempfile.mkdtemp())
+    cache = synthetic_cache(scratch / "cache", shards=(args.steps + WARMUP + 2) * BATCH // 4096)
+    cores = os.cpu_count() or 1
+    results = []
+    for mode in args.modes:
+        rows = [run(cache, mode, n, args.steps, scratch) for n in args.processes]
+        base = next((r for r in rows if r["processes"] == 1), rows[0])
+        for r in rows:
+            n = r["processes"]
+            r["speedup"] = r["rows_per_s"] / base["rows_per_s"]
+            r["ideal"] = min(n, cores) / min(base["processes"], cores)
+            r["bytes_per_rank_over_one_process"] = max(r["bytes_per_rank"]) / max(
+                base["bytes_per_rank"]
+            )
+            print(f"{mode:6s} {n} processes: {r['rows_per_s']:8,.0f} rows/s, {r['speedup']:.2f}x "
+                  f"(ideal {r['ideal']:.0f}x on {cores} cores); bytes per rank "
+                  f"{r['bytes_per_rank_over_one_process']:.2f} of one process's", flush=True)  # fmt: skip
+        results.append({"mode": mode, "runs": rows})
+    report = {"d_in": D_IN, "d_sae": 8 * D_IN, "k": 32, "batch_size": BATCH, "steps": args.steps,
+              "results": results, "machine": machine()}  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "scaling-cpu.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
