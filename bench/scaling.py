@@ -34,6 +34,25 @@ MODES = {"data": {}}
 """Each mode's TrainConfig settings beyond the shared ones."""
 
 
+def per_step(d_in: int, d_sae: int, k: int, rows: int, data: int, latent: int) -> dict[str, float]:
+    """Bytes per rank per step, by the design: fp32 parameters, their gradients and Adam's two
+    moments (16 bytes a parameter) of the rank's 1/latent of the latents; the encoder's
+    pre-activations of its `rows` (the per-data-rank batch), fp32; the data-parallel gradient
+    all-reduce (ring: 2 (n-1)/n of the data sent per rank); within a latent group, the all-gather of
+    each row's k candidates (fp32 value, int64 index) and the ring all-reduce of the [rows, d_in]
+    partial reconstructions, once for the code and once for AuxK (k_aux = d_in / 2, as SAELens)."""
+    params = 2 * d_in * d_sae // latent + d_sae // latent + d_in
+    ring = lambda n, size: 2 * (n - 1) / n * size  # noqa: E731
+    k_aux = d_in // 2
+    latent_traffic = (latent - 1) * rows * (k + k_aux) * 12 + 2 * ring(latent, rows * d_in * 4)
+    return {
+        "memory": 16 * params + 4 * rows * d_sae / latent,
+        "gradient_traffic": ring(data, 4 * params) if data > 1 else 0.0,
+        "latent_traffic": latent_traffic if latent > 1 else 0.0,
+        "encoder_flops": 2 * rows * d_in * d_sae / latent,
+    }
+
+
 def synthetic_cache(path: Path, shards: int, rows: int = 4096) -> str:
     """Random bf16 rows: what is read and reduced, not what is learnt, is measured here."""
     identity = {"model": "synthetic", "revision": "0", "hookpoints": ["h"], "d_in": {"h": D_IN},
@@ -100,10 +119,34 @@ def run(cache: str, mode: str, processes: int, steps: int, scratch: Path) -> dic
             "bytes_per_rank": [r["bytes"] for r in ranks]}  # fmt: skip
 
 
+def model_table(rows: int = 4096, gpus: int = 8, link: float = 300e9, flops: float = 600e12) -> str:
+    """docs/scaling.md's table: per_step over d_in 2304-8192, 64k-16M latents, k 32 and 128, on
+    `gpus` GPUs split data x latent, with times at `link` bytes/s of all-reduce bandwidth per GPU
+    (NVLink 4: ~450 GB/s of bus bandwidth, less in practice) and `flops` of bf16 (an H100's
+    dense ~990 TFLOP/s, about 60% of it reached); a step costs about three encoder matmuls."""
+    lines = ["| d_in | latents | k | data x latent | memory / GPU | gradient all-reduce | "
+             "latent collectives | their time | compute |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d_in in (2304, 4096, 8192):
+        for d_sae in (2**16, 2**20, 2**24):
+            for k in (32, 128):
+                for data in (gpus, 1):
+                    r = per_step(d_in, d_sae, k, rows, data, gpus // data)
+                    comm = (r["gradient_traffic"] + r["latent_traffic"]) / link * 1e3
+                    lines.append(
+                        f"| {d_in} | {d_sae:,} | {k} | {data} x {gpus // data} | "
+                        f"{r['memory'] / 2**30:,.1f} GiB | {r['gradient_traffic'] / 2**20:,.0f} MiB | "
+                        f"{r['latent_traffic'] / 2**20:,.0f} MiB | {comm:,.1f} ms | "
+                        f"{3 * r['encoder_flops'] / flops * 1e3:,.1f} ms |"
+                    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
         cache, out, mode, steps = sys.argv[2:]
         return worker(cache, out, mode, int(steps))
+    if sys.argv[1:2] == ["--model"]:
+        return print(model_table())
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
