@@ -181,7 +181,7 @@ def test_resume_with_another_number_of_processes(tmp_path, architecture):
         train.fit(random_batches(6, 100), resume=True, **settings)
         return
     with pytest.raises(
-        ValueError, match=r"processes \(batchtopk-k4-x32 select within each\): 2 -> 1"
+        ValueError, match=r"data-parallel ranks \(batchtopk-k4-x32 select within each\): 2 -> 1"
     ):
         train.fit(random_batches(6, 100), resume=True, **settings)
 

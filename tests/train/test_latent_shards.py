@@ -1,0 +1,64 @@
+"""Latent sharding: each rank of a latent group holds a slice of every SAE's latents; runs of 2 and
+4 gloo processes end with one process's dictionaries, alone and on a (data x latent) mesh."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sae
+from tests.conftest import synthetic_cache
+from tests.train.test_trainer import failure
+from train.distributed import World, check_mesh
+
+SWEEP = """sweep:
+  - {architecture: topk, k: 4, name: topk}
+  - {architecture: batchtopk, k: 4, name: batchtopk}
+  - {architecture: jumprelu, name: jumprelu}
+"""
+
+
+def launch(out, processes: int, *args: str) -> None:
+    """`python -m train` in one process, or torchrun's gloo processes on CPU; must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]  # fmt: skip
+    run = subprocess.run([*launcher, "-m", "train", "--out", str(out), *args], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, failure(run.stderr)
+
+
+def common(tmp_path, config: str) -> list[str]:
+    cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
+    (tmp_path / "sweep.yaml").write_text(config)
+    return ["--cache", cache.url, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
+            "--batch-size", "500", "--total-tokens", "15000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
+
+
+def assert_same(a_dir, b_dir, names) -> None:
+    for name in names:
+        a, b = sae.load(a_dir / name), sae.load(b_dir / name)
+        assert b.cfg.d_sae == a.cfg.d_sae == 128
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def dead(run_dir, name: str) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)[f"sparsity/dead_features/{name}"] for line in lines]
+
+
+def test_two_latent_shards_equal_one_process(tmp_path):
+    """topk, batchtopk (its inference threshold too) and jumprelu split over 2 latent shards train
+    as one process does, AuxK on some dead latents included; the saved SAEs are whole."""
+    args = common(tmp_path, SWEEP)
+    launch(tmp_path / "one", 1, *args)
+    launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
+    assert_same(tmp_path / "one", tmp_path / "two", ["topk", "batchtopk", "jumprelu"])
+    for name in ("topk", "batchtopk"):
+        assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
+        assert max(dead(tmp_path / "one", name)) > 0, "AuxK trained dead latents"
