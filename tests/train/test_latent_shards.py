@@ -62,3 +62,32 @@ def test_two_latent_shards_equal_one_process(tmp_path):
     for name in ("topk", "batchtopk"):
         assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
         assert max(dead(tmp_path / "one", name)) > 0, "AuxK trained dead latents"
+
+
+def test_a_mesh_or_width_that_does_not_split_is_refused_naming_both_numbers():
+    with pytest.raises(ValueError, match=r"--latent-shards 3 does not divide the 4 processes .*"
+                       r"use one of \[1, 2, 4\], or launch a multiple of 3"):  # fmt: skip
+        check_mesh(4, 3)
+    world = World()
+    world.size, world.latent_shards, world.data_size = 4, 3, 1
+    with pytest.raises(ValueError, match=r"d_sae 100 does not split over --latent-shards 3: make "
+                       r"--d-sae \(or --expansion-factor x d_in\) a multiple of 3 \(say 99\)"):  # fmt: skip
+        world.shards(100, 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"k 40 is more than a latent shard's 33 latents"):
+        world.shards(99, 40, torch.device("cpu"))
+    world.latent_shards, world.data_size = 2, 2
+    with pytest.raises(ValueError, match=r"--batch-size 501 does not split evenly over 2 data "
+                       r"ranks \(4 processes / --latent-shards 2\): make it a multiple of 2"):  # fmt: skip
+        world.check_batch_size(501)
+
+
+def test_a_run_that_does_not_fit_its_mesh_is_refused_before_any_work(tmp_path):
+    """3 processes cannot form a grid with 2 latent shards: every rank stops at once, naming both."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "3", "-m", "train", "--out", str(tmp_path / "run"),
+                          "--latent-shards", "2", "--cache", str(tmp_path / "none")],
+                         env=env, capture_output=True, text=True)  # fmt: skip
+    assert run.returncode != 0
+    assert "--latent-shards 2 does not divide the 3 processes" in run.stderr
+    assert not (tmp_path / "run").exists()

@@ -775,7 +775,7 @@ def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
     from train.distributed import World
 
     world = World()
-    world.size = 3
+    world.size = world.data_size = 3
     with pytest.raises(ValueError, match=r"--batch-size 500 does not split evenly over 3 .*"
                        r"make it a multiple of 3 \(say 498\)"):  # fmt: skip
         world.check_batch_size(500)
