@@ -101,7 +101,9 @@ def member_state(prefix: str, m: Member) -> tuple[dict[str, torch.Tensor], dict[
     meta = {"spec": asdict(m.spec), "optimizer": opt_meta, "schedule": m.schedule.state_dict()}
     tensors |= opt_tensors
     dims = latent_dims(prefix, m, tensors)
-    return {k: m.shards.whole(v, dims[k]) for k, v in tensors.items()}, meta
+    # in one order on every rank: the optimizer's state follows that of the file it was restored
+    # from, and safetensors' order of a file's tensors differs from process to process
+    return {k: m.shards.whole(tensors[k], dims[k]) for k in sorted(tensors)}, meta
 
 
 def latent_dims(prefix: str, m: Member, tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:

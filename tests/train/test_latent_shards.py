@@ -3,11 +3,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sae
 from tests.conftest import synthetic_cache
@@ -44,7 +46,9 @@ def assert_same(a_dir, b_dir, names) -> None:
         a, b = sae.load(a_dir / name), sae.load(b_dir / name)
         assert b.cfg.d_sae == a.cfg.d_sae == 128
         for key, value in a.state_dict().items():
-            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4, msg=name)
+            where = f"{name}.{key}"
+            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, where=where: f"{where}: {m}")  # fmt: skip
 
 
 def dead(run_dir, name: str) -> list[int]:
@@ -62,6 +66,47 @@ def test_two_latent_shards_equal_one_process(tmp_path):
     for name in ("topk", "batchtopk"):
         assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
         assert max(dead(tmp_path / "one", name)) > 0, "AuxK trained dead latents"
+    # the checkpoint holds each dictionary whole, Adam's moments and dead-latent counts included
+    one, two = (
+        load_file(tmp_path / run / "checkpoint" / "state.safetensors") for run in ("one", "two")
+    )
+    assert sorted(two) == sorted(one)
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_four_latent_shards_equal_one_process(tmp_path):
+    args = common(tmp_path, SWEEP)
+    launch(tmp_path / "one", 1, *args)
+    launch(tmp_path / "four", 4, *args, "--latent-shards", "4")
+    assert_same(tmp_path / "one", tmp_path / "four", ["topk", "batchtopk", "jumprelu"])
+
+
+def test_a_data_by_latent_mesh_equals_one_process_where_data_parallel_does(tmp_path):
+    """4 processes as 2 data ranks x 2 latent shards: the per-row rules end as one process's;
+    BatchTopK selects within each data rank's rows, so it ends as 2 data-parallel processes'."""
+    args = common(tmp_path, SWEEP)
+    launch(tmp_path / "one", 1, *args)
+    launch(tmp_path / "data", 2, *args)
+    launch(tmp_path / "mesh", 4, *args, "--latent-shards", "2")
+    assert_same(tmp_path / "one", tmp_path / "mesh", ["topk", "jumprelu"])
+    assert_same(tmp_path / "data", tmp_path / "mesh", ["batchtopk"])
+    assert dead(tmp_path / "mesh", "topk") == dead(tmp_path / "one", "topk")
+
+
+def test_a_checkpoint_resumes_with_another_number_of_latent_shards(tmp_path):
+    """A checkpoint is one process's, whatever the shards that wrote it: resumed split over 2
+    latent shards, a run goes on as it would in one process. (A few steps on: the shards sum
+    their decodes in another order, and some dozens of steps later a near-tie in a row's top k can
+    go the other way, as in any data-parallel run.)"""
+    args = common(tmp_path, SWEEP)
+    launch(tmp_path / "one", 1, *args, "--total-tokens", "7500")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    launch(tmp_path / "one", 1, *args, "--total-tokens", "10000", "--resume")
+    launch(
+        tmp_path / "two", 2, *args, "--total-tokens", "10000", "--resume", "--latent-shards", "2"
+    )
+    assert_same(tmp_path / "one", tmp_path / "two", ["topk", "batchtopk", "jumprelu"])
 
 
 def test_a_mesh_or_width_that_does_not_split_is_refused_naming_both_numbers():
