@@ -21,6 +21,13 @@ SWEEP = """sweep:
   - {architecture: batchtopk, k: 4, name: batchtopk}
   - {architecture: jumprelu, name: jumprelu}
 """
+EVERY_RULE = (
+    SWEEP
+    + """  - {architecture: matryoshka_batchtopk, k: 4, name: matryoshka}
+  - {architecture: standard, name: relu}
+  - {architecture: gated, name: gated}
+"""
+)
 
 
 def launch(out, processes: int, *args: str) -> None:
@@ -57,12 +64,14 @@ def dead(run_dir, name: str) -> list[int]:
 
 
 def test_two_latent_shards_equal_one_process(tmp_path):
-    """topk, batchtopk (its inference threshold too) and jumprelu split over 2 latent shards train
-    as one process does, AuxK on some dead latents included; the saved SAEs are whole."""
-    args = common(tmp_path, SWEEP)
+    """Every rule split over 2 latent shards trains as one process does: topk, batchtopk (its
+    inference threshold too), jumprelu, matryoshka (prefixes across the shards), relu and gated,
+    AuxK on some dead latents included; the saved SAEs are whole."""
+    args = common(tmp_path, EVERY_RULE)
     launch(tmp_path / "one", 1, *args)
     launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
-    assert_same(tmp_path / "one", tmp_path / "two", ["topk", "batchtopk", "jumprelu"])
+    names = ["topk", "batchtopk", "jumprelu", "matryoshka", "relu", "gated"]
+    assert_same(tmp_path / "one", tmp_path / "two", names)
     for name in ("topk", "batchtopk"):
         assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
         assert max(dead(tmp_path / "one", name)) > 0, "AuxK trained dead latents"
