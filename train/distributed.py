@@ -9,7 +9,7 @@ Rank 0 alone logs, checkpoints and saves.
     torchrun --nproc-per-node 8 -m train --cache s3://bucket/cache --architecture topk ...
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-endpoint HOST:29500 -m train --cache s3://...
 
-Batch top-k (batchtopk, matryoshka) selects within each rank's rows, as other libraries do.
+Batch top-k (batchtopk, matryoshka) selects within each data rank's rows, as other libraries do.
 
 Latent sharding (--latent-shards n) splits each dictionary's latents over n ranks, for dictionaries
 too big for one device: the processes form a DeviceMesh of (data, latent) ranks, rank = data * n +
@@ -93,31 +93,40 @@ class World:
         n = self.data_size
         if batch_size % n:
             fit = batch_size // n * n or n
-            over = f"{n} processes" if n == self.size else f"{n} data ranks ({self.size} processes / --latent-shards {self.latent_shards})"  # fmt: skip
+            over = f"{n} processes"
+            if n != self.size:
+                over = (
+                    f"{n} data ranks ({self.size} processes / --latent-shards {self.latent_shards})"
+                )
             raise ValueError(
                 f"--batch-size {batch_size:,} does not split evenly over {over}: "
                 f"make it a multiple of {n} (say {fit:,}), or change --nproc-per-node"
             )
 
-    def shards(self, d_sae: int, k: int, device: torch.device) -> Whole:
-        """Where this rank's part of a dictionary of d_sae latents lives (all here, or its latent
-        slice); a width that does not split over the shards, or leaves a shard fewer latents than
-        a row's top k, is refused."""
+    def split_latents(self, dictionary: nn.Module, name: str, device: torch.device) -> LatentShards:
+        """Keep this rank's slice of a dictionary's latents (built whole alike on every rank);
+        a width that does not split over the shards, or leaves a shard fewer latents than a
+        row's top k, is refused, as are dictionaries over several layers."""
         n = self.latent_shards
-        if n == 1:
-            return Whole()
+        if not isinstance(dictionary, SAE):
+            raise ValueError(
+                f"{name}: latent sharding splits one hookpoint's SAEs and transcoders; train "
+                "dictionaries over several layers with --latent-shards 1"
+            )
+        d_sae, k = dictionary.cfg.d_sae, dictionary.cfg.k if dictionary.uses_k else 0
         if d_sae % n:
             fit = d_sae // n * n or n
             raise ValueError(
-                f"d_sae {d_sae:,} does not split over --latent-shards {n}: make --d-sae (or "
-                f"--expansion-factor x d_in) a multiple of {n} (say {fit:,}), or change --latent-shards"
+                f"{name}: d_sae {d_sae:,} does not split over --latent-shards {n}: make --d-sae "
+                f"(or --expansion-factor x d_in) a multiple of {n} (say {fit:,}), or change "
+                "--latent-shards"
             )
         if k > d_sae // n:
             raise ValueError(
-                f"k {k} is more than a latent shard's {d_sae // n} latents (d_sae {d_sae:,} / "
-                f"--latent-shards {n}): lower --latent-shards or --k"
+                f"{name}: k {k} is more than a latent shard's {d_sae // n} latents (d_sae "
+                f"{d_sae:,} / --latent-shards {n}): lower --latent-shards or --k"
             )
-        return LatentShards(self.latent_group, self.rank % n, n, d_sae, device)
+        return LatentShards(self.latent_group, self.rank % n, n, d_sae, device).split_(dictionary)
 
     def training_loss(self, sae: nn.Module) -> Callable[..., LossOutput]:
         """sae.training_loss, whose backward leaves the gradients averaged over data ranks: DDP
@@ -217,7 +226,7 @@ class LatentShards(Whole):
         self.first = index * self.width
 
     def centre(self, t: Tensor) -> Tensor:
-        return CopyToShards.apply(t, self.group) if torch.is_grad_enabled() else t
+        return CopyToShards.apply(t, self.group)
 
     def sum(self, t: Tensor) -> Tensor:
         return SumOverShards.apply(t, self.group)
@@ -281,15 +290,15 @@ class LatentShards(Whole):
         picked.scatter_(-1, index, keep.to(pre_dead.dtype))  # 1 at the winners
         return pre_dead * picked[:, :n_dead]
 
-    def split_(self, sae: SAE) -> SAE:
+    def split_(self, sae: SAE) -> LatentShards:
         """Keep this shard's slice of every per-latent parameter and buffer of a whole SAE (built
-        alike on every rank, from the seed), and make its training collective."""
+        alike on every rank, from the seed), and make its training collective; returns itself."""
         for name, t in [*sae.named_parameters(), *sae.named_buffers()]:
             if (dim := sae.latent_dim(name)) is not None:
                 part = t.detach().narrow(dim, self.first, self.width).clone()
                 setattr(sae, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
         sae.shards = self
-        return sae
+        return self
 
     def whole(self, t: Tensor, dim: int | None) -> Tensor | None:
         """A sharded tensor's slices, joined along `dim` on the group's first rank (None on the

@@ -190,14 +190,11 @@ def build_member(
     build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
     dictionary = build(cfg, spec, source, device)
     d_sae = dictionary.cfg.d_sae
-    shards = world.shards(d_sae, dictionary.cfg.k if dictionary.uses_k else 0, device)
-    if shards.count > 1:
-        if not isinstance(dictionary, SAE):
-            raise ValueError(
-                f"{member_name(spec)}: latent sharding splits one hookpoint's SAEs and "
-                "transcoders; train dictionaries over several layers with --latent-shards 1"
-            )
-        shards.split_(dictionary)
+    shards = (
+        world.split_latents(dictionary, member_name(spec), device)
+        if world.latent_shards > 1
+        else WHOLE
+    )
     lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")

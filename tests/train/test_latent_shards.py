@@ -124,11 +124,14 @@ def test_a_mesh_or_width_that_does_not_split_is_refused_naming_both_numbers():
         check_mesh(4, 3)
     world = World()
     world.size, world.latent_shards, world.data_size = 4, 3, 1
-    with pytest.raises(ValueError, match=r"d_sae 100 does not split over --latent-shards 3: make "
-                       r"--d-sae \(or --expansion-factor x d_in\) a multiple of 3 \(say 99\)"):  # fmt: skip
-        world.shards(100, 4, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"x100: d_sae 100 does not split over --latent-shards 3: "
+                       r"make --d-sae \(or --expansion-factor x d_in\) a multiple of 3 \(say 99\)"):  # fmt: skip
+        world.split_latents(sae.create("topk", d_in=8, d_sae=100, k=4), "x100", cpu)
     with pytest.raises(ValueError, match=r"k 40 is more than a latent shard's 33 latents"):
-        world.shards(99, 40, torch.device("cpu"))
+        world.split_latents(sae.create("batchtopk", d_in=8, d_sae=99, k=40), "x99", cpu)
+    with pytest.raises(ValueError, match=r"clt: latent sharding splits one hookpoint's SAEs"):
+        world.split_latents(torch.nn.Linear(2, 2), "clt", cpu)
     world.latent_shards, world.data_size = 2, 2
     with pytest.raises(ValueError, match=r"--batch-size 501 does not split evenly over 2 data "
                        r"ranks \(4 processes / --latent-shards 2\): make it a multiple of 2"):  # fmt: skip
