@@ -69,6 +69,8 @@ class Whole:
         return t
 
     def minimum(self, t: Tensor) -> Tensor:
+        """The minimum over ranks of a value each computes from its latents (BatchTopK's
+        smallest kept activation)."""
         return t
 
     def total(self, n: int) -> int:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import sae
-from tests.conftest import synthetic_cache
+from tests.conftest import HOOK, synthetic, write_cache
 from tests.train.test_trainer import failure
 from train.distributed import World, check_mesh
 
@@ -21,13 +21,12 @@ SWEEP = """sweep:
   - {architecture: batchtopk, k: 4, name: batchtopk}
   - {architecture: jumprelu, name: jumprelu}
 """
-EVERY_RULE = (
-    SWEEP
-    + """  - {architecture: matryoshka_batchtopk, k: 4, name: matryoshka}
-  - {architecture: standard, name: relu}
-  - {architecture: gated, name: gated}
+OUT = "blocks.6.hook_mlp_out"
+EVERY_RULE = f"""{SWEEP}  - {{architecture: matryoshka_batchtopk, k: 4, name: matryoshka}}
+  - {{architecture: standard, name: relu}}
+  - {{architecture: gated, name: gated}}
+  - {{architecture: topk, k: 4, hook_out: {OUT}, skip: true, name: skip_transcoder}}
 """
-)
 
 
 def launch(out, processes: int, *args: str) -> None:
@@ -42,9 +41,13 @@ def launch(out, processes: int, *args: str) -> None:
 
 
 def common(tmp_path, config: str) -> list[str]:
-    cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
+    """Settings of a 30-step run on a cache of synthetic rows at HOOK and, at OUT, a nonlinear
+    function of them (a transcoder's target)."""
+    _, batches = synthetic(n_features=128, d=32, batch=2_000)
+    mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32**0.5
+    cache = write_cache(tmp_path / "cache", ({HOOK: x, OUT: (x @ mix).relu()} for x in batches(6)))
     (tmp_path / "sweep.yaml").write_text(config)
-    return ["--cache", cache.url, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
+    return ["--cache", cache.url, "--hook", HOOK, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
             "--batch-size", "500", "--total-tokens", "15000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
 
 
@@ -65,12 +68,13 @@ def dead(run_dir, name: str) -> list[int]:
 
 def test_two_latent_shards_equal_one_process(tmp_path):
     """Every rule split over 2 latent shards trains as one process does: topk, batchtopk (its
-    inference threshold too), jumprelu, matryoshka (prefixes across the shards), relu and gated,
-    AuxK on some dead latents included; the saved SAEs are whole."""
+    inference threshold too), jumprelu, matryoshka (prefixes across the shards), relu, gated and a
+    skip transcoder (W_skip whole on each shard), AuxK on some dead latents included; the saved
+    SAEs are whole."""
     args = common(tmp_path, EVERY_RULE)
     launch(tmp_path / "one", 1, *args)
     launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
-    names = ["topk", "batchtopk", "jumprelu", "matryoshka", "relu", "gated"]
+    names = ["topk", "batchtopk", "jumprelu", "matryoshka", "relu", "gated", "skip_transcoder"]
     assert_same(tmp_path / "one", tmp_path / "two", names)
     for name in ("topk", "batchtopk"):
         assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
