@@ -104,9 +104,10 @@ class World:
             )
 
     def split_latents(self, dictionary: nn.Module, name: str, device: torch.device) -> LatentShards:
-        """Keep this rank's slice of a dictionary's latents (built whole alike on every rank);
-        a width that does not split over the shards, or leaves a shard fewer latents than a
-        row's top k, is refused, as are dictionaries over several layers."""
+        """Move this rank's slice of a dictionary's latents to `device` (the dictionary built
+        whole alike on every rank, on the host); a width that does not split over the shards, or
+        leaves a shard fewer latents than a row's top k, is refused, as are dictionaries over
+        several layers."""
         n = self.latent_shards
         if not isinstance(dictionary, SAE):
             raise ValueError(
@@ -126,7 +127,8 @@ class World:
                 f"{name}: k {k} is more than a latent shard's {d_sae // n} latents (d_sae "
                 f"{d_sae:,} / --latent-shards {n}): lower --latent-shards or --k"
             )
-        return LatentShards(self.latent_group, self.rank % n, n, d_sae, device).split_(dictionary)
+        shards = LatentShards(self.latent_group, self.rank % n, n, d_sae, device)
+        return shards.split_(dictionary)
 
     def training_loss(self, sae: nn.Module) -> Callable[..., LossOutput]:
         """sae.training_loss, whose backward leaves the gradients averaged over data ranks: DDP
@@ -292,33 +294,42 @@ class LatentShards(Whole):
 
     def split_(self, sae: SAE) -> LatentShards:
         """Keep this shard's slice of every per-latent parameter and buffer of a whole SAE (built
-        alike on every rank, from the seed), and make its training collective; returns itself."""
+        alike on every rank, from the seed), on the shard's device with the replicated ones, and
+        make its training collective; returns itself."""
         for name, t in [*sae.named_parameters(), *sae.named_buffers()]:
-            if (dim := sae.latent_dim(name)) is not None:
-                part = t.detach().narrow(dim, self.first, self.width).clone()
-                setattr(sae, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
+            part = self.part(t.detach(), sae.latent_dim(name)).to(self.device, copy=True)
+            setattr(sae, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
+        sae.cfg.device = str(self.device)
         sae.shards = self
         return self
 
     def whole(self, t: Tensor, dim: int | None) -> Tensor | None:
-        """A sharded tensor's slices, joined along `dim` on the group's first rank (None on the
-        others); a replicated one (dim None) as it is."""
+        """A sharded tensor's slices, joined along `dim` in the host memory of the group's first
+        rank (None on the others), received one slice at a time so that no device ever holds
+        the whole; a replicated one (dim None) as it is."""
         if dim is None:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.count)] if self.index == 0 else None
-        dist.gather(t.contiguous(), parts, group=self.group, group_dst=0)
-        return torch.cat(parts, dim) if parts else None
+        t = t.contiguous()
+        if self.index:
+            dist.send(t, group=self.group, group_dst=0)
+            return None
+        parts, buffer = [t.cpu()], torch.empty_like(t)
+        for shard in range(1, self.count):
+            dist.recv(buffer, group=self.group, group_src=shard)
+            parts.append(buffer.to("cpu", copy=True))  # a CPU buffer is received again
+        return torch.cat(parts, dim)
 
     def part(self, t: Tensor, dim: int | None) -> Tensor:
         """This shard's slice of a whole tensor along `dim` (a replicated one as it is)."""
         return t if dim is None else t.narrow(dim, self.first, self.width)
 
     def whole_sae(self, sae: SAE) -> SAE | None:  # type: ignore[override]
-        """The whole dictionary on the group's first rank (None on the others), to save."""
+        """The whole dictionary on the group's first rank, in host memory (None on the others),
+        to save."""
         state = {k: self.whole(v, sae.latent_dim(k)) for k, v in sae.state_dict().items()}
         if self.index:
             return None
         whole = REGISTRY[sae.cfg.architecture](replace(sae.cfg, device="meta"))
-        whole.load_state_dict(state, assign=True)
-        whole.cfg = sae.cfg
+        whole.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
+        whole.cfg = replace(sae.cfg, device="cpu")
         return whole

@@ -188,7 +188,9 @@ def build_member(
     world: World,
 ) -> Member:
     build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
-    dictionary = build(cfg, spec, source, device)
+    # a latent-sharded dictionary is built whole on the host, each rank moving its slice
+    host = world.latent_shards > 1
+    dictionary = build(cfg, spec, source, torch.device("cpu") if host else device)
     d_sae = dictionary.cfg.d_sae
     shards = (
         world.split_latents(dictionary, member_name(spec), device)
@@ -580,7 +582,9 @@ class Trainer:
             for line in self.end_advice(self.last_values):
                 warnings.warn(line, stacklevel=3)
         # the SAEs first: a disk too full for the checkpoint keeps them
-        saes = [m.shards.whole_sae(m.sae) for m in self.members]  # gathered on rank 0
+        # gathered from data rank 0's latent shards to rank 0's host
+        first = self.world.data_rank == 0
+        saes = [m.shards.whole_sae(m.sae) if first else None for m in self.members]
         if self.world.is_main:
             for m, whole in zip(self.members, saes, strict=True):
                 whole.save(self.out / m.name)
