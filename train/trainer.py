@@ -188,15 +188,10 @@ def build_member(
     world: World,
 ) -> Member:
     build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
-    # a latent-sharded dictionary is built whole on the host, each rank moving its slice
-    host = world.latent_shards > 1
-    dictionary = build(cfg, spec, source, torch.device("cpu") if host else device)
+    sharded = world.latent_shards > 1  # built whole on the host; each rank moves its slice
+    dictionary = build(cfg, spec, source, torch.device("cpu") if sharded else device)
     d_sae = dictionary.cfg.d_sae
-    shards = (
-        world.split_latents(dictionary, member_name(spec), device)
-        if world.latent_shards > 1
-        else WHOLE
-    )
+    shards = world.split_latents(dictionary, member_name(spec), device) if sharded else WHOLE
     lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
@@ -581,8 +576,8 @@ class Trainer:
         if self.world.is_main and self.last_values:
             for line in self.end_advice(self.last_values):
                 warnings.warn(line, stacklevel=3)
-        # the SAEs first: a disk too full for the checkpoint keeps them
-        # gathered from data rank 0's latent shards to rank 0's host
+        # the SAEs first (a disk too full for the checkpoint keeps them), gathered whole from data
+        # rank 0's latent shards into rank 0's host memory
         first = self.world.data_rank == 0
         saes = [m.shards.whole_sae(m.sae) if first else None for m in self.members]
         if self.world.is_main:
@@ -592,7 +587,9 @@ class Trainer:
         self.save_checkpoint(tracker.run_id)
         tracker.finish()
         self.world.barrier()
-        return [whole or m.sae for m, whole in zip(self.members, saes, strict=True)]
+        return [
+            m.sae if whole is None else whole for m, whole in zip(self.members, saes, strict=True)
+        ]
 
     def batches(self) -> Iterator[dict[str, Tensor]]:
         """The run's batches from its current step on, read ahead by a worker thread where the
