@@ -435,9 +435,7 @@ def test_wandb_offline_logs_read_back(tmp_path, monkeypatch):
     ):
         assert key in logged[-1]
     assert run.config["architecture"] == "topk" and run.config["k"] == 4
-    assert [(a.name, a.type) for a in run.artifacts] == [
-        ("topk-k4-x64", "model")
-    ]
+    assert [(a.name, a.type) for a in run.artifacts] == [("topk-k4-x64", "model")]
     assert run.project == "sae-forge-test"
 
 
