@@ -49,6 +49,62 @@ class TrainContext:
     """JumpReLU's straight-through kernel width."""
 
 
+class Whole:
+    """Where a dictionary's latents live: all in this process. The SAE's training code calls these
+    at the few points where its latents meet (the selection, the decode's sum, penalties summed
+    over latents, AuxK); train/distributed.py's LatentShards puts a slice of the latents on each
+    rank of a group and does the same with collectives."""
+
+    count: int = 1
+    """Ranks sharing the latents."""
+    first: int = 0
+    """The global index of this rank's first latent."""
+
+    def centre(self, t: Tensor) -> Tensor:
+        """A replicated tensor as it enters the latents' computation (b_dec in the encoder)."""
+        return t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """The sum over the latents of a quantity each rank holds a part of (a decode, a penalty)."""
+        return t
+
+    def minimum(self, t: Tensor) -> Tensor:
+        """The minimum over ranks of a value each computes from its latents (BatchTopK's
+        smallest kept activation)."""
+        return t
+
+    def total(self, n: int) -> int:
+        """The sum over ranks of a count (dead latents)."""
+        return n
+
+    def topk(self, k: int) -> Selection:
+        """Each row's k largest pre-activations (TopK)."""
+        return topk_selection(k)
+
+    def batch_topk(self, k: int) -> Selection:
+        """The batch's k * rows largest pre-activations (BatchTopK)."""
+        return batch_topk_selection(k)
+
+    def auxk(self, pre_dead: Tensor, k: int) -> Tensor:
+        """Each row's k largest dead-latent pre-activations, ReLU'd, as a dense [batch, n_dead]."""
+        return auxk_activation(pre_dead, k)
+
+    def whole(self, t: Tensor, dim: int | None) -> Tensor | None:
+        """A tensor over every latent from this rank's part of it (to save)."""
+        return t
+
+    def part(self, t: Tensor, dim: int | None) -> Tensor:
+        """This rank's part of a tensor over every latent (to restore)."""
+        return t
+
+    def whole_sae(self, sae: nn.Module) -> nn.Module | None:
+        """The whole dictionary from this rank's part (to save)."""
+        return sae
+
+
+WHOLE = Whole()
+
+
 class LossOutput(NamedTuple):
     loss: Tensor
     """The scalar to minimise: the sum of `parts`."""
@@ -94,6 +150,11 @@ class SAE(nn.Module):
     sparse_code: ClassVar[bool] = False
     """Whether the training code passes no gradient through its zeros (top-k selection), so that
     decoding only its nonzero entries gives the same loss and gradients."""
+    replicated: ClassVar[tuple[str, ...]] = ("b_dec", "W_skip")
+    """Parameters of the output space, whole on every latent shard; every other one runs over the
+    latents (see latent_dim)."""
+    shards: Whole = WHOLE
+    """Where the latents live (train/distributed.py's LatentShards when sharded over ranks)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -111,6 +172,11 @@ class SAE(nn.Module):
 
     def init_encoder_params(self, kw: dict[str, Any]) -> None:
         self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+
+    def latent_dim(self, name: str) -> int | None:
+        """The dimension of a parameter or buffer that runs over the latents (a latent shard holds
+        a slice of it); None for the replicated ones."""
+        return None if name in self.replicated else 1 if name == "W_enc" else 0
 
     # -- the forward path ---------------------------------------------------------------------
     @property
@@ -144,7 +210,7 @@ class SAE(nn.Module):
     def sae_input(self, x: Tensor) -> Tensor:
         """x_in = x * s - b_dec (an SAE's centring), in the parameters' dtype."""
         x = self.scaled_input(x)
-        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return x - self.shards.centre(self.b_dec) if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
         return self.sae_input(x) @ self.W_enc + self.b_enc
@@ -218,7 +284,7 @@ class SAE(nn.Module):
         active = z.detach() > 0
         return LossOutput(
             sum(parts.values()), y_hat_s / self.output_scale, parts, active.any(0),
-            active.sum(-1).float().mean(), z,
+            self.shards.sum(active.sum(-1).float().mean()), z,
         )  # fmt: skip
 
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
@@ -229,14 +295,15 @@ class SAE(nn.Module):
         self, z: Tensor, y_s: Tensor, offset: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
         """The reconstruction terms of the loss, by name, and the prediction y_hat_s."""
-        y_hat_s = z @ self.W_dec + offset
+        y_hat_s = self.shards.sum(z @ self.W_dec) + offset
         return {"mse_loss": mse(y_hat_s, y_s)}, y_hat_s
 
     def sparse_reconstruction_loss(
         self, values: Tensor, rows: Tensor, latents: Tensor, y_s: Tensor, offset: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
         """reconstruction_loss for a code given as its entries (sorted by row)."""
-        y_hat_s = sparse_decode(values, rows, latents, self.W_dec, len(y_s)) + offset
+        decode = sparse_decode(values, rows, latents, self.W_dec, len(y_s))
+        y_hat_s = self.shards.sum(decode) + offset
         return {"mse_loss": mse(y_hat_s, y_s)}, y_hat_s
 
     def penalties(
@@ -287,29 +354,32 @@ class SAE(nn.Module):
         one encoder pass yields the selected entries and the dead latents' columns; only those
         are decoded and differentiated."""
         dead = self.dead_latents(ctx)
+        n_dead = self.shards.total(len(dead))  # over every shard's latents
         x_s, y_s = self.scaled_pair(x, y)
         centre = self.b_dec if self.cfg.apply_b_dec_to_input else x_s.new_zeros(self.cfg.d_in)
         values, rows, latents, pre_dead = sparse_encode(
-            x_s, centre, self.W_enc, self.b_enc, select, dead
+            x_s, self.shards.centre(centre), self.W_enc, self.b_enc, select, dead
         )
         values = values.relu()
         parts, y_hat_s = self.sparse_reconstruction_loss(
             values, rows, latents, y_s, self.offset(x_s)
         )
         parts["auxiliary_reconstruction_loss"] = (
-            self.dead_auxk_loss(y_s, y_hat_s, pre_dead, dead, ctx)
-            if len(dead)
+            self.dead_auxk_loss(y_s, y_hat_s, pre_dead, dead, ctx, n_dead)
+            if n_dead
             else y_s.new_zeros(())
         )
         active = values.detach() > 0
         # entries ReLU'd to zero mark a spare slot past the end: a boolean index would make the
         # host wait for the device (as would anything here that depends on the data's values)
-        slots = latents.masked_fill(~active, self.cfg.d_sae)
-        fired = torch.zeros(self.cfg.d_sae + 1, dtype=torch.bool, device=x.device)
+        width = len(self.W_dec)  # this shard's latents
+        slots = latents.masked_fill(~active, width)
+        fired = torch.zeros(width + 1, dtype=torch.bool, device=x.device)
         fired = fired.index_fill_(0, slots, True)[:-1]
         return LossOutput(
             sum(parts.values()), y_hat_s / self.output_scale, parts, fired,
-            active.sum() / len(x), smallest=smallest_active(values.detach()),
+            self.shards.sum(active.sum()) / len(x),
+            smallest=self.shards.minimum(smallest_active(values.detach())),
         )  # fmt: skip
 
     def dead_latents(self, ctx: TrainContext) -> Tensor:
@@ -324,16 +394,18 @@ class SAE(nn.Module):
         dead = self.dead_latents(ctx)
         if not len(dead):
             return pre.new_zeros(())
-        return self.dead_auxk_loss(y_s, y_hat_s, pre[:, dead], dead, ctx)
+        return self.dead_auxk_loss(y_s, y_hat_s, pre[:, dead], dead, ctx, len(dead))
 
     def dead_auxk_loss(
-        self, y_s: Tensor, y_hat_s: Tensor, pre_dead: Tensor, dead: Tensor, ctx: TrainContext
-    ) -> Tensor:
+        self, y_s: Tensor, y_hat_s: Tensor, pre_dead: Tensor, dead: Tensor, ctx: TrainContext,
+        n_dead: int,
+    ) -> Tensor:  # fmt: skip
         """AuxK from the dead latents' pre-activations [batch, n_dead] alone: dense matmuls over
-        the dead columns, usually a small share of d_sae; scaled down when fewer than k_aux."""
+        the dead columns, usually a small share of d_sae; scaled down when fewer than k_aux.
+        `n_dead` counts every shard's dead latents, `dead` this shard's."""
         half = max(1, self.cfg.d_out // 2)
-        k_aux = min(half, len(dead))
-        residual_hat = auxk_activation(pre_dead, k_aux) @ self.W_dec[dead]
+        k_aux = min(half, n_dead)
+        residual_hat = self.shards.sum(self.shards.auxk(pre_dead, k_aux) @ self.W_dec[dead])
         residual = (y_s - y_hat_s).detach()
         return ctx.aux_coefficient * (k_aux / half) * mse(residual_hat, residual)
 
@@ -413,7 +485,8 @@ class StandardSAE(SAE):
     def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """L1 of the codes weighted by decoder norms (Anthropic, April 2024): the decoder is left
         free, and shrinking codes by growing rows gains nothing."""
-        return {"l1_loss": ctx.sparsity_coefficient * (z * self.W_dec.norm(dim=1)).sum(-1).mean()}
+        l1 = self.shards.sum((z * self.W_dec.norm(dim=1)).sum(-1).mean())
+        return {"l1_loss": ctx.sparsity_coefficient * l1}
 
 
 def unit_rows(n: int, d: int, kw: dict[str, Any]) -> Tensor:
@@ -479,7 +552,7 @@ class TopKSAE(SAE):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(y_s, y_hat_s, pre, ctx)}
 
     def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
-        return self.sparse_training_loss(x, ctx, topk_selection(self.cfg.k), y)
+        return self.sparse_training_loss(x, ctx, self.shards.topk(self.cfg.k), y)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -565,7 +638,7 @@ class JumpReLUSAE(SAE):
 
     def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """L0 through the step function's straight-through estimator (Rajamanoharan et al.)."""
-        l0 = StepSTE.apply(pre, self.threshold, ctx.bandwidth).sum(-1).mean()
+        l0 = self.shards.sum(StepSTE.apply(pre, self.threshold, ctx.bandwidth).sum(-1).mean())
         return {"l0_loss": ctx.sparsity_coefficient * l0}
 
     @torch.no_grad()
@@ -630,7 +703,7 @@ class BatchTopKSAE(SAE):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(y_s, y_hat_s, pre, ctx)}
 
     def training_loss(self, x: Tensor, ctx: TrainContext, y: Tensor | None = None) -> LossOutput:
-        return self.sparse_training_loss(x, ctx, batch_topk_selection(self.cfg.k), y)
+        return self.sparse_training_loss(x, ctx, self.shards.batch_topk(self.cfg.k), y)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -702,10 +775,13 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def prefix_sums(self, group: Callable[[int, int], Tensor], offset: Tensor) -> list[Tensor]:
         """offset plus the decode of latents [0, m), for each prefix width m, from group(start,
-        end), the decode of latents [start, end)."""
+        end), the decode of this shard's latents [start, end) (indices into its slice), summed
+        over the shards."""
         out, partial, start = [], offset, 0
+        first, width = self.shards.first, len(self.W_dec)
         for end in self.widths:
-            partial = partial + group(start, end)
+            lo, hi = (min(max(bound - first, 0), width) for bound in (start, end))
+            partial = partial + self.shards.sum(group(lo, hi))
             out.append(partial)
             start = end
         return out
@@ -754,8 +830,9 @@ class GatedSAE(SAE):
         loss that makes those alone reconstruct the target through a frozen decoder (and frozen
         b_dec and skip path), which gives the gate its gradient (Rajamanoharan et al. 2024)."""
         gate = pre.relu()
-        aux_hat = gate @ self.W_dec.detach() + offset.detach()
+        aux_hat = self.shards.sum(gate @ self.W_dec.detach()) + offset.detach()
+        l1 = self.shards.sum((gate * self.W_dec.norm(dim=1)).sum(-1).mean())
         return {
-            "l1_loss": ctx.sparsity_coefficient * (gate * self.W_dec.norm(dim=1)).sum(-1).mean(),
+            "l1_loss": ctx.sparsity_coefficient * l1,
             "auxiliary_reconstruction_loss": mse(aux_hat, y_s),
         }

@@ -92,18 +92,49 @@ def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None
 
 def member_state(prefix: str, m: Member) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One member's tensors, under `prefix` (its weights, dead-latent counter, Adam moments), and
-    its metadata (its resolved spec, the optimizer's layout, the schedule)."""
+    its metadata (its resolved spec, the optimizer's layout, the schedule). A latent-sharded
+    member's tensors are gathered whole, as one process holds them (a collective over its latent
+    group; the group's other ranks get None), so any number of shards resumes them."""
     tensors = {f"{prefix}.sae.{k}": v for k, v in m.sae.state_dict().items()}
     tensors[f"{prefix}.tokens_since_fired"] = m.tokens_since_fired
     opt_tensors, opt_meta = flatten_optimizer(f"{prefix}.opt", m.optimizer.state_dict())
     meta = {"spec": asdict(m.spec), "optimizer": opt_meta, "schedule": m.schedule.state_dict()}
-    return {**tensors, **opt_tensors}, meta
+    tensors |= opt_tensors
+    dims = latent_dims(prefix, m, tensors)
+    # in one order on every rank: the optimizer's state follows that of the file it was restored
+    # from, and safetensors' order of a file's tensors differs from process to process
+    return {k: m.shards.whole(tensors[k], dims[k]) for k in sorted(tensors)}, meta
+
+
+def latent_dims(prefix: str, m: Member, tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
+    """The dimension over latents of each of a member's checkpoint tensors (None: replicated,
+    or a member whose latents are all in this process)."""
+    if m.shards.count == 1:
+        return dict.fromkeys(tensors)
+    # Adam's state is indexed by the parameters' order in its groups
+    names = {id(p): name for name, p in m.sae.named_parameters()}
+    order = [names[id(p)] for group in m.optimizer.param_groups for p in group["params"]]
+    dims: dict[str, int | None] = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(prefix + ".")
+        if name.startswith("sae."):
+            dims[key] = m.sae.latent_dim(name.removeprefix("sae."))
+        elif name.startswith("opt."):
+            index = int(name.split(".")[1])
+            dims[key] = m.sae.latent_dim(order[index]) if value.dim() else None  # Adam's step
+        else:
+            dims[key] = 0  # tokens_since_fired
+    return dims
 
 
 def restore_member(
     prefix: str, m: Member, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
-    """Load what member_state saved into a member built as the run builds it."""
+    """Load what member_state saved into a member built as the run builds it (a latent shard
+    takes its slice of each tensor)."""
+    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    dims = latent_dims(prefix, m, tensors)
+    tensors = {k: m.shards.part(v, dims[k]) for k, v in tensors.items()}
     weights = f"{prefix}.sae."
     m.sae.load_state_dict(
         {k.removeprefix(weights): v for k, v in tensors.items() if k.startswith(weights)}

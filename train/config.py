@@ -191,6 +191,9 @@ class TrainConfig(SAESpec, TextOptions):
     """W&B entity (user or team)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
+    latent_shards: int = 1
+    """Split each SAE's latents over this many ranks (torchrun), for dictionaries too big for one
+    device: the processes form a grid of data ranks x latent shards (docs/training.md)."""
     autocast: bool = False
     """Run the SAEs' matmuls in bfloat16 (torch.autocast, as SAELens's `autocast`); parameters,
     Adam moments and the sparse gradient sums stay float32."""
@@ -240,6 +243,8 @@ class TrainConfig(SAESpec, TextOptions):
             raise ValueError(
                 f"warmup_steps must be -1 (5% of the run) or more, got {self.warmup_steps}"
             )
+        if self.latent_shards < 1:
+            raise ValueError(f"latent_shards must be at least 1, got {self.latent_shards}")
         for name in ("dead_tokens", "checkpoint_every", "aux_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")

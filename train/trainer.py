@@ -32,7 +32,7 @@ from sae.config import SAEConfig
 from sae.crosscoder import Crosscoder, CrosscoderConfig
 from sae.layered import LayeredDictionary
 from sae.locks import exclusive
-from sae.models import REGISTRY, SAE, LossOutput, TrainContext
+from sae.models import REGISTRY, SAE, WHOLE, LossOutput, TrainContext, Whole
 from sae.progress import progress
 from train import checkpoint
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
@@ -95,6 +95,8 @@ class Member:
     tokens_since_fired: Tensor  # [latents]
     loss: Callable[..., LossOutput] | None = None
     """sae.training_loss, or its data-parallel wrapper (World.training_loss), set by the Trainer."""
+    shards: Whole = WHOLE
+    """Where its latents live: all here, or this rank's slice (tokens_since_fired is the slice's)."""
 
     @property
     def transcoder(self) -> bool:
@@ -148,14 +150,19 @@ def build_member(
     source: Source,
     total_steps: int,
     device: torch.device,
+    world: World,
 ) -> Member:
     build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
-    dictionary = build(cfg, spec, source, device)
+    sharded = world.latent_shards > 1  # built whole on the host; each rank moves its slice
+    dictionary = build(cfg, spec, source, torch.device("cpu") if sharded else device)
     d_sae = dictionary.cfg.d_sae
+    shards = world.split_latents(dictionary, member_name(spec), device) if sharded else WHOLE
     lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(param_groups(dictionary, lr), lr=lr, betas=(0.9, 0.999), fused=fused)
+    optimizer = torch.optim.Adam(
+        param_groups(dictionary, lr), lr=lr, betas=(0.9, 0.999), fused=fused
+    )
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else default_warmup(total_steps)
     factor = lr_lambda(warmup, cfg.decay_fraction, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -166,7 +173,8 @@ def build_member(
         dictionary,
         optimizer,
         schedule,
-        torch.zeros(latents, dtype=torch.long, device=device),
+        torch.zeros(latents // shards.count, dtype=torch.long, device=device),
+        shards=shards,
     )
 
 
@@ -250,7 +258,7 @@ def keep_freed_memory() -> None:
 # -- the run --------------------------------------------------------------------------------------
 RESUMABLE = frozenset(
     {"total_tokens", "checkpoint_every", "resume", "overwrite", "out", "wandb_project",
-     "wandb_entity", "device", "autocast", "b_dec_init", "cache", "stream",
+     "wandb_entity", "device", "autocast", "b_dec_init", "cache", "stream", "latent_shards",
      *(f.name for f in fields(TextOptions))}
 )  # fmt: skip
 """TrainConfig fields a --resume may change: how long (a run extended), where and on what hardware
@@ -290,7 +298,7 @@ class Trainer:
         """`data`: a Source (train/sources.py), or what source_for makes one of (a cache's path
         or URL, a HarvestConfig to stream from, an iterable of tensors)."""
         self.cfg = cfg
-        self.world = World()
+        self.world = World(cfg.latent_shards)
         self.device = self.world.device(resolve_device(cfg.device))
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -300,12 +308,14 @@ class Trainer:
         for spec in specs:
             source.check(spec.hooks(), member_name(spec))
         hooks = sorted(set().union(*(s.hooks() for s in specs)))
-        source.open(hooks, cfg.batch_size, cfg.seed, self.world.rank, self.world.size)
+        source.open(hooks, cfg.batch_size, cfg.seed, self.world.data_rank, self.world.data_size)
         self.total_steps = cfg.total_tokens // cfg.batch_size
         self.members = []
         for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
-            self.members.append(build_member(cfg, s, source, self.total_steps, self.device))
+            self.members.append(
+                build_member(cfg, s, source, self.total_steps, self.device, self.world)
+            )
             self.members[-1].loss = self.world.training_loss(self.members[-1].sae)
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
@@ -329,7 +339,7 @@ class Trainer:
             1.0, (self.step + 1) / max(1.0, self.cfg.sparsity_warmup_fraction * self.total_steps)
         )
         # this rank's part of the global batch; the dead-latent count is in global rows, as `fired`
-        rows = len(next(iter(batch.values()))) * self.world.size
+        rows = len(next(iter(batch.values()))) * self.world.data_size
         for m in self.members:
             x = m.input(batch).to(self.device, non_blocking=True).float()
             y = m.target(batch).to(self.device, non_blocking=True).float() if m.transcoder else None
@@ -370,7 +380,9 @@ class Trainer:
             values["losses/overall_loss"] = out.loss.detach()
             values["metrics/explained_variance"] = 1 - (y - out.x_hat).pow(2).sum() / variance
             values["metrics/l0"] = out.l0
-            values["sparsity/dead_features"] = (m.tokens_since_fired > self.dead_tokens).sum()
+            values["sparsity/dead_features"] = m.shards.sum(
+                (m.tokens_since_fired > self.dead_tokens).sum()
+            )
             values["details/current_learning_rate"] = lr
         return {k + self.suffix(m): v for k, v in values.items()}
 
@@ -427,7 +439,9 @@ class Trainer:
             advice = m.sae.training_advice(
                 values["metrics/l0" + suffix], coefficient, self.total_steps
             )
-            dead = values["sparsity/dead_features" + suffix] / len(m.tokens_since_fired)
+            dead = values["sparsity/dead_features" + suffix] / (
+                len(m.tokens_since_fired) * m.shards.count
+            )
             if dead > MAX_DEAD_FRACTION:
                 advice.append(
                     f"{dead:.0%} of the latents are dead at the end (silent for the last "
@@ -527,14 +541,20 @@ class Trainer:
         if self.world.is_main and self.last_values:
             for line in self.end_advice(self.last_values):
                 warnings.warn(line, stacklevel=3)
-        if self.world.is_main:  # the SAEs first: a disk too full for the checkpoint keeps them
-            for m in self.members:
-                m.sae.save(self.out / m.name)
+        # the SAEs first (a disk too full for the checkpoint keeps them), gathered whole from data
+        # rank 0's latent shards into rank 0's host memory
+        first = self.world.data_rank == 0
+        saes = [m.shards.whole_sae(m.sae) if first else None for m in self.members]
+        if self.world.is_main:
+            for m, whole in zip(self.members, saes, strict=True):
+                whole.save(self.out / m.name)
                 tracker.log_model(m.name, self.out / m.name)
         self.save_checkpoint(tracker.run_id)
         tracker.finish()
         self.world.barrier()
-        return [m.sae for m in self.members]
+        return [
+            m.sae if whole is None else whole for m, whole in zip(self.members, saes, strict=True)
+        ]
 
     def batches(self) -> Iterator[dict[str, Tensor]]:
         """The run's batches from its current step on, read ahead by a worker thread where the
@@ -555,7 +575,12 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, run_id: str | None) -> None:
+        """Rank 0 writes the run's state, each dictionary whole (gathered from its latent
+        shards), so that any number of processes and shards resumes it."""
         self.saved_step = self.step  # on every rank, though rank 0 alone writes it
+        if self.world.data_rank != 0:
+            return
+        states = [checkpoint.member_state(f"m{i}", m) for i, m in enumerate(self.members)]
         if not self.world.is_main:
             return
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
@@ -567,9 +592,9 @@ class Trainer:
             "config": asdict(self.cfg),
             "data": self.source.identity,
         }
-        for i, m in enumerate(self.members):
-            member_tensors, meta["members"][m.name] = checkpoint.member_state(f"m{i}", m)
+        for m, (member_tensors, member_meta) in zip(self.members, states, strict=True):
             tensors.update(member_tensors)
+            meta["members"][m.name] = member_meta
         checkpoint.save(self.out, tensors, meta)
 
     def restore(self) -> str | None:
@@ -610,10 +635,11 @@ class Trainer:
         if meta.get("data") is not None and meta["data"] != self.source.identity:
             changed["data"] = (meta["data"], self.source.identity)
         batch_wide = [m.name for m in self.members if m.sae.batch_wide]
-        if batch_wide and meta.get("world_size", self.world.size) != self.world.size:
-            # each process picks its batch top-k among its own rows (per-row SAEs do not care)
-            changed[f"processes ({', '.join(batch_wide)} select within each)"] = (
-                meta["world_size"], self.world.size,
+        data_ranks = meta.get("world_size", self.world.size) // saved.get("latent_shards", 1)
+        if batch_wide and data_ranks != self.world.data_size:
+            # each data rank picks its batch top-k among its own rows (per-row SAEs do not care)
+            changed[f"data-parallel ranks ({', '.join(batch_wide)} select within each)"] = (
+                data_ranks, self.world.data_size,
             )  # fmt: skip
         if changed:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

@@ -189,7 +189,7 @@ def test_resume_with_another_number_of_processes(tmp_path, architecture):
         train.fit(random_batches(6, 100), resume=True, **settings)
         return
     with pytest.raises(
-        ValueError, match=r"processes \(batchtopk-k4-x32 select within each\): 2 -> 1"
+        ValueError, match=r"data-parallel ranks \(batchtopk-k4-x32 select within each\): 2 -> 1"
     ):
         train.fit(random_batches(6, 100), resume=True, **settings)
 
@@ -443,9 +443,7 @@ def test_wandb_offline_logs_read_back(tmp_path, monkeypatch):
     ):
         assert key in logged[-1]
     assert run.config["architecture"] == "topk" and run.config["k"] == 4
-    assert [(a.name, a.type) for a in run.artifacts] == [
-        ("topk-k4-x64", "model")
-    ]
+    assert [(a.name, a.type) for a in run.artifacts] == [("topk-k4-x64", "model")]
     assert run.project == "sae-forge-test"
 
 
@@ -784,7 +782,7 @@ def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
     from train.distributed import World
 
     world = World()
-    world.size = 3
+    world.size = world.data_size = 3
     with pytest.raises(ValueError, match=r"--batch-size 500 does not split evenly over 3 .*"
                        r"make it a multiple of 3 \(say 498\)"):  # fmt: skip
         world.check_batch_size(500)
