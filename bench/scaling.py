@@ -4,6 +4,8 @@ each rank reads.
 
   data    data parallel: each rank reads and trains on its part of every global batch (1/N of the
           bytes of one process) and DistributedDataParallel averages the gradients
+  latent  latent sharded: every rank holds 1/N of the latents and trains on the whole batch (the
+          ranks of a latent group read the same rows)
 
 TopK, k 32, 8x (d_in 576), global batch 4096, a synthetic bf16 cache; steps timed after two of
 warm-up, between barriers. Writes bench/results/scaling-cpu.json.
@@ -30,8 +32,8 @@ from train.cache import CacheWriter  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 
 D_IN, BATCH, WARMUP = 576, 4096, 2
-MODES = {"data": {}}
-"""Each mode's TrainConfig settings beyond the shared ones."""
+MODES = {"data": {}, "latent": {"latent_shards": -1}}
+"""Each mode's TrainConfig settings beyond the shared ones (-1: the number of processes)."""
 
 
 def per_step(d_in: int, d_sae: int, k: int, rows: int, data: int, latent: int) -> dict[str, float]:
@@ -39,13 +41,19 @@ def per_step(d_in: int, d_sae: int, k: int, rows: int, data: int, latent: int) -
     moments (16 bytes a parameter) of the rank's 1/latent of the latents; the encoder's
     pre-activations of its `rows` (the per-data-rank batch), fp32; the data-parallel gradient
     all-reduce (ring: 2 (n-1)/n of the data sent per rank); within a latent group, the all-gather of
-    each row's k candidates (fp32 value, int64 index) and the ring all-reduce of the [rows, d_in]
-    partial reconstructions, once for the code and once for AuxK (k_aux = d_in / 2, as SAELens)."""
+    each row's k candidate values (fp32; a candidate's latent follows from its place) and the ring
+    all-reduce of the [rows, d_in] partial decodes, once for the code and once for AuxK (k_aux =
+    d_in / 2, when latents are dead: an upper bound)."""
     params = 2 * d_in * d_sae // latent + d_sae // latent + d_in
     ring = lambda n, size: 2 * (n - 1) / n * size  # noqa: E731
     k_aux = d_in // 2
-    latent_traffic = (latent - 1) * rows * (k + k_aux) * 12 + 2 * ring(latent, rows * d_in * 4)
+    latent_traffic = (latent - 1) * rows * (k + k_aux) * 4 + 2 * ring(latent, rows * d_in * 4)
     return {
+        "payload": {  # what one rank hands to the collectives, without AuxK (no latent dead)
+            "gradient_buckets": 4 * params if data > 1 else 0,
+            "all_gather": rows * k * 4 if latent > 1 else 0,
+            "all_reduce": rows * d_in * 4 if latent > 1 else 0,
+        },
         "memory": 16 * params + 4 * rows * d_sae / latent,
         "gradient_traffic": ring(data, 4 * params) if data > 1 else 0.0,
         "latent_traffic": latent_traffic if latent > 1 else 0.0,
@@ -74,9 +82,11 @@ def worker(cache: str, out: str, mode: str, steps: int) -> None:
     both to out/rank-R.json."""
     from train.trainer import Trainer
 
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    settings = {k: processes if v == -1 else v for k, v in MODES[mode].items()}
     cfg = TrainConfig(out=out, hook="h", architecture="topk", k=32, expansion_factor=8,
                       batch_size=BATCH, total_tokens=(steps + WARMUP + 1) * BATCH, lr=4e-3,
-                      device="cpu", **MODES[mode])  # fmt: skip
+                      device="cpu", **settings)  # fmt: skip
     trainer = Trainer(cfg, cache)
     read = {"bytes": 0}
     fs = trainer.source.cache.fs
@@ -90,18 +100,58 @@ def worker(cache: str, out: str, mode: str, steps: int) -> None:
         return reads
 
     fs.cat_file, fs.cat_ranges = counted(fs.cat_file), counted(fs.cat_ranges)
+    sent = count_collectives(trainer)
     batches = iter(trainer.source)
     trainer.init_b_dec(next(batches))
     for i in range(WARMUP + steps):
         if i == WARMUP:
             trainer.world.barrier()
+            sent.update(dict.fromkeys(sent, 0))  # the timed steps' alone
             start = time.perf_counter()
         trainer.train_step(next(batches)).read()
         trainer.step += 1
     trainer.world.barrier()
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "steps": steps, "bytes": read["bytes"]}
+    per_step_sent = {k: v / steps for k, v in sent.items()}
+    result = {"seconds": seconds, "steps": steps, "bytes": read["bytes"], "sent": per_step_sent}
     (Path(out) / f"rank-{trainer.world.rank}.json").write_text(json.dumps(result))
+
+
+def count_collectives(trainer) -> dict[str, int]:
+    """Payload bytes of the collectives as the step makes them: gradient buckets (DDP's comm
+    hook), all_reduce and all_gather calls (a tensor's bytes, before any ring's factor)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    sent = {"gradient_buckets": 0, "all_reduce": 0, "all_gather": 0}
+    in_bucket = [False]  # the bucket hook's own all_reduce is counted as the bucket's
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def counted_bucket(state, bucket):  # DDP checks the name `bucket`
+        sent["gradient_buckets"] += nbytes(bucket.buffer())
+        in_bucket[0] = True
+        try:
+            return allreduce_hook(state, bucket)
+        finally:
+            in_bucket[0] = False
+
+    def counting(name: str, fn):
+        def collective(*args, **kwargs):
+            if not in_bucket[0]:
+                sent[name] += nbytes(args[1] if name == "all_gather" else args[0])
+            return fn(*args, **kwargs)
+
+        return collective
+
+    for m in trainer.members:
+        if isinstance(m.loss, DistributedDataParallel):
+            m.loss.register_comm_hook(None, counted_bucket)
+    dist.all_reduce = counting("all_reduce", dist.all_reduce)
+    dist.all_gather = counting("all_gather", dist.all_gather)
+    return sent
 
 
 def run(cache: str, mode: str, processes: int, steps: int, scratch: Path) -> dict:
@@ -115,8 +165,11 @@ def run(cache: str, mode: str, processes: int, steps: int, scratch: Path) -> dic
         raise RuntimeError(f"{mode} with {processes} processes failed:\n{done.stderr[-3000:]}")
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)]
     seconds = max(r["seconds"] for r in ranks)
+    data, latent = (1, processes) if mode == "latent" else (processes, 1)
+    model = per_step(D_IN, 8 * D_IN, 32, BATCH // data, data, latent)
     return {"processes": processes, "rows_per_s": steps * BATCH / seconds,
-            "bytes_per_rank": [r["bytes"] for r in ranks]}  # fmt: skip
+            "bytes_per_rank": [r["bytes"] for r in ranks], "sent_per_step": ranks[0]["sent"],
+            "model_payload_per_step": model["payload"]}  # fmt: skip
 
 
 def model_table(rows: int = 4096, gpus: int = 8, link: float = 300e9, flops: float = 600e12) -> str:
@@ -167,9 +220,12 @@ def main() -> None:
             r["bytes_per_rank_over_one_process"] = max(r["bytes_per_rank"]) / max(
                 base["bytes_per_rank"]
             )
+            sent = ", ".join(f"{k} {v / 2**20:.2f} MiB (model {r['model_payload_per_step'][k] / 2**20:.2f})"
+                             for k, v in r["sent_per_step"].items())  # fmt: skip
             print(f"{mode:6s} {n} processes: {r['rows_per_s']:8,.0f} rows/s, {r['speedup']:.2f}x "
                   f"(ideal {r['ideal']:.0f}x on {cores} cores); bytes per rank "
-                  f"{r['bytes_per_rank_over_one_process']:.2f} of one process's", flush=True)  # fmt: skip
+                  f"{r['bytes_per_rank_over_one_process']:.2f} of one process's; per step {sent}",
+                  flush=True)  # fmt: skip
         results.append({"mode": mode, "runs": rows})
     report = {"d_in": D_IN, "d_sae": 8 * D_IN, "k": 32, "batch_size": BATCH, "steps": args.steps,
               "results": results, "machine": machine()}  # fmt: skip
