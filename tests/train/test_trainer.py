@@ -529,28 +529,6 @@ def failure(stderr: str) -> str:
     return "\n".join(lines[max(0, first - 20) : first + 20])
 
 
-def test_two_process_data_parallel_equals_one_process(tmp_path):
-    """torchrun with 2 gloo processes on CPU ends with the same SAEs as one process on the same
-    global batches (per-row losses: topk with AuxK, standard with L1)."""
-    cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
-    (tmp_path / "sweep.yaml").write_text(
-        "sweep:\n  - {architecture: topk, k: 4, name: topk}\n  - {architecture: standard, name: relu}\n"
-    )
-    common = ["--cache", cache.url, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
-              "--batch-size", "500", "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
-    one_and_two_processes(tmp_path, *common)
-    for name in ("topk", "relu"):
-        a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
-        for key, value in a.state_dict().items():
-            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(a.W_dec, sae.create("topk", d_in=32, d_sae=128, k=4).W_dec), (
-            "trained"
-        )
-    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 20, (
-        "rank 0 alone logs"
-    )
-
-
 COUNTING_RUN = """
 import json, sys
 import torch.distributed as dist
@@ -642,18 +620,24 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path)
     assert state["step"] == 3
 
 
-def test_two_processes_count_dead_latents_over_the_global_batch(tmp_path):
-    """A latent is dead after dead_tokens rows of whole batches without firing, whatever the number
-    of ranks sharing them: a 2-process run declares the same latents dead as one process."""
+def test_two_processes_on_the_cli_equal_one_and_count_dead_latents_over_the_global_batch(tmp_path):
+    """`python -m train` under torchrun, 2 gloo processes: the same SAE as one process (AuxK
+    training the dead latents), logged by rank 0 alone; a latent is dead after dead_tokens rows of
+    whole batches without firing, whatever the number of ranks sharing them."""
     cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=2_000)
     common = ["--cache", cache.url, "--architecture", "topk", "--k", "2", "--expansion-factor", "16",
               "--batch-size", "500", "--total-tokens", "10000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
     one_and_two_processes(tmp_path, *common)
+    name = "topk-k2-x16-blocks_6_hook_resid_post"
+    a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4)
 
     def dead(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line)["sparsity/dead_features"] for line in lines]
 
+    assert len(dead("two")) == 20, "rank 0 alone logs"
     assert dead("two") == dead("one") and max(dead("one")) > 0
     one, two = (
         load_file(tmp_path / run / "checkpoint" / "state.safetensors") for run in ("one", "two")
