@@ -448,9 +448,8 @@ class WindowStream:
 
     def __init__(self, harvester: Harvester):
         self.harvester = harvester
-        self.pending: deque[tuple[int, int, int, Window]] = (
-            deque()
-        )  # index, rows start:stop, window
+        # index, rows start:stop, window
+        self.pending: deque[tuple[int, int, int, Window]] = deque()
         self.held: tuple[int, int, dict[str, Tensor]] = (0, 0, {})  # rows start:stop, acts
 
     def sizes(self) -> Iterator[int]:

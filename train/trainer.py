@@ -93,8 +93,8 @@ class Member:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     tokens_since_fired: Tensor  # [latents]
-    loss: Callable[..., LossOutput] | None = None
-    """sae.training_loss, or its data-parallel wrapper (World.training_loss), set by the Trainer."""
+    loss: Callable[..., LossOutput]
+    """sae.training_loss, or its data-parallel wrapper (World.training_loss)."""
     shards: Whole = WHOLE
     """Where its latents live: all here, or this rank's slice (tokens_since_fired is the slice's)."""
 
@@ -174,6 +174,7 @@ def build_member(
         optimizer,
         schedule,
         torch.zeros(latents // shards.count, dtype=torch.long, device=device),
+        world.training_loss(dictionary),
         shards=shards,
     )
 
@@ -316,7 +317,6 @@ class Trainer:
             self.members.append(
                 build_member(cfg, s, source, self.total_steps, self.device, self.world)
             )
-            self.members[-1].loss = self.world.training_loss(self.members[-1].sae)
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")

@@ -458,9 +458,8 @@ def test_a_harvest_split_over_processes_is_the_one_process_cache_and_survives_a_
         torch.set_num_threads(threads)
     split = tmp_path / "split"
     job = torchrun_harvest(split, 2)
-    deadline = time.time() + 120
     while not read_json(split / "manifest.part-1.json")["shards"]:  # rank 1 wrote a shard
-        assert time.time() < deadline and job.poll() is None, "rank 1 wrote no shard"
+        assert job.poll() is None, "the job ended before rank 1 wrote a shard"
         time.sleep(0.02)
     os.kill(rank_process(split, 1), signal.SIGKILL)
     assert job.wait(timeout=120) != 0, "the job goes down with its rank"
