@@ -90,20 +90,25 @@ def load(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None
     return None
 
 
-def member_state(prefix: str, m: Member) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def member_state(
+    prefix: str, m: Member, host: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One member's tensors, under `prefix` (its weights, dead-latent counter, Adam moments), and
-    its metadata (its resolved spec, the optimizer's layout, the schedule). A latent-sharded
-    member's tensors are gathered whole, as one process holds them (a collective over its latent
-    group; the group's other ranks get None), so any number of shards resumes them."""
+    its metadata (its resolved spec, the optimizer's layout, the schedule, the prefix). A
+    latent-sharded member's tensors are gathered whole, as one process holds them (a collective
+    over its latent group; the group's other ranks get None), so any number of shards resumes
+    them. `host`: copied to host memory (to send to another rank)."""
     tensors = {f"{prefix}.sae.{k}": v for k, v in m.sae.state_dict().items()}
     tensors[f"{prefix}.tokens_since_fired"] = m.tokens_since_fired
     opt_tensors, opt_meta = flatten_optimizer(f"{prefix}.opt", m.optimizer.state_dict())
-    meta = {"spec": asdict(m.spec), "optimizer": opt_meta, "schedule": m.schedule.state_dict()}
+    meta = {"spec": asdict(m.spec), "optimizer": opt_meta, "schedule": m.schedule.state_dict(),
+            "prefix": prefix}  # fmt: skip
     tensors |= opt_tensors
     dims = latent_dims(prefix, m, tensors)
     # in one order on every rank: the optimizer's state follows that of the file it was restored
     # from, and safetensors' order of a file's tensors differs from process to process
-    return {k: m.shards.whole(tensors[k], dims[k]) for k in sorted(tensors)}, meta
+    whole = {k: m.shards.whole(tensors[k], dims[k]) for k in sorted(tensors)}
+    return {k: v.cpu() for k, v in whole.items()} if host else whole, meta
 
 
 def latent_dims(prefix: str, m: Member, tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
@@ -127,11 +132,12 @@ def latent_dims(prefix: str, m: Member, tensors: dict[str, torch.Tensor]) -> dic
     return dims
 
 
-def restore_member(
-    prefix: str, m: Member, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
+def restore_member(m: Member, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Load what member_state saved into a member built as the run builds it (a latent shard
-    takes its slice of each tensor)."""
+    takes its slice of each tensor), found by its name in the checkpoint, whatever its place in
+    the sweep was then (checkpoints before stop 34 hold no prefix: the sweep's order must
+    be the same)."""
+    prefix = meta.get("prefix", f"m{m.index}")
     tensors = {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     dims = latent_dims(prefix, m, tensors)
     tensors = {k: m.shards.part(v, dims[k]) for k, v in tensors.items()}

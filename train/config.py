@@ -194,6 +194,11 @@ class TrainConfig(SAESpec, TextOptions):
     latent_shards: int = 1
     """Split each SAE's latents over this many ranks (torchrun), for dictionaries too big for one
     device: the processes form a grid of data ranks x latent shards (docs/training.md)."""
+    distribute_sweep: bool = False
+    """Under torchrun, train each dictionary of the sweep on one rank (ranks balanced by the
+    dictionaries' training memory), every rank on whole batches and only its dictionaries'
+    hookpoints, instead of every rank training every dictionary on its part of each batch: for
+    sweeps of many dictionaries or hookpoints (sparsify's --distribute_modules)."""
     autocast: bool = False
     """Run the SAEs' matmuls in bfloat16 (torch.autocast, as SAELens's `autocast`); parameters,
     Adam moments and the sparse gradient sums stay float32."""
@@ -245,6 +250,11 @@ class TrainConfig(SAESpec, TextOptions):
             )
         if self.latent_shards < 1:
             raise ValueError(f"latent_shards must be at least 1, got {self.latent_shards}")
+        if self.distribute_sweep and self.latent_shards > 1:
+            raise ValueError(
+                "--distribute-sweep puts each dictionary whole on one rank and --latent-shards "
+                f"{self.latent_shards} splits each over ranks: choose one"
+            )
         for name in ("dead_tokens", "checkpoint_every", "aux_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")

@@ -22,13 +22,21 @@ candidates, gathered (values only: a candidate's rank and slot follow from its p
 gather); the decode is the sum of the shards' partial decodes, an all_reduce whose backward passes
 the gradient through unchanged, and b_dec's gradient through the encoder is summed over the shards
 where b_dec enters it (Megatron-LM's pair of column-parallel collectives).
+
+A distributed sweep (--distribute-sweep) shares out a sweep's dictionaries instead: each is trained
+whole on one rank, on whole batches, as one process trains it, so nothing is reduced; the ranks are
+balanced by each dictionary's training memory and read only their dictionaries' hookpoints. Rank 0
+gathers the metrics (one W&B run) and the checkpoint's states, and writes the checkpoint one process
+would, which therefore resumes in any number of processes and in any mode.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,15 +65,19 @@ class TrainingLoss(nn.Module):
 class World:
     """This process's place in the job, a (data, latent) mesh of ranks; a world of one when not
     launched by torchrun. Data-parallel collectives run over `data_group` (the ranks holding the
-    same latents), the shards' over `latent_group`."""
+    same latents), the shards' over `latent_group`. With `distribute_sweep` the ranks share out
+    the sweep's dictionaries instead, each training its own on whole batches (one data rank)."""
 
-    def __init__(self, latent_shards: int = 1) -> None:
+    def __init__(self, latent_shards: int = 1, distribute_sweep: bool = False) -> None:
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         check_mesh(self.size, latent_shards)
         self.latent_shards = latent_shards
         self.data_size, self.data_rank = self.size // latent_shards, self.rank // latent_shards
+        self.splits_sweep = distribute_sweep and self.size > 1
+        if self.splits_sweep:
+            self.data_size, self.data_rank = 1, 0
         self.data_group = self.latent_group = None  # the default group: the whole world
         if self.size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -168,9 +180,51 @@ class World:
         for b, mean in zip(buffers, _unflatten_dense_tensors(flat, buffers), strict=True):
             b.copy_(mean)
 
+    def owners(self, names: list[str], costs: list[int]) -> list[int]:
+        """The rank that trains each dictionary of the sweep: this one for all of them, unless
+        the sweep is distributed (then balanced by `costs`, the bytes each holds in training)."""
+        if not self.splits_sweep:
+            return [self.rank] * len(names)
+        check_sweep(names, self.size)
+        owners = balance(costs, self.size)
+        if self.is_main:
+            for rank in range(self.size):
+                mine = [i for i, owner in enumerate(owners) if owner == rank]
+                held = sum(costs[i] for i in mine) / 2**20
+                print(f"rank {rank} trains {', '.join(names[i] for i in mine)} "
+                      f"(about {held:,.0f} MiB)", file=sys.stderr)  # fmt: skip
+        return owners
+
+    def share(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (a distributed sweep's metrics)."""
+        if not self.splits_sweep:
+            return [obj]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None on the others): a distributed
+        sweep's checkpoint states, which rank 0 writes as one process would."""
+        if not self.splits_sweep:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+
+def balance(costs: list[int], ranks: int) -> list[int]:
+    """Each item's rank: the largest first, each to the rank holding the least so far (ties to
+    the lower rank). Graham's rule: the fullest rank holds at most 4/3 of the best split's."""
+    load, owners = [0] * ranks, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[i], load[rank] = rank, load[rank] + costs[i]
+    return owners
 
 
 def check_mesh(size: int, latent_shards: int) -> None:
@@ -181,6 +235,16 @@ def check_mesh(size: int, latent_shards: int) -> None:
             f"--latent-shards {latent_shards} does not divide the {size} processes into a grid of "
             f"data ranks x latent shards: use one of {fits}, or launch a multiple of "
             f"{latent_shards} processes (--nproc-per-node)"
+        )
+
+
+def check_sweep(names: list[str], size: int) -> None:
+    """A distributed sweep gives every process at least one dictionary."""
+    if len(names) < size:
+        raise ValueError(
+            f"--distribute-sweep over {size} processes needs at least as many dictionaries, but "
+            f"the sweep has {len(names)} ({', '.join(names)}): launch at most {len(names)} "
+            "processes, or train without --distribute-sweep"
         )
 
 

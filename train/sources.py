@@ -50,6 +50,10 @@ class Source:
         batch_size / ranks rows (its contiguous n-th: train/order.py)."""
         raise NotImplementedError
 
+    def narrow(self, hooks: list[str]) -> None:
+        """Give only these of the opened hookpoints where that saves reading (a rank of a
+        distributed sweep needs only its dictionaries'); other sources give them all."""
+
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         raise NotImplementedError
 
@@ -101,6 +105,9 @@ class CacheSource(Source):
         self.identity = {"rows": len(cache), "shards": sha256(shards.encode()).hexdigest(),
                          "order": order.VERSION}  # fmt: skip
 
+    def narrow(self, hooks: list[str]) -> None:
+        self.hooks = hooks
+
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         """This rank's part of each batch; it reads only those rows."""
         for epoch in range(sys.maxsize):
@@ -150,8 +157,8 @@ class ModelSource(Source):
         from train.harvest import Harvester  # loads the model
 
         harvest = replace(self.harvest, hook=hooks, seed=seed)
-        self.identity = {
-            k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device")
+        self.identity = {  # the hookpoints are each dictionary's, compared per dictionary
+            k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device", "hook")
         } | {"order": order.VERSION}
         self.harvester = Harvester(harvest)
         self.d_in = dict(self.harvester.d_in)

@@ -88,6 +88,8 @@ class StepMetrics:
 @dataclass
 class Member:
     spec: SAESpec
+    index: int
+    """Its place in the sweep: its tensors' prefix in a checkpoint (m0, m1, ...)."""
     name: str
     sae: SAE | LayeredDictionary
     optimizer: torch.optim.Optimizer
@@ -147,14 +149,14 @@ def geometric_median(x: Tensor, iterations: int = 30) -> Tensor:
 def build_member(
     cfg: TrainConfig,
     spec: SAESpec,
+    index: int,
     source: Source,
     total_steps: int,
     device: torch.device,
     world: World,
 ) -> Member:
-    build = build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
     sharded = world.latent_shards > 1  # built whole on the host; each rank moves its slice
-    dictionary = build(cfg, spec, source, torch.device("cpu") if sharded else device)
+    dictionary = builder(spec)(cfg, spec, source, torch.device("cpu") if sharded else device)
     d_sae = dictionary.cfg.d_sae
     shards = world.split_latents(dictionary, member_name(spec), device) if sharded else WHOLE
     lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
@@ -169,6 +171,7 @@ def build_member(
     latents = dictionary.cfg.total_latents if spec.layers else d_sae  # a CLT's: every layer's
     return Member(
         spec,
+        index,
         member_name(spec),
         dictionary,
         optimizer,
@@ -177,6 +180,22 @@ def build_member(
         world.training_loss(dictionary),
         shards=shards,
     )
+
+
+def builder(spec: SAESpec) -> Callable[..., SAE | LayeredDictionary]:
+    """What builds the dictionary a spec describes: an SAE or transcoder at one hookpoint, or a
+    dictionary over layers (a cross-layer transcoder when it writes elsewhere, else a crosscoder)."""
+    return build_sae if not spec.layers else build_clt if spec.hook_out else build_crosscoder
+
+
+def training_bytes(cfg: TrainConfig, spec: SAESpec, source: Source) -> int:
+    """About what training a dictionary holds on its device, counted on a copy built without
+    memory: float32 weights, their gradients and Adam's two moments, and a batch's
+    pre-activations and their gradient. A distributed sweep balances its ranks by it."""
+    dictionary = builder(spec)(cfg, spec, source, torch.device("meta"))
+    weights = sum(p.numel() for p in dictionary.parameters())
+    latents = dictionary.cfg.total_latents if spec.layers else dictionary.cfg.d_sae
+    return 4 * (4 * weights + 2 * cfg.batch_size * latents)
 
 
 def build_sae(cfg: TrainConfig, spec: SAESpec, source: Source, device: torch.device) -> SAE:
@@ -260,6 +279,7 @@ def keep_freed_memory() -> None:
 RESUMABLE = frozenset(
     {"total_tokens", "checkpoint_every", "resume", "overwrite", "out", "wandb_project",
      "wandb_entity", "device", "autocast", "b_dec_init", "cache", "stream", "latent_shards",
+     "distribute_sweep",
      *(f.name for f in fields(TextOptions))}
 )  # fmt: skip
 """TrainConfig fields a --resume may change: how long (a run extended), where and on what hardware
@@ -299,7 +319,7 @@ class Trainer:
         """`data`: a Source (train/sources.py), or what source_for makes one of (a cache's path
         or URL, a HarvestConfig to stream from, an iterable of tensors)."""
         self.cfg = cfg
-        self.world = World(cfg.latent_shards)
+        self.world = World(cfg.latent_shards, cfg.distribute_sweep)
         self.device = self.world.device(resolve_device(cfg.device))
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -308,18 +328,23 @@ class Trainer:
         specs = [replace(s, hook=s.hook or source.default_hook()) for s in cfg.specs()]
         for spec in specs:
             source.check(spec.hooks(), member_name(spec))
+        self.names = [member_name(s) for s in specs]  # the whole sweep's, wherever trained
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(
+                f"two SAEs of the run share a name: {self.names}; set `name` in the sweep"
+            )
         hooks = sorted(set().union(*(s.hooks() for s in specs)))
         source.open(hooks, cfg.batch_size, cfg.seed, self.world.data_rank, self.world.data_size)
+        owners = self.world.owners(self.names, [training_bytes(cfg, s, source) for s in specs])
+        mine = [i for i, owner in enumerate(owners) if owner == self.world.rank]
+        source.narrow(sorted(set().union(*(specs[i].hooks() for i in mine))))
         self.total_steps = cfg.total_tokens // cfg.batch_size
         self.members = []
-        for s in specs:  # each from the seed: as trained alone, whatever else the sweep holds
+        for i in mine:  # each from the seed: as trained alone, whatever else the sweep holds
             torch.manual_seed(cfg.seed)
             self.members.append(
-                build_member(cfg, s, source, self.total_steps, self.device, self.world)
+                build_member(cfg, specs[i], i, source, self.total_steps, self.device, self.world)
             )
-        names = [m.name for m in self.members]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two SAEs of the run share a name: {names}; set `name` in the sweep")
         self.dead_tokens = cfg.dead_tokens or min(
             10_000_000, max(cfg.batch_size, cfg.total_tokens // 20)
         )
@@ -384,18 +409,22 @@ class Trainer:
                 (m.tokens_since_fired > self.dead_tokens).sum()
             )
             values["details/current_learning_rate"] = lr
-        return {k + self.suffix(m): v for k, v in values.items()}
+        return {k + self.suffix(m.name): v for k, v in values.items()}
 
-    def suffix(self, m: Member) -> str:
-        return f"/{m.name}" if len(self.members) > 1 else ""
+    def suffix(self, name: str) -> str:
+        return f"/{name}" if len(self.names) > 1 else ""
 
     def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:
         """Log a step's metrics, stopping the run if a loss was NaN/inf on any rank (before any
         checkpoint holds its weights). The run calls this after queueing the next step."""
         values, diverged = metrics.read()
-        for m in self.members:
-            if m.name in diverged:
-                loss = values["losses/overall_loss" + self.suffix(m)]
+        if self.world.splits_sweep:  # every rank's dictionaries: one record of the run
+            shared = self.world.share((values, diverged))
+            values = {k: v for rank_values, _ in shared for k, v in rank_values.items()}
+            diverged = [name for _, rank_diverged in shared for name in rank_diverged]
+        for name in self.names:
+            if name in diverged:
+                loss = values["losses/overall_loss" + self.suffix(name)]
                 what = (
                     f"loss is {loss}"
                     if not math.isfinite(loss)
@@ -406,7 +435,7 @@ class Trainer:
                     if self.saved_step is None
                     else f"its checkpoint of step {self.saved_step} in {self.out} is kept"
                 )
-                raise NonFiniteLoss(f"SAE {m.name}: {what} at step {step}; {kept}")
+                raise NonFiniteLoss(f"SAE {name}: {what} at step {step}; {kept}")
         tracker.log(values, step)
         self.last_values = values
 
@@ -434,7 +463,7 @@ class Trainer:
         an L0 far from k, an unsettled threshold), one line each naming what to change."""
         lines = []
         for m in self.members:
-            suffix = self.suffix(m)
+            suffix = self.suffix(m.name)
             coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
             advice = m.sae.training_advice(
                 values["metrics/l0" + suffix], coefficient, self.total_steps
@@ -538,17 +567,20 @@ class Trainer:
                 f"{cfg.out}: the data ran out after {self.step} of {self.total_steps} steps",
                 file=sys.stderr,
             )
-        if self.world.is_main and self.last_values:
-            for line in self.end_advice(self.last_values):
+        if (self.world.is_main or self.world.splits_sweep) and self.last_values:
+            for line in self.end_advice(self.last_values):  # each rank of a sweep on its own
                 warnings.warn(line, stacklevel=3)
         # the SAEs first (a disk too full for the checkpoint keeps them), gathered whole from data
-        # rank 0's latent shards into rank 0's host memory
+        # rank 0's latent shards into rank 0's host memory; a distributed sweep's by their ranks
         first = self.world.data_rank == 0
         saes = [m.shards.whole_sae(m.sae) if first else None for m in self.members]
-        if self.world.is_main:
+        if self.world.is_main or self.world.splits_sweep:
             for m, whole in zip(self.members, saes, strict=True):
                 whole.save(self.out / m.name)
-                tracker.log_model(m.name, self.out / m.name)
+        self.world.barrier()
+        if self.world.is_main:
+            for name in self.names:
+                tracker.log_model(name, self.out / name)
         self.save_checkpoint(tracker.run_id)
         tracker.finish()
         self.world.barrier()
@@ -576,25 +608,31 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, run_id: str | None) -> None:
         """Rank 0 writes the run's state, each dictionary whole (gathered from its latent
-        shards), so that any number of processes and shards resumes it."""
+        shards, or from the rank a distributed sweep trains it on), as one process would, so that
+        any number of processes, shards or ranks of a sweep resumes it."""
         self.saved_step = self.step  # on every rank, though rank 0 alone writes it
         if self.world.data_rank != 0:
             return
-        states = [checkpoint.member_state(f"m{i}", m) for i, m in enumerate(self.members)]
+        states = [
+            (m.name, *checkpoint.member_state(f"m{m.index}", m, host=self.world.splits_sweep))
+            for m in self.members
+        ]
+        gathered = self.world.to_main(states)
         if not self.world.is_main:
             return
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
         meta: dict[str, Any] = {
             "step": self.step,
             "world_size": self.world.size,
+            "data_ranks": self.world.data_size,
             "wandb_run_id": run_id,
             "members": {},
             "config": asdict(self.cfg),
             "data": self.source.identity,
         }
-        for m, (member_tensors, member_meta) in zip(self.members, states, strict=True):
+        for name, member_tensors, member_meta in (s for rank in gathered for s in rank):
             tensors.update(member_tensors)
-            meta["members"][m.name] = member_meta
+            meta["members"][name] = member_meta
         checkpoint.save(self.out, tensors, meta)
 
     def restore(self) -> str | None:
@@ -604,13 +642,13 @@ class Trainer:
             print(f"{self.out}: no checkpoint to resume from; starting fresh", file=sys.stderr)
             return None
         tensors, meta = loaded
-        if sorted(meta["members"]) != sorted(m.name for m in self.members):
+        if sorted(meta["members"]) != sorted(self.names):
             raise ValueError(
-                f"{self.out}: the checkpoint holds SAEs {sorted(meta['members'])}, this run {[m.name for m in self.members]}"
+                f"{self.out}: the checkpoint holds SAEs {sorted(meta['members'])}, this run {self.names}"
             )
         self.refuse_other_settings(meta)
-        for i, m in enumerate(self.members):
-            checkpoint.restore_member(f"m{i}", m, tensors, meta["members"][m.name])
+        for m in self.members:
+            checkpoint.restore_member(m, tensors, meta["members"][m.name])
         torch.set_rng_state(tensors["rng.torch"])
         self.step = self.saved_step = meta["step"]
         return meta.get("wandb_run_id")
@@ -632,10 +670,15 @@ class Trainer:
                     if v != getattr(m.spec, k)
                 }
             )
-        if meta.get("data") is not None and meta["data"] != self.source.identity:
-            changed["data"] = (meta["data"], self.source.identity)
+        data = meta.get("data")
+        if isinstance(data, dict):  # a stream's identity held its hookpoints before stop 34
+            data = {k: v for k, v in data.items() if k != "hook"}
+        if data is not None and data != self.source.identity:
+            changed["data"] = (data, self.source.identity)
         batch_wide = [m.name for m in self.members if m.sae.batch_wide]
-        data_ranks = meta.get("world_size", self.world.size) // saved.get("latent_shards", 1)
+        data_ranks = meta.get(  # checkpoints before stop 34 have none
+            "data_ranks", meta.get("world_size", self.world.size) // saved.get("latent_shards", 1)
+        )
         if batch_wide and data_ranks != self.world.data_size:
             # each data rank picks its batch top-k among its own rows (per-row SAEs do not care)
             changed[f"data-parallel ranks ({', '.join(batch_wide)} select within each)"] = (

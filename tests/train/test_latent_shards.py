@@ -29,8 +29,9 @@ EVERY_RULE = f"""{SWEEP}  - {{architecture: matryoshka_batchtopk, k: 4, name: ma
 """
 
 
-def launch(out, processes: int, *args: str) -> None:
-    """`python -m train` in one process, or torchrun's gloo processes on CPU; must succeed."""
+def launch(out, processes: int, *args: str) -> str:
+    """`python -m train` in one process, or torchrun's gloo processes on CPU; must succeed.
+    Returns what it printed to stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable]
     if processes > 1:
@@ -38,6 +39,7 @@ def launch(out, processes: int, *args: str) -> None:
     run = subprocess.run([*launcher, "-m", "train", "--out", str(out), *args], env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, failure(run.stderr)
+    return run.stderr
 
 
 def common(tmp_path, config: str) -> list[str]:
