@@ -3,6 +3,8 @@ figures are measured by running them in full, never asserted here)."""
 
 import importlib.util
 import json
+import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, out: Path, *args: str) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(out), *args],
-                   check=True, cwd=ROOT, capture_output=True, timeout=600)  # fmt: skip
+    """`python bench/SCRIPT --out OUT ARGS` run in this process: the suite has already paid for
+    importing torch, transformers and SAELens (8 s of a fresh interpreter's start)."""
+    saved = sys.argv, sys.path[:], dict(os.environ)
+    sys.argv = [str(ROOT / "bench" / script), "--out", str(out), *args]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
     (result,) = out.glob("*.json")
     return json.loads(result.read_text())
+
+
+def load_bench(script: str):
+    """A bench script as a module, to test its parts."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "bench" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_train_bench_compares_ours_saelens_and_the_limit(tmp_path):
@@ -120,6 +138,31 @@ def test_quality_bench_scores_ours_sparsify_and_saelens_on_the_same_rows(tmp_pat
     assert ratio == scores["ours"]["explained_variance"] / scores["saelens"]["explained_variance"]
 
 
+def test_capacity_bench_finds_the_widest_dictionary_each_library_trains(tmp_path):
+    report = run_bench("capacity.py", tmp_path, "--start", "512", "--max-d-sae", "1024",
+                       "--batch", "64", "--device", "cpu")  # fmt: skip
+    for library in ("ours", "saelens"):
+        result = report["results"][library]
+        assert (result["largest_d_sae"], result["smallest_failed_d_sae"]) == (1024, None)
+        assert [a["d_sae"] for a in result["attempts"]] == [512, 1024]
+        assert all(a["trains"] and a["step_s"] > 0 for a in result["attempts"])
+    assert report["ours_over_saelens"] == 1.0 and report["settings"]["d_in"] == 576
+
+
+def test_capacity_search_doubles_then_halves_the_gap_on_multiples_of_4096():
+    capacity = load_bench("capacity.py")
+    tried = []
+
+    def trains(width: int) -> bool:
+        tried.append(width)
+        return width <= 300_000
+
+    assert capacity.widest(trains, 65536, 2**26, 3) == (294912, 327680)
+    assert tried == [65536, 131072, 262144, 524288, 393216, 327680, 294912]
+    assert capacity.widest(lambda w: True, 512, 1024, 3) == (1024, None)
+    assert capacity.widest(lambda w: False, 512, 1024, 3) == (0, 512)
+
+
 def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path):
     synthetic_cache(tmp_path / "cache", rows=8_000, d=64, shard_rows=4_000)
     synthetic_cache(tmp_path / "heldout", rows=4_000, d=64, shard_rows=4_000, seed=1)
@@ -143,9 +186,7 @@ def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path
 def test_lr_sweep_judges_penalty_rules_at_matched_l0():
     """Under an L1 penalty a larger rate may give a denser code that explains more: it is not a
     better rate unless its L0 is within 10% of the default's."""
-    spec = importlib.util.spec_from_file_location("lr_sweep", ROOT / "bench" / "lr_sweep.py")
-    lr_sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lr_sweep)
+    lr_sweep = load_bench("lr_sweep.py")
     point = {"d_sae": 64, "tokens": 4000, "steps": 4}
     runs = [
         {**point, "architecture": a, "multiplier": m, "lr": m, "explained_variance": ev, "l0": l0}
