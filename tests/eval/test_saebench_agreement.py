@@ -1,6 +1,6 @@
 """Our monosemanticity scores against SAEBench 0.6 itself, run in its own virtualenv (`make
-clients-venv`) by tests/clients/saebench_check.py on the same SAEs (exported to SAELens), the same
-words and the same seed.
+clients-venv`) by tests/clients/saebench_check.py and saeprobes_check.py (in one process:
+saebench_all.py) on the same SAEs (exported to SAELens), the same words and the same seed.
 
 First-letter absorption, for the session's trained TopK SAE and for a random one: SAEBench's
 prompts and our activations on them, its LM probe and ours, its k-sparse probes' choice of main
@@ -42,8 +42,7 @@ from sae.lm import smollm2_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 SB_PYTHON = ROOT / ".venv-sae-bench" / "bin" / "python"
-SCRIPT = ROOT / "tests" / "clients" / "saebench_check.py"
-PROBE_SCRIPT = ROOT / "tests" / "clients" / "saeprobes_check.py"
+SCRIPT = ROOT / "tests" / "clients" / "saebench_all.py"
 SEED = 42
 # SAEBench scores every letter its LM probe passes; on 300 words that is about ten letters, not
 # the 20 it asks of a full vocabulary (min_feats_for_eval, our min_letters), so both are told 1.
@@ -67,11 +66,12 @@ def exported(trained_sae, tmp_path_factory):
     return root, saes
 
 
-def start(script: Path, root: Path, *args: str) -> subprocess.Popen:
-    """SAEBench's side in its own virtualenv, started to run while we compute ours: much of its
-    time is single-threaded Python (23 s of it importing TransformerLens)."""
+def start(root: Path, *args: str) -> subprocess.Popen:
+    """SAEBench's side of every test here, in its own virtualenv and one process, started to run
+    while we compute ours: much of its time is single-threaded Python (23 s of it importing
+    TransformerLens, paid once)."""
     env = {**os.environ, "PYTHONPATH": "", "TQDM_DISABLE": "1"}
-    command = [str(SB_PYTHON), str(script), str(smollm2_dir()), *args,
+    command = [str(SB_PYTHON), str(SCRIPT), str(smollm2_dir()), *args,
                *(str(root / "saelens" / name) for name in ("trained", "random"))]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=root)  # fmt: skip
@@ -82,8 +82,16 @@ def finished(run: subprocess.Popen) -> None:
     assert run.returncode == 0, stderr[-4000:]
 
 
+# Sparse probing on two of sae-probes' tasks with short prompts (1000 and 2000 rows); the meta-SAE
+# score at a third of SAEBench's 1500 steps (both sides), to fit the suite's time.
+TASKS = ["117_us_state_FL", "125_world_country_Italy"]
+PROBING = ProbingConfig(tasks=TASKS)
+META = MetaConfig(steps=500)
+
+
 @pytest.fixture(scope="module")
-def compared(exported, smollm2):
+def both(exported, smollm2):
+    """Ours and SAEBench's absorption, logistic regression, sparse probing and meta-SAE score."""
     root, saes = exported
     words = spelling_words(smollm2[1], CFG)
     (root / "words.json").write_text(json.dumps(words))
@@ -92,12 +100,34 @@ def compared(exported, smollm2):
     y = (x[:, 0] - x[:, 1] + 0.5 * torch.randn(300, generator=g)) > 0.3
     (root / "out").mkdir()
     (root / "out" / "lr_problem.json").write_text(json.dumps({"x": x.tolist(), "y": y.tolist()}))
-    run = start(SCRIPT, root, str(root / "words.json"), str(SEED), str(root / "out"))
-    data = spelling(*smollm2, saes["trained"].cfg.hook_name, CFG, words)
-    ours = {name: first_letter_absorption(d, data, CFG) for name, d in saes.items()}
+    (root / "probing").mkdir()
+    run = start(root, str(root / "words.json"), str(SEED), str(root / "out"), ",".join(TASKS),
+                str(META.steps), str(root / "probing"))  # fmt: skip
+    hook = saes["trained"].cfg.hook_name
+    data = spelling(*smollm2, hook, CFG, words)
+    absorption = {name: first_letter_absorption(d, data, CFG) for name, d in saes.items()}
+    tasks = probing_tasks(*smollm2, hook, PROBING)
+    probing = {name: sparse_probing(d, tasks, PROBING) for name, d in saes.items()}
+    meta = {
+        name: meta_sae_score(d, META)["decoder_fraction_variance_explained"]
+        for name, d in saes.items()
+    }
     finished(run)
     theirs = {name: json.loads((root / "out" / f"{name}.json").read_text()) for name in saes}
-    return data, ours, theirs, (x, y, json.loads((root / "out" / "lr_solution.json").read_text()))
+    solution = json.loads((root / "out" / "lr_solution.json").read_text())
+    probed = {name: json.loads((root / "probing" / f"{name}.json").read_text()) for name in saes}
+    probed["splits"] = json.loads((root / "probing" / "splits.json").read_text())
+    return (data, absorption, theirs, (x, y, solution)), (probing, meta, probed)
+
+
+@pytest.fixture(scope="module")
+def compared(both):
+    return both[0]
+
+
+@pytest.fixture(scope="module")
+def probed(both):
+    return both[1]
 
 
 def test_prompts_activations_and_lm_probe_are_saebenchs(compared):
@@ -161,30 +191,6 @@ def test_logistic_regression_is_scikit_learns(compared):
     w, b = logistic_regression(x[None], y[None])
     assert torch.allclose(w[0], torch.tensor(solution["weight"], dtype=torch.double), atol=3e-3)
     assert float(b[0]) == pytest.approx(solution["bias"], abs=3e-3)
-
-
-# Sparse probing on two of sae-probes' tasks with short prompts (1000 and 2000 rows); the meta-SAE
-# score at a third of SAEBench's 1500 steps (both sides), to fit the suite's time.
-TASKS = ["117_us_state_FL", "125_world_country_Italy"]
-PROBING = ProbingConfig(tasks=TASKS)
-META = MetaConfig(steps=500)
-
-
-@pytest.fixture(scope="module")
-def probed(exported, smollm2):
-    root, saes = exported
-    (root / "probing").mkdir()
-    run = start(PROBE_SCRIPT, root, ",".join(TASKS), str(META.steps), str(root / "probing"))
-    tasks = probing_tasks(*smollm2, saes["trained"].cfg.hook_name, PROBING)
-    ours = {name: sparse_probing(d, tasks, PROBING) for name, d in saes.items()}
-    meta = {
-        name: meta_sae_score(d, META)["decoder_fraction_variance_explained"]
-        for name, d in saes.items()
-    }
-    finished(run)
-    theirs = {name: json.loads((root / "probing" / f"{name}.json").read_text()) for name in saes}
-    theirs["splits"] = json.loads((root / "probing" / "splits.json").read_text())
-    return ours, meta, theirs
 
 
 def test_every_tasks_labels_and_split_are_sae_probes(probed):

@@ -1,4 +1,5 @@
-"""Fixtures for train/: an S3 endpoint (moto in server mode on 127.0.0.1)."""
+"""Fixtures for train/: an S3 endpoint (moto in server mode on 127.0.0.1), and a sweep trained in
+one process that the multi-process runs must equal."""
 
 import socket
 
@@ -38,3 +39,14 @@ def s3_bucket(s3_server, monkeypatch, request):
     name = f"bucket-{request.node.name.lower().replace('_', '-')[:40]}".strip("-")
     s3fs.S3FileSystem(endpoint_url=s3_server).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    """tests/train/runs.py's sweep: its settings and its run in one process."""
+    from tests.train.runs import SWEEP, common, launch
+
+    tmp_path = tmp_path_factory.mktemp("one_process")
+    args = common(tmp_path, SWEEP)
+    launch(tmp_path / "one", 1, *args)
+    return args, tmp_path / "one"

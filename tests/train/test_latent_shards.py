@@ -1,71 +1,15 @@
 """Latent sharding: each rank of a latent group holds a slice of every SAE's latents; runs of 2 and
 4 gloo processes end with one process's dictionaries, alone and on a (data x latent) mesh."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import sae
-from tests.conftest import HOOK, synthetic, write_cache
-from tests.train.test_trainer import failure
+from tests.train.runs import EVERY_RULE, SWEEP, assert_same, common, dead, launch
 from train.distributed import World, check_mesh
-
-SWEEP = """sweep:
-  - {architecture: topk, k: 4, name: topk}
-  - {architecture: batchtopk, k: 4, name: batchtopk}
-  - {architecture: jumprelu, name: jumprelu}
-"""
-OUT = "blocks.6.hook_mlp_out"
-EVERY_RULE = f"""{SWEEP}  - {{architecture: matryoshka_batchtopk, k: 4, name: matryoshka}}
-  - {{architecture: standard, name: relu}}
-  - {{architecture: gated, name: gated}}
-  - {{architecture: topk, k: 4, hook_out: {OUT}, skip: true, name: skip_transcoder}}
-"""
-
-
-def launch(out, processes: int, *args: str) -> str:
-    """`python -m train` in one process, or torchrun's gloo processes on CPU; must succeed.
-    Returns what it printed to stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]  # fmt: skip
-    run = subprocess.run([*launcher, "-m", "train", "--out", str(out), *args], env=env,
-                         capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 0, failure(run.stderr)
-    return run.stderr
-
-
-def common(tmp_path, config: str) -> list[str]:
-    """Settings of a 30-step run on a cache of synthetic rows at HOOK and, at OUT, a nonlinear
-    function of them (a transcoder's target)."""
-    _, batches = synthetic(n_features=128, d=32, batch=2_000)
-    mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32**0.5
-    cache = write_cache(tmp_path / "cache", ({HOOK: x, OUT: (x @ mix).relu()} for x in batches(6)))
-    (tmp_path / "sweep.yaml").write_text(config)
-    return ["--cache", cache.url, "--hook", HOOK, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
-            "--batch-size", "500", "--total-tokens", "15000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
-
-
-def assert_same(a_dir, b_dir, names) -> None:
-    for name in names:
-        a, b = sae.load(a_dir / name), sae.load(b_dir / name)
-        assert b.cfg.d_sae == a.cfg.d_sae == 128
-        for key, value in a.state_dict().items():
-            where = f"{name}.{key}"
-            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4,
-                                       msg=lambda m, where=where: f"{where}: {m}")  # fmt: skip
-
-
-def dead(run_dir, name: str) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)[f"sparsity/dead_features/{name}"] for line in lines]
 
 
 def test_two_latent_shards_equal_one_process(tmp_path):
@@ -88,15 +32,6 @@ def test_two_latent_shards_equal_one_process(tmp_path):
     assert sorted(two) == sorted(one)
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, atol=1e-4, rtol=1e-4, msg=key)
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The sweep's settings and its run in one process, which the 4-process runs must equal."""
-    tmp_path = tmp_path_factory.mktemp("latent_shards")
-    args = common(tmp_path, SWEEP)
-    launch(tmp_path / "one", 1, *args)
-    return args, tmp_path / "one"
 
 
 def test_four_latent_shards_equal_one_process(one_process, tmp_path):

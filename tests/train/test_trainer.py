@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import sae
 import train
 from tests.conftest import HOOK, sigkill_when, start_sae, synthetic, synthetic_cache
+from tests.train.runs import failure
 from train.cache import ActivationCache
 from train.config import TrainConfig
 from train.prefetch import prefetched
@@ -110,7 +111,7 @@ def test_each_sae_of_a_sweep_trains_as_it_would_alone(tmp_path):
 
 
 def run_cli(cache, out, *extra):
-    return start_sae("train", "--cache", str(cache), "--out", str(out), "--architecture", "topk", "--k", "16", "--d-sae", "4096",
+    return start_sae("train", "--cache", str(cache), "--out", str(out), "--architecture", "topk", "--k", "16", "--d-sae", "2048",
                      "--batch-size", "1000", "--total-tokens", "200000", "--checkpoint-every", "10", *extra)  # fmt: skip
 
 
@@ -119,12 +120,12 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     proc = run_cli(cache.url, killed)
     sigkill_when(proc, killed / "checkpoint" / "state.json", lambda state: state["step"] >= 60)
-    assert not (killed / "topk-k16-x4096-blocks_6_hook_resid_post").exists(), (
+    assert not (killed / "topk-k16-x2048-blocks_6_hook_resid_post").exists(), (
         "killed before the end"
     )
     assert run_cli(cache.url, killed, "--resume").wait() == 0
     assert run_cli(cache.url, tmp_path / "clean").wait() == 0
-    name = "topk-k16-x4096-blocks_6_hook_resid_post"
+    name = "topk-k16-x2048-blocks_6_hook_resid_post"
     a, b = sae.load(killed / name), sae.load(tmp_path / "clean" / name)
     for key, value in a.state_dict().items():
         torch.testing.assert_close(value, b.state_dict()[key], atol=1e-5, rtol=1e-4)
@@ -519,14 +520,6 @@ def one_and_two_processes(tmp_path, *args: str) -> None:
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = torchrun("-m", "train", "--out", str(tmp_path / "two"), *args)
     assert ddp.returncode == 0, failure(ddp.stderr)
-
-
-def failure(stderr: str) -> str:
-    """A failed torchrun's first error lines (its tail is the launcher's summary, which names no
-    cause)."""
-    lines = stderr.splitlines()
-    first = next((i for i, line in enumerate(lines) if "Error" in line or "terminate" in line), 0)
-    return "\n".join(lines[max(0, first - 20) : first + 20])
 
 
 COUNTING_RUN = """

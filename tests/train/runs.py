@@ -1,0 +1,72 @@
+"""Runs of `python -m train` in one process or under torchrun (gloo, CPU) on a small synthetic
+cache, shared by the multi-process tests: the latent shards' and the distributed sweep's."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import sae
+from tests.conftest import HOOK, synthetic, write_cache
+
+
+def failure(stderr: str) -> str:
+    """A failed torchrun's first error lines (its tail is the launcher's summary, which names no
+    cause)."""
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if "Error" in line or "terminate" in line), 0)
+    return "\n".join(lines[max(0, first - 20) : first + 20])
+
+
+SWEEP = """sweep:
+  - {architecture: topk, k: 4, name: topk}
+  - {architecture: batchtopk, k: 4, name: batchtopk}
+  - {architecture: jumprelu, name: jumprelu}
+"""
+OUT = "blocks.6.hook_mlp_out"
+EVERY_RULE = f"""{SWEEP}  - {{architecture: matryoshka_batchtopk, k: 4, name: matryoshka}}
+  - {{architecture: standard, name: relu}}
+  - {{architecture: gated, name: gated}}
+  - {{architecture: topk, k: 4, hook_out: {OUT}, skip: true, name: skip_transcoder}}
+"""
+
+
+def launch(out, processes: int, *args: str) -> str:
+    """`python -m train` in one process, or torchrun's gloo processes on CPU; must succeed.
+    Returns what it printed to stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]  # fmt: skip
+    run = subprocess.run([*launcher, "-m", "train", "--out", str(out), *args], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, failure(run.stderr)
+    return run.stderr
+
+
+def common(tmp_path, config: str) -> list[str]:
+    """Settings of a 30-step run on a cache of synthetic rows at HOOK and, at OUT, a nonlinear
+    function of them (a transcoder's target)."""
+    _, batches = synthetic(n_features=128, d=32, batch=2_000)
+    mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32**0.5
+    cache = write_cache(tmp_path / "cache", ({HOOK: x, OUT: (x @ mix).relu()} for x in batches(6)))
+    (tmp_path / "sweep.yaml").write_text(config)
+    return ["--cache", cache.url, "--hook", HOOK, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
+            "--batch-size", "500", "--total-tokens", "15000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip
+
+
+def assert_same(a_dir, b_dir, names) -> None:
+    for name in names:
+        a, b = sae.load(a_dir / name), sae.load(b_dir / name)
+        assert b.cfg.d_sae == a.cfg.d_sae == 128
+        for key, value in a.state_dict().items():
+            where = f"{name}.{key}"
+            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, where=where: f"{where}: {m}")  # fmt: skip
+
+
+def dead(run_dir, name: str) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)[f"sparsity/dead_features/{name}"] for line in lines]
