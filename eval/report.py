@@ -190,7 +190,9 @@ def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
     name = (
         cfg.model or first.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
     )
-    lm, tokenizer = load_lm(name, device=cfg.device)
+    # the revision the dictionary was trained on, unless another model or revision is asked for
+    revision = cfg.revision or ("" if cfg.model else first.cfg.model_revision)
+    lm, tokenizer = load_lm(name, device=cfg.device, revision=revision)
     check_fits(d, lm, name)
     check_context(lm, cfg.context_size)
     windows = (

@@ -268,8 +268,9 @@ def run_export(opts: ExportOptions) -> None:
         from sae.export import write_model_folder
         from sae.io import load_set
 
-        model = load_set(opts.source)[0].cfg.model_name
-        write_model_folder(model, opts.model_folder)
+        first = load_set(opts.source)[0].cfg
+        model = first.model_name
+        write_model_folder(model, opts.model_folder, first.model_revision)
         print(f"wrote {model} to {opts.model_folder}; in circuit-tracer: ReplacementModel."
               f"from_pretrained_and_transcoders({opts.model_folder!r}, <loaded {written}>, "
               "backend='nnsight')")  # fmt: skip

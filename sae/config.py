@@ -62,6 +62,8 @@ class SAEConfig:
     output takes norm_scaling_factor)."""
     model_name: str = "smollm2-135m"
     """Model the activations came from (a name sae.lm knows, an HF id or a local path)."""
+    model_revision: str = ""
+    """Its revision (a hub branch, tag or commit, or a checkpoint's folder); empty: as named."""
     context_size: int = 128
     """Token window length the activations were taken from."""
     prepend_bos: bool = True

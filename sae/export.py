@@ -193,14 +193,14 @@ def export(source: str | Path, fmt: str, out: str | Path) -> Path:
     return FORMATS[fmt](load_set(source), Path(out))
 
 
-def write_model_folder(model: str, out: str | Path) -> Path:
+def write_model_folder(model: str, out: str | Path, revision: str = "") -> Path:
     """The LM as a Hugging Face folder that transformers 4.56-4.57 (circuit-tracer 0.5's pin)
     reads as the model we run: our folders are saved by transformers 5, whose config keeps RoPE's
     theta under `rope_parameters` (4.57 would take its default of 10000) and whose tokenizer class
     4.57 does not know (the tokenizer.json it wraps is the same)."""
-    from sae.lm import model_path
+    from sae.lm import revision_path
 
-    source, out = Path(model_path(model)), Path(out)
+    source, out = Path(revision_path(model, revision)[0]), Path(out)
     if not (source / "config.json").exists():
         raise ValueError(
             f"{model} is not a local model folder ({source}); circuit-tracer can load it by name"

@@ -41,6 +41,7 @@ class LayersConfig:
     norm_scaling_factors: list[float] = field(default_factory=list)
     """Scale of each hookpoint it reads (empty: 1)."""
     model_name: str = ""
+    model_revision: str = ""
     context_size: int = 128
     prepend_bos: bool = True
     dataset_path: str = ""

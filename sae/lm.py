@@ -92,23 +92,31 @@ def model_path(name: str) -> str:
 
 
 def load_lm(
-    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str = "",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model in eval mode and its tokenizer. Causal LMs load with their LM head (for spliced-in
-    loss); encoders (BERT) as the bare model."""
-    path = model_path(name)
+    loss); encoders (BERT) as the bare model. `revision`: see revision_path."""
+    path, hub_revision = revision_path(name, revision)
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; ours show the real work
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, revision=hub_revision)
         causal = any(
             a.endswith("ForCausalLM") or a.endswith("LMHeadModel")
             for a in (config.architectures or [])
         )
         auto = AutoModelForCausalLM if causal else AutoModel
-        model = auto.from_pretrained(path, dtype=dtype)
+        model = auto.from_pretrained(path, dtype=dtype, revision=hub_revision)
     except OSError as e:
         if Path(path).is_dir():  # transformers' own message names the folder and the missing file
             raise
+        if hub_revision and hub_revision not in (known := known_revisions(path)):
+            raise OSError(
+                f"model {name!r} has no revision {hub_revision!r}; it has {known or 'none'}"
+                + (" in the local Hugging Face cache" if hf_constants.HF_HUB_OFFLINE else "")
+            ) from e
         where = (
             "available offline in the Hugging Face cache (offline mode is set)"
             if hf_constants.HF_HUB_OFFLINE  # the one spelling huggingface_hub 0.x and 1.x share
@@ -117,13 +125,46 @@ def load_lm(
         raise OSError(f"model {name!r} is neither a local folder nor {where}") from e
     model = model.to(device).eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=hub_revision)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"model {name!r} ({path}) has no usable tokenizer; save one beside the weights: {e}"
         ) from e
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def revision_path(name: str, revision: str) -> tuple[str, str | None]:
+    """Where a model's weights are, and the hub revision to ask for there: `revision` is a hub
+    branch, tag or commit (Pythia's step8000), or a local folder holding a checkpoint (its
+    weights, config and tokenizer, as save_pretrained writes them). The embedded models and
+    local folders have no revisions of their own: asking one for a name is refused."""
+    path = model_path(name)
+    if not revision:
+        return path, None
+    if Path(revision).is_dir():
+        return revision, None
+    if Path(path).is_dir():
+        raise ValueError(
+            f"model {name!r} is a folder on this machine ({path}), which has no revision "
+            f"{revision!r}: give the checkpoint's own folder as --revision (or as --model)"
+        )
+    return path, revision
+
+
+def known_revisions(repo_id: str) -> list[str]:
+    """A hub repo's branches and tags; offline, the revisions its local cache holds."""
+    refs = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
+    cached = sorted(str(f.relative_to(refs)) for f in refs.rglob("*") if f.is_file())
+    if hf_constants.HF_HUB_OFFLINE:
+        return cached
+    try:
+        from huggingface_hub import list_repo_refs
+
+        found = list_repo_refs(repo_id)
+    except Exception:  # noqa: BLE001 - unreachable, private or absent: what the cache holds
+        return cached
+    return sorted({ref.name for ref in [*found.branches, *found.tags]})
 
 
 def check_context(model: nn.Module, context_size: int) -> None:

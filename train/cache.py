@@ -51,6 +51,7 @@ MANIFEST_KEYS = (
 IDENTITY = (
     "format",
     "model",
+    "model_revision",
     "revision",
     "hookpoints",
     "d_in",

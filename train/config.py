@@ -16,6 +16,9 @@ class TextOptions:
 
     model: str = "smollm2-135m"
     """Model: smollm2-135m (embedded), all-minilm-l6-v2 (embedded), an HF id or a local folder."""
+    revision: str = ""
+    """The model's revision: a hub branch, tag or commit (Pythia's step8000), or a local folder
+    holding a checkpoint; empty: the model as named."""
     dataset: str = "shakespeare"
     """Text: shakespeare (embedded), a local text file or folder, or a `datasets` name."""
     split: str = "train"

@@ -154,7 +154,7 @@ class Harvester:
         self.device = resolve_device(cfg.device)
         self.dtype = DTYPES[cfg.dtype]
         self.precision = resolve_precision(cfg.precision, cfg.dtype, self.device)
-        self.model, self.tokenizer = load_lm(cfg.model, device=str(self.device))
+        self.model, self.tokenizer = load_lm(cfg.model, str(self.device), revision=cfg.revision)
         check_context(self.model, cfg.context_size)
         self.takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
         self.d_in = {
@@ -179,6 +179,7 @@ class Harvester:
         c = self.cfg
         return {
             "model": c.model,
+            "model_revision": c.revision,
             "revision": model_revision(self.model),
             "hookpoints": list(c.hook),
             "d_in": self.d_in,

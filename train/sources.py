@@ -29,7 +29,8 @@ Data = str | Path | ActivationCache | HarvestConfig | Iterable[Tensor]
 
 class Source:
     meta: dict[str, Any]
-    """Provenance for each dictionary's config: model_name, context_size, dataset_path."""
+    """Provenance for each dictionary's config: model_name, model_revision, context_size,
+    dataset_path."""
     identity: dict[str, Any] | None = None
     """What the data is, for --resume to refuse other data (None: unknowable, an iterable)."""
     d_in: dict[str, int]
@@ -64,8 +65,8 @@ class CacheSource(Source):
     def __init__(self, cache: str | Path | ActivationCache):
         self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache(str(cache))
         m = self.cache.manifest
-        self.meta = {"model_name": m["model"], "context_size": m["context_size"],
-                     "dataset_path": m["dataset"]}  # fmt: skip
+        self.meta = {"model_name": m["model"], "model_revision": m.get("model_revision", ""),
+                     "context_size": m["context_size"], "dataset_path": m["dataset"]}  # fmt: skip
 
     def default_hook(self) -> str:
         hooks = self.cache.hookpoints
@@ -145,8 +146,8 @@ class ModelSource(Source):
 
     def __init__(self, harvest: HarvestConfig):
         self.harvest = harvest
-        self.meta = {"model_name": harvest.model, "context_size": harvest.context_size,
-                     "dataset_path": harvest.dataset}  # fmt: skip
+        self.meta = {"model_name": harvest.model, "model_revision": harvest.revision,
+                     "context_size": harvest.context_size, "dataset_path": harvest.dataset}  # fmt: skip
 
     def default_hook(self) -> str:
         return self.harvest.hook[0]

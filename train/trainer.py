@@ -670,11 +670,12 @@ class Trainer:
                     if v != getattr(m.spec, k)
                 }
             )
-        data = meta.get("data")
-        if isinstance(data, dict):  # a stream's identity held its hookpoints before stop 34
-            data = {k: v for k, v in data.items() if k != "hook"}
-        if data is not None and data != self.source.identity:
-            changed["data"] = (data, self.source.identity)
+        data, now_data = meta.get("data"), self.source.identity
+        if isinstance(data, dict) and isinstance(now_data, dict):  # what both record: a stream's
+            shared = (data.keys() & now_data.keys()) - {"hook"}  # hookpoints are per dictionary
+            data, now_data = ({k: d[k] for k in sorted(shared)} for d in (data, now_data))
+        if data is not None and data != now_data:
+            changed["data"] = (data, now_data)
         batch_wide = [m.name for m in self.members if m.sae.batch_wide]
         data_ranks = meta.get(  # checkpoints before stop 34 have none
             "data_ranks", meta.get("world_size", self.world.size) // saved.get("latent_shards", 1)
