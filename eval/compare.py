@@ -33,7 +33,8 @@ from sae.io import atomic_write, write_json, write_text
 @dataclass
 class CompareConfig:
     """Put training runs side by side: config differences, final metrics, frontiers, and
-    dictionary similarity between their SAEs."""
+    dictionary similarity between their SAEs. (Dictionaries of successive checkpoints of a
+    model: `sae track` lines them up latent by latent.)"""
 
     runs: list[str] = field(default_factory=list, metadata={"positional": True})
     """Run directories, offline W&B run folders, or W&B run paths entity/project/id."""

@@ -322,6 +322,11 @@ COMMANDS: dict[str, Command] = {
         "eval.compare:CompareConfig",
         "eval.compare:compare_cli",
     ),
+    "track": Command(
+        "dictionaries of successive checkpoints lined up: latents born, persisting, split, dead",
+        "eval.track:TrackConfig",
+        "eval.track:track_cli",
+    ),
     "info": Command(
         "print a dictionary's config and weight statistics",
         "sae.cli:InfoOptions",

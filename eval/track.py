@@ -1,0 +1,257 @@
+"""`sae track`: dictionaries trained on successive checkpoints of a model (one hookpoint, one width)
+lined up in order, to see which features are born, persist, split, merge or die as it trains.
+
+Between neighbours t and t+1 the latents are matched one to one by the Hungarian algorithm on
+their decoder directions (scipy's linear_sum_assignment, maximising the summed cosine). A matched
+pair whose cosine is at least `persist` is one feature that persists. Of the latents of t+1 left
+over, one whose best cosine among t's is at least `related` to a latent that persists is split off
+it (the old feature now has two or more latents); otherwise it is born. Of the latents of t left
+over, one whose best cosine among t+1's is at least `related` to a latent that persists from
+another has merged into it; otherwise it died. Lineages follow the persisting pairs: a latent of
+the first dictionary, or one born or split off later, starts a lineage, and every latent it
+persists into carries that lineage on.
+
+Writes track.json (schema below, `schema: sae-forge-track/1`), track.png (the share of each
+dictionary's latents that persist from the previous one, their mean cosine, and the counts of
+each event) and track.html.
+
+track.json:
+  dictionaries   [{ref, model_name, model_revision, hook_name, d_sae}] in the order given
+  thresholds     {persist, related}
+  transitions    per neighbouring pair: {from, to, persists, born, split, died, merged,
+                 persisting_share (persists / d_sae), mean_persisting_cosine,
+                 mean_assigned_cosine (over every Hungarian pair)}
+  latents        per dictionary, per latent: {lineage, status (first, persists, born or split),
+                 parent (the previous dictionary's latent it persists or split from, else null),
+                 cosine (to the parent), fate (persists, merged or died; null in the last),
+                 child (the next dictionary's latent it persists or merged into, else null)}
+  lineages       how many there are, and how many reach the last dictionary
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import sae as sae_lib
+from eval.report import fmt
+from sae.io import write_json, write_text
+
+SCHEMA = "sae-forge-track/1"
+
+
+@dataclass
+class TrackConfig:
+    """Line up dictionaries trained on successive checkpoints of a model (the same hookpoint and
+    width): which latents persist, are born, split, merge or die from one checkpoint to the next."""
+
+    dictionaries: list[str] = field(default_factory=list, metadata={"positional": True})
+    """The dictionaries, earliest checkpoint first (anything sae.load takes)."""
+    out: str = "track"
+    """Folder for track.json, track.png and track.html."""
+    persist: float = 0.7
+    """Decoder cosine at which a matched pair is one feature that persists."""
+    related: float = 0.4
+    """Decoder cosine at which an unmatched latent counts as split off, or merged into, a
+    persisting one (below: born, or died)."""
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.related <= self.persist <= 1:
+            raise ValueError(
+                f"thresholds are cosines with -1 <= related <= persist <= 1, got related "
+                f"{self.related} and persist {self.persist}"
+            )
+
+
+def directions(d) -> torch.Tensor:
+    return F.normalize(d.decoder_directions().detach().float(), dim=-1)
+
+
+def check_alike(dictionaries: list, refs: list[str]) -> None:
+    """One hookpoint, one rule, one width and one input width for all: what makes them the same
+    dictionary at different checkpoints."""
+    if len(dictionaries) < 2:
+        raise ValueError(f"sae track needs at least two dictionaries, got {len(dictionaries)}")
+    first = dictionaries[0].cfg
+    for d, ref in zip(dictionaries[1:], refs[1:], strict=True):
+        for key in ("hook_name", "architecture", "d_sae", "d_in"):
+            if getattr(d.cfg, key, None) != getattr(first, key, None):
+                raise ValueError(
+                    f"{ref} has {key} {getattr(d.cfg, key, None)!r} where {refs[0]} has "
+                    f"{getattr(first, key, None)!r}: sae track lines up one dictionary's "
+                    "checkpoints (the same hookpoint, rule and width)"
+                )
+
+
+@torch.no_grad()
+def transition(a: torch.Tensor, b: torch.Tensor, persist: float, related: float) -> dict:
+    """The events between two dictionaries' unit decoder directions a [F, d] and b [F, d]."""
+    from scipy.optimize import linear_sum_assignment
+
+    cosine = a @ b.T
+    rows, cols = linear_sum_assignment(cosine.numpy(), maximize=True)
+    rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+    assigned = cosine[rows, cols]
+    keep = assigned >= persist
+    child = torch.full((len(a),), -1)
+    parent = torch.full((len(b),), -1)
+    child[rows[keep]], parent[cols[keep]] = cols[keep], rows[keep]
+    persisting_a, persisting_b = child >= 0, parent >= 0
+    best_in_a, nearest_a = cosine.max(0)  # for b's latents
+    best_in_b, nearest_b = cosine.max(1)  # for a's latents
+    split = ~persisting_b & (best_in_a >= related) & persisting_a[nearest_a]
+    merged = ~persisting_a & (best_in_b >= related) & persisting_b[nearest_b]
+    return {
+        "cosine": cosine,
+        "child": child,
+        "parent": parent,
+        "split": split,
+        "merged": merged,
+        "nearest_a": nearest_a,
+        "nearest_b": nearest_b,
+        "mean_assigned_cosine": float(assigned.mean()),
+    }
+
+
+def track(cfg: TrackConfig) -> dict:
+    dictionaries = [sae_lib.load(ref) for ref in cfg.dictionaries]
+    check_alike(dictionaries, cfg.dictionaries)
+    units = [directions(d) for d in dictionaries]
+    width = len(units[0])
+    latents = [[{"lineage": i, "status": "first", "parent": None, "cosine": None}
+                for i in range(width)]]  # fmt: skip
+    transitions, lineages = [], width
+    for t, (a, b) in enumerate(zip(units, units[1:], strict=False)):
+        step = transition(a, b, cfg.persist, cfg.related)
+        now = []
+        for j in range(width):
+            parent = int(step["parent"][j])
+            if parent >= 0:
+                status, lineage = "persists", latents[t][parent]["lineage"]
+            else:
+                status = "split" if step["split"][j] else "born"
+                parent = int(step["nearest_a"][j]) if status == "split" else None
+                lineage, lineages = lineages, lineages + 1
+            cos = float(step["cosine"][parent, j]) if parent is not None else None
+            now.append({"lineage": lineage, "status": status, "parent": parent, "cosine": cos})
+        for i, latent in enumerate(latents[t]):
+            child = int(step["child"][i])
+            if child >= 0:
+                latent.update(fate="persists", child=child)
+            elif step["merged"][i]:
+                latent.update(fate="merged", child=int(step["nearest_b"][i]))
+            else:
+                latent.update(fate="died", child=None)
+        latents.append(now)
+        persisting = [x["cosine"] for x in now if x["status"] == "persists"]
+        transitions.append({
+            "from": t, "to": t + 1, "persists": len(persisting),
+            "born": sum(x["status"] == "born" for x in now),
+            "split": sum(x["status"] == "split" for x in now),
+            "died": sum(x["fate"] == "died" for x in latents[t]),
+            "merged": sum(x["fate"] == "merged" for x in latents[t]),
+            "persisting_share": len(persisting) / width,
+            "mean_persisting_cosine": sum(persisting) / len(persisting) if persisting else None,
+            "mean_assigned_cosine": step["mean_assigned_cosine"],
+        })  # fmt: skip
+    for latent in latents[-1]:
+        latent.update(fate=None, child=None)
+    return {
+        "schema": SCHEMA,
+        "dictionaries": [
+            {
+                "ref": ref,
+                "model_name": d.cfg.model_name,
+                "model_revision": getattr(d.cfg, "model_revision", ""),
+                "hook_name": getattr(d.cfg, "hook_name", ""),
+                "d_sae": d.cfg.d_sae,
+            }
+            for ref, d in zip(cfg.dictionaries, dictionaries, strict=True)
+        ],  # fmt: skip
+        "thresholds": {"persist": cfg.persist, "related": cfg.related},
+        "transitions": transitions,
+        "latents": latents,
+        "lineages": {"count": lineages, "alive_at_end": len({x["lineage"] for x in latents[-1]})},
+    }
+
+
+def labels(result: dict) -> list[str]:
+    """Each dictionary by its model revision, else its place in the order."""
+    return [d["model_revision"] or f"#{i}" for i, d in enumerate(result["dictionaries"])]
+
+
+def figure(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [f"{a} > {b}" for a, b in zip(labels(result), labels(result)[1:], strict=False)]
+    t = result["transitions"]
+    fig, (share, events) = plt.subplots(1, 2, figsize=(11, 4))
+    share.plot(steps, [x["persisting_share"] for x in t], marker="o", label="latents persisting")
+    share.plot(steps, [x["mean_persisting_cosine"] for x in t], marker="s",
+               label="their mean cosine")  # fmt: skip
+    share.set_ylim(0, 1.05)
+    share.legend()
+    share.set_title("from one checkpoint to the next")
+    bottom = [0] * len(t)
+    for event in ("persists", "born", "split", "merged", "died"):
+        counts = [x[event] for x in t]
+        events.bar(steps, counts, bottom=bottom, label=event)
+        bottom = [a + b for a, b in zip(bottom, counts, strict=True)]
+    events.legend()
+    events.set_title("latents by event")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def page(result: dict, png: Path) -> str:
+    import base64
+
+    names = labels(result)
+    head = ["from", "to", "persist", "born", "split", "merged", "died", "share persisting",
+            "mean cosine"]  # fmt: skip
+    rows = [[names[x["from"]], names[x["to"]], x["persists"], x["born"], x["split"], x["merged"],
+             x["died"], x["persisting_share"], x["mean_persisting_cosine"]]
+            for x in result["transitions"]]  # fmt: skip
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    table += "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    image = base64.b64encode(png.read_bytes()).decode()
+    sources = "".join(
+        f"<li>{html.escape(n)}: {html.escape(d['ref'])}</li>"
+        for n, d in zip(names, result["dictionaries"], strict=True)
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>sae track</title><style>"
+        "body{font:14px system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px "
+        "solid #ddd}</style></head><body><h1>Features across checkpoints</h1>"
+        f"<ol start='0'>{sources}</ol><img alt='events' src='data:image/png;base64,{image}'>"
+        f"{table}</table><p>{result['lineages']['count']} lineages, "
+        f"{result['lineages']['alive_at_end']} alive at the end; thresholds: persist "
+        f"{result['thresholds']['persist']}, related {result['thresholds']['related']}.</p>"
+        "</body></html>"
+    )
+
+
+def track_cli(cfg: TrackConfig) -> None:
+    result = track(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "track.json", result)
+    figure(result, out / "track.png")
+    write_text(out / "track.html", page(result, out / "track.png"))
+    names = labels(result)
+    for x in result["transitions"]:
+        print(f"{names[x['from']]} > {names[x['to']]}: {x['persists']} persist "
+              f"({fmt(x['persisting_share'], '.1%')}, mean cosine "
+              f"{fmt(x['mean_persisting_cosine'])}), {x['born']} born, {x['split']} split, "
+              f"{x['merged']} merged, {x['died']} died")  # fmt: skip
+    print(f"wrote {out / 'track.html'}, track.json, track.png")
