@@ -260,30 +260,42 @@ def sae_label(run: str, sae: str) -> str:
     return f"{run}/{sae}" if sae else run
 
 
-def page(result: dict, png: Path) -> str:
+def table(header: list[str], rows: list[list]) -> str:
+    """An HTML table of numbers and text, numbers as `fmt` writes them."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_page(title: str, body: str) -> str:
+    """A page of `sae compare`'s and `sae track`'s plain style around `body`."""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font:14px system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;"
+        f"border-bottom:1px solid #ddd}}</style></head><body>{body}</body></html>"
+    )
+
+
+def png_image(png: Path, alt: str) -> str:
+    """The PNG inlined, so the page is one file."""
     import base64
 
-    def table(header: list[str], rows: list[list]) -> str:
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>"
-            for row in rows
-        )
-        return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>"
 
+
+def page(result: dict, png: Path) -> str:
     metrics = sorted({k for m in result["final_metrics"].values() for k in m})
-    image = base64.b64encode(png.read_bytes()).decode()
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sae compare</title><style>"
-        "body{font:14px system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
-        "</style></head><body><h1>Runs compared</h1>"
+    return html_page(
+        "sae compare",
+        "<h1>Runs compared</h1>"
         f"<h2>Config differences</h2>{table(['key', *result['runs']], [[k, *v] for k, v in result['config_differences'].items()])}"
         f"<h2>Final training metrics</h2>{table(['metric', *result['runs']], [[k, *(result['final_metrics'][r].get(k) for r in result['runs'])] for k in metrics])}"
-        f"<h2>Frontiers</h2><img alt='frontiers' src='data:image/png;base64,{image}'>"
+        f"<h2>Frontiers</h2>{png_image(png, 'frontiers')}"
         f"{table(['run', 'sae', 'L0', 'explained variance', 'CE recovered', 'from'], [[p['run'], p['sae'], p['l0'], p['explained_variance'], p['ce_loss_recovered'], p['source']] for p in result['points']])}"
         f"<h2>Dictionary similarity (decoder cosine &gt; threshold)</h2>"
-        f"{table(['a', 'b', 'a matched in b', 'b matched in a', 'note'], [[s['a'], s['b'], s['matched_a_in_b'], s['matched_b_in_a'], s.get('reason', '')] for s in result['similarity']])}"
-        "</body></html>"
+        f"{table(['a', 'b', 'a matched in b', 'b matched in a', 'note'], [[s['a'], s['b'], s['matched_a_in_b'], s['matched_b_in_a'], s.get('reason', '')] for s in result['similarity']])}",
     )
 
 

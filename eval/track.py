@@ -38,8 +38,9 @@ import torch
 from torch.nn import functional as F
 
 import sae as sae_lib
+from eval.compare import html_page, png_image, table
 from eval.report import fmt
-from sae.io import write_json, write_text
+from sae.io import atomic_write, write_json, write_text
 
 SCHEMA = "sae-forge-track/1"
 
@@ -207,37 +208,28 @@ def figure(result: dict, png: Path) -> None:
     events.legend()
     events.set_title("latents by event")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
 def page(result: dict, png: Path) -> str:
-    import base64
-
     names = labels(result)
     head = ["from", "to", "persist", "born", "split", "merged", "died", "share persisting",
             "mean cosine"]  # fmt: skip
     rows = [[names[x["from"]], names[x["to"]], x["persists"], x["born"], x["split"], x["merged"],
              x["died"], x["persisting_share"], x["mean_persisting_cosine"]]
             for x in result["transitions"]]  # fmt: skip
-    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-    table += "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    image = base64.b64encode(png.read_bytes()).decode()
     sources = "".join(
         f"<li>{html.escape(n)}: {html.escape(d['ref'])}</li>"
         for n, d in zip(names, result["dictionaries"], strict=True)
     )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sae track</title><style>"
-        "body{font:14px system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px "
-        "solid #ddd}</style></head><body><h1>Features across checkpoints</h1>"
-        f"<ol start='0'>{sources}</ol><img alt='events' src='data:image/png;base64,{image}'>"
-        f"{table}</table><p>{result['lineages']['count']} lineages, "
-        f"{result['lineages']['alive_at_end']} alive at the end; thresholds: persist "
-        f"{result['thresholds']['persist']}, related {result['thresholds']['related']}.</p>"
-        "</body></html>"
+    lineages, thresholds = result["lineages"], result["thresholds"]
+    return html_page(
+        "sae track",
+        f"<h1>Features across checkpoints</h1><ol start='0'>{sources}</ol>"
+        f"{png_image(png, 'events')}{table(head, rows)}<p>{lineages['count']} lineages, "
+        f"{lineages['alive_at_end']} alive at the end; thresholds: persist "
+        f"{thresholds['persist']}, related {thresholds['related']}.</p>",
     )
 
 
