@@ -59,7 +59,9 @@ def attempt(build: Callable[[], Callable], batches: list, device: torch.device) 
             step(x)
             sync(device)
             times.append(time.perf_counter() - start)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # cuBLAS's failures are RuntimeErrors
+        if not isinstance(e, torch.OutOfMemoryError) and "ALLOC_FAILED" not in str(e):
+            raise
         return None
     finally:
         step = None
@@ -145,7 +147,12 @@ def in_own_process(library: str, args: dict) -> dict:
     parent, child = ctx.Pipe()
     process = ctx.Process(target=worker, args=(child, library, args))
     process.start()
-    result = parent.recv()
+    child.close()  # the worker's end only: a worker that dies then ends the wait below
+    try:
+        result = parent.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the {library} process died (exit code {process.exitcode})") from None
     process.join()
     return result
 

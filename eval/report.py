@@ -191,7 +191,8 @@ def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
         cfg.model or first.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
     )
     # the revision the dictionary was trained on, unless another model or revision is asked for
-    revision = cfg.revision or ("" if cfg.model else first.cfg.model_revision)
+    own = cfg.model in ("", first.cfg.model_name)
+    revision = cfg.revision or (first.cfg.model_revision if own else "")
     lm, tokenizer = load_lm(name, device=cfg.device, revision=revision)
     check_fits(d, lm, name)
     check_context(lm, cfg.context_size)

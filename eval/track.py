@@ -25,7 +25,7 @@ track.json:
                  parent (the previous dictionary's latent it persists or split from, else null),
                  cosine (to the parent), fate (persists, merged or died; null in the last),
                  child (the next dictionary's latent it persists or merged into, else null)}
-  lineages       how many there are, and how many reach the last dictionary
+  lineages       how many there are, and how many of the first dictionary's reach the last
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def check_alike(dictionaries: list, refs: list[str]) -> None:
         raise ValueError(f"sae track needs at least two dictionaries, got {len(dictionaries)}")
     first = dictionaries[0].cfg
     for d, ref in zip(dictionaries[1:], refs[1:], strict=True):
-        for key in ("hook_name", "architecture", "d_sae", "d_in"):
+        for key in ("hook_name", "hook_name_out", "hook_names", "hook_names_out",
+                    "architecture", "d_sae", "d_in"):  # fmt: skip
             if getattr(d.cfg, key, None) != getattr(first, key, None):
                 raise ValueError(
                     f"{ref} has {key} {getattr(d.cfg, key, None)!r} where {refs[0]} has "
@@ -176,7 +177,10 @@ def track(cfg: TrackConfig) -> dict:
         "thresholds": {"persist": cfg.persist, "related": cfg.related},
         "transitions": transitions,
         "latents": latents,
-        "lineages": {"count": lineages, "alive_at_end": len({x["lineage"] for x in latents[-1]})},
+        "lineages": {  # the first dictionary's lineages are numbered 0..width-1
+            "count": lineages,
+            "first_reaching_end": sum(x["lineage"] < width for x in latents[-1]),
+        },
     }
 
 
@@ -227,8 +231,8 @@ def page(result: dict, png: Path) -> str:
     return html_page(
         "sae track",
         f"<h1>Features across checkpoints</h1><ol start='0'>{sources}</ol>"
-        f"{png_image(png, 'events')}{table(head, rows)}<p>{lineages['count']} lineages, "
-        f"{lineages['alive_at_end']} alive at the end; thresholds: persist "
+        f"{png_image(png, 'events')}{table(head, rows)}<p>{lineages['count']} lineages; "
+        f"{lineages['first_reaching_end']} of the first dictionary's reach the last; thresholds: persist "
         f"{thresholds['persist']}, related {thresholds['related']}.</p>",
     )
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import DTYPES, ConfigError, SAEConfig
-from sae.kernels import sparse_decode
+from sae.kernels import sparse_decode, use_triton
 from sae.layered import LayeredDictionary, LayersConfig
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse
 
@@ -228,13 +228,15 @@ class CrossLayerTranscoder(LayeredDictionary):
         them (top-k styles), which is most of a CLT's cost (W_dec_0 is n * d wide). On the CPU a
         few rows at a time: embedding_bag's backward holds an [entries, width] tensor, 1.1 GB for
         1024 rows of k 16 at SmolLM2's layer 0 (width 30 * 576), which chunks keep to
-        DECODE_FLOATS. A GPU's Triton kernels hold no such tensor, and each chunk's nonzero()
-        waits for the device: the whole batch at once there (chunked, a 30-layer step on an H200
-        waited a thousand times and took 0.97 s)."""
+        DECODE_FLOATS (so too on a GPU without Triton). The Triton kernels hold no such tensor, and
+        each chunk's nonzero() waits for the device: the whole batch at once there (chunked, a
+        30-layer step on an H200 waited a thousand times and took 0.97 s)."""
         if not part.sparse_code:
             return z @ part.W_dec
-        cpu = z.device.type == "cpu"
-        rows_per_chunk = max(1, DECODE_FLOATS // (part.cfg.k * part.cfg.d_out)) if cpu else len(z)
+        chunked = not use_triton(part.W_dec)
+        rows_per_chunk = (
+            max(1, DECODE_FLOATS // (part.cfg.k * part.cfg.d_out)) if chunked else len(z)
+        )
         chunks = []
         for z_c in z.split(rows_per_chunk):
             rows, latents = z_c.nonzero(as_tuple=True)

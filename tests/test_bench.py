@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import synthetic_cache
 from train.schedule import default_lr
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_bench(script: str, out: Path, *args: str) -> dict:
     """`python bench/SCRIPT --out OUT ARGS` run in this process: the suite has already paid for
     importing torch, transformers and SAELens (8 s of a fresh interpreter's start)."""
-    saved = sys.argv, sys.path[:], dict(os.environ)
+    saved = sys.argv, sys.path[:], dict(os.environ), torch.get_rng_state()
     sys.argv = [str(ROOT / "bench" / script), "--out", str(out), *args]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
@@ -28,6 +29,7 @@ def run_bench(script: str, out: Path, *args: str) -> dict:
         sys.argv, sys.path[:] = saved[0], saved[1]
         os.environ.clear()
         os.environ.update(saved[2])
+        torch.set_rng_state(saved[3])
     (result,) = out.glob("*.json")
     return json.loads(result.read_text())
 
@@ -140,7 +142,7 @@ def test_quality_bench_scores_ours_sparsify_and_saelens_on_the_same_rows(tmp_pat
 
 def test_capacity_bench_finds_the_widest_dictionary_each_library_trains(tmp_path):
     report = run_bench("capacity.py", tmp_path, "--start", "512", "--max-d-sae", "1024",
-                       "--batch", "64", "--device", "cpu")  # fmt: skip
+                       "--batch", "64", "--device", "cpu", "--scratch", str(tmp_path / "s"))  # fmt: skip
     for library in ("ours", "saelens"):
         result = report["results"][library]
         assert (result["largest_d_sae"], result["smallest_failed_d_sae"]) == (1024, None)
@@ -191,8 +193,20 @@ def test_lr_sweep_judges_penalty_rules_at_matched_l0():
     runs = [
         {**point, "architecture": a, "multiplier": m, "lr": m, "explained_variance": ev, "l0": l0}
         for a in ("standard", "topk")
-        for m, ev, l0 in [(0.5, 0.70, 30.0), (1.0, 0.75, 32.0), (2.0, 0.80, 64.0), (4.0, 0.76, 35.0)]
+        for m, ev, l0 in [
+            (0.5, 0.70, 30.0),
+            (1.0, 0.75, 32.0),
+            (2.0, 0.80, 64.0),
+            (4.0, 0.76, 35.0),
+        ]
     ]
     standard, topk = lr_sweep.summarise(runs)
-    assert (standard["best_lr"], standard["best_l0"], standard["shortfall"]) == (4.0, 35.0, pytest.approx(0.01))
-    assert (topk["best_lr"], topk["shortfall"]) == (2.0, pytest.approx(0.05))  # k fixes L0: all count
+    assert (standard["best_lr"], standard["best_l0"], standard["shortfall"]) == (
+        4.0,
+        35.0,
+        pytest.approx(0.01),
+    )
+    assert (topk["best_lr"], topk["shortfall"]) == (
+        2.0,
+        pytest.approx(0.05),
+    )  # k fixes L0: all count

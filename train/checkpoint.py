@@ -134,10 +134,9 @@ def latent_dims(prefix: str, m: Member, tensors: dict[str, torch.Tensor]) -> dic
 
 def restore_member(m: Member, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Load what member_state saved into a member built as the run builds it (a latent shard
-    takes its slice of each tensor), found by its name in the checkpoint, whatever its place in
-    the sweep was then (checkpoints before stop 34 hold no prefix: the sweep's order must
-    be the same)."""
-    prefix = meta.get("prefix", f"m{m.index}")
+    takes its slice of each tensor), under the prefix its metadata names, whatever the member's
+    place in the sweep now."""
+    prefix = meta["prefix"]
     tensors = {k: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     dims = latent_dims(prefix, m, tensors)
     tensors = {k: m.shards.part(v, dims[k]) for k, v in tensors.items()}

@@ -81,6 +81,10 @@ class World:
         self.data_group = self.latent_group = None  # the default group: the whole world
         if self.size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if self.splits_sweep:
+            # metrics and checkpoint states travel pickled in host memory: over NCCL each would
+            # be staged on the GPUs, rank 0 holding every rank's states at once beside its own
+            self.object_group = dist.new_group(backend="gloo")
         if latent_shards > 1:
             mesh = init_device_mesh(
                 "cuda" if dist.get_backend() == "nccl" else "cpu",
@@ -200,7 +204,7 @@ class World:
         if not self.splits_sweep:
             return [obj]
         gathered: list[Any] = [None] * self.size
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=self.object_group)
         return gathered
 
     def to_main(self, obj: Any) -> list[Any] | None:
@@ -209,7 +213,7 @@ class World:
         if not self.splits_sweep:
             return [obj]
         gathered: list[Any] | None = [None] * self.size if self.is_main else None
-        dist.gather_object(obj, gathered, dst=0)
+        dist.gather_object(obj, gathered, dst=0, group=self.object_group)
         return gathered
 
     def barrier(self) -> None:

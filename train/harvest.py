@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.hooks import edit
-from sae.lm import check_context, load_lm
+from sae.lm import check_context, load_lm, revision_name
 from sae.locks import exclusive
 from sae.progress import progress
 from train import order
@@ -179,7 +179,7 @@ class Harvester:
         c = self.cfg
         return {
             "model": c.model,
-            "model_revision": c.revision,
+            "model_revision": revision_name(c.revision),
             "revision": model_revision(self.model),
             "hookpoints": list(c.hook),
             "d_in": self.d_in,

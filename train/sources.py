@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sae.lm import revision_name
 from train import order
 from train.cache import ActivationCache
 from train.config import HarvestConfig
@@ -146,7 +147,7 @@ class ModelSource(Source):
 
     def __init__(self, harvest: HarvestConfig):
         self.harvest = harvest
-        self.meta = {"model_name": harvest.model, "model_revision": harvest.revision,
+        self.meta = {"model_name": harvest.model, "model_revision": revision_name(harvest.revision),
                      "context_size": harvest.context_size, "dataset_path": harvest.dataset}  # fmt: skip
 
     def default_hook(self) -> str:

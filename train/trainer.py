@@ -647,8 +647,10 @@ class Trainer:
                 f"{self.out}: the checkpoint holds SAEs {sorted(meta['members'])}, this run {self.names}"
             )
         self.refuse_other_settings(meta)
+        order = list(meta["members"])  # the sweep's order when written (its prefixes before 34)
         for m in self.members:
-            checkpoint.restore_member(m, tensors, meta["members"][m.name])
+            member = {"prefix": f"m{order.index(m.name)}", **meta["members"][m.name]}
+            checkpoint.restore_member(m, tensors, member)
         torch.set_rng_state(tensors["rng.torch"])
         self.step = self.saved_step = meta["step"]
         return meta.get("wandb_run_id")
@@ -671,9 +673,10 @@ class Trainer:
                 }
             )
         data, now_data = meta.get("data"), self.source.identity
-        if isinstance(data, dict) and isinstance(now_data, dict):  # what both record: a stream's
-            shared = (data.keys() & now_data.keys()) - {"hook"}  # hookpoints are per dictionary
-            data, now_data = ({k: d[k] for k in sorted(shared)} for d in (data, now_data))
+        if isinstance(data, dict) and isinstance(now_data, dict) and "revision" in now_data:
+            # a stream's identity before stop 34: its hookpoints (now compared per dictionary),
+            # and no revision (the model as named, which is "")
+            data = {"revision": "", **{k: v for k, v in data.items() if k != "hook"}}
         if data is not None and data != now_data:
             changed["data"] = (data, now_data)
         batch_wide = [m.name for m in self.members if m.sae.batch_wide]
@@ -685,6 +688,8 @@ class Trainer:
             changed[f"data-parallel ranks ({', '.join(batch_wide)} select within each)"] = (
                 data_ranks, self.world.data_size,
             )  # fmt: skip
+        if self.world.splits_sweep:  # each rank checks its own dictionaries; all refuse together
+            changed = {k: v for part in self.world.share(changed) for k, v in part.items()}
         if changed:
             listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(

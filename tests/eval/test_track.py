@@ -39,7 +39,7 @@ def test_identical_dictionaries_persist_whole_and_a_permuted_copy_is_matched_bac
     parents = [latent["parent"] for latent in result["latents"][2]]
     assert parents == order.tolist(), "c's latent j is b's latent order[j]"
     assert [x["lineage"] for x in result["latents"][2]] == order.tolist()
-    assert result["lineages"] == {"count": len(W), "alive_at_end": len(W)}
+    assert result["lineages"] == {"count": len(W), "first_reaching_end": len(W)}
 
 
 def test_splits_merges_births_and_deaths_are_named(tmp_path):
@@ -61,6 +61,7 @@ def test_splits_merges_births_and_deaths_are_named(tmp_path):
     assert [new[j]["status"] for j in (1, 2)] == ["persists", "born"]
     assert [old[i]["fate"] for i in range(4)] == ["persists", "persists", "merged", "died"]
     assert old[2]["child"] == 1
+    assert result["lineages"] == {"count": n + 2, "first_reaching_end": n - 2}
     (step,) = result["transitions"]
     assert (step["split"], step["born"], step["merged"], step["died"]) == (1, 1, 1, 1)
     assert step["persists"] == n - 2

@@ -185,7 +185,9 @@ def test_resume_with_another_number_of_processes(tmp_path, architecture):
                     warmup_steps=1, checkpoint_every=2, out=str(tmp_path))  # fmt: skip
     train.fit(random_batches(4, 100), **settings)
     state = tmp_path / "checkpoint" / "state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 2}))
+    state.write_text(
+        json.dumps({**json.loads(state.read_text()), "world_size": 2, "data_ranks": 2})
+    )
     if architecture == "topk":
         train.fit(random_batches(6, 100), resume=True, **settings)
         return
