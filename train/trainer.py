@@ -497,7 +497,7 @@ class Trainer:
 
     def run(self) -> list[SAE]:
         """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone
-        writes there)."""
+        writes there; in a distributed sweep each rank also saves, and returns, its own)."""
         with exclusive(self.out) if self.world.is_main else nullcontext():
             return self._run()
 
