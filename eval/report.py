@@ -190,10 +190,7 @@ def load_inputs(d: SAE, cfg: EvalConfig) -> tuple[nn.Module, Any, Tensor, str]:
     name = (
         cfg.model or first.cfg.model_name or (cache.manifest["model"] if cache else DEFAULT_MODEL)
     )
-    # the revision the dictionary was trained on, unless another model or revision is asked for
-    own = cfg.model in ("", first.cfg.model_name)
-    revision = cfg.revision or (first.cfg.model_revision if own else "")
-    lm, tokenizer = load_lm(name, device=cfg.device, revision=revision)
+    lm, tokenizer = load_lm(name, device=cfg.device, revision=revision_for(first, cfg))
     check_fits(d, lm, name)
     check_context(lm, cfg.context_size)
     windows = (
@@ -341,6 +338,13 @@ def take_tokens(windows: Iterator[Tensor], tokens: int, context_size: int, sourc
     return torch.stack(chosen)
 
 
+def revision_for(d: SAE | LayeredDictionary, cfg: EvalConfig) -> str:
+    """The model revision to run: the one the dictionary was trained on, unless another model or
+    revision is asked for."""
+    own = cfg.model in ("", d.cfg.model_name)
+    return cfg.revision or (d.cfg.model_revision if own else "")
+
+
 def meta(d: SAE, cfg: EvalConfig, model: str, ids: Tensor) -> dict:
     return {
         "schema": SCHEMA,
@@ -350,6 +354,7 @@ def meta(d: SAE, cfg: EvalConfig, model: str, ids: Tensor) -> dict:
         "d_in": d.cfg.d_in,
         "d_sae": d.cfg.d_sae,
         "model": model,
+        "model_revision": revision_for(d, cfg),
         "dataset": cfg.cache or cfg.dataset,
         "split": "" if cfg.cache else cfg.split,
         "windows": len(ids),

@@ -18,13 +18,20 @@ each event) and track.html.
 track.json:
   dictionaries   [{ref, model_name, model_revision, hook_name, d_sae}] in the order given
   thresholds     {persist, related}
+  checkpoints    with --tokens, per dictionary on its own checkpoint: {model, revision,
+                 explained_variance, ce_loss_recovered, l0, last_dictionary_explained_variance};
+                 without, empty
   transitions    per neighbouring pair: {from, to, persists, born, split, died, merged,
                  persisting_share (persists / d_sae), mean_persisting_cosine,
-                 mean_assigned_cosine (over every Hungarian pair)}
+                 mean_assigned_cosine (over every Hungarian pair)}; with --tokens also
+                 mean_persisting_correlation (of the persisting pairs' activations) and
+                 activation_agreement (the share of persisting pairs that the Hungarian matching
+                 on activation correlation pairs the same way)
   latents        per dictionary, per latent: {lineage, status (first, persists, born or split),
                  parent (the previous dictionary's latent it persists or split from, else null),
                  cosine (to the parent), fate (persists, merged or died; null in the last),
-                 child (the next dictionary's latent it persists or merged into, else null)}
+                 child (the next dictionary's latent it persists or merged into, else null),
+                 with --tokens correlation (its activations' with the parent's)}
   lineages       how many there are, and how many of the first dictionary's reach the last
 """
 
@@ -39,14 +46,18 @@ from torch.nn import functional as F
 
 import sae as sae_lib
 from eval.compare import html_page, png_image, table
-from eval.report import fmt
+from eval.reconstruction import ReconstructionStats
+from eval.report import EvalConfig, fmt, load_inputs, score
+from sae.hooks import record
 from sae.io import atomic_write, write_json, write_text
+from sae.layered import LayeredDictionary
+from train.config import TextOptions
 
 SCHEMA = "sae-forge-track/1"
 
 
 @dataclass
-class TrackConfig:
+class TrackConfig(TextOptions):
     """Line up dictionaries trained on successive checkpoints of a model (the same hookpoint and
     width): which latents persist, are born, split, merge or die from one checkpoint to the next."""
 
@@ -54,6 +65,19 @@ class TrackConfig:
     """The dictionaries, earliest checkpoint first (anything sae.load takes)."""
     out: str = "track"
     """Folder for track.json, track.png and track.html."""
+    model: str = ""
+    """LM (default: each dictionary's model_name, run at its own model_revision)."""
+    split: str = "test"
+    """Dataset split; shakespeare's `test` holds 4 plays never trained on."""
+    tokens: int = 0
+    """Also run each dictionary on its own checkpoint over this many tokens of --dataset: its
+    explained variance and CE loss recovered there, the last dictionary's explained variance on
+    every checkpoint, and the activation correlation of the latents matched (0: decoder
+    directions only, no model run)."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    device: str = "cpu"
+    """Device for the LMs and the dictionaries."""
     persist: float = 0.7
     """Decoder cosine at which a matched pair is one feature that persists."""
     related: float = 0.4
@@ -119,9 +143,51 @@ def transition(a: torch.Tensor, b: torch.Tensor, persist: float, related: float)
     }
 
 
+@torch.no_grad()
+def on_checkpoints(dictionaries: list, cfg: TrackConfig) -> tuple[list[dict], list[torch.Tensor]]:
+    """Each dictionary run on its own checkpoint's activations over the same tokens: its
+    evaluation there (explained variance, CE loss recovered, L0) and the last dictionary's
+    explained variance on them (how much of the final basis already exists), and its codes."""
+    last, scores, codes = dictionaries[-1], [], []
+    for d in dictionaries:
+        ecfg = EvalConfig(sae="", **cfg.text_options(), tokens=cfg.tokens, batch_size=cfg.batch_size,
+                          device=cfg.device, concepts=False, absorption=False)  # fmt: skip
+        lm, tokenizer, ids, name = load_inputs(d, ecfg)
+        report = score(d.to(cfg.device), lm, tokenizer, ids, ecfg, name)
+        hook, hook_out = d.cfg.hook_name, d.cfg.hook_name_out
+        z, fixed = [], ReconstructionStats()
+        for batch in ids.split(cfg.batch_size):
+            with record(lm, sorted({hook, hook_out})) as acts:
+                lm(batch.to(cfg.device))
+            x = acts[hook][:, 1:].reshape(-1, d.cfg.d_in).float()
+            y = acts[hook_out][:, 1:].reshape(-1, d.cfg.d_out).float()
+            z.append(d.encode(x).cpu())
+            fixed.add(y, last.to(cfg.device)(x))
+        codes.append(torch.cat(z))
+        scores.append({
+            "model": name, "revision": report["meta"].get("model_revision", ""),
+            **{k: report[k] for k in ("explained_variance", "ce_loss_recovered", "l0")},
+            "last_dictionary_explained_variance": fixed.result()["explained_variance"],
+        })  # fmt: skip
+    return scores, codes
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[F_a, F_b]: Pearson correlation of two sets of latents' activations on the same tokens
+    (0 for a latent that never varies)."""
+    za, zb = ((z - z.mean(0)) / z.std(0).clamp_min(1e-12) for z in (a, b))
+    return za.T @ zb / (len(a) - 1)
+
+
 def track(cfg: TrackConfig) -> dict:
     dictionaries = [sae_lib.load(ref) for ref in cfg.dictionaries]
     check_alike(dictionaries, cfg.dictionaries)
+    if cfg.tokens and any(isinstance(d, LayeredDictionary) for d in dictionaries):
+        raise ValueError(
+            "--tokens runs dictionaries of one hookpoint; a cross-layer transcoder's or "
+            "crosscoder's are lined up by their decoders alone (--tokens 0)"
+        )
+    scores, codes = on_checkpoints(dictionaries, cfg) if cfg.tokens else ([], [])
     units = [directions(d) for d in dictionaries]
     width = len(units[0])
     latents = [[{"lineage": i, "status": "first", "parent": None, "cosine": None}
@@ -150,6 +216,7 @@ def track(cfg: TrackConfig) -> dict:
                 latent.update(fate="died", child=None)
         latents.append(now)
         persisting = [x["cosine"] for x in now if x["status"] == "persists"]
+        activity = agreement(codes[t], codes[t + 1], now) if codes else {}
         transitions.append({
             "from": t, "to": t + 1, "persists": len(persisting),
             "born": sum(x["status"] == "born" for x in now),
@@ -158,7 +225,7 @@ def track(cfg: TrackConfig) -> dict:
             "merged": sum(x["fate"] == "merged" for x in latents[t]),
             "persisting_share": len(persisting) / width,
             "mean_persisting_cosine": sum(persisting) / len(persisting) if persisting else None,
-            "mean_assigned_cosine": step["mean_assigned_cosine"],
+            "mean_assigned_cosine": step["mean_assigned_cosine"], **activity,
         })  # fmt: skip
     for latent in latents[-1]:
         latent.update(fate=None, child=None)
@@ -175,12 +242,38 @@ def track(cfg: TrackConfig) -> dict:
             for ref, d in zip(cfg.dictionaries, dictionaries, strict=True)
         ],  # fmt: skip
         "thresholds": {"persist": cfg.persist, "related": cfg.related},
+        "checkpoints": scores,
         "transitions": transitions,
         "latents": latents,
         "lineages": {  # the first dictionary's lineages are numbered 0..width-1
             "count": lineages,
             "first_reaching_end": sum(x["lineage"] < width for x in latents[-1]),
         },
+    }
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, now: list[dict]) -> dict:
+    """How the decoder matching looks in the activations: each persisting or split latent's
+    correlation with its parent (into `now`), their mean over persisting pairs, and the share of
+    persisting pairs that the Hungarian matching on activation correlation pairs the same way."""
+    from scipy.optimize import linear_sum_assignment
+
+    corr = correlation(a, b)
+    rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+    by_activity = dict(zip(cols.tolist(), rows.tolist(), strict=True))
+    for j, latent in enumerate(now):
+        parent = latent["parent"]
+        latent["correlation"] = float(corr[parent, j]) if parent is not None else None
+    pairs = [
+        (latent["parent"], j) for j, latent in enumerate(now) if latent["status"] == "persists"
+    ]
+    return {
+        "mean_persisting_correlation": (
+            sum(float(corr[i, j]) for i, j in pairs) / len(pairs) if pairs else None
+        ),
+        "activation_agreement": (
+            sum(by_activity[j] == i for i, j in pairs) / len(pairs) if pairs else None
+        ),
     }
 
 
@@ -196,11 +289,22 @@ def figure(result: dict, png: Path) -> None:
     from matplotlib import pyplot as plt
 
     steps = [f"{a} > {b}" for a, b in zip(labels(result), labels(result)[1:], strict=False)]
-    t = result["transitions"]
-    fig, (share, events) = plt.subplots(1, 2, figsize=(11, 4))
+    t, checkpoints = result["transitions"], result["checkpoints"]
+    fig, axes = plt.subplots(1, 3 if checkpoints else 2, figsize=(16 if checkpoints else 11, 4))
+    share, events = axes[:2]
     share.plot(steps, [x["persisting_share"] for x in t], marker="o", label="latents persisting")
     share.plot(steps, [x["mean_persisting_cosine"] for x in t], marker="s",
                label="their mean cosine")  # fmt: skip
+    if checkpoints:
+        share.plot(steps, [x["mean_persisting_correlation"] for x in t], marker="^",
+                   label="their activation correlation")  # fmt: skip
+        quality = axes[2]
+        for key, label in [("explained_variance", "explained variance"),
+                           ("ce_loss_recovered", "CE loss recovered"),
+                           ("last_dictionary_explained_variance", "last dictionary's EV")]:  # fmt: skip
+            quality.plot(labels(result), [c[key] for c in checkpoints], marker="o", label=label)
+        quality.legend()
+        quality.set_title("each on its own checkpoint")
     share.set_ylim(0, 1.05)
     share.legend()
     share.set_title("from one checkpoint to the next")
@@ -228,10 +332,18 @@ def page(result: dict, png: Path) -> str:
         for n, d in zip(names, result["dictionaries"], strict=True)
     )
     lineages, thresholds = result["lineages"], result["thresholds"]
+    scored = ""
+    if result["checkpoints"]:
+        scored = table(
+            ["checkpoint", "explained variance", "CE loss recovered", "L0", "last dictionary's EV"],
+            [[n, c["explained_variance"], c["ce_loss_recovered"], c["l0"],
+              c["last_dictionary_explained_variance"]]
+             for n, c in zip(names, result["checkpoints"], strict=True)],
+        )  # fmt: skip
     return html_page(
         "sae track",
         f"<h1>Features across checkpoints</h1><ol start='0'>{sources}</ol>"
-        f"{png_image(png, 'events')}{table(head, rows)}<p>{lineages['count']} lineages; "
+        f"{png_image(png, 'events')}{table(head, rows)}{scored}<p>{lineages['count']} lineages; "
         f"{lineages['first_reaching_end']} of the first dictionary's reach the last; thresholds: persist "
         f"{thresholds['persist']}, related {thresholds['related']}.</p>",
     )
@@ -250,4 +362,8 @@ def track_cli(cfg: TrackConfig) -> None:
               f"({fmt(x['persisting_share'], '.1%')}, mean cosine "
               f"{fmt(x['mean_persisting_cosine'])}), {x['born']} born, {x['split']} split, "
               f"{x['merged']} merged, {x['died']} died")  # fmt: skip
+    for n, c in zip(names, result["checkpoints"], strict=False):
+        print(f"{n}: explained variance {fmt(c['explained_variance'])}, CE loss recovered "
+              f"{fmt(c['ce_loss_recovered'])}, L0 {fmt(c['l0'])}; the last dictionary's explained "
+              f"variance here {fmt(c['last_dictionary_explained_variance'])}")  # fmt: skip
     print(f"wrote {out / 'track.html'}, track.json, track.png")

@@ -153,3 +153,45 @@ def write_cache(path, shards):
                             "positions": meta.int(), "windows": meta})  # fmt: skip
     writer.finish()
     return ActivationCache(str(path))
+
+
+REPO = "someorg/tiny-trajectory"
+"""A model with two revisions in a local hub cache (the `trajectory` fixture)."""
+COMMITS = {"main": "a" * 40, "step1": "b" * 40}
+
+
+def tiny_model(seed: int):
+    """A two-layer Llama, 16 wide, with SmolLM2's vocabulary, from `seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def trajectory(tmp_path, monkeypatch):
+    """A hub cache (offline) holding two revisions of a small Llama with SmolLM2's tokenizer,
+    laid out as huggingface_hub writes them: refs/<revision> naming a snapshot's commit."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from sae.lm import smollm2_dir
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = cache / f"models--{REPO.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    models = {}
+    for seed, (revision, commit) in enumerate(COMMITS.items()):
+        (repo / "refs" / revision).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        models[revision] = tiny_model(seed)
+        models[revision].save_pretrained(snapshot)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2_dir() / name, snapshot / name)
+    return models, repo

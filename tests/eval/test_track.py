@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import sae
 from eval.track import TrackConfig, track
 from sae.cli import main
-from tests.conftest import make_sae
+from tests.conftest import REPO, make_sae
 
 D_IN, D_SAE = 64, 32
 
@@ -82,3 +83,29 @@ def test_the_cli_writes_the_page_plot_and_json_and_refuses_other_dictionaries(tm
         track(TrackConfig(dictionaries=[refs[0], str(tmp_path / "jumprelu")]))
     with pytest.raises(ValueError, match="related <= persist"):
         TrackConfig(persist=0.3, related=0.5)
+
+
+def test_with_tokens_each_dictionary_runs_on_its_own_checkpoint(trajectory, tmp_path):
+    """One dictionary saved as trained on revisions main, main and step1 of a two-revision model:
+    each is scored on its own checkpoint; on the same checkpoint the same latents fire alike
+    (correlation 1, the activation matching agrees), and the last dictionary's explained
+    variance on the last checkpoint is its own."""
+    torch.manual_seed(0)
+    base = sae.create("topk", d_in=16, d_sae=16, k=4, hook_name="blocks.1.hook_resid_post",
+                      model_name=REPO)  # fmt: skip
+    refs = []
+    for i, revision in enumerate(["main", "main", "step1"]):
+        base.cfg.model_revision = revision
+        base.save(tmp_path / f"d{i}")
+        refs.append(str(tmp_path / f"d{i}"))
+    result = track(TrackConfig(dictionaries=refs, tokens=248, context_size=32))
+    first, second, last = result["checkpoints"]
+    assert [c["revision"] for c in result["checkpoints"]] == ["main", "main", "step1"]
+    assert first["explained_variance"] == second["explained_variance"] != last["explained_variance"]
+    assert last["last_dictionary_explained_variance"] == pytest.approx(last["explained_variance"])
+    assert first["last_dictionary_explained_variance"] == pytest.approx(first["explained_variance"])
+    same, moved = result["transitions"]
+    assert same["mean_persisting_correlation"] == pytest.approx(1, abs=1e-5)
+    assert same["activation_agreement"] == 1
+    assert -1 <= moved["mean_persisting_correlation"] < 1 and moved["persists"] == 16
+    assert all(x["correlation"] is not None for x in result["latents"][2])

@@ -2,50 +2,17 @@
 Pythia's step8000 is, or a checkpoint's own folder; recorded in the cache's manifest and the
 dictionary's cfg.json, refused when a harvest would mix two, and used again by eval."""
 
-import shutil
-
-import huggingface_hub.constants
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import train
 from eval.report import EvalConfig, load_inputs
-from sae.lm import load_lm, smollm2_dir
+from sae.lm import load_lm
+from tests.conftest import COMMITS, REPO
 from train.cache import CacheMismatch
 from train.harvest import harvest
 
-REPO = "someorg/tiny-trajectory"
-COMMITS = {"main": "a" * 40, "step1": "b" * 40}
 HOOK = "blocks.1.hook_resid_post"
-
-
-def tiny_model(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-@pytest.fixture
-def trajectory(tmp_path, monkeypatch):
-    """A hub cache (offline) holding two revisions of a small Llama with SmolLM2's tokenizer,
-    laid out as huggingface_hub writes them: refs/<revision> naming a snapshot's commit."""
-    cache = tmp_path / "hf-cache"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    repo = cache / f"models--{REPO.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    models = {}
-    for seed, (revision, commit) in enumerate(COMMITS.items()):
-        (repo / "refs" / revision).write_text(commit)
-        snapshot = repo / "snapshots" / commit
-        models[revision] = tiny_model(seed)
-        models[revision].save_pretrained(snapshot)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(smollm2_dir() / name, snapshot / name)
-    return models, repo
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
