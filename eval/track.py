@@ -93,7 +93,8 @@ class TrackConfig(TextOptions):
 
 
 def directions(d) -> torch.Tensor:
-    return F.normalize(d.decoder_directions().detach().float(), dim=-1)
+    """Unit decoder rows, in host memory (scipy matches them)."""
+    return F.normalize(d.decoder_directions().detach().float(), dim=-1).cpu()
 
 
 def check_alike(dictionaries: list, refs: list[str]) -> None:
