@@ -32,7 +32,7 @@ from eval.concepts import (
     purity_report,
     spelling,
 )
-from eval.meta_sae import meta_sae_score
+from eval.meta_sae import MetaConfig, meta_sae_score
 from eval.reconstruction import ReconstructionStats
 from eval.replacement import HEADLINE as REPLACEMENT_HEADLINE
 from eval.replacement import replacement_report
@@ -106,6 +106,9 @@ class EvalConfig(TextOptions):
     """Score SAEBench's meta-SAE composition: a BatchTopK meta-SAE (a quarter as wide, k 4) trained
     for 1500 steps on the decoder rows; the fraction of their variance it explains (about 20 s on
     2 CPU cores for 2304 latents, proportional to d_sae squared)."""
+    meta_steps: int = 1500
+    """Training steps of the meta-SAE (SAEBench: 1500; fewer for a quick look, the score still
+    rising)."""
     synthetic: str = ""
     """Score recovery of ground-truth features instead: a YAML/JSON file of
     eval.synthetic.SyntheticConfig fields, or `default`; the SAE must have been trained on it."""
@@ -115,6 +118,8 @@ class EvalConfig(TextOptions):
     def __post_init__(self) -> None:
         if self.json and Path(self.json).is_dir():  # found now, not after the whole evaluation
             raise ValueError(f"--json {self.json} is a directory; give a file name (eval.json)")
+        if self.meta_steps <= 0:
+            raise ValueError(f"--meta-steps must be positive, got {self.meta_steps}")
 
 
 def evaluate(
@@ -266,7 +271,7 @@ def score(
         tasks = probing_tasks(lm, tokenizer, d.cfg.hook_name, probing_cfg)
         report["probing"] = sparse_probing(d, tasks, probing_cfg)
     if cfg.meta:
-        report["meta_sae"] = meta_sae_score(d, device=cfg.device)
+        report["meta_sae"] = meta_sae_score(d, MetaConfig(steps=cfg.meta_steps), cfg.device)
     report["meta"] = meta(d, cfg, name, ids)
     _write(report, cfg.json)
     return report

@@ -31,7 +31,7 @@ def site(trained_sae, smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     trained_sae.save(root / "sae")
     with pytest.MonkeyPatch.context() as patch:  # the session's SmolLM2, not a second copy
-        patch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+        patch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
         judge = ScriptedClient(lambda p: "line ends" if "short phrase" in p else "[1, 0, 1, 0, 1]")
         judges = []
         patch.setattr(
@@ -165,7 +165,7 @@ def saved_sae(d, folder):
 def test_a_report_fixes_the_windows_of_the_pages(trained_sae, smollm2, tmp_path, monkeypatch):
     """The pages' counts were on the dashboard's own --tokens and --context-size (20k, 64) but
     the densities on the report's: `fires on 7.953% of tokens (69)`, 69 of 630 being 10.95%."""
-    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
     sae_dir = saved_sae(trained_sae, tmp_path / "sae")
     report = eval.report.evaluate(sae_dir, tokens=8 * 31, context_size=32, concepts=False,
                                   absorption=False, json=str(tmp_path / "e.json"))  # fmt: skip
@@ -207,7 +207,7 @@ def test_one_pass_pages_equal_the_pages_of_an_eval_then_a_gather_pass(
     """Without --report the dashboard's evaluation also fills the top-activation buffers (one pass
     over the windows); with a report of the same windows it gathers them in a pass of its own.
     The pages are the same, so the single pass costs nothing in what is shown."""
-    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
     sae_dir = saved_sae(trained_sae, tmp_path / "sae")
     windows = {"tokens": 8 * 63, "context_size": 64}
     eval.report.evaluate(sae_dir, **windows, absorption=False, json=str(tmp_path / "e.json"))
@@ -227,7 +227,7 @@ def test_latents_chosen_by_id_get_pages(trained_sae, smollm2, tmp_path, monkeypa
     """--latent-ids pages a rare latent and a dead one (`--latents 0`: these alone), both linked
     from the overview; the dead one is not sent to auto-interp and its page says it never fired.
     A page an earlier dashboard left in the folder, linked from nowhere now, is removed."""
-    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
     judge = ScriptedClient(lambda p: "rare things" if "short phrase" in p else "[1, 0, 1, 0]")
     monkeypatch.setattr(eval.dashboard, "make_client", lambda spec, local_lm: judge)
     sae_dir = saved_sae(trained_sae, tmp_path / "sae")
@@ -332,7 +332,7 @@ def test_a_transcoders_dashboard_reads_its_input_and_scores_its_output(
 ):
     """Pages of latents read at the MLP's input, with the output's explained variance and the CE
     loss with the MLP's output replaced; auto-interp explains and scores them like an SAE's."""
-    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
     monkeypatch.setattr(eval.dashboard, "make_client", lambda spec, local_lm: ScriptedClient(
         lambda p: "line ends" if "short phrase" in p else "[1, 0, 1, 0, 1]"))  # fmt: skip
     t = make_sae("topk", d_in=576, d_sae=48, k=4, hook_name="blocks.3.mlp.hook_in",

@@ -36,7 +36,7 @@ def report(sae_dir, smollm2, tmp_path_factory):
 @pytest.fixture
 def same_model(monkeypatch, smollm2):
     """Hand evaluate the session's SmolLM2 instead of loading it again."""
-    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu": smollm2)
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
     return smollm2
 
 

@@ -167,7 +167,8 @@ def test_sae_eval_probing_and_meta_on_the_cli(trained_sae, toy_data, tmp_path, c
     out = tmp_path / "report.json"
     main(["eval", str(tmp_path / "sae"), "--tokens", "126", "--context-size", "64",
           "--no-concepts", "--no-absorption", "--probing", "--probing-data", str(toy_data),
-          "--probing-tasks", "1_numbers", "2_more", "--meta", "--json", str(out)])  # fmt: skip
+          "--probing-tasks", "1_numbers", "2_more", "--meta", "--meta-steps", "100",
+          "--json", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     probing = report["probing"]
