@@ -7,7 +7,8 @@ test to compare with ours (tests/sae/test_circuit_tracer.py):
     the MLPs' inputs [n_layers, n_pos, d] and its reconstructions of their outputs (MLP output
     minus its error vectors), replacement and completeness scores of attribute()'s graph.
 
-Usage: python circuit_tracer_check.py EXPORT MODEL_DIR TOKENS_JSON OUT.safetensors
+Usage: python circuit_tracer_check.py MODEL_DIR TOKENS_JSON EXPORT OUT.safetensors [EXPORT OUT ...]
+(several exports in one process: circuit-tracer, nnsight and transformers are imported once).
 """
 
 import json
@@ -24,7 +25,12 @@ from nnsight import save
 from safetensors.torch import save_file
 
 
-def main(export: str, model_dir: str, tokens_json: str, out: str) -> None:
+def main(model_dir: str, tokens_json: str, *exports_and_outs: str) -> None:
+    for export, out in zip(exports_and_outs[::2], exports_and_outs[1::2], strict=True):
+        check(export, model_dir, tokens_json, out)
+
+
+def check(export: str, model_dir: str, tokens_json: str, out: str) -> None:
     config = yaml.safe_load((Path(export) / "config.yaml").read_text())
     hooks = {"feature_input_hook": config["feature_input_hook"],
              "feature_output_hook": config["feature_output_hook"]}  # fmt: skip

@@ -55,19 +55,20 @@ def exported(tmp_path_factory, smollm2):
         *tokenizer("To be, or not to be, that is the question")["input_ids"],
     ]
     (root / "tokens.json").write_text(json.dumps(ids))
-    return root, exports, root / "model", torch.tensor(ids)
+    # circuit-tracer's side of every kind, in one process (its imports are paid once)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    pairs = [str(p) for kind in KINDS for p in (exports[kind], root / f"{kind}-theirs.safetensors")]
+    run = subprocess.run([str(CT_PYTHON), str(SCRIPT), str(root / "model"),
+                          str(root / "tokens.json"), *pairs],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=root)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    return root, torch.tensor(ids)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_circuit_tracer_computes_our_codes_predictions_and_a_graph(exported, smollm2, kind):
-    root, exports, model_dir, ids = exported
-    out = root / f"{kind}-theirs.safetensors"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    run = subprocess.run([str(CT_PYTHON), str(SCRIPT), str(exports[kind]), str(model_dir),
-                          str(root / "tokens.json"), str(out)],
-                         capture_output=True, text=True, timeout=900, env=env, cwd=root)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
-    theirs = load_file(out)
+    root, ids = exported
+    theirs = load_file(root / f"{kind}-theirs.safetensors")
     found = load_set(root / "run" / kind)
     dictionary = found if kind != "clt" else found[0]
     inputs, outputs = hookpoints(dictionary)
