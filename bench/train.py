@@ -138,16 +138,21 @@ def saelens(
     return step
 
 
-def saelens_worker(conn, args: dict) -> None:
+def saelens_worker(conn, steps: int, batch: int, d_in: int, device: str) -> None:
     """SAELens in a process of its own, as its users run it: our trainer tunes the process's
-    allocator (train.trainer.keep_freed_memory), which would speed SAELens up too. Each request
-    runs a step on every batch and answers with the seconds it took."""
-    device = torch.device(args.pop("device"))
-    batches = make_batches(args.pop("steps"), args.pop("batch"), args["d_in"], device)
-    step = saelens(**args, device=device)
-    step(batches[0])  # warm-up
-    conn.send("ready")
-    while conn.recv():
+    allocator (train.trainer.keep_freed_memory), which would speed SAELens up too. A dict
+    request sets up (and warms up) the SAE of that configuration; True runs a step on every
+    batch and answers with the seconds it took; None ends it."""
+    device = torch.device(device)
+    batches = make_batches(steps, batch, d_in, device)
+    step = None
+    while (request := conn.recv()) is not None:
+        if isinstance(request, dict):
+            step = None  # the previous configuration's memory first
+            step = saelens(**request, d_in=d_in, device=device)
+            step(batches[0])  # warm-up
+            conn.send("ready")
+            continue
         sync(device)
         start = time.perf_counter()
         for x in batches:
@@ -157,15 +162,21 @@ def saelens_worker(conn, args: dict) -> None:
 
 
 class SAELensProcess:
-    """The baseline, stepping in its own process on the same batches (made from the same seed)."""
+    """The baseline, stepping in its own process on the same batches (made from the same seed);
+    one process for every configuration, so SAELens is imported once."""
 
-    def __init__(self, **args):
+    def __init__(self, steps: int, batch: int, d_in: int, device: str):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=saelens_worker, args=(child, args), daemon=True)
+        self.process = ctx.Process(target=saelens_worker, args=(child, steps, batch, d_in, device),
+                                   daemon=True)  # fmt: skip
         self.process.start()
+
+    def configure(self, **args) -> None:
+        """The SAE the next runs step: saelens()'s arguments but d_in and the device."""
+        self.conn.send(args)
         if self.conn.recv() != "ready":
-            raise RuntimeError("the SAELens process did not start")
+            raise RuntimeError("the SAELens process did not set up its SAE")
 
     def run(self) -> float:
         """Seconds for a step on every batch."""
@@ -173,7 +184,7 @@ class SAELensProcess:
         return self.conn.recv()
 
     def close(self) -> None:
-        self.conn.send(False)
+        self.conn.send(None)
         self.process.join()
 
 
@@ -203,6 +214,7 @@ def main() -> None:
     results = []
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "sae-forge-bench-train"
     grid = [(a, e, t, f) for a in args.architectures for e in args.expansions for t in args.dtypes for f in args.dead]  # fmt: skip
+    lens = SAELensProcess(args.steps, args.batch, d_in, str(device))
     for architecture, expansion, dtype, dead_fraction in grid:
         d_sae = expansion * d_in
         dead, autocast = int(dead_fraction * d_sae), dtype == "bfloat16"
@@ -211,13 +223,11 @@ def main() -> None:
         step = ours(batches, architecture, d_sae, args.k, dead, autocast, device, scratch)
         step(batches[0])  # warm-up, and our peak memory before anything else allocates
         memory = peak_memory_mib(device)
-        lens = SAELensProcess(architecture=architecture, d_in=d_in, d_sae=d_sae, k=args.k, dead=dead,
-                              autocast=autocast, device=str(device), steps=args.steps, batch=args.batch)  # fmt: skip
+        lens.configure(architecture=architecture, d_sae=d_sae, k=args.k, dead=dead, autocast=autocast)
         limit = encoder_limit(d_in, d_sae, device, getattr(torch, dtype))
         limit(batches[0])
         steps = {"ours": step, "limit": limit}
         rate = rows_per_s(steps, lens, batches, device, args.rounds)
-        lens.close()
         del step, steps, limit  # before the next configuration measures its memory
         gc.collect()
         if device.type == "cuda":
@@ -238,6 +248,7 @@ def main() -> None:
             f"encoder matmul {rate['limit']:7.0f} (ours/limit {row['ours_vs_encoder_limit']:.0%}) | ours peak {memory:.0f} MiB",
             flush=True,
         )
+    lens.close()
     machine = {"device": str(device), "name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
     out = Path(args.out) / f"{args.name}-{device.type}.json"
