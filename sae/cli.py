@@ -327,6 +327,11 @@ COMMANDS: dict[str, Command] = {
         "eval.track:TrackConfig",
         "eval.track:track_cli",
     ),
+    "trajectory": Command(
+        "train a small Llama on Shakespeare, its checkpoints saved as local hub revisions",
+        "eval.trajectory:TrajectoryConfig",
+        "eval.trajectory:trajectory_cli",
+    ),
     "info": Command(
         "print a dictionary's config and weight statistics",
         "sae.cli:InfoOptions",
