@@ -184,12 +184,14 @@ class World:
         for b, mean in zip(buffers, _unflatten_dense_tensors(flat, buffers), strict=True):
             b.copy_(mean)
 
-    def owners(self, names: list[str], costs: list[int]) -> list[int]:
+    def owners(self, names: list[str], cost: Callable[[int], int]) -> list[int]:
         """The rank that trains each dictionary of the sweep: this one for all of them, unless
-        the sweep is distributed (then balanced by `costs`, the bytes each holds in training)."""
+        the sweep is distributed (then balanced by `cost(i)`, the bytes dictionary i holds in
+        training, asked only then)."""
         if not self.splits_sweep:
             return [self.rank] * len(names)
         check_sweep(names, self.size)
+        costs = [cost(i) for i in range(len(names))]
         owners = balance(costs, self.size)
         if self.is_main:
             for rank in range(self.size):

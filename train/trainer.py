@@ -335,7 +335,7 @@ class Trainer:
             )
         hooks = sorted(set().union(*(s.hooks() for s in specs)))
         source.open(hooks, cfg.batch_size, cfg.seed, self.world.data_rank, self.world.data_size)
-        owners = self.world.owners(self.names, [training_bytes(cfg, s, source) for s in specs])
+        owners = self.world.owners(self.names, lambda i: training_bytes(cfg, specs[i], source))
         mine = [i for i, owner in enumerate(owners) if owner == self.world.rank]
         source.narrow(sorted(set().union(*(specs[i].hooks() for i in mine))))
         self.total_steps = cfg.total_tokens // cfg.batch_size
