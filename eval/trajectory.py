@@ -14,11 +14,13 @@ repo's refs, and returned.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from sae.io import write_json
 from sae.lm import smollm2_dir
@@ -72,6 +74,38 @@ def save_revision(model, tokenizer, repo: Path, revision: str) -> None:
     (repo / "refs" / revision).write_text(commit)
 
 
+class CorpusSoftmax:
+    """The model's next-token loss over its whole vocabulary, computed over the tokens the corpus
+    uses. The checkpoints keep SmolLM2's tokenizer (49,152 tokens, so every tool loads them as it
+    loads SmolLM2), but the plays use 18,721 of them, and on CPU the 49,152-way softmax is most of
+    a training step. The other tokens' embedding rows are set to zero and stay so (they are never
+    an input and get no gradient), so their logits are exactly 0 and the softmax's normaliser is
+    the corpus tokens' plus (the others' count) x e^0: the same loss as `model(labels=...)`,
+    about twice as fast."""
+
+    def __init__(self, corpus: Tensor, vocab_size: int) -> None:
+        self.used = corpus.unique()
+        self.index = torch.full((vocab_size,), -1, dtype=torch.long)
+        self.index[self.used] = torch.arange(len(self.used))
+        self.log_others = (
+            math.log(vocab_size - len(self.used)) if len(self.used) < vocab_size else -math.inf
+        )
+
+    @torch.no_grad()
+    def zero_others(self, model: nn.Module) -> None:
+        weight = model.get_input_embeddings().weight
+        keep = torch.zeros(len(weight), dtype=torch.bool)
+        keep[self.used] = True
+        weight[~keep] = 0
+
+    def loss(self, model: nn.Module, batch: Tensor) -> Tensor:
+        hidden = model.model(batch).last_hidden_state[:, :-1]
+        logits = hidden @ model.get_output_embeddings().weight[self.used].T
+        others = logits.new_full((*logits.shape[:-1], 1), self.log_others)
+        targets = self.index[batch[:, 1:]]
+        return F.cross_entropy(torch.cat([logits, others], -1).flatten(0, 1), targets.flatten())
+
+
 @torch.no_grad()
 def heldout_loss(model, batch: torch.Tensor) -> float:
     model.eval()
@@ -98,12 +132,11 @@ def make_trajectory(cfg: TrajectoryConfig) -> dict[str, float]:
         return (torch.from_numpy(w.tokens) for w in token_windows(
             tokenizer, enumerate(load_documents("shakespeare", split)), cfg.context_size))  # fmt: skip
 
-    def forever():  # the training plays over and over, tokenized as they are reached
-        while True:
-            yield from windows("train")
-
-    heldout = torch.stack(list(islice(windows("test"), 16)))
-    train_windows = forever()
+    train, test = torch.stack(list(windows("train"))), torch.stack(list(windows("test")))
+    softmax = CorpusSoftmax(torch.cat([train, test]), len(tokenizer))
+    softmax.zero_others(model)
+    heldout = test[:16]
+    order = torch.randperm(len(train))  # the plays' windows drawn at random, as LMs are trained
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1, (step + 1) / 20))
     repo, losses = hub_repo(cfg), {}
@@ -114,8 +147,8 @@ def make_trajectory(cfg: TrajectoryConfig) -> dict[str, float]:
             print(f"step {step}: held-out loss {losses[f'step{step}']:.3f}", flush=True)
         if step == max(cfg.checkpoints):
             break
-        batch = torch.stack(list(islice(train_windows, cfg.batch_size)))
-        model(batch, labels=batch).loss.backward()
+        batch = train[order[(step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(train)]]
+        softmax.loss(model, batch).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
