@@ -161,7 +161,7 @@ class ModelSource(Source):
         harvest = replace(self.harvest, hook=hooks, seed=seed)
         self.identity = {  # the hookpoints are each dictionary's, compared per dictionary
             k: v for k, v in asdict(harvest).items() if k not in ("out", "tokens", "device", "hook")
-        } | {"order": order.VERSION}
+        } | {"order": order.VERSION, "revision": self.meta["model_revision"]}  # a folder's by path
         self.harvester = Harvester(harvest)
         self.d_in = dict(self.harvester.d_in)
         self.scale = input_scales(self.harvester.first_rows(batch_size))  # alike on every rank

@@ -47,3 +47,22 @@ def test_the_revision_goes_from_harvest_to_the_dictionary_and_back_to_eval(traje
     assert (d.cfg.model_name, d.cfg.model_revision) == (REPO, "step1")
     lm, *_ = load_inputs(d, EvalConfig(sae="", tokens=64, context_size=32))
     assert same_weights(lm, models["step1"]), "eval runs the revision the SAE was trained on"
+
+
+def test_a_streamed_runs_checkpoint_folder_is_the_same_data_from_another_directory(
+    trajectory, tmp_path, monkeypatch
+):
+    from train.config import HarvestConfig
+    from train.sources import ModelSource
+
+    _, repo = trajectory
+    identities = []
+    for cwd in (repo, repo / "snapshots"):  # the same folder, typed relative to two directories
+        monkeypatch.chdir(cwd)
+        folder = f"{'snapshots/' if cwd == repo else ''}{COMMITS['step1']}"
+        source = ModelSource(HarvestConfig(model=REPO, revision=folder, hook=[HOOK],
+                                           context_size=32, dtype="float32", device="cpu"))  # fmt: skip
+        source.open([HOOK], batch_size=64, seed=0)
+        identities.append(source.identity)
+    assert identities[0] == identities[1]
+    assert identities[0]["revision"] == str(repo / "snapshots" / COMMITS["step1"])
