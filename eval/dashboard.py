@@ -29,13 +29,28 @@ from torch import Tensor
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.concepts import token_strings
-from eval.report import HEADLINE, EvalConfig, fmt, load_inputs, score, summaries
-from eval.top_activations import TopActivations, activations_at, context_activations, gather
+from eval.report import (
+    EvalConfig,
+    fmt,
+    headline,
+    load_inputs,
+    replacement_score,
+    score,
+    summaries,
+)
+from eval.top_activations import (
+    Dictionary,
+    TopActivations,
+    activations_at,
+    context_activations,
+    gather,
+    input_hooks,
+    n_latents,
+)
 from sae.cli import positional
 from sae.io import check_writable, write_text
 from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL
-from sae.models import SAE
 from train.config import TextOptions
 from train.harvest import resolve_device
 
@@ -87,15 +102,10 @@ class DashboardConfig(TextOptions):
 def build_dashboard(cfg: DashboardConfig) -> Path:
     device = str(resolve_device(cfg.device))  # no CUDA here: one line, before any loading
     d = sae_lib.load(cfg.sae).eval()
-    if isinstance(d, LayeredDictionary):
+    if bad := [i for i in cfg.latent_ids if not 0 <= i < n_latents(d)]:
         raise ValueError(
-            f"{cfg.sae} is a {d.kind}: its dashboard (latents over several layers) is not built "
-            "yet; `sae eval` scores it as the replacement model"
-        )
-    if bad := [i for i in cfg.latent_ids if not 0 <= i < d.cfg.d_sae]:
-        raise ValueError(
-            f"--latent-ids {bad[0]} is not a latent of {cfg.sae}: d_sae is {d.cfg.d_sae}, "
-            f"so ids run from 0 to {d.cfg.d_sae - 1}"
+            f"--latent-ids {bad[0]} is not a latent of {cfg.sae}: it has {n_latents(d)} (d_sae), "
+            f"so ids run from 0 to {n_latents(d) - 1}"
         )
     check_writable(Path(cfg.out) / "latents")  # before the evaluation, not after it
     report = read_report(cfg.report) if cfg.report else None
@@ -111,8 +121,9 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     if cfg.report:
         examples = gather(lm, d, ids, top=cfg.top)
     else:  # one pass over the windows gives the scores and the examples
-        examples = TopActivations(d.cfg.d_sae, top=cfg.top, window=ids.shape[1] - 1)
-        report = score(d, lm, tokenizer, ids, scoring, name, examples)
+        examples = TopActivations(n_latents(d), top=cfg.top, window=ids.shape[1] - 1)
+        scorer = replacement_score if isinstance(d, LayeredDictionary) else score
+        report = scorer(d, lm, tokenizer, ids, scoring, name, examples)
     frequent = examples.fires.argsort(descending=True)[: cfg.latents]
     chosen = list(dict.fromkeys(frequent[examples.fires[frequent] > 0].tolist() + cfg.latent_ids))
     strings = token_strings(tokenizer)
@@ -129,7 +140,8 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     shown = {latent: examples.shown_tokens(latent) for latent in chosen}
     acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
     for latent in chosen:
-        page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings)
+        page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings,
+                           where(d, latent))  # fmt: skip
         write_text(out / "latents" / f"{latent}.html", page)
     written = {f"{latent}.html" for latent in chosen}
     for page in (out / "latents").glob("*.html"):  # an earlier dashboard's, of other latents
@@ -138,15 +150,53 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     return out
 
 
-def what_reads(d: SAE) -> str:
+def what_reads(d: Dictionary) -> str:
     """The heading: rule, latents and hookpoints (a transcoder's input and output)."""
     c = d.cfg
+    if isinstance(d, LayeredDictionary):
+        if c.is_transcoder:
+            return (f"{c.architecture} cross-layer transcoder, {c.n_layers} x {c.d_sae} latents "
+                    f"reading {c.hook_names[0]} .. {c.hook_names[-1]}, each writing its layer's "
+                    f"{c.hook_names_out[0].split('.', 2)[-1]} and every later one's")  # fmt: skip
+        return f"{c.architecture} crosscoder, {c.d_sae} latents over {', '.join(c.hook_names)}"
     if c.is_transcoder:
         return f"{c.architecture} transcoder, {c.d_sae} latents reading {c.hook_name}, writing {c.hook_name_out}"
     return f"{c.architecture} SAE, {c.d_sae} latents on {c.hook_name}"
 
 
-def scored_windows(report: dict, d: SAE, cfg: DashboardConfig) -> EvalConfig:
+def output_hooks(d: Dictionary) -> list[str]:
+    if isinstance(d, LayeredDictionary):
+        return list(d.cfg.hook_names_out if d.cfg.is_transcoder else d.cfg.hook_names)
+    return [d.cfg.hook_name_out]
+
+
+@torch.no_grad()
+def decoder_rows(d: Dictionary) -> Tensor:
+    """Each latent's decoder direction at every hookpoint it writes [latents, outputs, d] (in the
+    model's units; a CLT latent's rows before its own layer are zero)."""
+    if isinstance(d, LayeredDictionary):
+        return d.decoder_directions().unflatten(-1, (len(output_hooks(d)), -1))
+    return d.W_dec[:, None]
+
+
+def where(d: Dictionary, latent: int) -> str:
+    """What a latent of a dictionary over several hookpoints reads, and how strongly it writes
+    each hookpoint (its decoder norms); nothing for an SAE or transcoder (the heading says it)."""
+    if not isinstance(d, LayeredDictionary):
+        return ""
+    norms = decoder_rows(d)[latent].norm(dim=-1).tolist()
+    layer, own = divmod(latent, d.cfg.d_sae)
+    reads = (f"layer {layer}, latent {own}: reads {d.cfg.hook_names[layer]}" if d.cfg.is_transcoder
+             else f"reads {', '.join(d.cfg.hook_names)} together")  # fmt: skip
+    rows = "".join(
+        f"<tr><td>{html.escape(hook)}</td><td>{norm:.3f}</td></tr>"
+        for hook, norm in zip(output_hooks(d), norms, strict=True)
+    )
+    return (f"<p>{html.escape(reads)}</p><h2>Decoder norm at each hookpoint it writes</h2>"
+            f"<table><tr><th>hookpoint</th><th>norm</th></tr>{rows}</table>")  # fmt: skip
+
+
+def scored_windows(report: dict, d: Dictionary, cfg: DashboardConfig) -> EvalConfig:
     """The windows `sae eval` scored for `report`, read from its meta; a report without one, or of
     an SAE of another width or hookpoint, is refused (its densities would not be this SAE's)."""
     meta = report.get("meta", {})
@@ -155,11 +205,11 @@ def scored_windows(report: dict, d: SAE, cfg: DashboardConfig) -> EvalConfig:
             f"--report {cfg.report} has no meta naming the windows it scored: "
             "write it with `sae eval SAE --json FILE`"
         )
-    for key in ("d_sae", "hook_name"):
-        if meta[key] != getattr(d.cfg, key):
+    for key, value in (("d_sae", n_latents(d)), ("hook_name", "+".join(input_hooks(d)))):
+        if meta.get(key) != value:
             raise ValueError(
-                f"--report {cfg.report} scored an SAE with {key} {meta[key]!r}, but {cfg.sae} "
-                f"has {key} {getattr(d.cfg, key)!r}"
+                f"--report {cfg.report} scored a dictionary with {key} {meta.get(key)!r}, but "
+                f"{cfg.sae} has {key} {value!r}"
             )
     return EvalConfig(sae=cfg.sae, model=meta["model"], dataset=meta["dataset"],
                       split=meta["split"], cache="" if meta["split"] else meta["dataset"],
@@ -191,10 +241,11 @@ def dashboard_cli(cfg: DashboardConfig) -> None:
 
 
 @torch.no_grad()
-def logit_lens(lm, d: SAE, latents: list[int], n: int = 10) -> dict[int, dict[str, list]]:
-    """Tokens each decoder direction promotes and suppresses most through the unembedding."""
+def logit_lens(lm, d: Dictionary, latents: list[int], n: int = 10) -> dict[int, dict[str, list]]:
+    """Tokens each decoder direction promotes and suppresses most through the unembedding (a
+    dictionary over several hookpoints: its direction at the last one, nearest the logits)."""
     unembed = lm.get_output_embeddings().weight.float()  # [vocab, d_model]
-    effects = d.W_dec[latents].float() @ unembed.T  # [n_latents, vocab]
+    effects = decoder_rows(d)[latents, -1].float() @ unembed.T  # [n_latents, vocab]
     return {
         latent: {
             "promoted": effects[i].topk(n).indices.tolist(),
@@ -243,9 +294,9 @@ def histogram_svg(counts: list[int], labels: list[str], width: int = 480, height
     return f"<svg width='{width}' height='{height + 18}'>{bars}{axis}</svg>"
 
 
-def overview(d: SAE, report: dict, pages: list[int]) -> str:
+def overview(d: Dictionary, report: dict, pages: list[int]) -> str:
     scores = "".join(
-        f"<tr><td>{k}</td><td>{fmt(report[k], '.4f')}</td></tr>" for k in HEADLINE if k in report
+        f"<tr><td>{k}</td><td>{fmt(report[k], '.4f')}</td></tr>" for k in headline(report)
     ) + "".join(
         f"<tr><td>{name}</td><td>{value}</td><td>{html.escape(detail)}</td></tr>"
         for name, value, detail in summaries(report)
@@ -320,6 +371,7 @@ def latent_page(
     ids: Tensor,
     lens: dict[str, list],
     strings: list[str],
+    where: str = "",
 ) -> str:
     density = report["sparsity"]["density"][latent]
     concepts = report.get("concepts", {})
@@ -345,7 +397,7 @@ def latent_page(
     )
     body = (
         f"<p><a href='../index.html'>overview</a></p><h1>Latent {latent}</h1>"
-        f"<p>fires on {density:.3%} of tokens ({int(examples.fires[latent])}); {purity}</p>"
+        f"<p>fires on {density:.3%} of tokens ({int(examples.fires[latent])}); {purity}</p>{where}"
         + (f"<p>Explanation: {html.escape(explanation)}</p>" if explanation else "")
         + f"<h2>Logit lens</h2><p>promotes: {words['promoted']}</p>"
         f"<p>suppresses: {words['suppressed']}</p>{activity}"

@@ -17,7 +17,7 @@ and KL of three edited passes:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
@@ -108,10 +108,17 @@ def _variants(
 
 @torch.no_grad()
 def replacement_report(
-    dictionary: Replacement, model: nn.Module, ids: Tensor, batch_size: int = 8, device: str = "cpu"
+    dictionary: Replacement,
+    model: nn.Module,
+    ids: Tensor,
+    batch_size: int = 8,
+    device: str = "cpu",
+    on_codes: Callable[[Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Per-layer and pooled output explained variance, L0 and dead fraction, and the replaced
-    model's CE loss, KL, CE loss recovered and KL score, over windows `ids` [n, seq] (BOS first)."""
+    model's CE loss, KL, CE loss recovered and KL score, over windows `ids` [n, seq] (BOS first).
+    `on_codes` gets each batch's codes of every latent [tokens, latents] (positions 1.., layers
+    concatenated), for what is counted per latent (densities, concepts, a dashboard's examples)."""
     inputs, outputs = hookpoints(dictionary)
     recon = [ReconstructionStats() for _ in outputs]
     pooled, losses = ReconstructionStats(), SplicedLosses(main="replacement")
@@ -126,6 +133,8 @@ def replacement_report(
             sparsity = sparsity or [SparsityStats(z.shape[-1]) for z in codes]
             for stats, z in zip(sparsity, codes, strict=True):
                 stats.add(z[:, 1:].flatten(0, 1))
+            if on_codes is not None:
+                on_codes(torch.cat([z[:, 1:].flatten(0, 1) for z in codes], -1))
             ys = [acts[h][:, 1:].flatten(0, 1).float() for h in outputs]
             scored = [y_hat[:, 1:].flatten(0, 1) for y_hat in y_hats]
             for stats, y, y_hat in zip(recon, ys, scored, strict=True):

@@ -39,7 +39,7 @@ from eval.replacement import replacement_report
 from eval.sparse_probing import ProbingConfig, probing_tasks, sparse_probing
 from eval.sparsity import SparsityStats
 from eval.splice import SplicedLosses, sae_variants
-from eval.top_activations import TopActivations
+from eval.top_activations import TopActivations, n_latents
 from sae.cli import positional
 from sae.hooks import record
 from sae.io import CFG_FILE, check_writable, load_set, write_json
@@ -149,7 +149,7 @@ def evaluate(
         return _synthetic_report(d, cfg)
     lm, tokenizer, ids, name = load_inputs(d, cfg)
     if isinstance(d, (LayeredDictionary, list)):
-        return replacement_score(d, lm, ids, cfg, name)
+        return replacement_score(d, lm, tokenizer, ids, cfg, name)
     return score(d.to(cfg.device).eval(), lm, tokenizer, ids, cfg, name)
 
 
@@ -163,19 +163,46 @@ def load_dictionary(source: str | Path) -> SAE | LayeredDictionary | list[SAE]:
 
 
 def replacement_score(
-    d: LayeredDictionary | list[SAE], lm: nn.Module, ids: Tensor, cfg: EvalConfig, name: str
+    d: LayeredDictionary | list[SAE],
+    lm: nn.Module,
+    tokenizer,
+    ids: Tensor,
+    cfg: EvalConfig,
+    name: str,
+    examples: TopActivations | None = None,
 ) -> dict:
     """A CLT's, a crosscoder's or a transcoder set's report: eval.replacement's scores with every
-    hookpoint it writes replaced at once (concept purity and absorption are scores of one
-    dictionary at one hookpoint, not computed here)."""
+    hookpoint it writes replaced at once, and per latent (numbered as eval.top_activations does)
+    its density and, with cfg.concepts, concept purity at the layer it reads; `examples`, when
+    given, collects each latent's top activations (the dashboard's pages). Absorption is a score
+    of one dictionary at one hookpoint, not computed here."""
     parts = d if isinstance(d, list) else [d]
     for part in parts:
         part.to(cfg.device).eval()
-    report = replacement_report(d, lm, ids, cfg.batch_size, cfg.device)
+    total = sum(n_latents(part) for part in parts)
+    sparsity = SparsityStats(total)
+    codes = SparseCodes(total) if cfg.concepts else None
+    scored = 0
+
+    def count(z: Tensor) -> None:
+        nonlocal scored
+        sparsity.add(z)
+        if codes is not None:
+            codes.add(z)
+        if examples is not None:
+            examples.add(z, scored)
+        scored += len(z)
+
+    report = replacement_report(d, lm, ids, cfg.batch_size, cfg.device, on_codes=count)
+    report["sparsity"] = sparsity.result()
+    if codes is not None:
+        report["concepts"] = concept_report(codes, ids, tokenizer)
     first = parts[0].cfg
+    hooks = first.hook_names if isinstance(d, LayeredDictionary) else [p.cfg.hook_name for p in d]
     report["meta"] = {
         "schema": SCHEMA, "sae": cfg.sae, "architecture": first.architecture,
         "dictionary": d.kind if isinstance(d, LayeredDictionary) else "transcoder_set",
+        "d_sae": total, "hook_name": "+".join(hooks),
         "hook_names_out": [layer["hook_name_out"] for layer in report["layers"]],
         "model": name, "dataset": cfg.cache or cfg.dataset, "split": "" if cfg.cache else cfg.split,
         "windows": len(ids), "context_size": ids.shape[1], "tokens": ids[:, 1:].numel(),
@@ -249,13 +276,8 @@ def score(
         **{k: spars[k] for k in ("l0", "dead_fraction", "dense_fraction")},
     }
     report["sparsity"] = spars
-    if cfg.concepts:
-        names, labels = concept_labels(ids, tokenizer)
-        report["concepts"] = {
-            "names": names,
-            "positives": labels.sum(0).tolist(),
-            **purity_report(latent_purity(codes, labels), names),
-        }
+    if codes is not None:
+        report["concepts"] = concept_report(codes, ids, tokenizer)
     if cfg.absorption:
         absorption_cfg = AbsorptionConfig(
             words=cfg.absorption_words, icl_examples=cfg.absorption_icl
@@ -275,6 +297,16 @@ def score(
     report["meta"] = meta(d, cfg, name, ids)
     _write(report, cfg.json)
     return report
+
+
+def concept_report(codes: SparseCodes, ids: Tensor, tokenizer) -> dict:
+    """Concept purity of every latent over the tokens of windows `ids` (positions 1..)."""
+    names, labels = concept_labels(ids, tokenizer)
+    return {
+        "names": names,
+        "positives": labels.sum(0).tolist(),
+        **purity_report(latent_purity(codes, labels), names),
+    }
 
 
 def hook_widths(d: SAE | LayeredDictionary | list[SAE]) -> list[tuple[str, int, str]]:
@@ -433,10 +465,14 @@ def summaries(report: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def headline(report: dict) -> list[str]:
+    """The headline scores a report has (a replacement model's or one dictionary's)."""
+    return [k for k in (REPLACEMENT_HEADLINE if "layers" in report else HEADLINE) if k in report]
+
+
 def table(report: dict) -> str:
     """The headline numbers and the summary of each detailed score, one line each."""
-    headline = REPLACEMENT_HEADLINE if "layers" in report else HEADLINE
-    lines = [f"{k:<22} {report[k]:.4f}" for k in headline if k in report]
+    lines = [f"{k:<22} {report[k]:.4f}" for k in headline(report)]
     lines += [
         f"{name:<22} {value}" + (f"  ({detail})" if detail else "")
         for name, value, detail in summaries(report)

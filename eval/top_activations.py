@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.hooks import record
+from sae.layered import LayeredDictionary
 from sae.models import SAE
 
 
@@ -153,28 +154,43 @@ def context_activations(
 
 
 # -- from a running model ------------------------------------------------------------------
+Dictionary = SAE | LayeredDictionary
+"""One SAE or transcoder, or a dictionary over several hookpoints (a CLT's latents are numbered
+layer by layer: layer i's latent j is i * d_sae + j; a crosscoder's as its one encoder's)."""
+
+
+def n_latents(d: Dictionary) -> int:
+    return d.cfg.total_latents if isinstance(d, LayeredDictionary) else d.cfg.d_sae
+
+
+def input_hooks(d: Dictionary) -> list[str]:
+    return list(d.cfg.hook_names) if isinstance(d, LayeredDictionary) else [d.cfg.hook_name]
+
+
 @torch.no_grad()
-def gather(lm: nn.Module, d: SAE, ids: Tensor, top: int, batch: int = 8) -> TopActivations:
+def encode_windows(lm: nn.Module, d: Dictionary, windows: Tensor) -> Tensor:
+    """Codes [tokens, latents] of positions 1.. of each window."""
+    hooks = input_hooks(d)
+    with record(lm, hooks) as acts:
+        lm(windows.to(next(d.parameters()).device))
+    return d.encode(torch.cat([acts[h][:, 1:].float() for h in hooks], -1).flatten(0, 1))
+
+
+@torch.no_grad()
+def gather(lm: nn.Module, d: Dictionary, ids: Tensor, top: int, batch: int = 8) -> TopActivations:
     """One pass: each latent's top activations and a uniform sample of its activations."""
-    examples = TopActivations(d.cfg.d_sae, top=top, window=ids.shape[1] - 1)
+    examples = TopActivations(n_latents(d), top=top, window=ids.shape[1] - 1)
     n = 0
     for windows in ids.split(batch):
-        x = _hook_acts(lm, d, windows)
-        examples.add(d.encode(x), n)
-        n += len(x)
+        z = encode_windows(lm, d, windows)
+        examples.add(z, n)
+        n += len(z)
     return examples
 
 
 @torch.no_grad()
-def _hook_acts(lm: nn.Module, d: SAE, windows: Tensor) -> Tensor:
-    with record(lm, [d.cfg.hook_name]) as acts:
-        lm(windows.to(d.W_dec.device))
-    return acts[d.cfg.hook_name][:, 1:].reshape(-1, d.cfg.d_in).float()
-
-
-@torch.no_grad()
 def activations_at(
-    lm, d: SAE, ids: Tensor, tokens: list[int], latents: list[int]
+    lm, d: Dictionary, ids: Tensor, tokens: list[int], latents: list[int]
 ) -> dict[int, dict]:
     """{latent: {window: [activation per position 1..]}} for the windows holding `tokens`."""
     per_window = ids.shape[1] - 1
@@ -182,7 +198,7 @@ def activations_at(
     out: dict[int, dict] = {latent: {} for latent in latents}
     for start in range(0, len(windows), 8):
         chunk = windows[start : start + 8]
-        z = d.encode(_hook_acts(lm, d, ids[chunk])).view(len(chunk), per_window, -1)
+        z = encode_windows(lm, d, ids[chunk]).view(len(chunk), per_window, -1)
         for i, w in enumerate(chunk):
             for latent in latents:
                 out[latent][w] = z[i, :, latent].tolist()

@@ -264,7 +264,7 @@ def test_latent_ids_out_of_range_are_refused_before_running_the_model(
     for bad in (d_sae, -1):
         cfg = DashboardConfig(sae=sae_dir, out=str(tmp_path / "site"), latent_ids=[3, bad])
         with pytest.raises(
-            ValueError, match=rf"--latent-ids {bad} is not a latent .* d_sae is {d_sae}"
+            ValueError, match=rf"--latent-ids {bad} is not a latent .* it has {d_sae} \(d_sae\)"
         ):
             build_dashboard(cfg)
     assert not (tmp_path / "site").exists()
@@ -356,10 +356,57 @@ def test_a_transcoders_dashboard_reads_its_input_and_scores_its_output(
     )
 
 
-def test_a_dictionary_over_several_layers_is_refused_before_any_work(tmp_path):
-    from tests.sae.test_crosscoder import make_crosscoder
+def random_layered(kind: str):
+    """A CLT over SmolLM2's MLPs 2 and 3, or a crosscoder over its residual stream after blocks 2
+    and 3, TopK with random weights (the pages' plumbing, not what they find, is tested)."""
+    from sae.clt import CLTConfig, CrossLayerTranscoder
+    from sae.crosscoder import Crosscoder, CrosscoderConfig
 
-    make_crosscoder().save(tmp_path / "xc")
-    with pytest.raises(ValueError, match="is a crosscoder: its dashboard .* is not built yet"):
-        build_dashboard(DashboardConfig(sae=str(tmp_path / "xc"), out=str(tmp_path / "site")))
-    assert not (tmp_path / "site").exists()
+    torch.manual_seed(0)
+    if kind == "clt":
+        d = CrossLayerTranscoder(CLTConfig(architecture="topk", d_in=576, d_sae=16, k=4,
+            hook_names=["blocks.2.mlp.hook_in", "blocks.3.mlp.hook_in"],
+            hook_names_out=["blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"],
+            model_name="smollm2-135m"))  # fmt: skip
+    else:
+        d = Crosscoder(CrosscoderConfig(architecture="topk", d_in=576, d_sae=32, k=4,
+            hook_names=["blocks.2.hook_resid_post", "blocks.3.hook_resid_post"],
+            model_name="smollm2-135m"))  # fmt: skip
+    with torch.no_grad():
+        for t in d.parameters():
+            t.normal_(0, 0.05)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["clt", "crosscoder"])
+def test_a_dictionary_over_several_layers_gets_pages_of_every_layers_latents(
+    kind, smollm2, tmp_path, monkeypatch
+):
+    """Latents numbered layer by layer (a CLT's layer i latent j is i * d_sae + j), densities,
+    concepts and examples from the replacement model's pass, and each page's decoder norm at every
+    hookpoint the latent writes (a CLT latent: its own layer and the later ones)."""
+    monkeypatch.setattr(eval.report, "load_lm", lambda name, device="cpu", revision="": smollm2)
+    d = random_layered(kind)
+    d.save(tmp_path / kind)
+    n = d.cfg.total_latents
+    chosen = [n - 1] if kind == "clt" else [0]  # a CLT's last layer: it writes only its own
+    out = build_dashboard(DashboardConfig(sae=str(tmp_path / kind), out=str(tmp_path / "site"),
+                                          tokens=4 * 63, latents=3, latent_ids=chosen))  # fmt: skip
+    index = (out / "index.html").read_text()
+    heading = (
+        "cross-layer transcoder, 2 x 16 latents" if kind == "clt" else "crosscoder, 32 latents"
+    )
+    assert heading in index and "<td>ce_replacement</td>" in index and "pure_fraction" in index
+    assert index.count("<tr><td data-v=") == n, "a row per latent of every layer"
+    pages = {int(p.stem): p.read_text() for p in (out / "latents").glob("*.html")}
+    assert chosen[0] in pages and 3 <= len(pages) <= 4  # the chosen may be among the 3 busiest
+    norms = re.findall(r"<tr><td>(blocks\.\d\.[\w.]+)</td><td>([\d.]+)</td></tr>", pages[chosen[0]])
+    directions = d.decoder_directions()[chosen[0]].unflatten(0, (2, 576)).norm(dim=-1)
+    assert [float(v) for _, v in norms] == pytest.approx(directions.tolist(), abs=1e-3)
+    if kind == "clt":
+        assert "layer 1, latent 15: reads blocks.3.mlp.hook_in" in pages[n - 1]
+        assert [h for h, _ in norms] == ["blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"]
+        assert float(norms[0][1]) == 0, "layer 1's latent writes nothing to layer 0's output"
+        report = eval.report.evaluate(str(tmp_path / kind), tokens=4 * 63, context_size=64,
+                                      concepts=False, absorption=False)  # fmt: skip
+        assert report["sparsity"]["l0"] == pytest.approx(report["l0"])  # per latent, per layer
