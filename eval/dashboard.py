@@ -1,11 +1,11 @@
 """`sae dashboard`: a static HTML site about one SAE that opens from disk (no server, no CDN).
 
-index.html: the headline scores of `eval.evaluate`, the log-density histogram and a sortable table
-of latents (density, best concept and its purity), linking every page. latents/<i>.html for the
-most active latents and any chosen by id: top contexts (one per window) and quantile contexts with
-per-token highlighting, the activation histogram, the logit-lens effects of the decoder direction
-(tokens it promotes and suppresses through the unembedding), and the explanation when auto-interp
-has written one.
+index.html: the headline scores of `eval.evaluate` (all of them in report.json), the log-density
+histogram and a sortable table of latents (density, best concept and its purity), linking every
+page. latents/<i>.html for the most active latents and any chosen by id: top contexts (one per
+window) and quantile contexts with per-token highlighting, the activation histogram, the logit-lens
+effects of the decoder direction (tokens it promotes and suppresses through the unembedding), and
+the explanation when auto-interp has written one.
 
 Two passes keep memory bounded: the first is eval.report's scoring pass, which also keeps per-latent
 top activations and samples (eval/top_activations.py); the second runs the model again on just the
@@ -48,7 +48,7 @@ from eval.top_activations import (
     n_latents,
 )
 from sae.cli import positional
-from sae.io import check_writable, write_text
+from sae.io import check_writable, write_json, write_text
 from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL
 from train.config import TextOptions
@@ -62,7 +62,7 @@ class DashboardConfig(TextOptions):
     sae: str = positional()
     """The SAE (anything sae.load takes)."""
     out: str = "dashboard"
-    """Folder to write index.html and latents/ into."""
+    """Folder to write index.html, report.json (the scores shown) and latents/ into."""
     model: str = ""
     """LM (default: the SAE's model_name, else smollm2-135m)."""
     split: str = "test"
@@ -137,6 +137,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     out = Path(cfg.out)
     (out / "latents").mkdir(parents=True, exist_ok=True)
     write_text(out / "index.html", overview(d, report, chosen))
+    write_json(out / "report.json", report)
     shown = {latent: examples.shown_tokens(latent) for latent in chosen}
     acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
     for latent in chosen:
