@@ -299,11 +299,19 @@ def figure(result: dict, png: Path) -> None:
     if checkpoints:
         share.plot(steps, [x["mean_persisting_correlation"] for x in t], marker="^",
                    label="their activation correlation")  # fmt: skip
-        quality = axes[2]
+        quality, floor = axes[2], -0.1
         for key, label in [("explained_variance", "explained variance"),
                            ("ce_loss_recovered", "CE loss recovered"),
                            ("last_dictionary_explained_variance", "last dictionary's EV")]:  # fmt: skip
-            quality.plot(labels(result), [c[key] for c in checkpoints], marker="o", label=label)
+            values = [c[key] for c in checkpoints]
+            (line,) = quality.plot(labels(result), [max(v, floor) for v in values], marker="o",
+                                   label=label)  # fmt: skip
+            for name, v in zip(labels(result), values, strict=True):
+                if v < floor:  # drawn at the floor with its value: the last dictionary on an
+                    # untrained model's activations (another scale) is thousands below zero
+                    quality.annotate(f"{v:.3g}", (name, floor), xytext=(4, 6), fontsize=8,
+                                     textcoords="offset points", color=line.get_color())  # fmt: skip
+        quality.set_ylim(floor - 0.05, 1.1)
         quality.legend()
         quality.set_title("each on its own checkpoint")
     share.set_ylim(0, 1.05)
@@ -316,6 +324,8 @@ def figure(result: dict, png: Path) -> None:
         bottom = [a + b for a, b in zip(bottom, counts, strict=True)]
     events.legend()
     events.set_title("latents by event")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8, labelrotation=10)
     fig.tight_layout()
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

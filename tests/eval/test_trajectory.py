@@ -74,14 +74,16 @@ def pure_concepts(revision: str, out) -> dict[str, int]:
 
 def test_contextual_concepts_appear_in_later_dictionaries_only(trajectory, tmp_path):
     """A newline is its own token, so its embedding names it even at initialisation (a pure
-    newline latent exists from step 0); the first token of a line, or a speaker's name, is known
-    only from the tokens before it, which the untrained model's near-uniform attention blurs.
-    Measured: step 0 has 3 pure newline latents and no line-start or speaker-name one; step 200
-    has 10, 3 and 3."""
+    newline latent exists from step 0); the first token of a line is known only from the token
+    before it, which the untrained model's near-uniform attention blurs. Speaker names are
+    between: a token found only in names (the capitals of one) names its concept at step 0 too,
+    the rest need their context. Measured: step 0 has 3 pure newline latents, no line-start and no
+    speaker-name one; step 200 has 10, 3 and 3 (docs/tracking.md's larger model: 1, 0, 4 at step
+    0; 26, 9, 19 at step 2000)."""
     first, last = (
         pure_concepts("step0", tmp_path / "first"),
         pure_concepts("step200", tmp_path / "last"),
     )
     assert first.get("newline", 0) >= 1 and last.get("newline", 0) >= 1, (first, last)
-    assert "line_start" not in first and "speaker_name" not in first, first
-    assert last.get("line_start", 0) >= 2 and last.get("speaker_name", 0) >= 1, last
+    assert "line_start" not in first and last.get("line_start", 0) >= 2, (first, last)
+    assert last.get("speaker_name", 0) > first.get("speaker_name", 0), (first, last)
