@@ -48,6 +48,7 @@ from eval.top_activations import (
     n_latents,
 )
 from sae.cli import positional
+from sae.clt import CrossLayerTranscoder
 from sae.io import check_writable, write_json, write_text
 from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL
@@ -127,7 +128,8 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     frequent = examples.fires.argsort(descending=True)[: cfg.latents]
     chosen = list(dict.fromkeys(frequent[examples.fires[frequent] > 0].tolist() + cfg.latent_ids))
     strings = token_strings(tokenizer)
-    lens = logit_lens(lm, d, chosen)
+    rows = decoder_rows(d, chosen)
+    lens = logit_lens(lm, rows, chosen)
     if cfg.autointerp:
         client = make_client(cfg.autointerp, (lm, tokenizer) if name == DEFAULT_MODEL else None)
         scores = interpret(lm, tokenizer, d, ids, chosen, client, examples=examples)
@@ -140,9 +142,9 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     write_json(out / "report.json", report)
     shown = {latent: examples.shown_tokens(latent) for latent in chosen}
     acts = activations_at(lm, d, ids, sorted({t for ts in shown.values() for t in ts}), chosen)
-    for latent in chosen:
-        page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings,
-                           where(d, latent))  # fmt: skip
+    for latent, latent_rows in zip(chosen, rows, strict=True):
+        here = where(d, latent, latent_rows.norm(dim=-1).tolist())
+        page = latent_page(latent, report, examples, acts[latent], ids, lens[latent], strings, here)
         write_text(out / "latents" / f"{latent}.html", page)
     written = {f"{latent}.html" for latent in chosen}
     for page in (out / "latents").glob("*.html"):  # an earlier dashboard's, of other latents
@@ -172,28 +174,37 @@ def output_hooks(d: Dictionary) -> list[str]:
 
 
 @torch.no_grad()
-def decoder_rows(d: Dictionary) -> Tensor:
-    """Each latent's decoder direction at every hookpoint it writes [latents, outputs, d] (in the
-    model's units; a CLT latent's rows before its own layer are zero)."""
-    if isinstance(d, LayeredDictionary):
-        return d.decoder_directions().unflatten(-1, (len(output_hooks(d)), -1))
-    return d.W_dec[:, None]
+def decoder_rows(d: Dictionary, latents: list[int]) -> Tensor:
+    """The latents' decoder directions at every hookpoint they write [latents, outputs, d] (in the
+    model's units; a CLT latent's rows before its own layer are zero), read for these latents
+    only: a CLT's whole decoder_directions() is n x F x n x d (10 GB at 30 x 4608 x 576)."""
+    if isinstance(d, CrossLayerTranscoder):
+        c, t = d.cfg, d.scales[1]
+        rows = torch.zeros(len(latents), c.n_layers, c.d_out)
+        for r, latent in enumerate(latents):
+            i, j = divmod(latent, c.d_sae)
+            rows[r, i:] = (
+                d.layers[i].W_dec[j].float().cpu().unflatten(-1, (-1, c.d_out)) / t[i:, None].cpu()
+            )
+        return rows
+    if isinstance(d, LayeredDictionary):  # a crosscoder: one decoder over its hookpoints
+        return d.decoder_directions()[latents].unflatten(-1, (d.cfg.n_layers, -1))
+    return d.W_dec[latents][:, None]
 
 
-def where(d: Dictionary, latent: int) -> str:
+def where(d: Dictionary, latent: int, norms: list[float]) -> str:
     """What a latent of a dictionary over several hookpoints reads, and how strongly it writes
     each hookpoint (its decoder norms); nothing for an SAE or transcoder (the heading says it)."""
     if not isinstance(d, LayeredDictionary):
         return ""
-    norms = decoder_rows(d)[latent].norm(dim=-1).tolist()
     layer, own = divmod(latent, d.cfg.d_sae)
-    reads = (f"layer {layer}, latent {own}: reads {d.cfg.hook_names[layer]}" if d.cfg.is_transcoder
-             else f"reads {', '.join(d.cfg.hook_names)} together")  # fmt: skip
+    reads = (f"the CLT's layer {layer} ({d.cfg.hook_names[layer]}), its latent {own}"
+             if d.cfg.is_transcoder else f"{', '.join(d.cfg.hook_names)} together")  # fmt: skip
     rows = "".join(
         f"<tr><td>{html.escape(hook)}</td><td>{norm:.3f}</td></tr>"
         for hook, norm in zip(output_hooks(d), norms, strict=True)
     )
-    return (f"<p>{html.escape(reads)}</p><h2>Decoder norm at each hookpoint it writes</h2>"
+    return (f"<p>reads {html.escape(reads, quote=False)}</p><h2>Decoder norm at each hookpoint it writes</h2>"
             f"<table><tr><th>hookpoint</th><th>norm</th></tr>{rows}</table>")  # fmt: skip
 
 
@@ -242,11 +253,12 @@ def dashboard_cli(cfg: DashboardConfig) -> None:
 
 
 @torch.no_grad()
-def logit_lens(lm, d: Dictionary, latents: list[int], n: int = 10) -> dict[int, dict[str, list]]:
-    """Tokens each decoder direction promotes and suppresses most through the unembedding (a
-    dictionary over several hookpoints: its direction at the last one, nearest the logits)."""
+def logit_lens(lm, rows: Tensor, latents: list[int], n: int = 10) -> dict[int, dict[str, list]]:
+    """Tokens each latent's decoder direction (rows: decoder_rows) promotes and suppresses most
+    through the unembedding; over several hookpoints, its direction at the last one, nearest the
+    logits."""
     unembed = lm.get_output_embeddings().weight.float()  # [vocab, d_model]
-    effects = decoder_rows(d)[latents, -1].float() @ unembed.T  # [n_latents, vocab]
+    effects = rows[:, -1].to(unembed) @ unembed.T  # [n_latents, vocab]
     return {
         latent: {
             "promoted": effects[i].topk(n).indices.tolist(),

@@ -311,7 +311,8 @@ def figure(result: dict, png: Path) -> None:
                     # untrained model's activations (another scale) is thousands below zero
                     quality.annotate(f"{v:.3g}", (name, floor), xytext=(4, 6), fontsize=8,
                                      textcoords="offset points", color=line.get_color())  # fmt: skip
-        quality.set_ylim(floor - 0.05, 1.1)
+        top = max([1.0] + [c["ce_loss_recovered"] for c in checkpoints])  # above 1 at times
+        quality.set_ylim(floor - 0.05, top + 0.1)
         quality.legend()
         quality.set_title("each on its own checkpoint")
     share.set_ylim(0, 1.05)

@@ -404,9 +404,24 @@ def test_a_dictionary_over_several_layers_gets_pages_of_every_layers_latents(
     directions = d.decoder_directions()[chosen[0]].unflatten(0, (2, 576)).norm(dim=-1)
     assert [float(v) for _, v in norms] == pytest.approx(directions.tolist(), abs=1e-3)
     if kind == "clt":
-        assert "layer 1, latent 15: reads blocks.3.mlp.hook_in" in pages[n - 1]
+        assert "reads the CLT's layer 1 (blocks.3.mlp.hook_in), its latent 15" in pages[n - 1]
         assert [h for h, _ in norms] == ["blocks.2.hook_mlp_out", "blocks.3.hook_mlp_out"]
         assert float(norms[0][1]) == 0, "layer 1's latent writes nothing to layer 0's output"
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"]["l0"] == pytest.approx(report["l0"])  # per latent, per layer
     assert len(report["concepts"]["latent_concept"]) == n
+
+
+def test_decoder_rows_of_chosen_latents_are_the_dictionarys_directions():
+    """Read per latent (a CLT's whole decoder_directions() would not fit for wide ones), in the
+    model's units whatever the scales."""
+    from eval.dashboard import decoder_rows
+    from tests.sae.test_clt import make_clt
+    from tests.sae.test_crosscoder import SCALED, make_crosscoder
+
+    clt = make_clt("topk", normalize_activations="expected_average_only_in",
+                   norm_scaling_factors=[0.5, 2.0, 1.5], norm_scaling_factors_out=[3.0, 0.7, 1.1])  # fmt: skip
+    for d in (clt, make_crosscoder(**SCALED)):
+        latents = [0, d.cfg.total_latents - 1, d.cfg.total_latents // 2 + 1]
+        expected = d.decoder_directions()[latents].unflatten(-1, (d.cfg.n_layers, -1))
+        torch.testing.assert_close(decoder_rows(d, latents), expected)
