@@ -29,6 +29,7 @@ from torch import Tensor
 import sae as sae_lib
 from eval.autointerp import LLMClient, LocalClient, OpenAIClient, interpret
 from eval.concepts import token_strings
+from eval.replacement import hookpoints
 from eval.report import (
     EvalConfig,
     fmt,
@@ -167,12 +168,6 @@ def what_reads(d: Dictionary) -> str:
     return f"{c.architecture} SAE, {c.d_sae} latents on {c.hook_name}"
 
 
-def output_hooks(d: Dictionary) -> list[str]:
-    if isinstance(d, LayeredDictionary):
-        return list(d.cfg.hook_names_out if d.cfg.is_transcoder else d.cfg.hook_names)
-    return [d.cfg.hook_name_out]
-
-
 @torch.no_grad()
 def decoder_rows(d: Dictionary, latents: list[int]) -> Tensor:
     """The latents' decoder directions at every hookpoint they write [latents, outputs, d] (in the
@@ -202,7 +197,7 @@ def where(d: Dictionary, latent: int, norms: list[float]) -> str:
              if d.cfg.is_transcoder else f"{', '.join(d.cfg.hook_names)} together")  # fmt: skip
     rows = "".join(
         f"<tr><td>{html.escape(hook)}</td><td>{norm:.3f}</td></tr>"
-        for hook, norm in zip(output_hooks(d), norms, strict=True)
+        for hook, norm in zip(hookpoints(d)[1], norms, strict=True)
     )
     return (f"<p>reads {html.escape(reads, quote=False)}</p><h2>Decoder norm at each hookpoint it writes</h2>"
             f"<table><tr><th>hookpoint</th><th>norm</th></tr>{rows}</table>")  # fmt: skip

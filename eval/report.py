@@ -162,6 +162,32 @@ def load_dictionary(source: str | Path) -> SAE | LayeredDictionary | list[SAE]:
     return sae_lib.load(source)
 
 
+class LatentCounts:
+    """What a scoring pass counts per latent, batch by batch of codes [tokens, latents]: firing
+    densities, the codes concept purity reads (tokens x L0 entries, kept only when asked), and a
+    dashboard's examples when given."""
+
+    def __init__(self, latents: int, concepts: bool, examples: TopActivations | None) -> None:
+        self.sparsity = SparsityStats(latents)
+        self.codes = SparseCodes(latents) if concepts else None
+        self.examples, self.scored = examples, 0
+
+    def add(self, z: Tensor) -> None:
+        self.sparsity.add(z)
+        if self.codes is not None:
+            self.codes.add(z)
+        if self.examples is not None:
+            self.examples.add(z, self.scored)
+        self.scored += len(z)
+
+    def result(self, ids: Tensor, tokenizer) -> dict:
+        """`sparsity`, and `concepts` when kept, over the tokens of windows `ids`."""
+        out = {"sparsity": self.sparsity.result()}
+        if self.codes is not None:
+            out["concepts"] = concept_report(self.codes, ids, tokenizer)
+        return out
+
+
 def replacement_score(
     d: LayeredDictionary | list[SAE],
     lm: nn.Module,
@@ -180,23 +206,9 @@ def replacement_score(
     for part in parts:
         part.to(cfg.device).eval()
     total = sum(n_latents(part) for part in parts)
-    sparsity = SparsityStats(total)
-    codes = SparseCodes(total) if cfg.concepts else None
-    scored = 0
-
-    def count(z: Tensor) -> None:
-        nonlocal scored
-        sparsity.add(z)
-        if codes is not None:
-            codes.add(z)
-        if examples is not None:
-            examples.add(z, scored)
-        scored += len(z)
-
-    report = replacement_report(d, lm, ids, cfg.batch_size, cfg.device, on_codes=count)
-    report["sparsity"] = sparsity.result()
-    if codes is not None:
-        report["concepts"] = concept_report(codes, ids, tokenizer)
+    counts = LatentCounts(total, cfg.concepts, examples)
+    report = replacement_report(d, lm, ids, cfg.batch_size, cfg.device, on_codes=counts.add)
+    report |= counts.result(ids, tokenizer)
     first = parts[0].cfg
     hooks = first.hook_names if isinstance(d, LayeredDictionary) else [p.cfg.hook_name for p in d]
     report["meta"] = {
@@ -245,11 +257,9 @@ def score(
 ) -> dict:
     """The report on windows `ids`; `examples`, when given, also collects each latent's top
     activations and sample from the same pass (the dashboard's pages)."""
-    recon, sparsity, losses = ReconstructionStats(), SparsityStats(d.cfg.d_sae), SplicedLosses()
-    codes = (
-        SparseCodes(d.cfg.d_sae) if cfg.concepts else None
-    )  # tokens x L0 entries: only for purity
-    hook, hook_out, scored = d.cfg.hook_name, d.cfg.hook_name_out, 0
+    recon, losses = ReconstructionStats(), SplicedLosses()
+    counts = LatentCounts(d.cfg.d_sae, cfg.concepts, examples)
+    hook, hook_out = d.cfg.hook_name, d.cfg.hook_name_out
     with progress(total=ids[:, 1:].numel(), unit="tok", desc="eval") as bar:
         for batch in ids.split(cfg.batch_size):
             batch = batch.to(cfg.device)
@@ -260,24 +270,18 @@ def score(
             with torch.no_grad():
                 z = d.encode(x)
                 recon.add(y, d.predict(x, z))
-            sparsity.add(z)
-            if codes is not None:
-                codes.add(z)
-            if examples is not None:
-                examples.add(z, scored)
+            counts.add(z)
             losses.add(lm, batch, logits, sae_variants(lm, d, acts[hook_out]))
-            scored += len(x)
             bar.update(len(x))
 
-    spars = sparsity.result()
+    counted = counts.result(ids, tokenizer)
+    spars = counted["sparsity"]
     report = {
         **recon.result(),
         **losses.result(),
         **{k: spars[k] for k in ("l0", "dead_fraction", "dense_fraction")},
+        **counted,
     }
-    report["sparsity"] = spars
-    if codes is not None:
-        report["concepts"] = concept_report(codes, ids, tokenizer)
     if cfg.absorption:
         absorption_cfg = AbsorptionConfig(
             words=cfg.absorption_words, icl_examples=cfg.absorption_icl
