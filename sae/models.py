@@ -57,6 +57,8 @@ class Whole:
 
     count: int = 1
     """Ranks sharing the latents."""
+    index: int = 0
+    """This rank's place among them."""
     first: int = 0
     """The global index of this rank's first latent."""
 
@@ -89,13 +91,12 @@ class Whole:
         """Each row's k largest dead-latent pre-activations, ReLU'd, as a dense [batch, n_dead]."""
         return auxk_activation(pre_dead, k)
 
-    def whole(self, t: Tensor, dim: int | None) -> Tensor | None:
-        """A tensor over every latent from this rank's part of it (to save)."""
-        return t
+    def barrier(self) -> None:
+        """Wait for the ranks sharing the latents (a sharded checkpoint's folder to exist)."""
 
-    def part(self, t: Tensor, dim: int | None) -> Tensor:
-        """This rank's part of a tensor over every latent (to restore)."""
-        return t
+    def everyone(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (what each wrote of a checkpoint, or why it could not)."""
+        return [obj]
 
     def whole_sae(self, sae: nn.Module) -> nn.Module | None:
         """The whole dictionary from this rank's part (to save)."""
@@ -156,22 +157,25 @@ class SAE(nn.Module):
     shards: Whole = WHOLE
     """Where the latents live (train/distributed.py's LatentShards when sharded over ranks)."""
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, latents: range | None = None):
+        """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
+        dictionary starts them, without the whole in memory."""
         super().__init__()
         self.cfg = cfg
         kw: dict[str, Any] = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        W_dec = unit_rows(cfg.d_sae, cfg.d_out, kw)
+        W_dec = unit_rows(cfg.d_sae, cfg.d_out, kw, latents)
         self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_out], rows are the latents' directions
         # an SAE's encoder starts as its decoder's transpose; a transcoder's reads another space
-        W_enc = unit_rows(cfg.d_sae, cfg.d_in, kw) if cfg.is_transcoder else W_dec.clone()
+        W_enc = unit_rows(cfg.d_sae, cfg.d_in, kw, latents) if cfg.is_transcoder else W_dec.clone()
         self.W_enc = nn.Parameter(W_enc.T.contiguous())  # [d_in, d_sae]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))  # the output bias
         if cfg.skip:  # SAELens's SkipTranscoder layout, zero at the start
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, **kw))
-        self.init_encoder_params(kw)
+        self.init_encoder_params(len(W_dec), kw)
 
-    def init_encoder_params(self, kw: dict[str, Any]) -> None:
-        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+    def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
+        """The per-latent encoder parameters of `n` latents."""
+        self.b_enc = nn.Parameter(torch.zeros(n, **kw))
 
     def latent_dim(self, name: str) -> int | None:
         """The dimension of a parameter or buffer that runs over the latents (a latent shard holds
@@ -489,13 +493,28 @@ class StandardSAE(SAE):
         return {"l1_loss": ctx.sparsity_coefficient * l1}
 
 
-def unit_rows(n: int, d: int, kw: dict[str, Any]) -> Tensor:
-    """[n, d], rows of unit norm in random directions (Kaiming-uniform, normalized)."""
-    rows = torch.empty(n, d, **kw)
+def unit_rows(n: int, d: int, kw: dict[str, Any], keep: range | None = None) -> Tensor:
+    """[n, d], rows of unit norm in random directions (Kaiming-uniform, normalized). `keep`: only
+    those rows, drawn on the host a block at a time and the others dropped: the host's random
+    stream is one sequence, so they equal the whole draw's rows and the stream ends where the
+    whole draw leaves it (every latent shard then draws on as one process does)."""
+    if keep is None:
+        rows = torch.empty(n, d, **kw)
+        if rows.device.type != "meta":
+            nn.init.kaiming_uniform_(rows)
+    else:
+        step, kept = max(1, DRAW_BLOCK // d), []
+        for start in range(0, n, step):
+            block = nn.init.kaiming_uniform_(torch.empty(min(step, n - start), d, dtype=kw["dtype"]))
+            kept.append(block[max(keep.start - start, 0) : max(keep.stop - start, 0)])
+        rows = torch.cat(kept).to(kw["device"])
     if rows.device.type != "meta":
-        nn.init.kaiming_uniform_(rows)
         rows /= rows.norm(dim=1, keepdim=True)
     return rows
+
+
+DRAW_BLOCK = 2**22
+"""Elements drawn at a time when a latent shard draws its slice of the directions (16 MB)."""
 
 
 def topk_activation(pre: Tensor, k: int) -> Tensor:
@@ -614,9 +633,9 @@ class JumpReLUSAE(SAE):
     latent_scaled = ("b_enc", "threshold")
     sparsity_coefficient = 1.0
 
-    def init_encoder_params(self, kw: dict[str, Any]) -> None:
-        super().init_encoder_params(kw)
-        self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+    def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
+        super().init_encoder_params(n, kw)
+        self.threshold = nn.Parameter(torch.zeros(n, **kw))
 
     @torch.no_grad()
     def start_training(self) -> None:
@@ -666,9 +685,9 @@ class BatchTopKSAE(SAE):
     sparse_code = True
     latent_scaled = ()
 
-    def init_encoder_params(self, kw: dict[str, Any]) -> None:
-        super().init_encoder_params(kw)
-        self.register_buffer("threshold", torch.zeros(self.cfg.d_sae, **kw))  # [d_sae], one value
+    def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
+        super().init_encoder_params(n, kw)
+        self.register_buffer("threshold", torch.zeros(n, **kw))  # [d_sae], one value
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
@@ -807,10 +826,10 @@ class GatedSAE(SAE):
     latent_scaled = ("b_gate", "b_mag")
     sparsity_coefficient = 5.0
 
-    def init_encoder_params(self, kw: dict[str, Any]) -> None:
-        self.b_gate = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
-        self.b_mag = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
-        self.r_mag = nn.Parameter(torch.zeros(self.cfg.d_sae, **kw))
+    def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
+        self.b_gate = nn.Parameter(torch.zeros(n, **kw))
+        self.b_mag = nn.Parameter(torch.zeros(n, **kw))
+        self.r_mag = nn.Parameter(torch.zeros(n, **kw))
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """The gate's pre-activation (what decides firing)."""

@@ -119,11 +119,13 @@ class World:
                 f"make it a multiple of {n} (say {fit:,}), or change --nproc-per-node"
             )
 
-    def split_latents(self, dictionary: nn.Module, name: str, device: torch.device) -> LatentShards:
-        """Move this rank's slice of a dictionary's latents to `device` (the dictionary built
-        whole alike on every rank, on the host); a width that does not split over the shards, or
-        leaves a shard fewer latents than a row's top k, is refused, as are dictionaries over
-        several layers."""
+    def split_latents(
+        self, dictionary: nn.Module, name: str, device: torch.device
+    ) -> tuple[SAE, LatentShards]:
+        """This rank's slice of a dictionary's latents, built on `device` (`dictionary`: the
+        whole, built on the meta device, which holds no memory); a width that does not split
+        over the shards, or leaves a shard fewer latents than a row's top k, is refused, as are
+        dictionaries over several layers."""
         n = self.latent_shards
         if not isinstance(dictionary, SAE):
             raise ValueError(
@@ -144,7 +146,7 @@ class World:
                 f"{d_sae:,} / --latent-shards {n}): lower --latent-shards or --k"
             )
         shards = LatentShards(self.latent_group, self.rank % n, n, d_sae, device)
-        return shards.split_(dictionary)
+        return shards.build(dictionary), shards
 
     def training_loss(self, sae: nn.Module) -> Callable[..., LossOutput]:
         """sae.training_loss, whose backward leaves the gradients averaged over data ranks: DDP
@@ -362,16 +364,15 @@ class LatentShards(Whole):
         picked.scatter_(-1, index, keep.to(pre_dead.dtype))  # 1 at the winners
         return pre_dead * picked[:, :n_dead]
 
-    def split_(self, sae: SAE) -> LatentShards:
-        """Keep this shard's slice of every per-latent parameter and buffer of a whole SAE (built
-        alike on every rank, from the seed), on the shard's device with the replicated ones, and
-        make its training collective; returns itself."""
-        for name, t in [*sae.named_parameters(), *sae.named_buffers()]:
-            part = self.part(t.detach(), sae.latent_dim(name)).to(self.device, copy=True)
-            setattr(sae, name, nn.Parameter(part) if isinstance(t, nn.Parameter) else part)
-        sae.cfg.device = str(self.device)
-        sae.shards = self
-        return self
+    def build(self, whole: SAE) -> SAE:
+        """This shard's slice of a dictionary (`whole`: its class and config, built on the meta
+        device), on the shard's device: the slice of every per-latent tensor that the whole
+        dictionary starts with, drawn without the whole in memory (sae/models.py's unit_rows),
+        and the output-space ones whole; its training made collective."""
+        cfg = replace(whole.cfg, device=str(self.device))
+        part = type(whole)(cfg, latents=range(self.first, self.first + self.width))
+        part.shards = self
+        return part
 
     def whole(self, t: Tensor, dim: int | None) -> Tensor | None:
         """A sharded tensor's slices, joined along `dim` in the host memory of the group's first
@@ -389,9 +390,13 @@ class LatentShards(Whole):
             parts.append(buffer.to("cpu", copy=True))  # a CPU buffer is received again
         return torch.cat(parts, dim)
 
-    def part(self, t: Tensor, dim: int | None) -> Tensor:
-        """This shard's slice of a whole tensor along `dim` (a replicated one as it is)."""
-        return t if dim is None else t.narrow(dim, self.first, self.width)
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def everyone(self, obj: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.count
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
 
     def whole_sae(self, sae: SAE) -> SAE | None:  # type: ignore[override]
         """The whole dictionary on the group's first rank, in host memory (None on the others),

@@ -155,10 +155,12 @@ def build_member(
     device: torch.device,
     world: World,
 ) -> Member:
-    sharded = world.latent_shards > 1  # built whole on the host; each rank moves its slice
-    dictionary = builder(spec)(cfg, spec, source, torch.device("cpu") if sharded else device)
+    sharded = world.latent_shards > 1  # each rank builds only its slice (from a whole on meta)
+    dictionary = builder(spec)(cfg, spec, source, torch.device("meta") if sharded else device)
+    shards: Whole = WHOLE
+    if sharded:
+        dictionary, shards = world.split_latents(dictionary, member_name(spec), device)
     d_sae = dictionary.cfg.d_sae
-    shards = world.split_latents(dictionary, member_name(spec), device) if sharded else WHOLE
     lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
@@ -607,10 +609,11 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, run_id: str | None) -> None:
-        """Rank 0 writes the run's state, each dictionary whole (gathered from its latent
-        shards, or from the rank a distributed sweep trains it on), as one process would, so that
-        any number of processes, shards or ranks of a sweep resumes it."""
-        self.saved_step = self.step  # on every rank, though rank 0 alone writes it
+        """The run's state, as one process would write it (each dictionary of a distributed
+        sweep gathered from the rank that trains it), so that any number of processes, or
+        ranks of a sweep, resumes it; latent-sharded, data rank 0's shards each write their
+        slices (checkpoint.py), and any number of shards resumes them."""
+        self.saved_step = self.step  # on every rank, though data rank 0's alone write it
         if self.world.data_rank != 0:
             return
         states = [
@@ -618,9 +621,10 @@ class Trainer:
             for m in self.members
         ]
         gathered = self.world.to_main(states)
-        if not self.world.is_main:
+        if gathered is None:  # a distributed sweep's rank: rank 0 writes its states
             return
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+        dims: dict[str, int] = {}
         meta: dict[str, Any] = {
             "step": self.step,
             "world_size": self.world.size,
@@ -630,10 +634,12 @@ class Trainer:
             "config": asdict(self.cfg),
             "data": self.source.identity,
         }
-        for name, member_tensors, member_meta in (s for rank in gathered for s in rank):
+        for name, member_tensors, member_dims, member_meta in (s for rank in gathered for s in rank):
             tensors.update(member_tensors)
+            dims.update(member_dims)
             meta["members"][name] = member_meta
-        checkpoint.save(self.out, tensors, meta)
+        shards = self.members[0].shards if self.members else WHOLE  # the world's latent group
+        checkpoint.save(self.out, tensors, meta, dims, shards)
 
     def restore(self) -> str | None:
         """Load the run directory's checkpoint into the members; returns the W&B run id."""
@@ -641,7 +647,7 @@ class Trainer:
         if loaded is None:
             print(f"{self.out}: no checkpoint to resume from; starting fresh", file=sys.stderr)
             return None
-        tensors, meta = loaded
+        stored, meta = loaded
         if sorted(meta["members"]) != sorted(self.names):
             raise ValueError(
                 f"{self.out}: the checkpoint holds SAEs {sorted(meta['members'])}, this run {self.names}"
@@ -650,8 +656,8 @@ class Trainer:
         order = list(meta["members"])  # the sweep's order when written (its prefixes before 34)
         for m in self.members:
             member = {"prefix": f"m{order.index(m.name)}", **meta["members"][m.name]}
-            checkpoint.restore_member(m, tensors, member)
-        torch.set_rng_state(tensors["rng.torch"])
+            checkpoint.restore_member(m, stored, member)
+        torch.set_rng_state(stored["rng.torch"])
         self.step = self.saved_step = meta["step"]
         return meta.get("wandb_run_id")
 

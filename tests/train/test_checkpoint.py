@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.models import Whole
 from train import checkpoint
 
 
@@ -80,3 +81,23 @@ def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, damage):
         weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"checkpoint .*checkpoint is damaged .* --overwrite"):
         checkpoint.load(tmp_path)
+
+
+def test_a_shard_that_cannot_write_fails_every_shard_and_keeps_the_previous_checkpoint(tmp_path):
+    """Latent-sharded, each rank writes its own file: when another rank's write fails (a full
+    disk there), this one raises too, naming it, instead of waiting for it in the next collective,
+    and the first rank removes the half-made folder."""
+
+    class FirstOfTwo(Whole):
+        count = 2
+
+        def everyone(self, obj):
+            return [obj, (None, "OSError: cannot write shard-1-of-2.safetensors: No space left")]
+
+    checkpoint.save(tmp_path, {"w": torch.ones(4)}, {"step": 1})
+    with pytest.raises(RuntimeError, match=r"latent shard 1 could not write its part of the "
+                       r"checkpoint: OSError: cannot write shard-1-of-2.*No space"):  # fmt: skip
+        checkpoint.save(tmp_path, {"w": torch.zeros(2)}, {"step": 2}, {"w": 0}, FirstOfTwo())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    tensors, meta = checkpoint.load(tmp_path)
+    assert meta == {"step": 1} and torch.equal(tensors["w"], torch.ones(4))

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import sae
+from sae import models
 from tests.train.runs import EVERY_RULE, SWEEP, assert_same, common, dead, launch
+from train import checkpoint
 from train.distributed import World, check_mesh
 
 
@@ -25,13 +27,24 @@ def test_two_latent_shards_equal_one_process(tmp_path):
     for name in ("topk", "batchtopk"):
         assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
         assert max(dead(tmp_path / "one", name)) > 0, "AuxK trained dead latents"
-    # the checkpoint holds each dictionary whole, Adam's moments and dead-latent counts included
-    one, two = (
-        load_file(tmp_path / run / "checkpoint" / "state.safetensors") for run in ("one", "two")
-    )
-    assert sorted(two) == sorted(one)
-    for key, value in one.items():
-        torch.testing.assert_close(two[key], value, atol=1e-4, rtol=1e-4, msg=key)
+    # each shard wrote its slice of every per-latent tensor, none the whole; read whole, the
+    # checkpoint is one process's (Adam's moments and dead-latent counts included)
+    folder = tmp_path / "two" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "shard-0-of-2.safetensors", "shard-1-of-2.safetensors", "state.json", "state.safetensors"
+    ]  # fmt: skip
+    part = load_file(folder / "shard-1-of-2.safetensors")
+    assert part["m0.sae.W_enc"].shape == (32, 64) and part["m0.sae.W_dec"].shape == (64, 32)
+    assert "m0.sae.W_dec" not in load_file(folder / "state.safetensors")
+    (one, _), (two, _) = (checkpoint.load(tmp_path / run) for run in ("one", "two"))
+    assert two.keys() == one.keys()
+    for key in one.keys():
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-4, msg=key)
+    data = bytearray((folder / "shard-1-of-2.safetensors").read_bytes())
+    data[-1] ^= 0x01  # one bit of the file's last tensor
+    (folder / "shard-1-of-2.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"checkpoint is damaged \(shard-1-of-2.safetensors fails"):
+        checkpoint.load(tmp_path / "two")[0].read("m0.sae.W_dec")
 
 
 def test_four_latent_shards_equal_one_process(one_process, tmp_path):
@@ -49,19 +62,42 @@ def test_a_data_by_latent_mesh_equals_one_process_for_per_row_rules(one_process,
     assert dead(tmp_path / "mesh", "topk") == dead(one, "topk")
 
 
-def test_a_checkpoint_resumes_with_another_number_of_latent_shards(tmp_path):
-    """A checkpoint is one process's, whatever the shards that wrote it: resumed split over 2
-    latent shards, a run goes on as it would in one process. (A few steps on: the shards sum
-    their decodes in another order, and some dozens of steps later a near-tie in a row's top k can
-    go the other way, as in any data-parallel run.)"""
+def test_a_sharded_checkpoint_resumes_with_any_number_of_latent_shards(tmp_path):
+    """2 latent shards write their slices; resumed over 4 shards (each reads a part of one file)
+    and in one process (reading both whole), the run goes on alike, and as the one process's
+    checkpoint of the same run would (the test above: the same tensors). (A few steps on: the
+    shards sum their decodes in another order, and some dozens of steps later a near-tie in a
+    row's top k can go the other way, as in any data-parallel run.)"""
     args = common(tmp_path, SWEEP)
-    launch(tmp_path / "one", 1, *args, "--total-tokens", "7500")
-    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    launch(tmp_path / "four", 2, *args, "--total-tokens", "7500", "--latent-shards", "2")
+    shutil.copytree(tmp_path / "four", tmp_path / "one")
     launch(tmp_path / "one", 1, *args, "--total-tokens", "10000", "--resume")
     launch(
-        tmp_path / "two", 2, *args, "--total-tokens", "10000", "--resume", "--latent-shards", "2"
+        tmp_path / "four", 4, *args, "--total-tokens", "10000", "--resume", "--latent-shards", "4"
     )
-    assert_same(tmp_path / "one", tmp_path / "two", ["topk", "batchtopk", "jumprelu"])
+    assert_same(tmp_path / "one", tmp_path / "four", ["topk", "batchtopk", "jumprelu"])
+    assert (tmp_path / "four" / "checkpoint" / "shard-3-of-4.safetensors").exists()
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_a_latent_shard_builds_its_slice_as_the_whole_starts_it(monkeypatch, transcoder):
+    """Each rank builds only its latents (no rank holds the whole dictionary), drawn a block of
+    rows at a time: every tensor equals the whole's slice, for every rule, and the random stream
+    ends where building the whole leaves it (training draws on alike)."""
+    monkeypatch.setattr(models, "DRAW_BLOCK", 7 * 24)  # blocks of 7 rows: shards cut through them
+    fields = dict(d_in=24, d_sae=48, k=4, apply_b_dec_to_input=not transcoder, skip=transcoder)
+    for architecture in sae.ARCHITECTURES:
+        torch.manual_seed(0)
+        whole = sae.create(architecture, **fields)
+        after = torch.get_rng_state()
+        for first in (0, 16, 32):
+            torch.manual_seed(0)
+            part = type(whole)(whole.cfg, latents=range(first, first + 16))
+            assert torch.equal(torch.get_rng_state(), after), architecture
+            for name, value in whole.state_dict().items():
+                dim = whole.latent_dim(name)
+                expected = value if dim is None else value.narrow(dim, first, 16)
+                assert torch.equal(part.state_dict()[name], expected), f"{architecture}.{name}"
 
 
 def test_a_mesh_or_width_that_does_not_split_is_refused_naming_both_numbers():
