@@ -68,14 +68,19 @@ class Crosscoder(LayeredDictionary):
     kind = KIND
     config = CrosscoderConfig
 
-    def __init__(self, cfg: CrosscoderConfig):
+    def __init__(self, cfg: CrosscoderConfig, latents: range | None = None):
+        """`latents`: only these of the d_sae latents (a latent shard's slice, as SAE's)."""
         super().__init__()
         self.cfg = cfg
-        self.sae = REGISTRY[cfg.architecture](cfg.part())
+        self.sae = REGISTRY[cfg.architecture](cfg.part(), latents)
 
     @property
     def parts(self) -> list[SAE]:
         return [self.sae]
+
+    def latent_dim(self, name: str) -> int | None:
+        """As SAE.latent_dim, for the part's tensors (sae.W_enc, ...)."""
+        return self.sae.latent_dim(name.removeprefix("sae."))
 
     @property
     def b_dec(self) -> Tensor:

@@ -182,6 +182,12 @@ class SAE(nn.Module):
         a slice of it); None for the replicated ones."""
         return None if name in self.replicated else 1 if name == "W_enc" else 0
 
+    @property
+    def parts(self) -> list[SAE]:
+        """The dictionaries of one sparsity rule it is made of: itself (a crosscoder's, its SAE of
+        the concatenation; sae/layered.py)."""
+        return [self]
+
     # -- the forward path ---------------------------------------------------------------------
     @property
     def input_scale(self) -> float:

@@ -47,7 +47,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 from sae.kernels import Selection, largest
-from sae.models import REGISTRY, SAE, LossOutput, Whole
+from sae.crosscoder import Crosscoder
+from sae.models import SAE, LossOutput, Whole
+
+Sharded = SAE | Crosscoder
+"""What latent sharding splits (a CLT's layers are not split yet)."""
 
 
 class TrainingLoss(nn.Module):
@@ -121,18 +125,18 @@ class World:
 
     def split_latents(
         self, dictionary: nn.Module, name: str, device: torch.device
-    ) -> tuple[SAE, LatentShards]:
+    ) -> tuple[Sharded, LatentShards]:
         """This rank's slice of a dictionary's latents, built on `device` (`dictionary`: the
         whole, built on the meta device, which holds no memory); a width that does not split
         over the shards, or leaves a shard fewer latents than a row's top k, is refused, as are
         dictionaries over several layers."""
         n = self.latent_shards
-        if not isinstance(dictionary, SAE):
+        if not isinstance(dictionary, SAE | Crosscoder):
             raise ValueError(
-                f"{name}: latent sharding splits one hookpoint's SAEs and transcoders; train "
-                "dictionaries over several layers with --latent-shards 1"
+                f"{name}: latent sharding splits SAEs, transcoders and crosscoders; train "
+                "cross-layer transcoders with --latent-shards 1"
             )
-        d_sae, k = dictionary.cfg.d_sae, dictionary.cfg.k if dictionary.uses_k else 0
+        d_sae, k = dictionary.cfg.d_sae, dictionary.cfg.k if dictionary.parts[0].uses_k else 0
         if d_sae % n:
             fit = d_sae // n * n or n
             raise ValueError(
@@ -364,15 +368,16 @@ class LatentShards(Whole):
         picked.scatter_(-1, index, keep.to(pre_dead.dtype))  # 1 at the winners
         return pre_dead * picked[:, :n_dead]
 
-    def build(self, whole: SAE) -> SAE:
+    def build(self, whole: Sharded) -> Sharded:
         """This shard's slice of a dictionary (`whole`: its class and config, built on the meta
         device), on the shard's device: the slice of every per-latent tensor that the whole
         dictionary starts with, drawn without the whole in memory (sae/models.py's unit_rows),
         and the output-space ones whole; its training made collective."""
         cfg = replace(whole.cfg, device=str(self.device))
-        part = type(whole)(cfg, latents=range(self.first, self.first + self.width))
-        part.shards = self
-        return part
+        sliced = type(whole)(cfg, latents=range(self.first, self.first + self.width))
+        for part in sliced.parts:
+            part.shards = self
+        return sliced
 
     def whole(self, t: Tensor, dim: int | None) -> Tensor | None:
         """A sharded tensor's slices, joined along `dim` in the host memory of the group's first
@@ -398,13 +403,14 @@ class LatentShards(Whole):
         dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
-    def whole_sae(self, sae: SAE) -> SAE | None:  # type: ignore[override]
+    def whole_sae(self, sae: Sharded) -> Sharded | None:  # type: ignore[override]
         """The whole dictionary on the group's first rank, in host memory (None on the others),
         to save."""
         state = {k: self.whole(v, sae.latent_dim(k)) for k, v in sae.state_dict().items()}
         if self.index:
             return None
-        whole = REGISTRY[sae.cfg.architecture](replace(sae.cfg, device="meta"))
+        whole = type(sae)(replace(sae.cfg, device="meta"))
         whole.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
-        whole.cfg = replace(sae.cfg, device="cpu")
+        for module in (whole, *whole.parts):
+            module.cfg = replace(module.cfg, device="cpu")
         return whole
