@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from sae.config import DTYPES, ConfigError, SAEConfig
 from sae.kernels import sparse_decode, use_triton
 from sae.layered import LayeredDictionary, LayersConfig
-from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse
+from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse, smallest_active
 
 KIND = "cross_layer_transcoder"
 """cfg.json's `dictionary` for a CLT (a plain SAE's cfg.json has no such key)."""
@@ -118,19 +118,20 @@ class CrossLayerTranscoder(LayeredDictionary):
     kind = KIND
     config = CLTConfig
 
-    def __init__(self, cfg: CLTConfig):
+    def __init__(self, cfg: CLTConfig, latents: range | None = None):
+        """`latents`: only these of each layer's d_sae latents (a latent shard's slice, as SAE's)."""
         super().__init__()
         self.cfg = cfg
-        self.layers = nn.ModuleList(self._part(i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self._part(i, latents) for i in range(cfg.n_layers))
         self.b_dec = nn.Parameter(
             torch.zeros(cfg.n_layers * cfg.d_out, dtype=DTYPES[cfg.dtype], device=cfg.device)
         )
 
-    def _part(self, i: int) -> SAE:
+    def _part(self, i: int, latents: range | None) -> SAE:
         """Layer i's dictionary, whose own output bias is a zero buffer: b_dec_j is shared by
         every layer writing to j, and one parameter per output keeps its learning rate that of
         any other weight."""
-        part = REGISTRY[self.cfg.architecture](self.cfg.part(i))
+        part = REGISTRY[self.cfg.architecture](self.cfg.part(i), latents)
         del part.b_dec
         part.register_buffer("b_dec", torch.zeros_like(part.W_dec[0]), persistent=False)
         return part
@@ -138,6 +139,10 @@ class CrossLayerTranscoder(LayeredDictionary):
     @property
     def parts(self) -> list[SAE]:
         return list(self.layers)
+
+    def latent_dim(self, name: str) -> int | None:
+        """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec is replicated."""
+        return None if name == "b_dec" else self.layers[0].latent_dim(name.split(".", 2)[2])
 
     @property
     def scales(self) -> tuple[Tensor, Tensor]:
@@ -190,12 +195,13 @@ class CrossLayerTranscoder(LayeredDictionary):
         codes by the norm of their whole decoder row."""
         if y is None:
             raise ValueError("a cross-layer transcoder trains on pairs: pass its targets y")
-        n, d, F = self.cfg.n_layers, self.cfg.d_out, self.cfg.d_sae
+        n, d = self.cfg.n_layers, self.cfg.d_out
+        shards = self.layers[0].shards  # where each layer's latents live (a slice of each, sharded)
         x_s, y_s = self.scaled_inputs(x), self.scale_target(y)
-        dead = ctx.dead.view(n, F) if ctx.dead is not None else [None] * n
+        dead = ctx.dead.view(n, -1) if ctx.dead is not None else [None] * n
         contexts = [TrainContext(ctx.sparsity_coefficient, ctx.aux_coefficient, m, ctx.bandwidth)
                     for m in dead]  # fmt: skip
-        outputs = list(self.b_dec.expand(len(y_s), -1).split(d, -1))
+        outputs = [y_s.new_zeros(len(y_s), d) for _ in range(n)]
         pres, codes = [], []
         for i, part in enumerate(self.layers):
             pre = part.pre_acts(x_s[i])
@@ -204,7 +210,7 @@ class CrossLayerTranscoder(LayeredDictionary):
                 outputs[j] = outputs[j] + block
             pres.append(pre)
             codes.append(z)
-        y_hat_s = torch.cat(outputs, -1)
+        y_hat_s = shards.sum(torch.cat(outputs, -1)) + self.b_dec
         terms = {"mse_loss": mse(y_hat_s, y_s)}
         per_layer = []
         for i, part in enumerate(self.layers):
@@ -213,9 +219,12 @@ class CrossLayerTranscoder(LayeredDictionary):
                                  self.b_dec[tail], contexts[i])  # fmt: skip
             for name, value in own.items():
                 terms[name] = terms.get(name, 0) + value
-            active = codes[i].detach() > 0
-            per_layer.append(LossOutput(y_s.new_zeros(()), y_hat_s, own, active.any(0),
-                                        active.sum(-1).float().mean(), codes[i].detach()))  # fmt: skip
+            z = codes[i].detach()
+            per_layer.append(LossOutput(
+                y_s.new_zeros(()), y_hat_s, own, (z > 0).any(0),
+                shards.sum((z > 0).sum(-1).float().mean()),
+                smallest=shards.minimum(smallest_active(z)) if part.batch_wide else None,
+            ))  # fmt: skip
         y_hat = (y_hat_s.unflatten(-1, (n, d)) / self.scales[1][:, None]).flatten(-2)
         return LossOutput(
             sum(terms.values()), y_hat, terms, torch.cat([o.fired for o in per_layer]),

@@ -402,9 +402,10 @@ class SAE(nn.Module):
         """AuxK (Gao et al. 2024): the top k_aux = d_out/2 dead latents reconstruct the residual
         the live ones left, which gives dead latents a gradient back to useful directions."""
         dead = self.dead_latents(ctx)
-        if not len(dead):
+        n_dead = self.shards.total(len(dead))  # over every shard's latents
+        if not n_dead:
             return pre.new_zeros(())
-        return self.dead_auxk_loss(y_s, y_hat_s, pre[:, dead], dead, ctx, len(dead))
+        return self.dead_auxk_loss(y_s, y_hat_s, pre[:, dead], dead, ctx, n_dead)
 
     def dead_auxk_loss(
         self, y_s: Tensor, y_hat_s: Tensor, pre_dead: Tensor, dead: Tensor, ctx: TrainContext,
@@ -539,14 +540,11 @@ def auxk_activation(pre: Tensor, k: int) -> Tensor:
     return topk_activation(pre, k)
 
 
-def batch_topk_activation(pre: Tensor, k: int) -> Tensor:
-    """Keep the k * n_rows largest ReLU'd pre-activations of the whole batch, so rows that need
-    more latents get more while the batch averages k."""
-    acts = pre.relu()
-    flat = acts.flatten()
-    n_rows = acts.shape[:-1].numel()
-    values, indices = largest(flat, min(k * n_rows, flat.numel()))
-    return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
+def dense_code(pre: Tensor, select: Selection) -> Tensor:
+    """The code [batch, d_sae] of a top-k rule's selection, ReLU'd: what the dense path (a CLT's
+    layers, the reference loss) decodes, selected over every latent shard."""
+    values, rows, latents = select(pre)
+    return pre.new_zeros(pre.shape).index_put((rows, latents), values.relu())
 
 
 def smallest_active(z: Tensor) -> Tensor:
@@ -570,6 +568,9 @@ class TopKSAE(SAE):
 
     def activate(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)
+
+    def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
+        return dense_code(pre, self.shards.topk(self.cfg.k))
 
     def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """AuxK, as the dense reference (SAE.training_loss) computes it; training takes the
@@ -680,7 +681,7 @@ MIN_THRESHOLD_STEPS = 10
 @register
 class BatchTopKSAE(SAE):
     """BatchTopK SAE (Bussmann et al. 2024). Training keeps the batch's k * n_rows largest
-    activations (`batch_activate`); inference is a JumpReLU with one threshold for every latent,
+    activations (`train_activate`); inference is a JumpReLU with one threshold for every latent,
     the running estimate of the smallest kept activation, so a row's code does not depend on the
     other rows in its batch. Saved as a JumpReLU SAE, as SAELens does."""
 
@@ -697,9 +698,6 @@ class BatchTopKSAE(SAE):
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
-
-    def batch_activate(self, pre: Tensor) -> Tensor:
-        return batch_topk_activation(pre, self.cfg.k)
 
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:
@@ -722,7 +720,7 @@ class BatchTopKSAE(SAE):
         ]
 
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
-        return self.batch_activate(pre)
+        return dense_code(pre, self.shards.batch_topk(self.cfg.k))
 
     def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         return {"auxiliary_reconstruction_loss": self.auxk_loss(y_s, y_hat_s, pre, ctx)}

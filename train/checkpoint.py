@@ -260,7 +260,7 @@ def latent_dims(prefix: str, m: Member, ranks: dict[str, int]) -> dict[str, int 
             index = int(name.split(".")[1])
             dims[key] = m.sae.latent_dim(order[index]) if rank else None  # Adam's step
         else:
-            dims[key] = 0  # tokens_since_fired
+            dims[key] = rank - 1  # tokens_since_fired: the last dimension (a CLT's [layers, F])
     return dims
 
 
@@ -271,13 +271,14 @@ def restore_member(m: Member, stored: Stored, meta: dict[str, Any]) -> None:
     prefix = meta["prefix"]
     keys = [k for k in stored.keys() if k.startswith(prefix + ".")]
     dims = latent_dims(prefix, m, {k: stored.ndim(k) for k in keys})
-    first, width = m.shards.first, len(m.tokens_since_fired)  # this rank's latents
+    first, width = m.shards.first, m.tokens_since_fired.shape[-1]  # this rank's latents
     tensors = {k: stored.read(k, dims[k], first, width) for k in keys}
     weights = f"{prefix}.sae."
     m.sae.load_state_dict(
         {k.removeprefix(weights): v for k, v in tensors.items() if k.startswith(weights)}
     )
-    m.tokens_since_fired.copy_(tensors[f"{prefix}.tokens_since_fired"])
+    counters = tensors[f"{prefix}.tokens_since_fired"]  # a CLT's were flat before stop 36
+    m.tokens_since_fired.copy_(counters.view_as(m.tokens_since_fired))
     params = list(m.sae.parameters())
     m.optimizer.load_state_dict(
         unflatten_optimizer(f"{prefix}.opt", tensors, meta["optimizer"], params)

@@ -47,11 +47,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 from sae.kernels import Selection, largest
-from sae.crosscoder import Crosscoder
+from sae.layered import LayeredDictionary
 from sae.models import SAE, LossOutput, Whole
 
-Sharded = SAE | Crosscoder
-"""What latent sharding splits (a CLT's layers are not split yet)."""
+Sharded = SAE | LayeredDictionary
+"""What latent sharding splits: any dictionary (a CLT's or crosscoder's latents through their SAEs)."""
 
 
 class TrainingLoss(nn.Module):
@@ -128,14 +128,9 @@ class World:
     ) -> tuple[Sharded, LatentShards]:
         """This rank's slice of a dictionary's latents, built on `device` (`dictionary`: the
         whole, built on the meta device, which holds no memory); a width that does not split
-        over the shards, or leaves a shard fewer latents than a row's top k, is refused, as are
-        dictionaries over several layers."""
+        over the shards, or leaves a shard fewer latents than a row's top k, is refused (a CLT's
+        latents: each layer's)."""
         n = self.latent_shards
-        if not isinstance(dictionary, SAE | Crosscoder):
-            raise ValueError(
-                f"{name}: latent sharding splits SAEs, transcoders and crosscoders; train "
-                "cross-layer transcoders with --latent-shards 1"
-            )
         d_sae, k = dictionary.cfg.d_sae, dictionary.cfg.k if dictionary.parts[0].uses_k else 0
         if d_sae % n:
             fit = d_sae // n * n or n
@@ -413,4 +408,7 @@ class LatentShards(Whole):
         whole.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
         for module in (whole, *whole.parts):
             module.cfg = replace(module.cfg, device="cpu")
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_meta:  # not in the state (a CLT layer's zero b_dec)
+                    setattr(module, name, torch.zeros_like(buffer, device="cpu"))
         return whole

@@ -94,7 +94,7 @@ class Member:
     sae: SAE | LayeredDictionary
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
-    tokens_since_fired: Tensor  # [latents]
+    tokens_since_fired: Tensor  # [latents]; a CLT's [layers, latents]
     loss: Callable[..., LossOutput]
     """sae.training_loss, or its data-parallel wrapper (World.training_loss)."""
     shards: Whole = WHOLE
@@ -170,7 +170,11 @@ def build_member(
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else default_warmup(total_steps)
     factor = lr_lambda(warmup, cfg.decay_fraction, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    latents = dictionary.cfg.total_latents if spec.layers else d_sae  # a CLT's: every layer's
+    # a counter per latent, a CLT's per layer ([layers, d_sae]): a latent shard's are then a slice
+    # of the last dimension, as its weights are
+    width = d_sae // shards.count
+    clt = isinstance(dictionary, CrossLayerTranscoder)
+    counters = (dictionary.cfg.n_layers, width) if clt else (width,)
     return Member(
         spec,
         index,
@@ -178,7 +182,7 @@ def build_member(
         dictionary,
         optimizer,
         schedule,
-        torch.zeros(latents // shards.count, dtype=torch.long, device=device),
+        torch.zeros(counters, dtype=torch.long, device=device),
         world.training_loss(dictionary),
         shards=shards,
     )
@@ -374,7 +378,7 @@ class Trainer:
             ctx = TrainContext(
                 coefficient * warm,
                 self.cfg.aux_coefficient,
-                m.tokens_since_fired > self.dead_tokens,
+                (m.tokens_since_fired > self.dead_tokens).flatten(),
             )
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
@@ -392,7 +396,7 @@ class Trainer:
             flags = self.world.any_rank(torch.cat([out.fired, bad]))
             fired, diverged[m.name] = flags[:-1], flags[-1]
             m.tokens_since_fired += rows
-            m.tokens_since_fired.masked_fill_(fired, 0)
+            m.tokens_since_fired.masked_fill_(fired.view_as(m.tokens_since_fired), 0)
             metrics.update(self.member_metrics(m, x if y is None else y, out, lr))
         return StepMetrics(metrics, diverged)
 
@@ -471,7 +475,7 @@ class Trainer:
                 values["metrics/l0" + suffix], coefficient, self.total_steps
             )
             dead = values["sparsity/dead_features" + suffix] / (
-                len(m.tokens_since_fired) * m.shards.count
+                m.tokens_since_fired.numel() * m.shards.count
             )
             if dead > MAX_DEAD_FRACTION:
                 advice.append(

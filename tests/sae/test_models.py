@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import sae
-from sae.models import auxk_activation, batch_topk_activation, topk_activation
+from sae.kernels import batch_topk_selection, topk_selection
+from sae.models import TrainContext, auxk_activation, dense_code, topk_activation
 from tests.conftest import TopkSizes, make_sae
 
 
@@ -81,7 +82,7 @@ def test_batchtopk_training_keeps_k_per_row_on_average(x):
     relu = pre.clamp_min(0)
     cutoff = sorted(relu.flatten().tolist(), reverse=True)[2 * x.shape[0] - 1]
     expected = torch.where(relu >= cutoff, relu, torch.zeros_like(relu))
-    z = d.batch_activate(d.pre_acts(x))
+    z = d.train_activate(x, d.pre_acts(x), TrainContext())
     torch.testing.assert_close(z, expected)
     assert (z != 0).sum() == 2 * x.shape[0]
     assert (z != 0).sum(-1).tolist() != [2] * x.shape[0], (
@@ -185,10 +186,15 @@ def test_normalize_decoder_sets_unit_rows():
     torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(16))
 
 
-def test_batch_topk_function_handles_leading_dims():
-    pre = torch.randn(2, 3, 10)
-    z = batch_topk_activation(pre, 2)
-    assert z.shape == pre.shape and (z != 0).sum() <= 12
+def test_the_dense_code_of_a_selection_keeps_the_k_largest_relu_d():
+    """TopK's per row, BatchTopK's over the batch (a row may keep more or fewer than k)."""
+    pre = torch.randn(6, 10)
+    pre[0] = -1.0  # nothing positive: the row's selected entries ReLU to 0
+    z = dense_code(pre, topk_selection(3))
+    torch.testing.assert_close(z, topk_activation(pre, 3))
+    z = dense_code(pre, batch_topk_selection(3))
+    kept = pre.flatten().topk(18).values.relu()
+    assert sorted(z[z > 0].tolist()) == sorted(kept[kept > 0].tolist())
 
 
 @pytest.mark.parametrize("shift", [-1.5, 0.0])  # few positives per row (the ReLU), many (topk)

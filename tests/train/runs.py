@@ -26,12 +26,15 @@ SWEEP = """sweep:
   - {architecture: jumprelu, name: jumprelu}
 """
 OUT = "blocks.6.hook_mlp_out"
-BEFORE = "blocks.5.hook_resid_post"
+BEFORE, BEFORE_OUT = "blocks.5.hook_resid_post", "blocks.5.hook_mlp_out"
 EVERY_RULE = f"""{SWEEP}  - {{architecture: matryoshka_batchtopk, k: 4, name: matryoshka}}
   - {{architecture: standard, name: relu}}
   - {{architecture: gated, name: gated}}
   - {{architecture: topk, k: 4, hook_out: {OUT}, skip: true, name: skip_transcoder}}
   - {{architecture: batchtopk, k: 4, hook: hook_resid_post, layers: "5,6", name: crosscoder}}
+  - {{architecture: topk, k: 4, hook: hook_resid_post, hook_out: hook_mlp_out, layers: "5,6", name: clt}}
+  - {{architecture: batchtopk, k: 4, hook: hook_resid_post, hook_out: hook_mlp_out, layers: "5,6",
+     name: clt_batchtopk}}
 """
 
 
@@ -50,11 +53,14 @@ def launch(out, processes: int, *args: str) -> str:
 
 def common(tmp_path, config: str) -> list[str]:
     """Settings of a 30-step run on a cache of synthetic rows at HOOK and, at OUT, a nonlinear
-    function of them (a transcoder's target); at BEFORE, a linear one (a crosscoder's layer 5)."""
+    function of them (a transcoder's target); at BEFORE, a linear one and at BEFORE_OUT its
+    image (a crosscoder's or a CLT's layer 5)."""
     _, batches = synthetic(n_features=128, d=32, batch=2_000)
     mix = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)) / 32**0.5
-    cache = write_cache(tmp_path / "cache", ({HOOK: x, OUT: (x @ mix).relu(), BEFORE: x @ mix.T}
-                                             for x in batches(6)))  # fmt: skip
+    cache = write_cache(tmp_path / "cache", (
+        {HOOK: x, OUT: (x @ mix).relu(), BEFORE: x @ mix.T, BEFORE_OUT: (x @ mix.T @ mix).relu()}
+        for x in batches(6)
+    ))  # fmt: skip
     (tmp_path / "sweep.yaml").write_text(config)
     return ["--cache", cache.url, "--hook", HOOK, "--config", str(tmp_path / "sweep.yaml"), "--expansion-factor", "4",
             "--batch-size", "500", "--total-tokens", "15000", "--device", "cpu", "--dead-tokens", "1000"]  # fmt: skip

@@ -17,14 +17,15 @@ from train.distributed import World, check_mesh
 def test_two_latent_shards_equal_one_process(tmp_path):
     """Every rule split over 2 latent shards trains as one process does: topk, batchtopk (its
     inference threshold too), jumprelu, matryoshka (prefixes across the shards), relu, gated, a
-    skip transcoder (W_skip whole on each shard) and a BatchTopK crosscoder over two layers, AuxK
-    on some dead latents included; the saved dictionaries are whole."""
+    skip transcoder (W_skip whole on each shard), a BatchTopK crosscoder and TopK and BatchTopK
+    cross-layer transcoders over two layers (each layer's latents split), AuxK on some dead
+    latents included; the saved dictionaries are whole."""
     args = common(tmp_path, EVERY_RULE)
     launch(tmp_path / "one", 1, *args)
     launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
     names = [
         "topk", "batchtopk", "jumprelu", "matryoshka", "relu", "gated", "skip_transcoder",
-        "crosscoder",
+        "crosscoder", "clt", "clt_batchtopk",
     ]  # fmt: skip
     assert_same(tmp_path / "one", tmp_path / "two", names)
     for name in ("topk", "batchtopk"):
@@ -115,9 +116,6 @@ def test_a_mesh_or_width_that_does_not_split_is_refused_naming_both_numbers():
         world.split_latents(sae.create("topk", d_in=8, d_sae=100, k=4), "x100", cpu)
     with pytest.raises(ValueError, match=r"k 40 is more than a latent shard's 33 latents"):
         world.split_latents(sae.create("batchtopk", d_in=8, d_sae=99, k=40), "x99", cpu)
-    with pytest.raises(ValueError, match=r"clt: latent sharding splits SAEs, transcoders and "
-                       r"crosscoders; train cross-layer transcoders with --latent-shards 1"):  # fmt: skip
-        world.split_latents(torch.nn.Linear(2, 2), "clt", cpu)
     world.latent_shards, world.data_size = 2, 2
     with pytest.raises(ValueError, match=r"--batch-size 501 does not split evenly over 2 data "
                        r"ranks \(4 processes / --latent-shards 2\): make it a multiple of 2"):  # fmt: skip

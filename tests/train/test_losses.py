@@ -70,7 +70,7 @@ def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     d = make_sae("batchtopk", k=2)
     d.threshold.zero_()
     x = torch.randn(8, 6)
-    z = d.batch_activate(d.pre_acts(x))
+    z = d.train_activate(x, d.pre_acts(x), TrainContext())
     out = d.training_loss(x, TrainContext())  # the sparse path: no dense z, its smallest kept value
     assert out.z is None and out.smallest == z[z > 0].min()
     d.after_step(out)
@@ -93,7 +93,7 @@ def test_matryoshka_loss_sums_every_prefix_mse():
     d = make_sae("matryoshka_batchtopk", d_sae=16, k=3, matryoshka_widths=[4, 8, 16])
     x = torch.randn(6, 6)
     out = d.training_loss(x, TrainContext())
-    z = d.batch_activate(d.pre_acts(x))  # the code training kept
+    z = d.train_activate(x, d.pre_acts(x), TrainContext())  # the code training kept
     mses = [(p - x).pow(2).sum(-1).mean() for p in d.prefix_decodes(z)]
     torch.testing.assert_close(out.parts["inner_mse_loss_4"], mses[0])
     torch.testing.assert_close(out.parts["inner_mse_loss_8"], mses[1])
