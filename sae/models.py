@@ -26,7 +26,6 @@ from sae.config import SAEConfig
 from sae.kernels import (
     Selection,
     batch_topk_selection,
-    largest,
     sparse_decode,
     sparse_encode,
     topk_selection,
@@ -512,7 +511,9 @@ def unit_rows(n: int, d: int, kw: dict[str, Any], keep: range | None = None) -> 
     else:
         step, kept = max(1, DRAW_BLOCK // d), []
         for start in range(0, n, step):
-            block = nn.init.kaiming_uniform_(torch.empty(min(step, n - start), d, dtype=kw["dtype"]))
+            block = nn.init.kaiming_uniform_(
+                torch.empty(min(step, n - start), d, dtype=kw["dtype"])
+            )
             kept.append(block[max(keep.start - start, 0) : max(keep.stop - start, 0)])
         rows = torch.cat(kept).to(kw["device"])
     if rows.device.type != "meta":

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -103,7 +103,9 @@ def together(shards: Whole, work: Callable[[], T]) -> list[T]:
         raise failure
     for rank, (_, failed) in enumerate(outcomes):
         if failed:
-            raise RuntimeError(f"latent shard {rank} could not write its part of the checkpoint: {failed}")
+            raise RuntimeError(
+                f"latent shard {rank} could not write its part of the checkpoint: {failed}"
+            )
     return [r for r, _ in outcomes]
 
 
@@ -173,8 +175,8 @@ class Stored:
         self.handles: dict[str, Any] = {}
         self.names = {*self.open("state.safetensors").keys(), *self.dims}
 
-    def keys(self) -> set[str]:
-        return self.names
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
 
     def open(self, name: str):
         """A file's safetensors handle, its bytes checked first (a checkpoint before stop 17 has
@@ -196,7 +198,9 @@ class Stored:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
 
-    def read(self, key: str, dim: int | None = None, start: int = 0, width: int = 0) -> torch.Tensor:
+    def read(
+        self, key: str, dim: int | None = None, start: int = 0, width: int = 0
+    ) -> torch.Tensor:
         """The tensor `key`, or along `dim` its `width` entries from `start` (a latent shard's
         slice)."""
         if key not in self.dims:
@@ -269,7 +273,7 @@ def restore_member(m: Member, stored: Stored, meta: dict[str, Any]) -> None:
     reads its slice of each tensor), under the prefix its metadata names, whatever the member's
     place in the sweep now."""
     prefix = meta["prefix"]
-    keys = [k for k in stored.keys() if k.startswith(prefix + ".")]
+    keys = [k for k in stored if k.startswith(prefix + ".")]
     dims = latent_dims(prefix, m, {k: stored.ndim(k) for k in keys})
     first, width = m.shards.first, m.tokens_since_fired.shape[-1]  # this rank's latents
     tensors = {k: stored.read(k, dims[k], first, width) for k in keys}

@@ -638,7 +638,9 @@ class Trainer:
             "config": asdict(self.cfg),
             "data": self.source.identity,
         }
-        for name, member_tensors, member_dims, member_meta in (s for rank in gathered for s in rank):
+        for name, member_tensors, member_dims, member_meta in (
+            s for rank in gathered for s in rank
+        ):
             tensors.update(member_tensors)
             dims.update(member_dims)
             meta["members"][name] = member_meta
