@@ -38,7 +38,8 @@ CHECKSUM = "state_sha256"
 """The key in state.json holding state.safetensors's sha256 (a flipped bit resumed silently)."""
 SHARDS = "shards"
 """The key in state.json describing a sharded checkpoint's files: {"count", "files": {name:
-sha256}, "dims": {tensor: its dimension over latents}}."""
+sha256}, "dims": {tensor: its dimension over latents}, "shapes": {tensor: its shape in each
+file}}."""
 T = TypeVar("T")
 
 
@@ -72,7 +73,9 @@ def save(
 
     def finish(files: dict[str, str]) -> None:
         digest = files.pop("state.safetensors")
-        described = {SHARDS: {"count": shards.count, "files": files, "dims": dims}} if dims else {}
+        shapes = {k: list(tensors[k].shape) for k in dims}  # each file's, alike
+        shards_meta = {"count": shards.count, "files": files, "dims": dims, "shapes": shapes}
+        described = {SHARDS: shards_meta} if dims else {}
         write_text(tmp / "state.json", json.dumps({**meta, CHECKSUM: digest, **described}))
         fsync_dir(tmp)
         if final.exists():
@@ -164,13 +167,15 @@ def damaged(folder: Path, cause: Exception) -> ValueError:
 class Stored:
     """A checkpoint's tensors, read when asked for: whole, or one latent shard's slice, from
     state.safetensors or from the shards' files that hold it (whatever number of shards wrote
-    them). A file is checked against its sha256 when first opened."""
+    them). A file is checked against its sha256 when first opened, and only the files a
+    rank reads are opened."""
 
     def __init__(self, folder: Path, meta: dict[str, Any]):
         self.folder = folder
-        described = meta.pop(SHARDS, {"files": {}, "dims": {}})
+        described = meta.pop(SHARDS, {"files": {}, "dims": {}, "shapes": {}})
         self.digests = {"state.safetensors": meta.pop(CHECKSUM, None), **described["files"]}
         self.dims: dict[str, int] = described["dims"]  # a sliced tensor's dimension over latents
+        self.shapes: dict[str, list[int]] = described["shapes"]  # and its shape in each file
         self.parts = [name for name in self.digests if name != "state.safetensors"]  # in order
         self.handles: dict[str, Any] = {}
         self.names = {*self.open("state.safetensors").keys(), *self.dims}
@@ -192,8 +197,9 @@ class Stored:
         return self.handles[name]
 
     def ndim(self, key: str) -> int:
-        name = self.parts[0] if key in self.dims else "state.safetensors"
-        return len(self.open(name).get_slice(key).get_shape())
+        if key in self.dims:
+            return len(self.shapes[key])
+        return len(self.open("state.safetensors").get_slice(key).get_shape())
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
@@ -212,14 +218,10 @@ class Stored:
             return torch.cat([self.open(name).get_tensor(key) for name in self.parts], stored)
         if dim != stored:
             raise ValueError(f"{key} is sliced over dimension {stored} in {self.folder}, not {dim}")
-        pieces, offset = [], 0  # the slices of the files that overlap [start, start + width)
-        for name in self.parts:
-            part = self.open(name).get_slice(key)
-            size = part.get_shape()[dim]
-            lo, hi = max(start - offset, 0), min(start + width - offset, size)
-            if lo < hi:
-                pieces.append(part[cut(dim, lo, hi)])
-            offset += size
+        size, pieces = self.shapes[key][dim], []  # the files overlapping [start, start + width)
+        for index in range(start // size, (start + width - 1) // size + 1):
+            lo, hi = max(start - index * size, 0), min(start + width - index * size, size)
+            pieces.append(self.open(self.parts[index]).get_slice(key)[cut(dim, lo, hi)])
         return torch.cat(pieces, dim)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import sae.models
+import sae.kernels
 from sae.kernels import largest, sparse_decode, sparse_encode, topk_selection
 from sae.models import SAE, TrainContext
 from tests.conftest import TopkSizes, make_sae
@@ -88,7 +88,7 @@ def test_training_loss_equals_the_dense_reference(
     sparse.loss.backward()
     sparse_grads = grads(params)
     # the base class: dense codes, dense matmuls, and torch's own topk for BatchTopK
-    monkeypatch.setattr(sae.models, "largest", lambda flat, k: flat.topk(k, sorted=False))
+    monkeypatch.setattr(sae.kernels, "largest", lambda flat, k: flat.topk(k, sorted=False))
     dense = SAE.training_loss(d, x, ctx)
     dense.loss.backward()
 
