@@ -210,7 +210,10 @@ def test_sparse_probing_is_saebenchs_task_by_task(probed, name):
     score the same (to a held-out row: 0.01 is one of the smallest task's 99). The dense probe on
     576 raw dimensions is not converged within its 1000 L-BFGS steps at the large C values, so its
     last digits follow the BLAS's summation order: given sae-probes' own activations, ours
-    classifies one of those 99 rows differently (measured: 0.687 vs 0.677), so two rows there."""
+    classifies one of those 99 rows differently (measured: 0.687 vs 0.677), so two rows there,
+    and one row of each task in the mean over the two tasks (in a SAEBench environment built
+    afresh on this 2-core machine, ours 0.808 against 0.803 there, one row of one task, for the
+    commit that had passed at 0.005 before)."""
     ours, _, theirs = probed
     o, t = ours[name], theirs[name]
     for task in TASKS:
@@ -227,7 +230,7 @@ def test_sparse_probing_is_saebenchs_task_by_task(probed, name):
             t["metrics"]["sae"][f"sae_top_{k}_test_accuracy"], abs=0.005
         )
     assert o["llm_test_accuracy"] == pytest.approx(
-        t["metrics"]["llm"]["llm_test_accuracy"], abs=0.005
+        t["metrics"]["llm"]["llm_test_accuracy"], abs=0.011
     )
 
 
