@@ -124,7 +124,7 @@ class World:
             )
 
     def split_latents(
-        self, dictionary: nn.Module, name: str, device: torch.device
+        self, dictionary: Sharded, name: str, device: torch.device
     ) -> tuple[Sharded, LatentShards]:
         """This rank's slice of a dictionary's latents, built on `device` (`dictionary`: the
         whole, built on the meta device, which holds no memory); a width that does not split
