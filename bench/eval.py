@@ -44,7 +44,7 @@ from eval.saelens_evals import WindowStore, run_evals_config  # noqa: E402
 from sae.environment import machine  # noqa: E402
 from sae.hooks import edit  # noqa: E402
 from sae.lm import load_lm, smollm2_dir  # noqa: E402
-from train.harvest import resolve_device  # noqa: E402
+from train.device import resolve_device  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
 MODEL = "smollm2-135m"

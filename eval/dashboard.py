@@ -54,7 +54,7 @@ from sae.io import check_writable, write_json, write_text
 from sae.layered import LayeredDictionary
 from sae.lm import DEFAULT_MODEL
 from train.config import TextOptions
-from train.harvest import resolve_device
+from train.device import resolve_device
 
 
 @dataclass

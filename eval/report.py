@@ -50,7 +50,7 @@ from sae.progress import progress
 from train.cache import ActivationCache
 from train.config import TextOptions
 from train.data import load_documents, token_windows
-from train.harvest import resolve_device
+from train.device import resolve_device
 
 SCHEMA = "sae-forge/eval/1"
 HEADLINE = (

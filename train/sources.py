@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae.lm import revision_name
 from train import order
 from train.cache import ActivationCache
 from train.config import HarvestConfig
@@ -146,6 +145,8 @@ class ModelSource(Source):
     hookpoints the run asks for); each rank forwards only the windows holding its rows."""
 
     def __init__(self, harvest: HarvestConfig):
+        from sae.lm import revision_name  # transformers: only a run that streams imports it
+
         self.harvest = harvest
         self.meta = {"model_name": harvest.model, "model_revision": revision_name(harvest.revision),
                      "context_size": harvest.context_size, "dataset_path": harvest.dataset}  # fmt: skip

@@ -36,8 +36,8 @@ from sae.models import REGISTRY, SAE, WHOLE, LossOutput, TrainContext, Whole
 from sae.progress import progress
 from train import checkpoint
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
+from train.device import host_core_spare, resolve_device
 from train.distributed import World
-from train.harvest import host_core_spare, resolve_device
 from train.prefetch import prefetched
 from train.schedule import default_lr, default_warmup, lr_lambda, param_groups
 from train.sources import Data, Source, source_for

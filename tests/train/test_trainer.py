@@ -765,3 +765,11 @@ def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(ValueError, match=r"--batch-size 500 does not split evenly over 3 .*"
                        r"make it a multiple of 3 \(say 498\)"):  # fmt: skip
         world.check_batch_size(500)
+
+
+def test_training_from_a_cache_does_not_import_transformers():
+    """Every rank of a torchrun launch imports the trainer: without transformers (and the model
+    code) that is about 1 s of a 2-core machine's time per process, not 3."""
+    check = "import sys, train.trainer; print(sorted({'transformers', 'sae.lm'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout
