@@ -32,6 +32,7 @@ would, which therefore resumes in any number of processes and in any mode.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Callable
@@ -66,6 +67,14 @@ class TrainingLoss(nn.Module):
         return self.sae.training_loss(*args)
 
 
+def end_process_group() -> None:
+    """Ends the group this process started, as torch asks, before the interpreter's exit tears
+    down gloo's threads under it: left to exit, a rank sometimes aborted after training had
+    finished (SIGABRT, "terminate called without an active exception"), under load."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class World:
     """This process's place in the job, a (data, latent) mesh of ranks; a world of one when not
     launched by torchrun. Data-parallel collectives run over `data_group` (the ranks holding the
@@ -85,6 +94,7 @@ class World:
         self.data_group = self.latent_group = None  # the default group: the whole world
         if self.size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            atexit.register(end_process_group)
         if self.splits_sweep:
             # metrics and checkpoint states travel pickled in host memory: over NCCL each would
             # be staged on the GPUs, rank 0 holding every rank's states at once beside its own
