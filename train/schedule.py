@@ -1,15 +1,14 @@
 """The learning rate and its schedule, chosen from the run's length when not given.
 
 Gao et al.'s rule (2e-4 / sqrt(d_sae / 2^14)) and a fixed warm-up of 100 steps are tuned for runs of
-tens of thousands of steps. Users run short budgets constantly (sweeps, pilots, the CPU demo), where
-that rate is ten times too small and the warm-up eats most of the run. So the default rate grows as
-the run gets shorter, by a rule measured on SmolLM2 activations (bench/lr_sweep.py; the table is in
-docs/training.md), and the warm-up is a share of the run.
+tens of thousands of steps. Users run short budgets constantly (sweeps, pilots, the CPU demo),
+where that rate is ten times too small and the warm-up eats most of the run. So the default rate is
+a power law in the run's length and width, fitted to a sweep on SmolLM2 activations
+(bench/lr_sweep.py; the table is in docs/training.md), and the warm-up is a share of the run.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,20 +16,26 @@ from torch import nn
 
 from sae.models import SAE
 
-LONG_RUN_STEPS = 14_600
-"""Steps from which Gao et al.'s width rule holds unchanged; shorter runs take a larger rate."""
-SHORT_RUN_EXPONENT = 0.5
-"""How fast the rate grows as the run shortens: lr ∝ (LONG_RUN_STEPS / steps) ** SHORT_RUN_EXPONENT."""
+REFERENCE_LR = 4e-3
+"""The default rate of a dictionary of REFERENCE_WIDTH latents trained for REFERENCE_STEPS steps."""
+REFERENCE_WIDTH = 4096
+REFERENCE_STEPS = 100
+WIDTH_EXPONENT = 0.1
+"""lr ∝ d_sae ** -WIDTH_EXPONENT: in runs of 24-2441 steps the best rate hardly falls with width
+(Gao et al.'s 1/sqrt(d_sae) holds for their long runs; here it starved 32k latents)."""
+STEPS_EXPONENT = 0.25
+"""lr ∝ steps ** -STEPS_EXPONENT: half the rate for a run 16 times longer."""
 WARMUP_FRACTION = 0.05
 MAX_WARMUP_STEPS = 1000
 
 
 def default_lr(d_sae: int, steps: int, factor: float = 1.0) -> float:
     """Adam's rate for a dictionary of d_sae latents trained for `steps` steps; `factor` is the
-    architecture's own multiplier (SAE.lr_factor)."""
-    width = 2e-4 / math.sqrt(d_sae / 2**14)
-    length = max(1.0, LONG_RUN_STEPS / max(1, steps)) ** SHORT_RUN_EXPONENT
-    return factor * width * length
+    architecture's own multiplier (SAE.lr_factor). Among the rates within 0.002 explained variance
+    of the best one the sweep found, the fit follows the smallest: the larger ones kill latents."""
+    width = (REFERENCE_WIDTH / d_sae) ** WIDTH_EXPONENT
+    length = (REFERENCE_STEPS / max(1, steps)) ** STEPS_EXPONENT
+    return factor * REFERENCE_LR * width * length
 
 
 def param_groups(dictionary: nn.Module, lr: float) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 fit its length or its result looks unfinished."""
 
 import json
-import math
 import warnings
 
 import pytest
@@ -11,18 +10,20 @@ import torch
 import train
 from tests.conftest import make_sae, synthetic
 from train.config import TrainConfig
-from train.schedule import LONG_RUN_STEPS, default_lr, default_warmup, lr_lambda, param_groups
+from train.schedule import default_lr, default_warmup, lr_lambda, param_groups
 from train.trainer import Trainer
 
 
-def test_the_default_rate_is_gao_s_for_long_runs_and_grows_as_runs_shorten():
-    gao = 2e-4 / math.sqrt(4608 / 2**14)
-    assert default_lr(4608, LONG_RUN_STEPS) == pytest.approx(gao)
-    assert default_lr(4608, 10 * LONG_RUN_STEPS) == pytest.approx(gao)
-    rates = [default_lr(4608, steps) for steps in (25, 100, 400, 1600, LONG_RUN_STEPS)]
-    assert rates == sorted(rates, reverse=True) and rates[0] > 10 * gao
-    assert default_lr(4 * 4608, 400) == pytest.approx(default_lr(4608, 400) / 2)  # 1/sqrt(width)
+def test_the_default_rate_is_the_measured_power_law_in_length_and_width():
+    assert default_lr(4096, 100) == pytest.approx(4e-3)
+    assert default_lr(4096, 1600) == pytest.approx(2e-3)  # a run 16 times longer: half the rate
+    assert default_lr(4096 * 1024, 100) == pytest.approx(2e-3)  # 1024 times wider: half
+    rates = [default_lr(4608, steps) for steps in (1, 25, 100, 400, 1600, 14_600, 10**6)]
+    assert rates == sorted(rates, reverse=True)
+    assert default_lr(4608, 0) == default_lr(4608, 1)
     assert default_lr(4608, 400, factor=0.5) == pytest.approx(default_lr(4608, 400) / 2)
+    # the demo (4608 latents, 146 steps): near the 4e-3 that a hand search found there
+    assert default_lr(4608, 146) == pytest.approx(3.6e-3, rel=0.01)
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():
@@ -65,8 +66,9 @@ def test_a_short_run_and_a_long_warmup_are_warned_about_naming_the_setting(tmp_p
 
 
 def test_a_penalty_rule_whose_l0_ends_far_from_k_is_warned_about(tmp_path):
-    """The synthetic rows hold about 1.3 features each: a JumpReLU SAE ends near that."""
-    _, said = fit(tmp_path, architecture="jumprelu", sparsity_coefficient=0.5, k=16)
+    """The synthetic rows hold about 1.3 features each: a JumpReLU SAE ends near that (at a rate
+    that gets there in 10 steps)."""
+    _, said = fit(tmp_path, architecture="jumprelu", sparsity_coefficient=0.5, k=16, lr=0.1)
     (line,) = [s for s in said if "far from k" in s]
     assert "far from k=16: jumprelu's L0 is set by --sparsity-coefficient (0.5), not by --k; lower it" in line  # fmt: skip
     _, said = fit(tmp_path, architecture="topk")  # k sets a top-k rule's L0: nothing to say
@@ -124,8 +126,8 @@ def test_jumprelu_thresholds_learn_at_the_pre_activations_scale(tmp_path):
     l0 = {}
     for coefficient in (0.05, 2.0):
         d = train.fit(batches(60), architecture="jumprelu", d_sae=256, total_tokens=60 * 512,
-                      batch_size=512, sparsity_coefficient=coefficient, out=str(tmp_path / "run"),
-                      overwrite=True)  # fmt: skip
+                      batch_size=512, sparsity_coefficient=coefficient, lr=0.025,
+                      out=str(tmp_path / "run"), overwrite=True)  # fmt: skip
         l0[coefficient] = (d.encode(next(batches(1))) > 0).sum(-1).float().mean().item()
     assert l0[2.0] < l0[0.05] / 4, l0  # the coefficient sets L0
     # near the 128 * 0.04 = 5.1 features active per row: 6.4 (14.6 at the shared rate)
