@@ -171,17 +171,10 @@ def what_reads(d: Dictionary) -> str:
 @torch.no_grad()
 def decoder_rows(d: Dictionary, latents: list[int]) -> Tensor:
     """The latents' decoder directions at every hookpoint they write [latents, outputs, d] (in the
-    model's units; a CLT latent's rows before its own layer are zero), read for these latents
-    only: a CLT's whole decoder_directions() is n x F x n x d (10 GB at 30 x 4608 x 576)."""
+    model's units; a CLT latent's rows before its own layer are zero), built for these latents
+    only (a CLT's whole decoder would be n x F x n x d)."""
     if isinstance(d, CrossLayerTranscoder):
-        c, t = d.cfg, d.scales[1]
-        rows = torch.zeros(len(latents), c.n_layers, c.d_out)
-        for r, latent in enumerate(latents):
-            i, j = divmod(latent, c.d_sae)
-            rows[r, i:] = (
-                d.layers[i].W_dec[j].float().cpu().unflatten(-1, (-1, c.d_out)) / t[i:, None].cpu()
-            )
-        return rows
+        return d.decoder_directions(latents).float().cpu().unflatten(-1, (d.cfg.n_layers, -1))
     if isinstance(d, LayeredDictionary):  # a crosscoder: one decoder over its hookpoints
         return d.decoder_directions()[latents].unflatten(-1, (d.cfg.n_layers, -1))
     return d.W_dec[latents][:, None]
