@@ -261,8 +261,7 @@ class CrossLayerTranscoder(LayeredDictionary):
         state = {name: w.detach() for name, w in self.state_dict().items()}
         for i in range(self.cfg.n_layers):
             state[f"layers.{i}.W_enc"] = state[f"layers.{i}.W_enc"] * s[i]
-            blocks = state[f"layers.{i}.W_dec"].unflatten(-1, (-1, d))  # [F, n - i, d]
-            state[f"layers.{i}.W_dec"] = (blocks / t[i:, None]).flatten(-2)
+            state[f"layers.{i}.W_dec"] = self.folded_decoder(i).flatten(-2)
         state["b_dec"] = (state["b_dec"].unflatten(-1, (-1, d)) / t[:, None]).flatten(-2)
         return state
 
@@ -270,16 +269,21 @@ class CrossLayerTranscoder(LayeredDictionary):
         """[latents, n * d_out] (all n * F latents when None): each latent's writes to all output
         layers in model units, zero at the layers before its own. Built for the latents asked
         only: the whole is n x F x n x d (10 GB at 30 x 4608 x 576), a dashboard needs a few."""
-        n, f, d = self.cfg.n_layers, self.cfg.d_sae, self.cfg.d_out
+        n, f, t = self.cfg.n_layers, self.cfg.d_sae, self.scales[1]
         ids = torch.arange(n * f) if latents is None else torch.as_tensor(list(latents))
-        layer, own = ids // f, ids % f
-        t = self.scales[1]
-        rows = torch.zeros(len(ids), n, d, dtype=t.dtype, device=t.device)
+        layer, own = ids.to(t.device) // f, ids.to(t.device) % f
+        rows = torch.zeros(len(ids), n, self.cfg.d_out, dtype=t.dtype, device=t.device)
         for i in layer.unique().tolist():
             pick = layer == i
-            blocks = self.layers[i].W_dec.detach()[own[pick].to(t.device)].unflatten(-1, (-1, d))
-            rows[pick.to(t.device), i:] = blocks / t[i:, None]
+            rows[pick, i:] = self.folded_decoder(i, own[pick])
         return rows.flatten(-2)
+
+    def folded_decoder(self, i: int, latents: Tensor | None = None) -> Tensor:
+        """Layer i's decoder blocks in model units [latents (all when None), n - i, d_out]: its
+        writes to layers i.. divided by their output scales."""
+        w = self.layers[i].W_dec.detach()
+        blocks = (w if latents is None else w[latents]).unflatten(-1, (-1, self.cfg.d_out))
+        return blocks / self.scales[1][i:, None]
 
     def extra_repr(self) -> str:
         c = self.cfg
