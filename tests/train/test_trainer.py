@@ -679,6 +679,7 @@ def test_an_unreachable_wandb_server_logs_offline_instead(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.setenv("WANDB_SILENT", "true")  # else its login greeting retries for 10 s
     with pytest.warns(UserWarning, match="(?s)W&B could not start online .* logging offline"):
         fit_small(tmp_path, 3, 256, wandb_project="p")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
