@@ -95,7 +95,9 @@ def saelens_seconds(
     sl_sae = sae_lens.SAE.load_from_disk(path, device=str(device))
     config = run_evals_config(len(ids), batch)
     run, _ = timed(
-        lambda: run_evals(sl_sae, WindowStore(ids.to(device), batch), bridge, ActivationScaler(), config),
+        lambda: run_evals(
+            sl_sae, WindowStore(ids.to(device), batch), bridge, ActivationScaler(), config
+        ),
         device,
     )
     return boot, run

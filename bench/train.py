@@ -223,7 +223,9 @@ def main() -> None:
         step = ours(batches, architecture, d_sae, args.k, dead, autocast, device, scratch)
         step(batches[0])  # warm-up, and our peak memory before anything else allocates
         memory = peak_memory_mib(device)
-        lens.configure(architecture=architecture, d_sae=d_sae, k=args.k, dead=dead, autocast=autocast)
+        lens.configure(
+            architecture=architecture, d_sae=d_sae, k=args.k, dead=dead, autocast=autocast
+        )
         limit = encoder_limit(d_in, d_sae, device, getattr(torch, dtype))
         limit(batches[0])
         steps = {"ours": step, "limit": limit}

@@ -26,7 +26,9 @@ def test_train_help_documents_the_inherited_sae_fields(capsys):
     help_text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for name in ("architecture", "expansion_factor", "d_sae", "k", "lr", "hook", "name"):
         assert field_docs(SAESpec)[name] in help_text
-    assert "--lr FLOAT Adam learning rate; 0 picks it from the width and the run's length" in help_text
+    assert (
+        "--lr FLOAT Adam learning rate; 0 picks it from the width and the run's length" in help_text
+    )
     assert "(-1: 5% of the run, at most 1000)" in help_text
     assert "--sparsity-coefficient FLOAT L1 weight" in help_text
     assert "0 picks the architecture's default. (default: 0.0)" in help_text

@@ -426,7 +426,8 @@ def test_decoder_rows_of_chosen_latents_are_the_dictionarys_directions():
         expected = d.decoder_directions()[latents].unflatten(-1, (d.cfg.n_layers, -1))
         torch.testing.assert_close(decoder_rows(d, latents), expected)
     # the CLT's rows are its saved (folded) decoder blocks, zero before each latent's own layer
-    folded, (n, f, width) = clt.folded_state_dict(), (clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_out)
+    folded = clt.folded_state_dict()
+    n, f, width = clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_out
     whole = torch.cat([torch.nn.functional.pad(folded[f"layers.{i}.W_dec"], (i * width, 0))
                        for i in range(n)])  # fmt: skip
     torch.testing.assert_close(clt.decoder_directions(), whole)

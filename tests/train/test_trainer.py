@@ -771,6 +771,8 @@ def test_a_batch_size_that_does_not_split_over_the_processes_is_refused():
 def test_training_from_a_cache_does_not_import_transformers():
     """Every rank of a torchrun launch imports the trainer: without transformers (and the model
     code) that is about 1 s of a 2-core machine's time per process, not 3."""
-    check = "import sys, train.trainer; print(sorted({'transformers', 'sae.lm'} & set(sys.modules)))"
+    check = (
+        "import sys, train.trainer; print(sorted({'transformers', 'sae.lm'} & set(sys.modules)))"
+    )
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]", run.stdout
