@@ -53,7 +53,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     saes = Trainer(cfg, args.cache).run()
     seconds = time.perf_counter() - start
     for row, sae in zip(rows, saes, strict=True):
-        row.update(heldout_scores(sae, heldout, sae.cfg.hook_name), train_seconds=seconds)
+        row.update(heldout_scores(sae, heldout), train_seconds=seconds)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--results", default="")
     args = parser.parse_args()
     if not (args.cache and args.heldout):
-        caches = train_and_heldout(Path("runs/bench/layer6"), DemoConfig.hook, 2_000_000, 40_000)
+        caches = train_and_heldout(Path("runs/bench/layer6"), [DemoConfig.hook], 2_000_000, 40_000)
         args.cache, args.heldout = (c.url for c in caches)
     args.coefficient = {a: float(c) for a, _, c in (s.partition("=") for s in args.coefficient)}
     heldout = ActivationCache(args.heldout)

@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quality", help="scratch: the trainers' run directories")
     args = ap.parse_args()
     if not (args.cache and args.heldout):
-        caches = train_and_heldout(Path("runs/bench/layer6"), DemoConfig.hook, 2_000_000, 40_000)
+        caches = train_and_heldout(Path("runs/bench/layer6"), [DemoConfig.hook], 2_000_000, 40_000)
         args.cache, args.heldout = (c.url for c in caches)
     hook = args.hook or CacheSource(args.cache).default_hook()
     d_in = ActivationCache(args.cache).d_in(hook)

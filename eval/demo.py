@@ -50,23 +50,26 @@ SPLICED = ("ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered", "kl_sc
 
 
 @torch.no_grad()
-def heldout_scores(sae: SAE, cache: ActivationCache, hook: str) -> dict[str, float]:
-    """Reconstruction, mean L0 and dead share on the held-out activations (no LM needed)."""
+def heldout_scores(sae: SAE, cache: ActivationCache) -> dict[str, float]:
+    """Reconstruction of the SAE's input (a transcoder's prediction of its output), mean L0 and
+    dead share on the held-out activations (no LM needed)."""
+    hook, hook_out = sae.cfg.hook_name, sae.cfg.hook_name_out
     recon, sparsity = ReconstructionStats(), SparsityStats(sae.cfg.d_sae)
-    for x in cache.batches(4096, hook=hook, shuffle=False):
-        z = sae.encode(x.float())
-        recon.add(x.float(), sae.decode(z))
+    for batch in cache.batches(4096, hook=sorted({hook, hook_out}), shuffle=False):
+        x = batch[hook].float()
+        z = sae.encode(x)
+        recon.add(batch[hook_out].float(), sae.predict(x, z))
         sparsity.add(z)
     spars = sparsity.result()
     return {**recon.result(), "l0": spars["l0"], "dead_fraction": spars["dead_fraction"]}
 
 
 def train_and_heldout(
-    out: Path, hook: str, train_tokens: int, eval_tokens: int
+    out: Path, hooks: list[str], train_tokens: int, eval_tokens: int
 ) -> tuple[ActivationCache, ActivationCache]:
-    """SmolLM2's activations at `hook` on the 34 training plays (out/cache) and on the 4 held-out
+    """SmolLM2's activations at `hooks` on the 34 training plays (out/cache) and on the 4 held-out
     plays (out/heldout); a cache already there is kept (a harvest resumes or returns it)."""
-    common = {"hook": [hook], "device": "cpu"}
+    common = {"hook": hooks, "device": "cpu"}
     cache = harvest(out=str(out / "cache"), tokens=train_tokens, split="train", **common)
     heldout = harvest(out=str(out / "heldout"), tokens=eval_tokens, split="test", **common)
     return cache, heldout
@@ -74,7 +77,7 @@ def train_and_heldout(
 
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
-    cache, heldout = train_and_heldout(out, cfg.hook, cfg.train_tokens, cfg.eval_tokens)
+    cache, heldout = train_and_heldout(out, [cfg.hook], cfg.train_tokens, cfg.eval_tokens)
     sweep = [
         {"architecture": "topk", "k": cfg.k, "expansion_factor": 8, "name": "sae"},
         {
@@ -97,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         summary[spec["name"]] = {
             "architecture": sae.cfg.architecture,
             "d_sae": sae.cfg.d_sae,
-            **heldout_scores(sae, heldout, cfg.hook),
+            **heldout_scores(sae, heldout),
             **{k: spliced[k] for k in SPLICED},
         }
     write_json(out / "summary.json", summary)

@@ -144,6 +144,10 @@ class SAE(nn.Module):
     """The L1/L0 penalty weight training uses when none is given (0: the rule has no penalty)."""
     lr_factor: ClassVar[float] = 1.0
     """The rule's multiple of the default learning rate (train/schedule.py), as measured for it."""
+    zero_decoder_start: ClassVar[bool] = False
+    """Whether, as a transcoder at its default learning rate or faster, training starts it with a
+    zero decoder under decoder_init auto: where bench/decoder_init.py measured that start better
+    than random rows (train/trainer.py's start_decoder)."""
     batch_wide: ClassVar[bool] = False
     """Whether training selects latents across the batch's rows (BatchTopK), so that a run split
     over processes selects within each process's rows."""
@@ -566,6 +570,7 @@ class TopKSAE(SAE):
     uses_k = True
     sparse_code = True
     latent_scaled = ()
+    zero_decoder_start = True
 
     def activate(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)

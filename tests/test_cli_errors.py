@@ -125,6 +125,7 @@ def test_synthetic_data_of_another_width_than_the_sae_is_named(tmp_path):
         (["--warmup-steps", "-5"], r"warmup_steps must be -1 \(5% of the run\) or more"),
         (["--sparsity-warmup-fraction", "-1"], r"sparsity_warmup_fraction must be in \[0, 1\]"),
         (["--expansion-factor", "-2"], "expansion_factor must be positive, got -2"),
+        (["--decoder-init", "ones"], "decoder_init 'ones' is not one of auto, random, zero"),
         (["--device", "gpu"], "--device 'gpu' is not a device"),
         (["--device", "cuda:7"], "--device cuda:7"),
     ],

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+DECODER_INITS = ("auto", "random", "zero")
 
 
 @dataclass
@@ -108,6 +109,11 @@ class SAESpec:
     --hook blocks.6.mlp.hook_in --hook-out blocks.6.hook_mlp_out."""
     skip: bool = False
     """Add a linear skip path from input to output (a skip transcoder)."""
+    decoder_init: str = "auto"
+    """How the decoder starts: random (unit rows in random directions; an SAE's encoder starts as
+    their transpose), zero (each latent's row set by its first gradients, as sparsify's
+    transcoders start), or auto: zero for a TopK transcoder at the default learning rate or
+    faster, where it measured better (docs/transcoders.md), else random."""
     layers: str = ""
     """Train one dictionary over these layers (0-29, or 0,4,8): `hook` names the hookpoint kind
     read at each (hook_resid_post: a crosscoder), and `hook_out` the kind written (mlp.hook_in ->
@@ -282,6 +288,10 @@ class TrainConfig(SAESpec, TextOptions):
             spec.hooks()  # a malformed --layers, named now
             if spec.expansion_factor <= 0 and not spec.d_sae:
                 raise ValueError(f"expansion_factor must be positive, got {spec.expansion_factor}")
+            if spec.decoder_init not in DECODER_INITS:
+                raise ValueError(
+                    f"decoder_init {spec.decoder_init!r} is not one of {', '.join(DECODER_INITS)}"
+                )
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")
             if spec.sparsity_coefficient < 0:

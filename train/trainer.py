@@ -161,7 +161,9 @@ def build_member(
     if sharded:
         dictionary, shards = world.split_latents(dictionary, member_name(spec), device)
     d_sae = dictionary.cfg.d_sae
-    lr = spec.lr or default_lr(d_sae, total_steps, dictionary.lr_factor)
+    default = default_lr(d_sae, total_steps, dictionary.lr_factor)
+    lr = spec.lr or default
+    start_decoder(dictionary, spec.decoder_init, at_default_rate=lr >= default)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(
@@ -186,6 +188,30 @@ def build_member(
         world.training_loss(dictionary),
         shards=shards,
     )
+
+
+@torch.no_grad()
+def start_decoder(
+    dictionary: SAE | LayeredDictionary, decoder_init: str, at_default_rate: bool
+) -> None:
+    """Zero the decoder, or keep its random unit rows. An SAE's random rows are also its encoder's
+    columns, so each latent starts reading and writing one direction; a transcoder's encoder reads
+    another space, its random rows point nowhere in particular in the output space, and half of a
+    TopK transcoder's latents died. From zero, each row is set by its latent's first gradients
+    (the output's residual where it fired), as sparsify starts its transcoders. `auto` chooses
+    zero for a transcoder at one hookpoint whose rule measured better so (SAE.zero_decoder_start)
+    at the default rate or faster: at half of it the zero start fell behind
+    (docs/transcoders.md)."""
+    zero = decoder_init == "zero" or (
+        decoder_init == "auto"
+        and isinstance(dictionary, SAE)
+        and dictionary.cfg.is_transcoder
+        and dictionary.zero_decoder_start
+        and at_default_rate
+    )
+    if zero:
+        for part in dictionary.parts:
+            part.W_dec.zero_()
 
 
 def builder(spec: SAESpec) -> Callable[..., SAE | LayeredDictionary]:

@@ -12,6 +12,7 @@ from sae.clt import RULES, CLTConfig, CrossLayerTranscoder
 from sae.config import ConfigError
 from sae.models import TrainContext
 from tests.conftest import make_sae
+from train.trainer import start_decoder
 
 D, F = 6, 16
 
@@ -186,3 +187,13 @@ def test_what_is_not_a_clt_is_refused(tmp_path):
         sae.FormatError, match="do not fit the cross_layer_transcoder its cfg.json describes"
     ):
         sae.load(tmp_path / "clt")
+
+
+def test_a_clt_starts_random_under_auto_and_from_zero_when_asked():
+    """decoder_init auto zeroes only a TopK transcoder at one hookpoint: a CLT's start was not
+    measured, so it keeps random rows unless `zero` is asked for, which zeroes every layer's."""
+    clt = make_clt("topk")
+    start_decoder(clt, "auto", at_default_rate=True)
+    assert all(bool(part.W_dec.abs().sum() > 0) for part in clt.parts)
+    start_decoder(clt, "zero", at_default_rate=True)
+    assert all(bool((part.W_dec == 0).all()) for part in clt.parts)

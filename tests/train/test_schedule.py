@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import train
+from sae.cli import field_docs
 from tests.conftest import make_sae, synthetic
-from train.config import TrainConfig
+from train import schedule
+from train.config import SAESpec, TrainConfig
 from train.schedule import default_lr, default_warmup, lr_lambda, param_groups
 from train.trainer import Trainer
 
@@ -24,6 +26,15 @@ def test_the_default_rate_is_the_measured_power_law_in_length_and_width():
     assert default_lr(4608, 400, factor=0.5) == pytest.approx(default_lr(4608, 400) / 2)
     # the demo (4608 latents, 146 steps): near the 4e-3 that a hand search found there
     assert default_lr(4608, 146) == pytest.approx(3.6e-3, rel=0.01)
+
+
+def test_the_lr_help_states_the_rule_in_use():
+    """`sae train --help` gives the rule's formula: it must follow the constants if they move."""
+    rate = f"{schedule.REFERENCE_LR:.0e}".replace("e-0", "e-")  # 4e-3
+    width = f"({schedule.REFERENCE_WIDTH} / d_sae)^{schedule.WIDTH_EXPONENT:g}"
+    length = f"({schedule.REFERENCE_STEPS} / steps)^{schedule.STEPS_EXPONENT:g}"
+    rule = f"{rate} x {width} x {length}"
+    assert rule in " ".join(field_docs(SAESpec)["lr"].split())
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():
