@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import synthetic_cache
+from tests.conftest import synthetic_cache, write_cache
 from train.schedule import default_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,8 @@ def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
     report = run_bench("transcoder.py", tmp_path, "--tokens", "4096", "--eval-tokens", "500",
                        "--expansion", "1", "--k", "8", "--layer", "1")  # fmt: skip
     assert report["hooks"] == ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]
-    for name in ("transcoder", "sae"):
+    assert list(report["scores"]) == ["transcoder", "sae", "transcoder-random"]
+    for name in report["scores"]:
         s = report["scores"][name]
         assert s["explained_variance"] <= 1 and 0 < s["l0"] <= 8  # 2 steps: no quality yet
     ratio = report["transcoder_over_sae"]["explained_variance"]
@@ -210,3 +211,36 @@ def test_lr_sweep_judges_penalty_rules_at_matched_l0():
         2.0,
         pytest.approx(0.05),
     )  # k fixes L0: all count
+
+
+def test_decoder_init_bench_trains_both_starts_on_the_same_batches(tmp_path):
+    hooks = ["blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out"]
+    for name, seed in (("cache", 0), ("heldout", 1)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(4000, 16, generator=g)
+        write_cache(tmp_path / name, [{hooks[0]: x, hooks[1]: x @ torch.randn(16, 8, generator=g)}])
+    report = run_bench("decoder_init.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
+                       "--heldout", str(tmp_path / "heldout"), "--steps", "1", "2",
+                       "--multipliers", "1", "2", "--expansion", "4", "--k", "4",
+                       "--batch-size", "1000", "--architectures", "topk",
+                       "--results", str(tmp_path / "runs" / "decoder-init.json"))  # fmt: skip
+    runs = report["runs"]
+    assert [(r["steps"], r["multiplier"], r["decoder_init"]) for r in runs] == [
+        (steps, m, start) for steps in (1, 2) for m in (1.0, 2.0) for start in ("random", "zero")
+    ]
+    for r in runs:
+        assert r["lr"] == r["multiplier"] * default_lr(64, r["steps"]) and 0 < r["l0"] <= 4
+    assert set(report["crossing_steps"]) == {"topk x1", "topk x2"}
+
+
+def test_the_crossing_is_where_the_zero_start_stays_ahead():
+    decoder_init = load_bench("decoder_init.py")
+
+    def runs(*pairs):
+        return [{"steps": steps, "decoder_init": start, "explained_variance": ev}
+                for steps, (rand, zero) in zip((25, 50, 100, 200), pairs, strict=True)
+                for start, ev in (("random", rand), ("zero", zero))]  # fmt: skip
+
+    assert decoder_init.crossing(runs((0.5, 0.4), (0.6, 0.7), (0.6, 0.6), (0.7, 0.8))) == 50
+    assert decoder_init.crossing(runs((0.5, 0.6), (0.6, 0.5), (0.6, 0.7), (0.7, 0.8))) == 100
+    assert decoder_init.crossing(runs((0.5, 0.6), (0.6, 0.7), (0.6, 0.7), (0.8, 0.7))) is None
