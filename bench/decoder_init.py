@@ -1,5 +1,5 @@
-"""Where a transcoder's zero-decoder start overtakes a random one (train/start.py's
-ZERO_DECODER_MIN_STEPS, docs/transcoders.md).
+"""Where a transcoder's zero-decoder start overtakes a random one (the measurement behind
+`decoder_init auto`: train/trainer.py's start_decoder, docs/transcoders.md).
 
 For each run length it trains two MLP transcoders of one sparsity rule in one sweep, on the same
 batches and with the library's defaults otherwise (learning rate and warm-up from the run's

@@ -200,8 +200,8 @@ def start_decoder(
     TopK transcoder's latents died. From zero, each row is set by its latent's first gradients
     (the output's residual where it fired), as sparsify starts its transcoders. `auto` chooses
     zero for a transcoder at one hookpoint whose rule measured better so (SAE.zero_decoder_start)
-    at the default rate or faster: at half of it the zero start fell behind
-    (docs/transcoders.md)."""
+    at the default rate or faster: at a hand-set 0.46x of it (layer 2, 94 steps) the zero start
+    fell behind (docs/transcoders.md)."""
     zero = decoder_init == "zero" or (
         decoder_init == "auto"
         and isinstance(dictionary, SAE)
