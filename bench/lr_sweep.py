@@ -4,6 +4,7 @@ At each point (architecture, width, budget) it trains the default learning rate 
 it on the same cached rows, in one sweep per (architecture, budget) so that every member sees the
 same batches, and scores each on held-out activations. It reports the best learning rate found,
 its held-out explained variance, and the default's shortfall from it (target: under 0.01).
+With --hook and --hook-out it sweeps transcoders (scored on the output hookpoint) instead of SAEs.
 Writes bench/results/lr-sweep-<device>.json.
 
     python bench/lr_sweep.py --cache runs/sweep/cache --heldout runs/sweep/heldout \
@@ -36,16 +37,17 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     steps = budget // args.batch_size
     rule = REGISTRY[architecture]
     coefficient = args.coefficient.get(architecture, rule.sparsity_coefficient)  # 0: no penalty
+    hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     sweep, rows = [], []
     for width in widths:
         for multiplier in args.multipliers:
             lr = default_lr(width, steps, rule.lr_factor) * multiplier
             sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
-                          "sparsity_coefficient": coefficient,
+                          "sparsity_coefficient": coefficient, **hooks,
                           "name": f"{architecture}-{width}-x{multiplier:g}"})  # fmt: skip
             rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
                          "steps": steps, "multiplier": multiplier, "lr": lr,
-                         "sparsity_coefficient": coefficient})  # fmt: skip
+                         "sparsity_coefficient": coefficient, **hooks})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip
@@ -100,6 +102,9 @@ def main() -> None:
                         "training plays, harvested into runs/bench/layer6/cache on first use)")  # fmt: skip
     parser.add_argument("--heldout", help="held-out activations (default: the 4 held-out plays, "
                         "runs/bench/layer6/heldout)")  # fmt: skip
+    parser.add_argument("--hook", help="the input hookpoint of a transcoder sweep")
+    parser.add_argument("--hook-out", help="sweep transcoders from --hook to this hookpoint "
+                        "(a cache holding both) instead of SAEs")  # fmt: skip
     parser.add_argument("--architectures", nargs="+", default=["topk"])
     parser.add_argument("--widths", nargs="+", type=int, default=[2304, 4608, 9216])
     parser.add_argument("--budgets", nargs="+", type=int, default=[100_000, 400_000, 1_600_000])

@@ -213,12 +213,38 @@ def test_lr_sweep_judges_penalty_rules_at_matched_l0():
     )  # k fixes L0: all count
 
 
-def test_decoder_init_bench_trains_both_starts_on_the_same_batches(tmp_path):
-    hooks = ["blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out"]
+MLP_HOOKS = ["blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out"]
+
+
+def mlp_caches(tmp_path) -> None:
+    """Training and held-out caches of an MLP's input (16 wide) and a linear output (8 wide)."""
     for name, seed in (("cache", 0), ("heldout", 1)):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(4000, 16, generator=g)
-        write_cache(tmp_path / name, [{hooks[0]: x, hooks[1]: x @ torch.randn(16, 8, generator=g)}])
+        write_cache(tmp_path / name, [{MLP_HOOKS[0]: x, MLP_HOOKS[1]: x @ torch.randn(16, 8, generator=g)}])
+
+
+def test_lr_sweep_bench_sweeps_transcoders_between_two_hookpoints(tmp_path):
+    mlp_caches(tmp_path)
+    report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
+                       "--heldout", str(tmp_path / "heldout"), "--hook", MLP_HOOKS[0],
+                       "--hook-out", MLP_HOOKS[1], "--widths", "64", "--budgets", "2000",
+                       "--multipliers", "1", "2", "--k", "4", "--batch-size", "1000",
+                       "--results", str(tmp_path / "runs" / "sweep.json"))  # fmt: skip
+    runs = report["runs"]
+    assert [(r["hook"], r["hook_out"], r["multiplier"]) for r in runs] == [
+        (*MLP_HOOKS, 1.0),
+        (*MLP_HOOKS, 2.0),
+    ]
+    for r in runs:  # scored on the output: an SAE's reconstruction of 16-wide rows would not load
+        assert r["lr"] == r["multiplier"] * default_lr(64, 2) and 0 < r["l0"] <= 4
+        assert r["explained_variance"] > 0
+    (point,) = report["points"]
+    assert point["best_explained_variance"] == max(r["explained_variance"] for r in runs)
+
+
+def test_decoder_init_bench_trains_both_starts_on_the_same_batches(tmp_path):
+    mlp_caches(tmp_path)
     report = run_bench("decoder_init.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
                        "--heldout", str(tmp_path / "heldout"), "--steps", "1", "2",
                        "--multipliers", "1", "2", "--expansion", "4", "--k", "4",

@@ -401,10 +401,10 @@ class Trainer:
             x = m.input(batch).to(self.device, non_blocking=True).float()
             y = m.target(batch).to(self.device, non_blocking=True).float() if m.transcoder else None
             coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
+            # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
+            dead = (m.tokens_since_fired > self.dead_tokens).flatten()
             ctx = TrainContext(
-                coefficient * warm,
-                self.cfg.aux_coefficient,
-                (m.tokens_since_fired > self.dead_tokens).flatten(),
+                coefficient * warm, self.cfg.aux_coefficient, dead if self.cfg.aux_coefficient else None
             )
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):

@@ -672,6 +672,27 @@ def test_a_cuda_step_waits_for_the_device_only_for_the_dead_latents(tmp_path, ar
     assert values["losses/auxiliary_reconstruction_loss"] > 0 and diverged == []
 
 
+def test_with_auxk_off_no_dead_latent_columns_are_computed(tmp_path, monkeypatch):
+    """--aux-coefficient 0 (sparsify's default) turns AuxK off: its term would be zero, so the
+    step spends nothing on the dead latents' pre-activations, however many there are."""
+    from sae import kernels
+    from train.config import TrainConfig
+    from train.trainer import Trainer
+
+    x = torch.randn(256, 32)
+    blocks = []
+    encode = kernels.sparse_encode
+    monkeypatch.setattr("sae.models.sparse_encode", lambda *a: blocks.append(a[5]) or encode(*a))
+    for aux in (1 / 32, 0.0):
+        cfg = TrainConfig(d_sae=128, k=4, batch_size=256, total_tokens=10**6, out=str(tmp_path / str(aux)),
+                          hook="h", aux_coefficient=aux)  # fmt: skip
+        trainer = Trainer(cfg, iter([x]))
+        trainer.members[0].tokens_since_fired[:40] = 10**12  # dead
+        values, _ = trainer.train_step({"h": x}).read()
+        assert (values["losses/auxiliary_reconstruction_loss"] > 0) == (aux > 0)
+    assert [len(b) for b in blocks] == [40, 0]
+
+
 def test_an_unreachable_wandb_server_logs_offline_instead(tmp_path, monkeypatch):
     """Online mode with a server that does not answer: the run still gets its W&B record, offline
     under the run directory, to `wandb sync` later."""
