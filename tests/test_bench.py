@@ -221,7 +221,9 @@ def mlp_caches(tmp_path) -> None:
     for name, seed in (("cache", 0), ("heldout", 1)):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(4000, 16, generator=g)
-        write_cache(tmp_path / name, [{MLP_HOOKS[0]: x, MLP_HOOKS[1]: x @ torch.randn(16, 8, generator=g)}])
+        write_cache(
+            tmp_path / name, [{MLP_HOOKS[0]: x, MLP_HOOKS[1]: x @ torch.randn(16, 8, generator=g)}]
+        )
 
 
 def test_lr_sweep_bench_sweeps_transcoders_between_two_hookpoints(tmp_path):

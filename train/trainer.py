@@ -404,7 +404,9 @@ class Trainer:
             # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
             dead = (m.tokens_since_fired > self.dead_tokens).flatten()
             ctx = TrainContext(
-                coefficient * warm, self.cfg.aux_coefficient, dead if self.cfg.aux_coefficient else None
+                coefficient * warm,
+                self.cfg.aux_coefficient,
+                dead if self.cfg.aux_coefficient else None,
             )
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
