@@ -5,10 +5,12 @@ sparsify has no activation cache and no trainer that takes rows, so its training
 its Trainer runs it for a transcoder (sparsify/trainer.py 1.3.3: forward with the target, loss fvu
 (its default auxk_alpha is 0), backward, its default optimizer (signum: schedule-free SignSGD)
 stepped; with `transcode` it neither removes the gradient parallel to the decoder rows nor
-renormalizes them, as our recipe does) on the batches ours trains on: TopK,
+renormalizes them, as our recipe does) on the batches ours trains on, ours timed twice: with its
+defaults, and with AuxK off as sparsify's (--aux-coefficient 0; the run is 12 batches long, so its
+dead window, a twentieth of the run, marks a third of the latents dead within a few steps): TopK,
 k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 (or both under bf16
-autocast, `--autocast`), on CUDA when there is one. The two alternate batch by batch, so a drift
-in the machine's speed falls on both; the median step time of each gives rows/s. sparsify is taken
+autocast, `--autocast`), on CUDA when there is one. The three alternate batch by batch, so a drift
+in the machine's speed falls on all; the median step time of each gives rows/s. sparsify is taken
 from the environment when it is there, else from requirements/sparsify.txt, installed without its
 dependencies into .venv/sparsify. On CPU, SPARSIFY_DISABLE_TRITON=1: with triton installed it picks
 its Triton decoder even for CPU tensors; on CUDA it keeps that decoder, its fast path. Writes
@@ -109,36 +111,39 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp())
     cache = harvest(out=str(scratch / "cache"), hook=[hook_in, hook_out], tokens=batch * args.batches,
                     dtype="float32", device=device)  # fmt: skip
-    cfg = TrainConfig(out=str(scratch / "train"), hook=hook_in, hook_out=hook_out, k=32, expansion_factor=8,
-                      total_tokens=batch * args.batches, batch_size=batch, lr=4e-3, warmup_steps=1,
-                      device=device, autocast=args.autocast)  # fmt: skip
-    trainer = Trainer(cfg, cache)
+
+    def trainer(name: str, aux: float) -> Trainer:
+        cfg = TrainConfig(out=str(scratch / name), hook=hook_in, hook_out=hook_out, k=32, expansion_factor=8,
+                          total_tokens=batch * args.batches, batch_size=batch, lr=4e-3, warmup_steps=1,
+                          device=device, autocast=args.autocast, aux_coefficient=aux)  # fmt: skip
+        return Trainer(cfg, cache)
+
+    trainers = {
+        "ours": trainer("ours", TrainConfig.aux_coefficient),
+        "ours_no_auxk": trainer("ours_no_auxk", 0.0),
+    }
     step = sparsify_step(sparsify, device, args.autocast)
+    steps = {name: lambda b, t=t: t.train_step(b).read() for name, t in trainers.items()}
+    steps["sparsify"] = lambda b: step(b[hook_in], b[hook_out])
 
-    def ours(b: dict) -> None:
-        trainer.train_step(b).read()
-
-    def theirs(b: dict) -> None:
-        step(b[hook_in], b[hook_out])
-
-    batches = list(islice(trainer.source, args.batches))
-    times: dict[str, list[float]] = {"ours": [], "sparsify": []}
+    batches = list(islice(trainers["ours"].source, args.batches))
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i, b in enumerate(batches):
-        b = {hook: x.to(device) for hook, x in b.items()}  # on the device before either clock
-        ours_s = timed(ours, b, device)
-        theirs_s = timed(theirs, b, device)
+        b = {hook: x.to(device) for hook, x in b.items()}  # on the device before any clock
+        seconds = {name: timed(f, b, device) for name, f in steps.items()}
         if i:  # the first step of each warms up allocators and caches
-            times["ours"].append(ours_s)
-            times["sparsify"].append(theirs_s)
+            for name, s in seconds.items():
+                times[name].append(s)
     rows = {k: batch / statistics.median(v) for k, v in times.items()}
     ratio = rows["ours"] / rows["sparsify"]
-    print(
-        f"transcoder training rows/s: ours {rows['ours']:,.0f}, sparsify {rows['sparsify']:,.0f}: {ratio:.2f}x"
-    )
+    like = rows["ours_no_auxk"] / rows["sparsify"]
+    print(f"transcoder training rows/s: ours {rows['ours']:,.0f} (AuxK off {rows['ours_no_auxk']:,.0f}), "
+          f"sparsify {rows['sparsify']:,.0f}: {ratio:.2f}x ({like:.2f}x with AuxK off, as sparsify)")  # fmt: skip
     result = {"hooks": [hook_in, hook_out], "batch_size": batch, "k": 32, "d_sae": 4608, "device": device,
               "dtype": "bfloat16 autocast" if args.autocast else "float32",
               "steps_timed": len(times["ours"]), "step_s": times, "rows_per_s": rows,
-              "ours_over_sparsify": ratio, "sparsify": sparsify.__version__, "machine": machine()}  # fmt: skip
+              "ours_over_sparsify": ratio, "ours_no_auxk_over_sparsify": like,
+              "sparsify": sparsify.__version__, "machine": machine()}  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     suffix = "-bf16" if args.autocast else ""
     path = Path(args.out) / f"transcoder-speed{suffix}-{torch.device(device).type}.json"

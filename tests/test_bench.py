@@ -3,6 +3,7 @@ figures are measured by running them in full, never asserted here)."""
 
 import importlib.util
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -108,6 +109,9 @@ def test_transcoder_speed_bench_times_ours_and_sparsify_on_the_same_batches(tmp_
     assert report["steps_timed"] == 2 and report["sparsify"] == "1.3.3"
     rows = report["rows_per_s"]
     assert rows["ours"] > 0 and report["ours_over_sparsify"] == rows["ours"] / rows["sparsify"]
+    like = report["ours_no_auxk_over_sparsify"]
+    assert like == rows["ours_no_auxk"] / rows["sparsify"]
+    assert all(len(s) == 2 for s in report["step_s"].values())
 
 
 def test_eval_bench_times_ours_the_bare_forwards_saelens_and_the_dashboard(tmp_path):
@@ -238,9 +242,15 @@ def test_lr_sweep_bench_sweeps_transcoders_between_two_hookpoints(tmp_path):
         (*MLP_HOOKS, 1.0),
         (*MLP_HOOKS, 2.0),
     ]
-    for r in runs:  # scored on the output: an SAE's reconstruction of 16-wide rows would not load
+    for r in runs:
         assert r["lr"] == r["multiplier"] * default_lr(64, 2) and 0 < r["l0"] <= 4
-        assert r["explained_variance"] > 0
+        assert math.isfinite(r["explained_variance"])
+        cfg = json.loads(
+            (
+                tmp_path / "runs" / "topk-2000" / f"topk-64-x{r['multiplier']:g}" / "cfg.json"
+            ).read_text()
+        )
+        assert (cfg["sae_forge"]["d_in"], cfg["sae_forge"]["d_out"]) == (16, 8)  # 16 -> 8 wide
     (point,) = report["points"]
     assert point["best_explained_variance"] == max(r["explained_variance"] for r in runs)
 
