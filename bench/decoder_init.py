@@ -41,7 +41,7 @@ def run_length(args, architecture: str, steps: int, heldout: ActivationCache) ->
              "hook": args.hook_in, "hook_out": args.hook_out,
              "sparsity_coefficient": args.coefficient.get(architecture, 0.0)}  # fmt: skip
     rule = REGISTRY[architecture]
-    lr = default_lr(args.expansion * args.d_in, steps, rule.lr_factor)
+    lr = default_lr(args.expansion * args.d_in, steps, rule.rate_factor(transcoder=True))
     runs = [(start, m) for m in args.multipliers for start in STARTS]
     sweep = [{**shape, "decoder_init": start, "lr": lr * m, "name": f"{start}-x{m:g}"}
              for start, m in runs]  # fmt: skip

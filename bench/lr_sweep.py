@@ -41,7 +41,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     sweep, rows = [], []
     for width in widths:
         for multiplier in args.multipliers:
-            lr = default_lr(width, steps, rule.lr_factor) * multiplier
+            lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out))) * multiplier
             sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
                           "sparsity_coefficient": coefficient, **hooks,
                           "name": f"{architecture}-{width}-x{multiplier:g}"})  # fmt: skip

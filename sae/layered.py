@@ -105,9 +105,8 @@ class LayeredDictionary(nn.Module):
         part_l0 = l0 / len(self.parts)
         return self.parts[0].training_advice(part_l0, coefficient, total_steps)
 
-    @property
-    def lr_factor(self) -> float:
-        return self.parts[0].lr_factor
+    def rate_factor(self, transcoder: bool) -> float:
+        return self.parts[0].rate_factor(transcoder)
 
     @property
     def batch_wide(self) -> bool:

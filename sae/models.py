@@ -144,6 +144,9 @@ class SAE(nn.Module):
     """The L1/L0 penalty weight training uses when none is given (0: the rule has no penalty)."""
     lr_factor: ClassVar[float] = 1.0
     """The rule's multiple of the default learning rate (train/schedule.py), as measured for it."""
+    transcoder_lr_factor: ClassVar[float] = 1.0
+    """The same for a transcoder at one hookpoint, where the rule's best rate as a transcoder was
+    measured off its best as an SAE (bench/lr_sweep.py --hook-out; docs/transcoders.md)."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at its default learning rate or faster, training starts it with a
     zero decoder under decoder_init auto: where bench/decoder_init.py measured that start better
@@ -159,6 +162,11 @@ class SAE(nn.Module):
     latents (see latent_dim)."""
     shards: Whole = WHOLE
     """Where the latents live (train/distributed.py's LatentShards when sharded over ranks)."""
+
+    @classmethod
+    def rate_factor(cls, transcoder: bool) -> float:
+        """The multiple of the default rate a dictionary of this rule trains at."""
+        return cls.transcoder_lr_factor if transcoder else cls.lr_factor
 
     def __init__(self, cfg: SAEConfig, latents: range | None = None):
         """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
@@ -571,6 +579,7 @@ class TopKSAE(SAE):
     sparse_code = True
     latent_scaled = ()
     zero_decoder_start = True
+    transcoder_lr_factor = 1.75
 
     def activate(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)

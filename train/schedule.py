@@ -31,7 +31,7 @@ MAX_WARMUP_STEPS = 1000
 
 def default_lr(d_sae: int, steps: int, factor: float = 1.0) -> float:
     """Adam's rate for a dictionary of d_sae latents trained for `steps` steps; `factor` is the
-    architecture's own multiplier (SAE.lr_factor). Among the rates within 0.002 explained variance
+    dictionary's own multiplier (SAE.rate_factor). Among the rates within 0.002 explained variance
     of the best one the sweep found, the fit follows the smallest: the larger ones kill latents."""
     width = (REFERENCE_WIDTH / d_sae) ** WIDTH_EXPONENT
     length = (REFERENCE_STEPS / max(1, steps)) ** STEPS_EXPONENT

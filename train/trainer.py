@@ -161,7 +161,9 @@ def build_member(
     if sharded:
         dictionary, shards = world.split_latents(dictionary, member_name(spec), device)
     d_sae = dictionary.cfg.d_sae
-    default = default_lr(d_sae, total_steps, dictionary.lr_factor)
+    # a CLT or crosscoder takes its rule's SAE factor (no transcoder factor was measured for them)
+    transcoder = isinstance(dictionary, SAE) and dictionary.cfg.is_transcoder
+    default = default_lr(d_sae, total_steps, dictionary.rate_factor(transcoder))
     lr = spec.lr or default
     start_decoder(dictionary, spec.decoder_init, at_default_rate=lr >= default)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
