@@ -9,6 +9,7 @@ import torch
 
 import train
 from sae.cli import field_docs
+from sae.models import TopKSAE
 from tests.conftest import make_sae, synthetic
 from train import schedule
 from train.config import SAESpec, TrainConfig
@@ -34,7 +35,9 @@ def test_the_lr_help_states_the_rule_in_use():
     width = f"({schedule.REFERENCE_WIDTH} / d_sae)^{schedule.WIDTH_EXPONENT:g}"
     length = f"({schedule.REFERENCE_STEPS} / steps)^{schedule.STEPS_EXPONENT:g}"
     rule = f"{rate} x {width} x {length}"
-    assert rule in " ".join(field_docs(SAESpec)["lr"].split())
+    help = " ".join(field_docs(SAESpec)["lr"].split())
+    assert rule in help
+    assert f"{TopKSAE.transcoder_lr_factor:g} times that for a TopK transcoder" in help
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():
