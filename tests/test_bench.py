@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.models import TopKSAE
 from tests.conftest import synthetic_cache, write_cache
 from train.schedule import default_lr
 
@@ -243,7 +244,8 @@ def test_lr_sweep_bench_sweeps_transcoders_between_two_hookpoints(tmp_path):
         (*MLP_HOOKS, 2.0),
     ]
     for r in runs:
-        assert r["lr"] == r["multiplier"] * default_lr(64, 2) and 0 < r["l0"] <= 4
+        assert r["lr"] == r["multiplier"] * default_lr(64, 2, TopKSAE.transcoder_lr_factor)
+        assert 0 < r["l0"] <= 4
         assert math.isfinite(r["explained_variance"])
         cfg = json.loads(
             (
@@ -267,7 +269,8 @@ def test_decoder_init_bench_trains_both_starts_on_the_same_batches(tmp_path):
         (steps, m, start) for steps in (1, 2) for m in (1.0, 2.0) for start in ("random", "zero")
     ]
     for r in runs:
-        assert r["lr"] == r["multiplier"] * default_lr(64, r["steps"]) and 0 < r["l0"] <= 4
+        assert r["lr"] == r["multiplier"] * default_lr(64, r["steps"], TopKSAE.transcoder_lr_factor)
+        assert 0 < r["l0"] <= 4
     assert set(report["crossing_steps"]) == {"topk x1", "topk x2"}
 
 
