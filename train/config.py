@@ -113,8 +113,8 @@ class SAESpec:
     decoder_init: str = "auto"
     """How the decoder starts: random (unit rows in random directions; an SAE's encoder starts as
     their transpose), zero (each latent's row set by its first gradients, as sparsify's
-    transcoders start), or auto: zero for a TopK transcoder at the default learning rate or
-    faster, where it measured better (docs/transcoders.md), else random."""
+    transcoders start), or auto: zero for a TopK transcoder at half the default learning rate
+    or faster, where it measured better (docs/transcoders.md), else random."""
     layers: str = ""
     """Train one dictionary over these layers (0-29, or 0,4,8): `hook` names the hookpoint kind
     read at each (hook_resid_post: a crosscoder), and `hook_out` the kind written (mlp.hook_in ->

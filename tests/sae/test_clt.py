@@ -193,7 +193,7 @@ def test_a_clt_starts_random_under_auto_and_from_zero_when_asked():
     """decoder_init auto zeroes only a TopK transcoder at one hookpoint: a CLT's start was not
     measured, so it keeps random rows unless `zero` is asked for, which zeroes every layer's."""
     clt = make_clt("topk")
-    start_decoder(clt, "auto", at_default_rate=True)
+    start_decoder(clt, "auto", rate=1.0)
     assert all(bool(part.W_dec.abs().sum() > 0) for part in clt.parts)
-    start_decoder(clt, "zero", at_default_rate=True)
+    start_decoder(clt, "zero", rate=1.0)
     assert all(bool((part.W_dec == 0).all()) for part in clt.parts)
