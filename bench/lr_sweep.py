@@ -41,7 +41,10 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     sweep, rows = [], []
     for width in widths:
         for multiplier in args.multipliers:
-            lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out))) * multiplier
+            lr = (
+                default_lr(width, steps, rule.rate_factor(transcoder=bool(args.hook_out)))
+                * multiplier
+            )
             sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
                           "sparsity_coefficient": coefficient, **hooks,
                           "name": f"{architecture}-{width}-x{multiplier:g}"})  # fmt: skip
@@ -118,6 +121,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/lr-sweep")
     parser.add_argument("--results", default="")
     args = parser.parse_args()
+    if bool(args.hook) != bool(args.hook_out):
+        parser.error("--hook and --hook-out go together: a transcoder sweep names both")
+    if args.hook_out and not (args.cache and args.heldout):
+        parser.error("a transcoder sweep needs --cache and --heldout holding both hookpoints")
     if not (args.cache and args.heldout):
         caches = train_and_heldout(Path("runs/bench/layer6"), [DemoConfig.hook], 2_000_000, 40_000)
         args.cache, args.heldout = (c.url for c in caches)

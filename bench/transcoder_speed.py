@@ -7,7 +7,7 @@ its Trainer runs it for a transcoder (sparsify/trainer.py 1.3.3: forward with th
 stepped; with `transcode` it neither removes the gradient parallel to the decoder rows nor
 renormalizes them, as our recipe does) on the batches ours trains on, ours timed twice: with its
 defaults, and with AuxK off as sparsify's (--aux-coefficient 0; the run is 12 batches long, so its
-dead window, a twentieth of the run, marks a third of the latents dead within a few steps): TopK,
+dead window is one batch, dead_tokens' floor, and AuxK works on many latents within a few steps): TopK,
 k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 (or both under bf16
 autocast, `--autocast`), on CUDA when there is one. The three alternate batch by batch, so a drift
 in the machine's speed falls on all; the median step time of each gives rows/s. sparsify is taken

@@ -106,7 +106,9 @@ class LayeredDictionary(nn.Module):
         return self.parts[0].training_advice(part_l0, coefficient, total_steps)
 
     def rate_factor(self, transcoder: bool) -> float:
-        return self.parts[0].rate_factor(transcoder)
+        """The rule's SAE factor, a CLT's too: transcoders' own factor was swept at one hookpoint
+        only (decision 64)."""
+        return self.parts[0].lr_factor
 
     @property
     def batch_wide(self) -> bool:

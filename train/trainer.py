@@ -161,9 +161,7 @@ def build_member(
     if sharded:
         dictionary, shards = world.split_latents(dictionary, member_name(spec), device)
     d_sae = dictionary.cfg.d_sae
-    # a CLT or crosscoder takes its rule's SAE factor (no transcoder factor was measured for them)
-    transcoder = isinstance(dictionary, SAE) and dictionary.cfg.is_transcoder
-    default = default_lr(d_sae, total_steps, dictionary.rate_factor(transcoder))
+    default = default_lr(d_sae, total_steps, dictionary.rate_factor(dictionary.cfg.is_transcoder))
     lr = spec.lr or default
     start_decoder(dictionary, spec.decoder_init, rate=lr / default)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)
@@ -408,12 +406,9 @@ class Trainer:
             y = m.target(batch).to(self.device, non_blocking=True).float() if m.transcoder else None
             coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
             # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
-            dead = (m.tokens_since_fired > self.dead_tokens).flatten()
-            ctx = TrainContext(
-                coefficient * warm,
-                self.cfg.aux_coefficient,
-                dead if self.cfg.aux_coefficient else None,
-            )
+            aux = self.cfg.aux_coefficient
+            dead = (m.tokens_since_fired > self.dead_tokens).flatten() if aux else None
+            ctx = TrainContext(coefficient * warm, aux, dead)
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
                 out = m.loss(x, ctx, y)
@@ -514,8 +509,9 @@ class Trainer:
             if dead > MAX_DEAD_FRACTION:
                 advice.append(
                     f"{dead:.0%} of the latents are dead at the end (silent for the last "
-                    f"{self.dead_tokens:,} tokens): lower --expansion-factor, or raise "
-                    "--aux-coefficient (top-k rules) or --total-tokens"
+                    f"{self.dead_tokens:,} tokens): lower --expansion-factor"
+                    + (" or --lr" if m.transcoder else "")
+                    + ", or raise --aux-coefficient (top-k rules) or --total-tokens"
                 )
             lines += [f"{m.name}: {line}" for line in advice]
         return lines

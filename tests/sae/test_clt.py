@@ -197,3 +197,10 @@ def test_a_clt_starts_random_under_auto_and_from_zero_when_asked():
     assert all(bool(part.W_dec.abs().sum() > 0) for part in clt.parts)
     start_decoder(clt, "zero", rate=1.0)
     assert all(bool((part.W_dec == 0).all()) for part in clt.parts)
+
+
+def test_a_topk_clt_trains_at_the_sae_rule_s_rate():
+    """The TopK transcoder's own factor (decision 64) was swept at one hookpoint only."""
+    clt = make_clt("topk")
+    assert clt.cfg.is_transcoder and clt.parts[0].rate_factor(transcoder=True) == 1.75
+    assert clt.rate_factor(clt.cfg.is_transcoder) == 1.0

@@ -35,9 +35,9 @@ def test_the_lr_help_states_the_rule_in_use():
     width = f"({schedule.REFERENCE_WIDTH} / d_sae)^{schedule.WIDTH_EXPONENT:g}"
     length = f"({schedule.REFERENCE_STEPS} / steps)^{schedule.STEPS_EXPONENT:g}"
     rule = f"{rate} x {width} x {length}"
-    help = " ".join(field_docs(SAESpec)["lr"].split())
-    assert rule in help
-    assert f"{TopKSAE.transcoder_lr_factor:g} times that for a TopK transcoder" in help
+    lr_help = " ".join(field_docs(SAESpec)["lr"].split())
+    assert rule in lr_help
+    assert f"{TopKSAE.transcoder_lr_factor:g} times that for a TopK transcoder" in lr_help
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():

@@ -11,7 +11,7 @@ import sae
 import train
 from tests.conftest import write_cache
 from train.harvest import harvest
-from train.trainer import start_decoder
+from train.trainer import ZERO_START_SLOWEST, start_decoder
 
 IN, OUT = "blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"
 
@@ -214,7 +214,8 @@ def test_a_zero_decoder_start_leaves_fewer_transcoder_latents_dead(tmp_path):
     "architecture, hook_out, decoder_init, rate, zero",
     [
         ("topk", OUT, "auto", 1.0, True),  # measured better: bench/decoder_init.py
-        ("topk", OUT, "auto", 0.5, True),  # a hand-set half of the default: still better
+        ("topk", OUT, "auto", ZERO_START_SLOWEST, True),  # half the default: still better
+        ("topk", OUT, "auto", 0.99 * ZERO_START_SLOWEST, False),
         ("topk", OUT, "auto", 0.26, False),  # where it fell behind (layer 2, 94 steps)
         ("batchtopk", OUT, "auto", 1.0, False),  # fewer dead latents, but a worse fit
         ("topk", IN, "auto", 1.0, False),  # an SAE: its encoder starts as the decoder's transpose
@@ -235,7 +236,8 @@ def test_decoder_init_auto_zeroes_where_measured_better(
 
 def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_path):
     """A TopK transcoder's best rate is about twice the SAE rule's (SmolLM2 layer 6, 97 and 354
-    steps: bench/lr_sweep.py --hook-out); other rules and SAEs keep the SAE rule's rate."""
+    steps: bench/lr_sweep.py --hook-out); other rules and SAEs keep the SAE rule's rate (CLTs:
+    tests/sae/test_clt.py)."""
     from train.config import TrainConfig
     from train.schedule import default_lr
     from train.trainer import Trainer
@@ -245,7 +247,7 @@ def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_pa
     sweep = [{"architecture": "topk", "name": "topk"}, {"architecture": "batchtopk", "name": "batchtopk"},
              {"architecture": "topk", "hook_out": IN, "name": "sae"}]  # fmt: skip
     cfg = TrainConfig(d_sae=64, k=4, total_tokens=8000, batch_size=1000, out=str(tmp_path / "run"),
-                            hook=IN, hook_out=OUT, sweep=sweep)  # fmt: skip
+                      hook=IN, hook_out=OUT, sweep=sweep)  # fmt: skip
     rates = [m.optimizer.defaults["lr"] for m in Trainer(cfg, cache).members]
     assert sae.models.TopKSAE.transcoder_lr_factor == 1.75
     assert rates == pytest.approx([1.75 * default_lr(64, 8), default_lr(64, 8), default_lr(64, 8)])
