@@ -149,8 +149,8 @@ class SAE(nn.Module):
     measured off its best as an SAE (bench/lr_sweep.py --hook-out; docs/transcoders.md)."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at half its default learning rate or faster (ZERO_START_SLOWEST),
-    training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py measured that start better
-    than random rows (train/trainer.py's start_decoder)."""
+    training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py
+    measured that start better than random rows (train/trainer.py's start_decoder)."""
     batch_wide: ClassVar[bool] = False
     """Whether training selects latents across the batch's rows (BatchTopK), so that a run split
     over processes selects within each process's rows."""
