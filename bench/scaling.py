@@ -102,7 +102,7 @@ def worker(cache: str, out: str, mode: str, steps: int) -> None:
     fs.cat_file, fs.cat_ranges = counted(fs.cat_file), counted(fs.cat_ranges)
     sent = count_collectives(trainer)
     batches = iter(trainer.source)
-    trainer.init_b_dec(next(batches))
+    trainer.start_members(next(batches))
     for i in range(WARMUP + steps):
         if i == WARMUP:
             trainer.world.barrier()

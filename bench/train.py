@@ -82,7 +82,7 @@ def ours(
         autocast=autocast,
     )
     trainer = Trainer(cfg, iter(batches))
-    trainer.init_b_dec({"bench": batches[0]})
+    trainer.start_members({"bench": batches[0]})
     member = trainer.members[0]
 
     def step(x):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sae
 from sae.models import TopKSAE
 from tests.conftest import synthetic_cache, write_cache
 from train.schedule import default_lr
@@ -272,6 +273,26 @@ def test_decoder_init_bench_trains_both_starts_on_the_same_batches(tmp_path):
         assert r["lr"] == r["multiplier"] * default_lr(64, r["steps"], TopKSAE.transcoder_lr_factor)
         assert 0 < r["l0"] <= 4
     assert set(report["crossing_steps"]) == {"topk x1", "topk x2"}
+
+
+def test_decoder_init_bench_compares_an_saes_encoder_starts(tmp_path):
+    for name, seed in (("cache", 0), ("heldout", 1)):
+        synthetic_cache(tmp_path / name, rows=4000, d=16, shard_rows=1000, seed=seed)
+    report = run_bench("decoder_init.py", tmp_path / "runs", "--part", "encoder",
+                       "--cache", str(tmp_path / "cache"), "--heldout", str(tmp_path / "heldout"),
+                       "--steps", "1", "2", "--expansion", "4", "--k", "4", "--batch-size", "1000",
+                       "--architectures", "batchtopk",
+                       "--results", str(tmp_path / "runs" / "encoder-init.json"))  # fmt: skip
+    runs = report["runs"]
+    assert report["part"] == "encoder"
+    assert [(r["steps"], r["encoder_init"]) for r in runs] == [
+        (steps, start) for steps in (1, 2) for start in ("tied", "fitted")
+    ]
+    for r in runs:
+        assert r["lr"] == default_lr(64, r["steps"])  # an SAE's rate: no transcoder factor
+    saved = sae.load(next((tmp_path / "runs" / "batchtopk-1").glob("*/cfg.json")).parent)
+    assert not saved.cfg.is_transcoder and saved.cfg.hook_name == "blocks.6.hook_resid_post"
+    assert set(report["crossing_steps"]) == {"batchtopk x1"}
 
 
 def test_the_crossing_is_where_the_zero_start_stays_ahead():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 DECODER_INITS = ("auto", "random", "zero")
+ENCODER_INITS = ("auto", "tied", "fitted")
 
 
 @dataclass
@@ -115,6 +116,11 @@ class SAESpec:
     their transpose), zero (each latent's row set by its first gradients, as sparsify's
     transcoders start), or auto: zero for a TopK transcoder at half the default learning rate
     or faster, where it measured better (docs/transcoders.md), else random."""
+    encoder_init: str = "auto"
+    """How the encoder starts: tied (an SAE's: its decoder's transpose, as SAELens and Gao et al.
+    start; a transcoder's: random unit columns), fitted (that, times the one number that best
+    fits the first batch's reconstruction), or auto: fitted for an SAE of a rule with k (TopK,
+    BatchTopK, Matryoshka), where it measured better (docs/training.md), else tied."""
     layers: str = ""
     """Train one dictionary over these layers (0-29, or 0,4,8): `hook` names the hookpoint kind
     read at each (hook_resid_post: a crosscoder), and `hook_out` the kind written (mlp.hook_in ->
@@ -292,6 +298,15 @@ class TrainConfig(SAESpec, TextOptions):
             if spec.decoder_init not in DECODER_INITS:
                 raise ValueError(
                     f"decoder_init {spec.decoder_init!r} is not one of {', '.join(DECODER_INITS)}"
+                )
+            if spec.encoder_init not in ENCODER_INITS:
+                raise ValueError(
+                    f"encoder_init {spec.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}"
+                )
+            if spec.layers and spec.encoder_init == "fitted":
+                raise ValueError(
+                    f"encoder_init fitted scales a dictionary at one hookpoint; {spec.layers!r} "
+                    "spans layers: leave it auto (tied)"
                 )
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")

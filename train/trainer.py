@@ -218,6 +218,19 @@ def start_decoder(dictionary: SAE | LayeredDictionary, decoder_init: str, rate: 
             part.W_dec.zero_()
 
 
+def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool:
+    """Whether the encoder's scale is fitted to the first batch (SAE.fit_code_scale): by hand, or
+    under auto for an SAE of a rule with k, where the scale leaves L0 alone and the fit measured
+    better at every run length tried (bench/decoder_init.py --part encoder). Not for the penalty
+    rules: their L0 moves with the code's size (at 24 steps a fitted ReLU-L1 SAE ended at L0 131
+    against 28), so their coefficients would need measuring again."""
+    if encoder_init == "auto":
+        return (
+            isinstance(dictionary, SAE) and not dictionary.cfg.is_transcoder and dictionary.uses_k
+        )
+    return encoder_init == "fitted"
+
+
 def builder(spec: SAESpec) -> Callable[..., SAE | LayeredDictionary]:
     """What builds the dictionary a spec describes: an SAE or transcoder at one hookpoint, or a
     dictionary over layers (a cross-layer transcoder when it writes elsewhere, else a crosscoder)."""
@@ -516,20 +529,28 @@ class Trainer:
             lines += [f"{m.name}: {line}" for line in advice]
         return lines
 
-    def init_b_dec(self, batch: dict[str, Tensor]) -> None:
-        """b_dec starts at the geometric median (or mean) of the first global batch's targets
-        (gathered from the ranks), in the dictionary's units; then the architecture's own start
-        (JumpReLU's threshold)."""
+    def start_members(self, batch: dict[str, Tensor]) -> None:
+        """What the first global batch (gathered from the ranks) sets: b_dec at the geometric
+        median (or mean) of the targets, in the dictionary's units; then the architecture's own
+        start (JumpReLU's threshold); then the encoder's scale where it is fitted."""
         for m in self.members:
+            y = self.world.gather(m.target(batch).to(self.device)).float()
             if self.cfg.b_dec_init != "zeros":
-                y = self.world.gather(m.target(batch).to(self.device))
-                y = m.sae.scale_target(y).float()
+                y_s = m.sae.scale_target(y).float()
                 centre = (
-                    geometric_median(y) if self.cfg.b_dec_init == "geometric_median" else y.mean(0)
+                    geometric_median(y_s)
+                    if self.cfg.b_dec_init == "geometric_median"
+                    else y_s.mean(0)
                 )
                 with torch.no_grad():
                     m.sae.b_dec.copy_(centre)
             m.sae.start_training()
+            if fits_encoder(m.sae, m.spec.encoder_init):
+                if m.transcoder:
+                    x = self.world.gather(m.input(batch).to(self.device)).float()
+                    m.sae.fit_code_scale(x, y)
+                else:
+                    m.sae.fit_code_scale(y)
 
     def run(self) -> list[SAE]:
         """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone
@@ -572,7 +593,7 @@ class Trainer:
             pending = None  # the last step's metrics, recorded once the next step is queued
             for batch in batches:
                 if self.step == 0:
-                    self.init_b_dec(batch)
+                    self.start_members(batch)
                 metrics = self.train_step(batch)
                 self.step += 1
                 if pending is not None:

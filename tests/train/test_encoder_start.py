@@ -1,0 +1,129 @@
+"""The encoder's start: an SAE's tied encoder scaled by the least-squares fit of the first batch
+(SAE.fit_code_scale), which the top-k rules get by default (encoder_init auto)."""
+
+import json
+
+import pytest
+import torch
+
+import train
+from sae.config import SAEConfig
+from sae.models import REGISTRY, SAE, TrainContext
+from tests.conftest import write_cache
+from tests.train.test_transcoders import IN, OUT, pair_cache, pairs
+from train.config import TrainConfig
+
+
+def heavy_rows(n: int = 4000, d: int = 32, seed: int = 0) -> torch.Tensor:
+    """Rows whose norms spread as a residual stream's do (99th percentile ~5x the median, as on
+    SmolLM2's layer 6): Gaussian directions times log-normal sizes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * torch.randn(n, 1, generator=g).mul(0.7).exp()
+
+
+def latents_part(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """What the latents add to the reconstruction (without b_dec), as training computes it."""
+    with torch.no_grad():
+        return sae.training_loss(x, TrainContext(aux_coefficient=0.0)).x_hat - sae.b_dec
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize(
+    "architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "standard", "gated"]
+)
+def test_the_fitted_scale_is_the_least_squares_one_and_leaves_the_selection(architecture):
+    torch.manual_seed(0)
+    x = heavy_rows()
+    sae = REGISTRY[architecture](SAEConfig(architecture=architecture, d_in=32, d_sae=256, k=4))
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    before = latents_part(sae, x)
+    scale = sae.fit_code_scale(x)
+    after = latents_part(sae, x)
+    # the same latents fire, each code times the scale (b_enc is zero at the start)
+    torch.testing.assert_close(after, scale * before, rtol=1e-4, atol=1e-4)
+    residual = x - sae.b_dec - after
+    assert (residual * after).sum().abs() < 1e-4 * after.pow(2).sum(), "orthogonal at the optimum"
+    assert scale == pytest.approx(
+        float(((x - sae.b_dec) * before).sum() / before.pow(2).sum()), rel=1e-5
+    )
+    assert explained_variance(x, after + sae.b_dec) >= explained_variance(x, before + sae.b_dec)
+
+
+def test_batchtopk_starts_from_a_negative_fit_to_a_positive_one():
+    """The rows of large norm take most of the batch's k * rows latents, hundreds each at the
+    tied start, whose projections add up to far more than the row."""
+    torch.manual_seed(0)
+    x = heavy_rows()
+    sae = REGISTRY["batchtopk"](SAEConfig(architecture="batchtopk", d_in=32, d_sae=1024, k=4))
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    assert explained_variance(x, latents_part(sae, x) + sae.b_dec) < 0
+    assert 0 < sae.fit_code_scale(x) < 0.5
+    assert explained_variance(x, latents_part(sae, x) + sae.b_dec) > 0.1
+
+
+def test_a_zero_decoder_has_no_scale_to_fit():
+    sae = REGISTRY["topk"](SAEConfig(architecture="topk", d_in=32, d_sae=128, k=4))
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    W_enc = sae.W_enc.clone()
+    assert sae.fit_code_scale(heavy_rows()) == 1.0
+    assert torch.equal(sae.W_enc, W_enc)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # tiny runs: short, L0 off k
+def test_auto_fits_the_top_k_rules_saes_only(tmp_path, monkeypatch):
+    """Penalty rules keep the tied start (their L0 moves with the code's size, so their
+    coefficients were measured on it), as do transcoders (measured on their own starts);
+    `fitted` asks for it anywhere at one hookpoint."""
+    fitted = []
+    fit = SAE.fit_code_scale
+
+    def record(self, x, y=None):
+        fitted.append((self.cfg.architecture, self.cfg.is_transcoder))
+        return fit(self, x, y)
+
+    monkeypatch.setattr(SAE, "fit_code_scale", record)
+    sweep = [{"architecture": a} for a in ("topk", "batchtopk", "matryoshka_batchtopk")]
+    sweep += [{"architecture": "batchtopk", "encoder_init": "tied", "name": "tied"}]
+    sweep += [{"architecture": a} for a in ("standard", "jumprelu", "gated")]
+    sweep += [{"architecture": "standard", "encoder_init": "fitted", "name": "fitted"}]
+    sweep += [{"architecture": a, "hook_out": OUT, "name": f"t-{a}"} for a in ("topk", "batchtopk")]
+    sweep += [{"architecture": "batchtopk", "hook_out": OUT, "encoder_init": "fitted",
+               "name": "t-fitted"}]  # fmt: skip
+    _, x, y = pairs(rows=4000)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    train.fit(cache, hook=IN, sweep=sweep, d_sae=64, k=4, batch_size=1000, total_tokens=2000,
+              out=str(tmp_path / "run"))  # fmt: skip
+    assert fitted == [("topk", False), ("batchtopk", False), ("matryoshka_batchtopk", False),
+                      ("standard", False), ("batchtopk", True)]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_batchtopk_trains_from_the_fitted_start_at_once(tmp_path):
+    """The first step's explained variance (logged before the update) is the start's: negative
+    from the tied start on rows of spread norms, positive from the fitted one."""
+    x = heavy_rows(8000)
+    cache = write_cache(tmp_path / "cache", ({IN: part} for part in x.split(2000)))
+    sweep = [{"encoder_init": start, "name": start} for start in ("tied", "auto")]
+    train.fit(cache, architecture="batchtopk", sweep=sweep, d_sae=1024, k=4, batch_size=2000,
+              total_tokens=4000, out=str(tmp_path / "run"))  # fmt: skip
+    step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["metrics/explained_variance/tied"] < 0 < step["metrics/explained_variance/auto"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"encoder_init": "scaled"}, "encoder_init 'scaled' is not one of auto, tied, fitted"),
+        ({"encoder_init": "fitted", "layers": "0-1", "hook": "hook_resid_post"},
+         "encoder_init fitted scales a dictionary at one hookpoint; '0-1' spans layers"),
+    ],
+)  # fmt: skip
+def test_an_unknown_or_unfittable_encoder_start_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
