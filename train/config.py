@@ -180,7 +180,7 @@ class TrainConfig(SAESpec, TextOptions):
     batch_size: int = 4096
     """Rows per optimizer step."""
     warmup_steps: int = -1
-    """Linear learning-rate warm-up steps (-1: 5% of the run, at most 1000)."""
+    """Linear learning-rate warm-up steps (-1: 5% of the run, at least 5 and at most 1000)."""
     decay_fraction: float = 0.2
     """Final fraction of training over which the learning rate decays linearly to zero."""
     sparsity_warmup_fraction: float = 0.05

@@ -26,6 +26,10 @@ WIDTH_EXPONENT = 0.1
 STEPS_EXPONENT = 0.25
 """lr ∝ steps ** -STEPS_EXPONENT: half the rate for a run 16 times longer."""
 WARMUP_FRACTION = 0.05
+MIN_WARMUP_STEPS = 5
+"""Adam's first steps move every weight by about the rate whatever its gradient (its moments
+start empty): in a 24-step run a one-step warm-up left a BatchTopK SAE 0.04 short of 0.7 times its
+rate, and five steps made the default rate the best of 0.7x / 1x / 2x (docs/training.md)."""
 MAX_WARMUP_STEPS = 1000
 
 
@@ -54,8 +58,10 @@ def param_groups(dictionary: nn.Module, lr: float) -> list[dict[str, Any]]:
 
 
 def default_warmup(steps: int) -> int:
-    """Linear warm-up over 5% of the run, at least one step and at most 1000."""
-    return max(1, min(MAX_WARMUP_STEPS, round(WARMUP_FRACTION * steps)))
+    """Linear warm-up over 5% of the run, at least 5 steps (a quarter of a run under 20 steps, at
+    least one) and at most 1000."""
+    floor = max(1, min(MIN_WARMUP_STEPS, steps // 4))
+    return max(floor, min(MAX_WARMUP_STEPS, round(WARMUP_FRACTION * steps)))
 
 
 def lr_lambda(warmup_steps: int, decay_fraction: float, total_steps: int) -> Callable[[int], float]:

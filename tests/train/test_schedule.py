@@ -41,7 +41,8 @@ def test_the_lr_help_states_the_rule_in_use():
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():
-    assert [default_warmup(s) for s in (1, 10, 146, 2000, 10**6)] == [1, 1, 7, 100, 1000]
+    steps = (1, 3, 10, 24, 97, 146, 2000, 10**6)
+    assert [default_warmup(s) for s in steps] == [1, 1, 2, 5, 5, 7, 100, 1000]
 
 
 def test_the_schedule_warms_up_holds_and_decays_to_zero():
