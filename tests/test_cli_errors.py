@@ -29,7 +29,7 @@ def test_train_help_documents_the_inherited_sae_fields(capsys):
     assert (
         "--lr FLOAT Adam learning rate; 0 picks it from the width and the run's length" in help_text
     )
-    assert "(-1: 5% of the run, at most 1000)" in help_text
+    assert "(-1: 5% of the run, at least 5 and at most 1000)" in help_text
     assert "--sparsity-coefficient FLOAT L1 weight" in help_text
     assert "0 picks the architecture's default. (default: 0.0)" in help_text
 

@@ -36,6 +36,8 @@ def small_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_sae(small_cache, tmp_path_factory):
+    """The SAE the evaluation tests were written against: its rate, warm-up and start are pinned,
+    so that a change of the training defaults does not move the latents they count."""
     return train.fit(
         small_cache.url,
         architecture="topk",
@@ -45,5 +47,6 @@ def trained_sae(small_cache, tmp_path_factory):
         batch_size=2048,
         lr=4e-3,
         warmup_steps=1,
+        encoder_init="tied",
         out=str(tmp_path_factory.mktemp("eval") / "run"),
     )
