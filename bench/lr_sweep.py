@@ -136,10 +136,14 @@ def main() -> None:
             rows += sweep_point(args, architecture, budget, args.widths, heldout)
     table = summarise(rows)
     for t in table:
+        default = (  # a sweep without multiplier 1 has no default to compare
+            f"default {t['default_lr']:.2e} EV {t['default_explained_variance']:.3f}  "
+            f"shortfall {t['shortfall']:+.3f}"
+            if t["default_lr"]
+            else "no default run"
+        )
         print(f"{t['architecture']:10s} d_sae {t['d_sae']:6d} {t['tokens']:>9,} tok  best lr {t['best_lr']:.2e} "
-              f"EV {t['best_explained_variance']:.3f}{' (edge)' if t['best_at_edge'] else ''}  "
-              f"default {t['default_lr']:.2e} EV {t['default_explained_variance']:.3f}  "
-              f"shortfall {t['shortfall']:+.3f}")  # fmt: skip
+              f"EV {t['best_explained_variance']:.3f}{' (edge)' if t['best_at_edge'] else ''}  {default}")  # fmt: skip
     device = torch.device(args.device)
     results = Path(
         args.results or Path(__file__).parent / "results" / f"lr-sweep-{device.type}.json"

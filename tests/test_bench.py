@@ -192,6 +192,20 @@ def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path
         )
 
 
+def test_lr_sweep_without_the_default_rate_reports_the_best_found(tmp_path):
+    """A probe of rates around the default (no multiplier 1) printed its table by formatting
+    the missing default, and crashed before writing what it had trained."""
+    synthetic_cache(tmp_path / "cache", rows=4_000, d=16, shard_rows=1_000)
+    synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
+    report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
+                       "--heldout", str(tmp_path / "heldout"), "--widths", "64", "--budgets", "2000",
+                       "--multipliers", "0.5", "2", "--batch-size", "1000",
+                       "--results", str(tmp_path / "runs" / "probe.json"))  # fmt: skip
+    (point,) = report["points"]
+    assert point["default_lr"] is None and point["shortfall"] is None
+    assert point["best_explained_variance"] == max(r["explained_variance"] for r in report["runs"])
+
+
 def test_lr_sweep_judges_penalty_rules_at_matched_l0():
     """Under an L1 penalty a larger rate may give a denser code that explains more: it is not a
     better rate unless its L0 is within 10% of the default's."""
