@@ -53,7 +53,8 @@ def test_a_checkpoint_finds_each_dictionary_by_name_whatever_the_sweeps_order(
     args, one = one_process
     cfg = TrainConfig(cache=args[args.index("--cache") + 1], out=str(one), hook=HOOK, resume=True,
                       expansion_factor=4, batch_size=500, total_tokens=15000, device="cpu",
-                      dead_tokens=1000, lr=float(args[args.index("--lr") + 1]), sweep=[{"architecture": "jumprelu", "name": "jumprelu"},
+                      dead_tokens=1000, lr=float(args[args.index("--lr") + 1]),
+                      warmup_steps=int(args[args.index("--warmup-steps") + 1]), sweep=[{"architecture": "jumprelu", "name": "jumprelu"},
                       {"architecture": "batchtopk", "k": 4, "name": "batchtopk"},
                       {"architecture": "topk", "k": 4, "name": "topk"}])  # fmt: skip
     trainer = Trainer(cfg, cfg.cache)
