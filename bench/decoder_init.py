@@ -136,7 +136,7 @@ def main() -> None:
                 [r for r in runs if r["multiplier"] == m], args.part
             )
         rows += runs
-    field, (first, second) = STARTS[args.part]
+    _, (first, second) = STARTS[args.part]
     print(f"{'rule':10s} {'steps':>5s} {'lr':>5s}  EV {first} / {second}   "
           f"dead {first} / {second}   L0 {first} / {second}")  # fmt: skip
     for one, two in zip(rows[::2], rows[1::2], strict=True):

@@ -295,14 +295,9 @@ class TrainConfig(SAESpec, TextOptions):
             spec.hooks()  # a malformed --layers, named now
             if spec.expansion_factor <= 0 and not spec.d_sae:
                 raise ValueError(f"expansion_factor must be positive, got {spec.expansion_factor}")
-            if spec.decoder_init not in DECODER_INITS:
-                raise ValueError(
-                    f"decoder_init {spec.decoder_init!r} is not one of {', '.join(DECODER_INITS)}"
-                )
-            if spec.encoder_init not in ENCODER_INITS:
-                raise ValueError(
-                    f"encoder_init {spec.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}"
-                )
+            for name, choices in (("decoder_init", DECODER_INITS), ("encoder_init", ENCODER_INITS)):
+                if (value := getattr(spec, name)) not in choices:
+                    raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
             if spec.layers and spec.encoder_init == "fitted":
                 raise ValueError(
                     f"encoder_init fitted scales a dictionary at one hookpoint; {spec.layers!r} "
