@@ -534,8 +534,11 @@ class Trainer:
         median (or mean) of the targets, in the dictionary's units; then the architecture's own
         start (JumpReLU's threshold); then the encoder's scale where it is fitted."""
         for m in self.members:
-            y = self.world.gather(m.target(batch).to(self.device)).float()
-            if self.cfg.b_dec_init != "zeros":
+            centred = self.cfg.b_dec_init != "zeros"
+            fits = fits_encoder(m.sae, m.spec.encoder_init)
+            if centred or fits:  # else nothing to take from the batch: no gather
+                y = self.world.gather(m.target(batch).to(self.device)).float()
+            if centred:
                 y_s = m.sae.scale_target(y).float()
                 centre = (
                     geometric_median(y_s)
@@ -545,7 +548,7 @@ class Trainer:
                 with torch.no_grad():
                     m.sae.b_dec.copy_(centre)
             m.sae.start_training()
-            if fits_encoder(m.sae, m.spec.encoder_init):
+            if fits:
                 if m.transcoder:
                     x = self.world.gather(m.input(batch).to(self.device)).float()
                     m.sae.fit_code_scale(x, y)

@@ -12,6 +12,7 @@ from sae.models import REGISTRY, SAE, TrainContext
 from tests.conftest import write_cache
 from tests.train.test_transcoders import IN, OUT, pair_cache, pairs
 from train.config import TrainConfig
+from train.trainer import Trainer
 
 
 def heavy_rows(n: int = 4000, d: int = 32, seed: int = 0) -> torch.Tensor:
@@ -127,3 +128,26 @@ def test_batchtopk_trains_from_the_fitted_start_at_once(tmp_path):
 def test_an_unknown_or_unfittable_encoder_start_is_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**settings)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_zero_b_dec_gathers_the_first_batch_only_for_a_fit(tmp_path, monkeypatch):
+    """b_dec_init zeros leaves b_dec at zero; the first batch is gathered over the ranks only
+    for a member whose encoder scale is fitted (TopK), not for one with nothing to take (ReLU-L1)."""
+    x = heavy_rows(4000)
+    cache = write_cache(tmp_path / "cache", ({IN: part} for part in x.split(2000)))
+    sweep = [{"architecture": "standard", "name": "l1"}, {"architecture": "topk", "name": "topk"}]
+    cfg = TrainConfig(out=str(tmp_path / "run"), hook=IN, sweep=sweep, d_sae=64, k=4,
+                      batch_size=2000, total_tokens=4000, b_dec_init="zeros")  # fmt: skip
+    trainer = Trainer(cfg, cache)
+    gathered = []
+    gather = trainer.world.gather
+    monkeypatch.setattr(trainer.world, "gather", lambda t: gathered.append(t) or gather(t))
+    W_enc = {m.name: m.sae.W_enc.clone() for m in trainer.members}
+    trainer.start_members(next(iter(trainer.source)))
+    assert len(gathered) == 1
+    for m in trainer.members:
+        assert not m.sae.b_dec.any()
+    l1, topk = trainer.members
+    assert torch.equal(l1.sae.W_enc, W_enc["l1"])
+    assert not torch.allclose(topk.sae.W_enc, W_enc["topk"])
