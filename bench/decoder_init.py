@@ -41,14 +41,23 @@ STARTS = {
 """Per part: the setting compared, and its two values (the one to overtake first)."""
 
 
+def layout(part: str, layer: int) -> tuple[dict[str, str], Path, int]:
+    """The part's dictionaries' hookpoints, the bench cache that holds them, and the tokens it
+    harvests: transcoders from the MLP's input to its output (the demo's 600k rows), or SAEs on
+    the residual stream (lr_sweep's rows)."""
+    if part == "decoder":
+        hooks = {"hook": f"blocks.{layer}.mlp.hook_in", "hook_out": f"blocks.{layer}.hook_mlp_out"}
+        return hooks, Path(f"runs/bench/layer{layer}-mlp"), 600_000
+    return {"hook": f"blocks.{layer}.hook_resid_post"}, Path(f"runs/bench/layer{layer}"), 2_000_000
+
+
 def run_length(args, architecture: str, steps: int, heldout: ActivationCache) -> list[dict]:
     """Both starts of one rule at each learning-rate multiple, trained together for `steps`
     steps (the same batches), each scored on held-out rows."""
     field, starts = STARTS[args.part]
-    transcoder = args.part == "decoder"
-    hooks = {"hook": args.hook_in, "hook_out": args.hook_out} if transcoder else {"hook": args.hook}
+    transcoder = "hook_out" in args.hooks
     shape = {"architecture": architecture, "k": args.k, "expansion_factor": args.expansion,
-             "sparsity_coefficient": args.coefficient.get(architecture, 0.0), **hooks}  # fmt: skip
+             "sparsity_coefficient": args.coefficient.get(architecture, 0.0), **args.hooks}  # fmt: skip
     rule = REGISTRY[architecture]
     lr = default_lr(args.expansion * args.d_in, steps, rule.rate_factor(transcoder=transcoder))
     runs = [(start, m) for m in args.multipliers for start in starts]
@@ -112,22 +121,13 @@ def main() -> None:
     parser.add_argument("--results", default="")
     args = parser.parse_args()
     args.out = args.out or f"runs/{args.part}-init"
-    args.hook = f"blocks.{args.layer}.hook_resid_post"
-    args.hook_in, args.hook_out = (
-        f"blocks.{args.layer}.mlp.hook_in",
-        f"blocks.{args.layer}.hook_mlp_out",
-    )
+    args.hooks, folder, tokens = layout(args.part, args.layer)
     if not (args.cache and args.heldout):
-        if args.part == "decoder":
-            caches = train_and_heldout(Path(f"runs/bench/layer{args.layer}-mlp"),
-                                       [args.hook_in, args.hook_out], 600_000, 40_000)  # fmt: skip
-        else:  # lr_sweep's rows
-            caches = train_and_heldout(Path(f"runs/bench/layer{args.layer}"), [args.hook],
-                                       2_000_000, 40_000)  # fmt: skip
+        caches = train_and_heldout(folder, list(args.hooks.values()), tokens, 40_000)
         args.cache, args.heldout = (c.url for c in caches)
     args.coefficient = {a: float(c) for a, _, c in (s.partition("=") for s in args.coefficient)}
     heldout = ActivationCache(args.heldout)
-    args.d_in = heldout.d_in(args.hook if args.part == "encoder" else args.hook_in)
+    args.d_in = heldout.d_in(args.hooks["hook"])
     rows, crossings = [], {}
     for architecture in args.architectures:
         runs = [r for steps in args.steps for r in run_length(args, architecture, steps, heldout)]

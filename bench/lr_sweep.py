@@ -27,7 +27,7 @@ from eval.demo import DemoConfig, heldout_scores, train_and_heldout  # noqa: E40
 from sae.environment import machine  # noqa: E402
 from sae.models import REGISTRY  # noqa: E402
 from train.cache import ActivationCache  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from train.config import ENCODER_INITS, TrainConfig  # noqa: E402
 from train.schedule import default_lr  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -38,6 +38,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     rule = REGISTRY[architecture]
     coefficient = args.coefficient.get(architecture, rule.sparsity_coefficient)  # 0: no penalty
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
+    encoder = {"encoder_init": args.encoder_init}
     sweep, rows = [], []
     for width in widths:
         for multiplier in args.multipliers:
@@ -46,11 +47,11 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
                 * multiplier
             )
             sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
-                          "sparsity_coefficient": coefficient, **hooks,
+                          "sparsity_coefficient": coefficient, **hooks, **encoder,
                           "name": f"{architecture}-{width}-x{multiplier:g}"})  # fmt: skip
             rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
                          "steps": steps, "multiplier": multiplier, "lr": lr,
-                         "sparsity_coefficient": coefficient, **hooks})  # fmt: skip
+                         "sparsity_coefficient": coefficient, **hooks, **encoder})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=int, default=[100_000, 400_000, 1_600_000])
     parser.add_argument("--multipliers", nargs="+", type=float, default=[0.5, 1.0, 2.0])
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--encoder-init", default="auto", choices=ENCODER_INITS,
+                        help="every dictionary's encoder start (train/config.py)")  # fmt: skip
     parser.add_argument("--coefficient", nargs="*", default=[],
                         help="architecture=sparsity_coefficient, for rules without k (matched L0)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4096)

@@ -199,8 +199,9 @@ def test_lr_sweep_without_the_default_rate_reports_the_best_found(tmp_path):
     synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
     report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
                        "--heldout", str(tmp_path / "heldout"), "--widths", "64", "--budgets", "2000",
-                       "--multipliers", "0.5", "2", "--batch-size", "1000",
+                       "--multipliers", "0.5", "2", "--batch-size", "1000", "--encoder-init", "tied",
                        "--results", str(tmp_path / "runs" / "probe.json"))  # fmt: skip
+    assert {r["encoder_init"] for r in report["runs"]} == {"tied"}  # TopK's own start is fitted
     (point,) = report["points"]
     assert point["default_lr"] is None and point["shortfall"] is None
     assert point["best_explained_variance"] == max(r["explained_variance"] for r in report["runs"])
