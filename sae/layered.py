@@ -106,9 +106,9 @@ class LayeredDictionary(nn.Module):
         return self.parts[0].training_advice(part_l0, coefficient, total_steps)
 
     def rate_factor(self, transcoder: bool) -> float:
-        """The rule's SAE factor, a CLT's too: transcoders' own factor was swept at one hookpoint
-        only (decision 64)."""
-        return self.parts[0].lr_factor
+        """The rule at 1x: the rules' own factors (BatchTopK SAEs' 1.4, TopK transcoders' 1.75:
+        decisions 64, 67) were swept at one hookpoint, and a CLT's or crosscoder's was not."""
+        return 1.0
 
     @property
     def batch_wide(self) -> bool:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sae
-from sae.models import TopKSAE
+from sae.models import BatchTopKSAE, TopKSAE
 from tests.conftest import synthetic_cache, write_cache
 from train.schedule import default_lr
 
@@ -304,7 +304,8 @@ def test_decoder_init_bench_compares_an_saes_encoder_starts(tmp_path):
         (steps, start) for steps in (1, 2) for start in ("tied", "fitted")
     ]
     for r in runs:
-        assert r["lr"] == default_lr(64, r["steps"])  # an SAE's rate: no transcoder factor
+        # an SAE's rate: BatchTopK's own factor, not a transcoder's
+        assert r["lr"] == default_lr(64, r["steps"], BatchTopKSAE.lr_factor)
     saved = sae.load(next((tmp_path / "runs" / "batchtopk-1").glob("*/cfg.json")).parent)
     assert not saved.cfg.is_transcoder and saved.cfg.hook_name == "blocks.6.hook_resid_post"
     assert set(report["crossing_steps"]) == {"batchtopk x1"}

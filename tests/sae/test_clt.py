@@ -199,8 +199,12 @@ def test_a_clt_starts_random_under_auto_and_from_zero_when_asked():
     assert all(bool((part.W_dec == 0).all()) for part in clt.parts)
 
 
-def test_a_topk_clt_trains_at_the_sae_rule_s_rate():
-    """The TopK transcoder's own factor (decision 64) was swept at one hookpoint only."""
-    clt = make_clt("topk")
-    assert clt.cfg.is_transcoder and clt.parts[0].rate_factor(transcoder=True) == 1.75
+@pytest.mark.parametrize(
+    ("architecture", "transcoder", "own"), [("topk", True, 1.75), ("batchtopk", False, 1.4)]
+)
+def test_a_clt_trains_at_the_rule_s_rate_without_its_factors(architecture, transcoder, own):
+    """The TopK transcoder's and BatchTopK SAE's own factors (decisions 64, 67) were swept at
+    one hookpoint only."""
+    clt = make_clt(architecture)
+    assert clt.parts[0].rate_factor(transcoder=transcoder) == own
     assert clt.rate_factor(clt.cfg.is_transcoder) == 1.0

@@ -9,7 +9,7 @@ import torch
 
 import train
 from sae.cli import field_docs
-from sae.models import TopKSAE
+from sae.models import BatchTopKSAE, TopKSAE
 from tests.conftest import make_sae, synthetic
 from train import schedule
 from train.config import SAESpec, TrainConfig
@@ -37,7 +37,8 @@ def test_the_lr_help_states_the_rule_in_use():
     rule = f"{rate} x {width} x {length}"
     lr_help = " ".join(field_docs(SAESpec)["lr"].split())
     assert rule in lr_help
-    assert f"{TopKSAE.transcoder_lr_factor:g} times that for a TopK transcoder" in lr_help
+    assert f"{BatchTopKSAE.lr_factor:g} times that for a BatchTopK SAE" in lr_help
+    assert f"{TopKSAE.transcoder_lr_factor:g} times for a TopK transcoder" in lr_help
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():

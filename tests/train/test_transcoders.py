@@ -236,8 +236,8 @@ def test_decoder_init_auto_zeroes_where_measured_better(
 
 def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_path):
     """A TopK transcoder's best rate is about twice the SAE rule's (SmolLM2 layer 6, 97 and 354
-    steps: bench/lr_sweep.py --hook-out); other rules and SAEs keep the SAE rule's rate (CLTs:
-    tests/sae/test_clt.py)."""
+    steps: bench/lr_sweep.py --hook-out); other rules and SAEs keep the SAE rule's rate, times
+    BatchTopK's own 1.4 for its SAEs (CLTs: tests/sae/test_clt.py)."""
     from train.config import TrainConfig
     from train.schedule import default_lr
     from train.trainer import Trainer
@@ -245,9 +245,12 @@ def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_pa
     _, x, y = pairs(rows=8000)
     cache = pair_cache(tmp_path / "cache", x, y)
     sweep = [{"architecture": "topk", "name": "topk"}, {"architecture": "batchtopk", "name": "batchtopk"},
-             {"architecture": "topk", "hook_out": IN, "name": "sae"}]  # fmt: skip
+             {"architecture": "topk", "hook_out": IN, "name": "sae"},
+             {"architecture": "batchtopk", "hook_out": IN, "name": "batchtopk-sae"}]  # fmt: skip
     cfg = TrainConfig(d_sae=64, k=4, total_tokens=8000, batch_size=1000, out=str(tmp_path / "run"),
                       hook=IN, hook_out=OUT, sweep=sweep)  # fmt: skip
     rates = [m.optimizer.defaults["lr"] for m in Trainer(cfg, cache).members]
     assert sae.models.TopKSAE.transcoder_lr_factor == 1.75
-    assert rates == pytest.approx([1.75 * default_lr(64, 8), default_lr(64, 8), default_lr(64, 8)])
+    assert sae.models.BatchTopKSAE.lr_factor == 1.4
+    rule = default_lr(64, 8)
+    assert rates == pytest.approx([1.75 * rule, rule, rule, 1.4 * rule])
