@@ -147,6 +147,10 @@ class SAE(nn.Module):
     transcoder_lr_factor: ClassVar[float] = 1.0
     """The same for a transcoder at one hookpoint, where the rule's best rate as a transcoder was
     measured off its best as an SAE (bench/lr_sweep.py --hook-out; docs/transcoders.md)."""
+    fitted_start: ClassVar[bool] = False
+    """Whether an SAE of this rule starts with its encoder scaled to fit the first batch under
+    encoder_init auto (fit_code_scale): where bench/decoder_init.py --part encoder and
+    bench/lr_sweep.py --encoder-init measured it better (docs/training.md)."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at half its default learning rate or faster (ZERO_START_SLOWEST),
     training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py
@@ -521,7 +525,8 @@ class StandardSAE(SAE):
     """ReLU SAE trained with an L1 penalty: z = relu(pre)."""
 
     architecture = saelens_architecture = "standard"
-    sparsity_coefficient = 5.0
+    sparsity_coefficient = 3.0  # from the fitted start, L0 48 / 27 / 13.5 at 24 / 97 / 354 steps
+    fitted_start = True
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -598,6 +603,7 @@ class TopKSAE(SAE):
 
     architecture = saelens_architecture = "topk"
     uses_k = True
+    fitted_start = True
     sparse_code = True
     latent_scaled = ()
     zero_decoder_start = True
@@ -725,6 +731,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
     uses_k = True
+    fitted_start = True
     batch_wide = True
     sparse_code = True
     latent_scaled = ()

@@ -220,13 +220,15 @@ def start_decoder(dictionary: SAE | LayeredDictionary, decoder_init: str, rate: 
 
 def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool:
     """Whether the encoder's scale is fitted to the first batch (SAE.fit_code_scale): by hand, or
-    under auto for an SAE of a rule with k, where the scale leaves L0 alone and the fit measured
-    better at every run length tried (bench/decoder_init.py --part encoder). Not for the penalty
-    rules: their L0 moves with the code's size (at 24 steps a fitted ReLU-L1 SAE ended at L0 131
-    against 28), so their coefficients would need measuring again."""
+    under auto for an SAE of a rule measured better so (SAE.fitted_start): the top-k rules, where
+    the scale leaves L0 alone, and ReLU-L1, ahead at matched L0 with its coefficient re-measured.
+    Not JumpReLU (from the fitted start its L0 stopped following the coefficient) nor Gated (its
+    L0 swung with the run's length, and at 354 steps it fit worse at matched L0)."""
     if encoder_init == "auto":
         return (
-            isinstance(dictionary, SAE) and not dictionary.cfg.is_transcoder and dictionary.uses_k
+            isinstance(dictionary, SAE)
+            and not dictionary.cfg.is_transcoder
+            and dictionary.fitted_start
         )
     return encoder_init == "fitted"
 

@@ -77,10 +77,11 @@ def test_a_zero_decoder_has_no_scale_to_fit():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # tiny runs: short, L0 off k
-def test_auto_fits_the_top_k_rules_saes_only(tmp_path, monkeypatch):
-    """Penalty rules keep the tied start (their L0 moves with the code's size, so their
-    coefficients were measured on it), as do transcoders (measured on their own starts);
-    `fitted` asks for it anywhere at one hookpoint."""
+def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
+    """The top-k rules' SAEs and ReLU-L1's are fitted; JumpReLU and Gated keep the tied start
+    (from the fitted one their L0 stopped following the coefficient, or fit worse at matched L0),
+    as do transcoders (measured on their own starts); `fitted` asks for it anywhere at one
+    hookpoint."""
     fitted = []
     fit = SAE.fit_code_scale
 
@@ -92,7 +93,8 @@ def test_auto_fits_the_top_k_rules_saes_only(tmp_path, monkeypatch):
     sweep = [{"architecture": a} for a in ("topk", "batchtopk", "matryoshka_batchtopk")]
     sweep += [{"architecture": "batchtopk", "encoder_init": "tied", "name": "tied"}]
     sweep += [{"architecture": a} for a in ("standard", "jumprelu", "gated")]
-    sweep += [{"architecture": "standard", "encoder_init": "fitted", "name": "fitted"}]
+    sweep += [{"architecture": "gated", "encoder_init": "fitted", "name": "fitted"}]
+    sweep += [{"architecture": "standard", "encoder_init": "tied", "name": "l1-tied"}]
     sweep += [{"architecture": a, "hook_out": OUT, "name": f"t-{a}"} for a in ("topk", "batchtopk")]
     sweep += [{"architecture": "batchtopk", "hook_out": OUT, "encoder_init": "fitted",
                "name": "t-fitted"}]  # fmt: skip
@@ -101,7 +103,7 @@ def test_auto_fits_the_top_k_rules_saes_only(tmp_path, monkeypatch):
     train.fit(cache, hook=IN, sweep=sweep, d_sae=64, k=4, batch_size=1000, total_tokens=2000,
               out=str(tmp_path / "run"))  # fmt: skip
     assert fitted == [("topk", False), ("batchtopk", False), ("matryoshka_batchtopk", False),
-                      ("standard", False), ("batchtopk", True)]  # fmt: skip
+                      ("standard", False), ("gated", False), ("batchtopk", True)]  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -133,10 +135,10 @@ def test_an_unknown_or_unfittable_encoder_start_is_refused(settings, message):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_zero_b_dec_gathers_the_first_batch_only_for_a_fit(tmp_path, monkeypatch):
     """b_dec_init zeros leaves b_dec at zero; the first batch is gathered over the ranks only
-    for a member whose encoder scale is fitted (TopK), not for one with nothing to take (ReLU-L1)."""
+    for a member whose encoder scale is fitted (TopK), not for one with nothing to take (JumpReLU)."""
     x = heavy_rows(4000)
     cache = write_cache(tmp_path / "cache", ({IN: part} for part in x.split(2000)))
-    sweep = [{"architecture": "standard", "name": "l1"}, {"architecture": "topk", "name": "topk"}]
+    sweep = [{"architecture": "jumprelu", "name": "l0"}, {"architecture": "topk", "name": "topk"}]
     cfg = TrainConfig(out=str(tmp_path / "run"), hook=IN, sweep=sweep, d_sae=64, k=4,
                       batch_size=2000, total_tokens=4000, b_dec_init="zeros")  # fmt: skip
     trainer = Trainer(cfg, cache)
@@ -148,6 +150,6 @@ def test_a_zero_b_dec_gathers_the_first_batch_only_for_a_fit(tmp_path, monkeypat
     assert len(gathered) == 1
     for m in trainer.members:
         assert not m.sae.b_dec.any()
-    l1, topk = trainer.members
-    assert torch.equal(l1.sae.W_enc, W_enc["l1"])
+    l0, topk = trainer.members
+    assert torch.equal(l0.sae.W_enc, W_enc["l0"])
     assert not torch.allclose(topk.sae.W_enc, W_enc["topk"])
