@@ -33,6 +33,7 @@ would, which therefore resumes in any number of processes and in any mode.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -70,8 +71,14 @@ class TrainingLoss(nn.Module):
 def end_process_group() -> None:
     """Ends the group this process started, as torch asks, before the interpreter's exit tears
     down gloo's threads under it: left to exit, a rank sometimes aborted after training had
-    finished (SIGABRT, "terminate called without an active exception"), under load."""
+    finished (SIGABRT, "terminate called without an active exception"), under load. It happened
+    once more with this in place (a CLT on two processes, 2026-12-05, not reproduced since):
+    destroy_process_group drops torch's own references, but a finished run's DDP wrappers, if
+    still in unreachable reference cycles, can keep the group and its worker threads alive
+    through their reducers into the interpreter's teardown, where freeing the tensors those
+    threads hold aborts. Collecting them first lets the group end while the interpreter is whole."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
