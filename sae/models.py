@@ -361,9 +361,9 @@ class SAE(nn.Module):
         (an SAE's: x) by least squares, and return it (1 where none fits: a zero decoder, a code
         that does not reach the target). An SAE's encoder starts as its decoder's transpose, so
         each code is its row's projection on a unit direction, and the projections a row keeps
-        add up to more than the row: far more under BatchTopK, which gives the few rows of large norm hundreds
-        of latents each (explained variance -5.5 at the start on SmolLM2's layer 6, 4608
-        latents; +0.43 once scaled), and Adam's first steps, each moving every weight by the
+        add up to more than the row: far more under BatchTopK, which gives the few rows of large
+        norm hundreds of latents each (explained variance -5.5 at the start on SmolLM2's layer 6,
+        4608 latents; +0.43 once scaled), and Adam's first steps, each moving every weight by the
         learning rate, are spent undoing it. The top-k rules' selection ignores the scale (b_enc
         is zero at the start), so only the code's size changes."""
         out = self.training_loss(x, TrainContext(aux_coefficient=0.0), y)

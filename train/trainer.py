@@ -535,8 +535,8 @@ class Trainer:
         """What the first global batch (gathered from the ranks) sets: b_dec at the geometric
         median (or mean) of the targets, in the dictionary's units; then the architecture's own
         start (JumpReLU's threshold); then the encoder's scale where it is fitted."""
+        centred = self.cfg.b_dec_init != "zeros"
         for m in self.members:
-            centred = self.cfg.b_dec_init != "zeros"
             fits = fits_encoder(m.sae, m.spec.encoder_init)
             if centred or fits:  # else nothing to take from the batch: no gather
                 y = self.world.gather(m.target(batch).to(self.device)).float()
