@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from itertools import pairwise, product
 from pathlib import Path
 
 import torch
@@ -33,25 +35,24 @@ from train.trainer import Trainer  # noqa: E402
 
 
 def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout) -> list[dict]:
-    """Train every width x multiplier of one architecture and budget together; score each."""
+    """Train every width x multiplier (x coefficient, for a penalty rule swept at several) of one
+    architecture and budget together; score each."""
     steps = budget // args.batch_size
     rule = REGISTRY[architecture]
-    coefficient = args.coefficient.get(architecture, rule.sparsity_coefficient)  # 0: no penalty
+    coefficients = args.coefficient.get(architecture, [rule.sparsity_coefficient])  # 0: no penalty
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     encoder = {"encoder_init": args.encoder_init}
     sweep, rows = [], []
-    for width in widths:
-        for multiplier in args.multipliers:
-            lr = (
-                default_lr(width, steps, rule.rate_factor(transcoder=bool(args.hook_out)))
-                * multiplier
-            )
-            sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
-                          "sparsity_coefficient": coefficient, **hooks, **encoder,
-                          "name": f"{architecture}-{width}-x{multiplier:g}"})  # fmt: skip
-            rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
-                         "steps": steps, "multiplier": multiplier, "lr": lr,
-                         "sparsity_coefficient": coefficient, **hooks, **encoder})  # fmt: skip
+    for width, multiplier, coefficient in product(widths, args.multipliers, coefficients):
+        lr = default_lr(width, steps, rule.rate_factor(transcoder=bool(args.hook_out))) * multiplier
+        name = f"{architecture}-{width}-x{multiplier:g}" + (
+            f"-c{coefficient:g}" if len(coefficients) > 1 else ""
+        )
+        sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
+                      "sparsity_coefficient": coefficient, **hooks, **encoder, "name": name})  # fmt: skip
+        rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
+                     "steps": steps, "multiplier": multiplier, "lr": lr,
+                     "sparsity_coefficient": coefficient, **hooks, **encoder})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip
@@ -65,37 +66,57 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
 
 
 L0_TOLERANCE = 1.1
-"""Under a penalty rule a learning rate counts as better only at an L0 at most this times the
-default's: the rate moves L0 too, and a denser code explains more without being a better fit."""
+"""Under a penalty rule a run counts at the matched L0 by its own explained variance only if its
+L0 is at most this times that L0: the rate moves L0 too, and a denser code explains more without
+being a better fit."""
 
 
-def rivals(group: list[dict], default: dict | None) -> list[dict]:
-    """The runs the default is measured against: all of them for rules with k (equal L0); for
-    penalty rules (ReLU-L1, JumpReLU, Gated) those at matched or lower L0."""
-    if default is None or REGISTRY[default["architecture"]].uses_k:
-        return group
-    return [r for r in group if r["l0"] <= L0_TOLERANCE * default["l0"]]
+def at_l0(runs: list[dict], l0: float) -> float | None:
+    """A penalty rule's explained variance at L0 `l0` from runs at one rate and several
+    coefficients: interpolated in log L0 between the two runs around it, or that of a run at
+    most L0_TOLERANCE times as dense if one explains more (a sparser code that explains more is
+    better outright); None when no run reaches that far."""
+    found = [r["explained_variance"] for r in runs if r["l0"] <= L0_TOLERANCE * l0]
+    curve = sorted((r["l0"], r["explained_variance"]) for r in runs)
+    for (l0_a, ev_a), (l0_b, ev_b) in pairwise(curve):
+        if l0_a <= l0 <= l0_b and l0_a < l0_b:
+            t = math.log(l0 / l0_a) / math.log(l0_b / l0_a)
+            found.append(ev_a + t * (ev_b - ev_a))
+    return max(found, default=None)
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per point: the best multiplier's explained variance against the default's (multiplier 1)."""
+def summarise(rows: list[dict], l0: float | None = None) -> list[dict]:
+    """Per point: the best multiplier's explained variance against the default's (multiplier 1,
+    at the first coefficient swept). Rules with k compare runs directly; penalty rules compare each
+    rate's explained variance at one L0 (`l0`, else the default run's) through `at_l0`, so that
+    several coefficients per rate give a comparison at matched L0."""
     points: dict[tuple, list[dict]] = {}
     for row in rows:
         points.setdefault((row["architecture"], row["d_sae"], row["tokens"]), []).append(row)
     table = []
     for (architecture, width, tokens), group in sorted(points.items()):
         default = next((r for r in group if r["multiplier"] == 1), None)
-        best = max(rivals(group, default), key=lambda r: r["explained_variance"])
+        rates: dict[float, list[dict]] = {}
+        for r in group:
+            rates.setdefault(r["multiplier"], []).append(r)
+        # k fixes L0, so every run counts; a penalty rule's rates are judged at one L0
+        matched = None if REGISTRY[architecture].uses_k else l0 or (default and default["l0"])
+        score = {
+            m: at_l0(rs, matched) if matched else max(r["explained_variance"] for r in rs)
+            for m, rs in rates.items()
+        }
+        best = max((m for m in score if score[m] is not None), key=score.get, default=None)
+        default_ev = score.get(1.0)
         table.append({
             "architecture": architecture, "d_sae": width, "tokens": tokens, "steps": group[0]["steps"],
-            "best_lr": best["lr"], "best_explained_variance": best["explained_variance"],
-            "best_at_edge": best["multiplier"] in (min(r["multiplier"] for r in group),
-                                                   max(r["multiplier"] for r in group)),
+            "matched_l0": matched, "best_multiplier": best, "best_lr": best and rates[best][0]["lr"],
+            "best_explained_variance": score.get(best),
+            "best_at_edge": best in (min(rates), max(rates)),
             "default_lr": default and default["lr"],
-            "default_explained_variance": default and default["explained_variance"],
-            "shortfall": default and best["explained_variance"] - default["explained_variance"],
+            "default_explained_variance": default_ev,
+            "shortfall": None if default_ev is None else score[best] - default_ev,
             "default_l0": default and default["l0"],
-            "best_l0": best["l0"],
+            "explained_variance_by_multiplier": score,
         })  # fmt: skip
     return table
 
@@ -117,7 +138,10 @@ def main() -> None:
     parser.add_argument("--encoder-init", default="auto", choices=ENCODER_INITS,
                         help="every dictionary's encoder start (train/config.py)")  # fmt: skip
     parser.add_argument("--coefficient", nargs="*", default=[],
-                        help="architecture=sparsity_coefficient, for rules without k (matched L0)")  # fmt: skip
+                        help="architecture=C[,C...]: a penalty rule's sparsity coefficient, or several "
+                        "(each rate trained at each; the first is the default's)")  # fmt: skip
+    parser.add_argument("--l0", type=float, help="judge penalty rules at this L0 (default: the "
+                        "default run's); with several coefficients each rate is interpolated to it")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,22 +155,33 @@ def main() -> None:
     if not (args.cache and args.heldout):
         caches = train_and_heldout(Path("runs/bench/layer6"), [DemoConfig.hook], 2_000_000, 40_000)
         args.cache, args.heldout = (c.url for c in caches)
-    args.coefficient = {a: float(c) for a, _, c in (s.partition("=") for s in args.coefficient)}
+    args.coefficient = {
+        a: [float(c) for c in cs.split(",")]
+        for a, _, cs in (s.partition("=") for s in args.coefficient)
+    }
     heldout = ActivationCache(args.heldout)
     rows = []
     for architecture in args.architectures:
         for budget in args.budgets:
             rows += sweep_point(args, architecture, budget, args.widths, heldout)
-    table = summarise(rows)
+    table = summarise(rows, args.l0)
     for t in table:
-        default = (  # a sweep without multiplier 1 has no default to compare
+        default = (  # a sweep without multiplier 1 (or none reaching the L0) has no default
             f"default {t['default_lr']:.2e} EV {t['default_explained_variance']:.3f}  "
             f"shortfall {t['shortfall']:+.3f}"
-            if t["default_lr"]
-            else "no default run"
+            if t["shortfall"] is not None
+            else "no default run to compare"
         )
-        print(f"{t['architecture']:10s} d_sae {t['d_sae']:6d} {t['tokens']:>9,} tok  best lr {t['best_lr']:.2e} "
-              f"EV {t['best_explained_variance']:.3f}{' (edge)' if t['best_at_edge'] else ''}  {default}")  # fmt: skip
+        matched = f" at L0 {t['matched_l0']:.1f}" if t["matched_l0"] else ""
+        best = (
+            f"best lr {t['best_lr']:.2e} EV {t['best_explained_variance']:.3f}"
+            f"{' (edge)' if t['best_at_edge'] else ''}"
+            if t["best_lr"]
+            else "no rate reaches that L0"
+        )
+        print(
+            f"{t['architecture']:10s} d_sae {t['d_sae']:6d} {t['tokens']:>9,} tok{matched}  {best}  {default}"
+        )
     device = torch.device(args.device)
     results = Path(
         args.results or Path(__file__).parent / "results" / f"lr-sweep-{device.type}.json"

@@ -223,15 +223,58 @@ def test_lr_sweep_judges_penalty_rules_at_matched_l0():
         ]
     ]
     standard, topk = lr_sweep.summarise(runs)
-    assert (standard["best_lr"], standard["best_l0"], standard["shortfall"]) == (
-        4.0,
-        35.0,
+    assert (standard["matched_l0"], standard["best_lr"], standard["shortfall"]) == (
+        32.0,
+        4.0,  # x2 explains more only by a twice denser code; x4 at L0 35 is within 10%
         pytest.approx(0.01),
     )
-    assert (topk["best_lr"], topk["shortfall"]) == (
+    assert (topk["matched_l0"], topk["best_lr"], topk["shortfall"]) == (
+        None,
         2.0,
         pytest.approx(0.05),
     )  # k fixes L0: all count
+
+
+def test_lr_sweep_interpolates_each_rate_to_one_l0_over_its_coefficients():
+    """With several coefficients per rate, each rate's explained variance is read off its own
+    L0 curve at the L0 asked for (linear in log L0), so rates compare at exactly matched L0."""
+    lr_sweep = load_bench("lr_sweep.py")
+    point = {"architecture": "standard", "d_sae": 64, "tokens": 4000, "steps": 4}
+    runs = [
+        {**point, "multiplier": m, "lr": m, "sparsity_coefficient": c, "explained_variance": ev,
+         "l0": l0}
+        for m, c, l0, ev in [
+            (1.0, 3, 16.0, 0.60), (1.0, 2, 64.0, 0.80),  # at L0 32: 0.70
+            (2.0, 3, 8.0, 0.62), (2.0, 2, 32.0, 0.72),  # 0.72 exactly at 32
+            (0.5, 3, 40.0, 0.50), (0.5, 2, 80.0, 0.90),  # never reaches L0 32
+        ]
+    ]  # fmt: skip
+    (summary,) = lr_sweep.summarise(runs, l0=32)
+    assert summary["explained_variance_by_multiplier"] == {
+        1.0: pytest.approx(0.70),
+        2.0: pytest.approx(0.72),
+        0.5: None,
+    }
+    assert (summary["best_lr"], summary["shortfall"]) == (2.0, pytest.approx(0.02))
+    assert lr_sweep.at_l0(runs[4:], 30.0) is None  # sparser than any of x0.5's runs
+    (unreached,) = lr_sweep.summarise(runs[4:], l0=30)
+    assert (unreached["best_lr"], unreached["shortfall"]) == (None, None)
+
+
+def test_lr_sweep_trains_each_rate_at_each_coefficient_asked(tmp_path):
+    synthetic_cache(tmp_path / "cache", rows=4_000, d=16, shard_rows=1_000)
+    synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
+    report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
+                       "--heldout", str(tmp_path / "heldout"), "--architectures", "standard",
+                       "--widths", "64", "--budgets", "2000", "--multipliers", "1", "2",
+                       "--coefficient", "standard=3,0.5", "--l0", "8", "--batch-size", "1000",
+                       "--results", str(tmp_path / "runs" / "probe.json"))  # fmt: skip
+    assert [(r["multiplier"], r["sparsity_coefficient"]) for r in report["runs"]] == [
+        (1.0, 3.0), (1.0, 0.5), (2.0, 3.0), (2.0, 0.5)
+    ]  # fmt: skip
+    assert (tmp_path / "runs" / "standard-2000" / "standard-64-x2-c0.5" / "cfg.json").exists()
+    (point,) = report["points"]
+    assert point["matched_l0"] == 8.0 and point["default_l0"] == report["runs"][0]["l0"]
 
 
 MLP_HOOKS = ["blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out"]
