@@ -59,7 +59,8 @@ def run_length(args, architecture: str, steps: int, heldout: ActivationCache) ->
     shape = {"architecture": architecture, "k": args.k, "expansion_factor": args.expansion,
              "sparsity_coefficient": args.coefficient.get(architecture, 0.0), **args.hooks}  # fmt: skip
     rule = REGISTRY[architecture]
-    lr = default_lr(args.expansion * args.d_in, steps, rule.rate_factor(transcoder=transcoder))
+    width = args.expansion * args.d_in
+    lr = default_lr(width, steps, rule.rate_factor(transcoder, width))
     runs = [(start, m) for m in args.multipliers for start in starts]
     sweep = [{**shape, field: start, "lr": lr * m, "name": f"{start}-x{m:g}"}
              for start, m in runs]  # fmt: skip

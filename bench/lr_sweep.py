@@ -44,7 +44,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     encoder = {"encoder_init": args.encoder_init}
     sweep, rows = [], []
     for width, multiplier, coefficient in product(widths, args.multipliers, coefficients):
-        lr = default_lr(width, steps, rule.rate_factor(transcoder=bool(args.hook_out))) * multiplier
+        lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out), width)) * multiplier
         name = f"{architecture}-{width}-x{multiplier:g}" + (
             f"-c{coefficient:g}" if len(coefficients) > 1 else ""
         )

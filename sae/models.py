@@ -125,6 +125,10 @@ class LossOutput(NamedTuple):
     """A cross-layer transcoder's per-layer outputs (codes, penalties), for each layer's after_step."""
 
 
+FACTOR_WIDTH = 4608
+"""The width at which the rules' learning-rate factors were measured (SmolLM2's 8x)."""
+
+
 def register(cls: type[SAE]) -> type[SAE]:
     REGISTRY[cls.architecture] = cls
     return cls
@@ -143,7 +147,12 @@ class SAE(nn.Module):
     sparsity_coefficient: ClassVar[float] = 0.0
     """The L1/L0 penalty weight training uses when none is given (0: the rule has no penalty)."""
     lr_factor: ClassVar[float] = 1.0
-    """The rule's multiple of the default learning rate (train/schedule.py), as measured for it."""
+    """The rule's multiple of the default learning rate (train/schedule.py), as measured for it
+    at FACTOR_WIDTH latents."""
+    lr_width_exponent: ClassVar[float] = 0.0
+    """How much faster than the default's the rule's best rate falls with width beyond
+    FACTOR_WIDTH: its SAEs of d_sae >= FACTOR_WIDTH latents train at lr_factor x
+    (FACTOR_WIDTH / d_sae) ** lr_width_exponent times the default rate."""
     transcoder_lr_factor: ClassVar[float] = 1.0
     """The same for a transcoder at one hookpoint, where the rule's best rate as a transcoder was
     measured off its best as an SAE (bench/lr_sweep.py --hook-out; docs/transcoders.md)."""
@@ -168,9 +177,11 @@ class SAE(nn.Module):
     """Where the latents live (train/distributed.py's LatentShards when sharded over ranks)."""
 
     @classmethod
-    def rate_factor(cls, transcoder: bool) -> float:
-        """The multiple of the default rate a dictionary of this rule trains at."""
-        return cls.transcoder_lr_factor if transcoder else cls.lr_factor
+    def rate_factor(cls, transcoder: bool, d_sae: int) -> float:
+        """The multiple of the default rate a dictionary of this rule and width trains at."""
+        if transcoder:
+            return cls.transcoder_lr_factor
+        return cls.lr_factor * (FACTOR_WIDTH / max(d_sae, FACTOR_WIDTH)) ** cls.lr_width_exponent
 
     def __init__(self, cfg: SAEConfig, latents: range | None = None):
         """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
@@ -736,6 +747,7 @@ class BatchTopKSAE(SAE):
     sparse_code = True
     latent_scaled = ()
     lr_factor = 1.4  # within 0.003 of the best rate found at 24-354 steps; 1x was up to 0.011 short
+    lr_width_exponent = 0.15  # 9k-16k latents' best rates sat at 0.7-1x 1.4 times the rule
 
     def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
         super().init_encoder_params(n, kw)

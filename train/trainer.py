@@ -161,7 +161,8 @@ def build_member(
     if sharded:
         dictionary, shards = world.split_latents(dictionary, member_name(spec), device)
     d_sae = dictionary.cfg.d_sae
-    default = default_lr(d_sae, total_steps, dictionary.rate_factor(dictionary.cfg.is_transcoder))
+    own = dictionary.rate_factor(dictionary.cfg.is_transcoder, d_sae)
+    default = default_lr(d_sae, total_steps, own)
     lr = spec.lr or default
     start_decoder(dictionary, spec.decoder_init, rate=lr / default)
     # fused: one pass over each parameter instead of a dozen elementwise kernels (10x on CPU)

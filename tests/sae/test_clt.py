@@ -206,5 +206,5 @@ def test_a_clt_trains_at_the_rule_s_rate_without_its_factors(architecture, trans
     """The TopK transcoder's and BatchTopK SAE's own factors (decisions 64, 67) were swept at
     one hookpoint only."""
     clt = make_clt(architecture)
-    assert clt.parts[0].rate_factor(transcoder=transcoder) == own
-    assert clt.rate_factor(clt.cfg.is_transcoder) == 1.0
+    assert clt.parts[0].rate_factor(transcoder, clt.cfg.d_sae) == own
+    assert clt.rate_factor(clt.cfg.is_transcoder, clt.cfg.d_sae) == 1.0

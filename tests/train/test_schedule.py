@@ -9,7 +9,7 @@ import torch
 
 import train
 from sae.cli import field_docs
-from sae.models import BatchTopKSAE, TopKSAE
+from sae.models import FACTOR_WIDTH, BatchTopKSAE, TopKSAE
 from tests.conftest import make_sae, synthetic
 from train import schedule
 from train.config import SAESpec, TrainConfig
@@ -38,7 +38,25 @@ def test_the_lr_help_states_the_rule_in_use():
     lr_help = " ".join(field_docs(SAESpec)["lr"].split())
     assert rule in lr_help
     assert f"{BatchTopKSAE.lr_factor:g} times that for a BatchTopK SAE" in lr_help
+    tilt = (
+        f"times ({FACTOR_WIDTH} / d_sae)^{BatchTopKSAE.lr_width_exponent:g} beyond {FACTOR_WIDTH}"
+    )
+    assert tilt in lr_help
     assert f"{TopKSAE.transcoder_lr_factor:g} times for a TopK transcoder" in lr_help
+
+
+def test_a_wide_batchtopk_sae_trains_at_a_rate_falling_faster_with_width(tmp_path):
+    """BatchTopK's best rate fell with width faster than the default's (decision 69): its factor
+    holds at 4608 latents and below, and shrinks beyond; TopK's and transcoders' do not."""
+    assert BatchTopKSAE.rate_factor(False, 2304) == BatchTopKSAE.rate_factor(False, 4608) == 1.4
+    assert BatchTopKSAE.rate_factor(False, 16384) == pytest.approx(1.4 * (4608 / 16384) ** 0.15)
+    assert TopKSAE.rate_factor(False, 16384) == 1.0
+    assert BatchTopKSAE.rate_factor(True, 16384) == 1.0  # a transcoder: its own factor, untilted
+    _, batches = synthetic(n_features=32, d=16, batch=100)
+    cfg = TrainConfig(k=4, total_tokens=800, batch_size=100, out=str(tmp_path / "run"),
+                      sweep=[{"architecture": "batchtopk", "d_sae": d} for d in (4608, 9216)])  # fmt: skip
+    rates = [m.optimizer.defaults["lr"] for m in Trainer(cfg, batches(8)).members]
+    assert rates == pytest.approx([1.4 * default_lr(4608, 8), 1.4 * 2**-0.15 * default_lr(9216, 8)])
 
 
 def test_the_default_warmup_is_a_twentieth_of_the_run_within_bounds():
