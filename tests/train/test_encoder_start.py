@@ -67,6 +67,24 @@ def test_batchtopk_starts_from_a_negative_fit_to_a_positive_one():
     assert explained_variance(x, latents_part(sae, x) + sae.b_dec) > 0.1
 
 
+def test_jumprelu_s_fitted_start_puts_each_threshold_where_it_fires_on_k_of_d_sae_rows():
+    """From threshold 0.01 about half the latents fire on a row; the fitted start sets L0 to k
+    (each latent firing on k / d_sae of the batch), then scales codes and thresholds together."""
+    torch.manual_seed(0)
+    x = heavy_rows()  # 4000 rows
+    sae = REGISTRY["jumprelu"](SAEConfig(architecture="jumprelu", d_in=32, d_sae=256, k=4))
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    sae.start_training()
+    assert (sae.encode(x) > 0).sum(-1).float().mean() > 100
+    sae.fit_code_scale(x)
+    fires = (sae.encode(x) > 0).sum(0)
+    assert (fires == round(4000 * 4 / 256)).all()  # 62 rows each: L0 62 * 256 / 4000 = 3.97
+    after = latents_part(sae, x)
+    residual = x - sae.b_dec - after
+    assert (residual * after).sum().abs() < 1e-4 * after.pow(2).sum(), "the scale is fitted"
+
+
 def test_a_zero_decoder_has_no_scale_to_fit():
     sae = REGISTRY["topk"](SAEConfig(architecture="topk", d_in=32, d_sae=128, k=4))
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 
 import train
 from sae.cli import field_docs
-from sae.models import FACTOR_WIDTH, BatchTopKSAE, TopKSAE
+from sae.models import FACTOR_WIDTH, BatchTopKSAE, StandardSAE, TopKSAE
 from tests.conftest import make_sae, synthetic
 from train import schedule
 from train.config import SAESpec, TrainConfig
@@ -42,6 +42,7 @@ def test_the_lr_help_states_the_rule_in_use():
         f"times ({FACTOR_WIDTH} / d_sae)^{BatchTopKSAE.lr_width_exponent:g} beyond {FACTOR_WIDTH}"
     )
     assert tilt in lr_help
+    assert f"{StandardSAE.lr_factor:g} times for a ReLU-L1 SAE" in lr_help
     assert f"{TopKSAE.transcoder_lr_factor:g} times for a TopK transcoder" in lr_help
 
 
@@ -52,6 +53,8 @@ def test_a_wide_batchtopk_sae_trains_at_a_rate_falling_faster_with_width(tmp_pat
     assert BatchTopKSAE.rate_factor(False, 16384) == pytest.approx(1.4 * (4608 / 16384) ** 0.15)
     assert TopKSAE.rate_factor(False, 16384) == 1.0
     assert BatchTopKSAE.rate_factor(True, 16384) == 1.0  # a transcoder: its own factor, untilted
+    assert StandardSAE.rate_factor(False, 16384) == 2.0  # ReLU-L1's (decision 70): no tilt
+    assert StandardSAE.rate_factor(True, 4608) == 1.0
     _, batches = synthetic(n_features=32, d=16, batch=100)
     cfg = TrainConfig(k=4, total_tokens=800, batch_size=100, out=str(tmp_path / "run"),
                       sweep=[{"architecture": "batchtopk", "d_sae": d} for d in (4608, 9216)])  # fmt: skip
