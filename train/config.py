@@ -120,8 +120,9 @@ class SAESpec:
     encoder_init: str = "auto"
     """How the encoder starts: tied (an SAE's: its decoder's transpose, as SAELens and Gao et al.
     start; a transcoder's: random unit columns), fitted (that, times the one number that best
-    fits the first batch's reconstruction), or auto: fitted for a TopK, BatchTopK, Matryoshka or
-    ReLU-L1 SAE, where it measured better (docs/training.md), else tied."""
+    fits the first batch's reconstruction; a JumpReLU's thresholds also start where the batch's L0
+    is k), or auto: fitted for a TopK, BatchTopK, Matryoshka, ReLU-L1 or JumpReLU SAE, where it
+    measured better (docs/training.md), else tied."""
     layers: str = ""
     """Train one dictionary over these layers (0-29, or 0,4,8): `hook` names the hookpoint kind
     read at each (hook_resid_post: a crosscoder), and `hook_out` the kind written (mlp.hook_in ->

@@ -222,9 +222,9 @@ def start_decoder(dictionary: SAE | LayeredDictionary, decoder_init: str, rate: 
 def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool:
     """Whether the encoder's scale is fitted to the first batch (SAE.fit_code_scale): by hand, or
     under auto for an SAE of a rule measured better so (SAE.fitted_start): the top-k rules, where
-    the scale leaves L0 alone, and ReLU-L1, ahead at matched L0 with its coefficient re-measured.
-    Not JumpReLU (from the fitted start its L0 stopped following the coefficient) nor Gated (its
-    L0 swung with the run's length, and at 354 steps it fit worse at matched L0)."""
+    the scale leaves L0 alone, ReLU-L1, ahead at matched L0 with its coefficient re-measured, and
+    JumpReLU, whose thresholds the fit also starts at L0 k. Not Gated (its L0 swung with the
+    run's length, and at 354 steps it fit worse at matched L0)."""
     if encoder_init == "auto":
         return (
             isinstance(dictionary, SAE)

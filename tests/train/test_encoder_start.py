@@ -96,9 +96,9 @@ def test_a_zero_decoder_has_no_scale_to_fit():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # tiny runs: short, L0 off k
 def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
-    """The top-k rules' SAEs and ReLU-L1's are fitted; JumpReLU and Gated keep the tied start
-    (from the fitted one their L0 stopped following the coefficient, or fit worse at matched L0),
-    as do transcoders (measured on their own starts); `fitted` asks for it anywhere at one
+    """The top-k rules' SAEs, ReLU-L1's and JumpReLU's are fitted; Gated keeps the tied start
+    (from the fitted one its L0 swung with the run's length and it fit worse at matched L0), as
+    do transcoders (measured on their own starts); `fitted` asks for it anywhere at one
     hookpoint."""
     fitted = []
     fit = SAE.fit_code_scale
@@ -121,7 +121,8 @@ def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
     train.fit(cache, hook=IN, sweep=sweep, d_sae=64, k=4, batch_size=1000, total_tokens=2000,
               out=str(tmp_path / "run"))  # fmt: skip
     assert fitted == [("topk", False), ("batchtopk", False), ("matryoshka_batchtopk", False),
-                      ("standard", False), ("gated", False), ("batchtopk", True)]  # fmt: skip
+                      ("standard", False), ("jumprelu", False), ("gated", False),
+                      ("batchtopk", True)]  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -153,10 +154,10 @@ def test_an_unknown_or_unfittable_encoder_start_is_refused(settings, message):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_zero_b_dec_gathers_the_first_batch_only_for_a_fit(tmp_path, monkeypatch):
     """b_dec_init zeros leaves b_dec at zero; the first batch is gathered over the ranks only
-    for a member whose encoder scale is fitted (TopK), not for one with nothing to take (JumpReLU)."""
+    for a member whose encoder scale is fitted (TopK), not for one with nothing to take (Gated)."""
     x = heavy_rows(4000)
     cache = write_cache(tmp_path / "cache", ({IN: part} for part in x.split(2000)))
-    sweep = [{"architecture": "jumprelu", "name": "l0"}, {"architecture": "topk", "name": "topk"}]
+    sweep = [{"architecture": "gated", "name": "l0"}, {"architecture": "topk", "name": "topk"}]
     cfg = TrainConfig(out=str(tmp_path / "run"), hook=IN, sweep=sweep, d_sae=64, k=4,
                       batch_size=2000, total_tokens=4000, b_dec_init="zeros")  # fmt: skip
     trainer = Trainer(cfg, cache)

@@ -16,7 +16,8 @@ from train.distributed import World, check_mesh
 
 def test_two_latent_shards_equal_one_process(tmp_path):
     """Every rule split over 2 latent shards trains as one process does: topk, batchtopk (its
-    inference threshold too), jumprelu, matryoshka (prefixes across the shards), relu, gated, a
+    inference threshold too), jumprelu (from both starts), matryoshka (prefixes across the
+    shards), relu, gated, a
     skip transcoder (W_skip whole on each shard), a BatchTopK crosscoder and TopK and BatchTopK
     cross-layer transcoders over two layers (each layer's latents split), AuxK on some dead
     latents included; the saved dictionaries are whole."""
@@ -24,8 +25,8 @@ def test_two_latent_shards_equal_one_process(tmp_path):
     launch(tmp_path / "one", 1, *args)
     launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
     names = [
-        "topk", "batchtopk", "jumprelu", "matryoshka", "relu", "gated", "skip_transcoder",
-        "crosscoder", "clt", "clt_batchtopk",
+        "topk", "batchtopk", "jumprelu", "jumprelu_fitted", "matryoshka", "relu", "gated",
+        "skip_transcoder", "crosscoder", "clt", "clt_batchtopk",
     ]  # fmt: skip
     assert_same(tmp_path / "one", tmp_path / "two", names)
     for name in ("topk", "batchtopk"):
