@@ -39,7 +39,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     architecture and budget together; score each."""
     steps = budget // args.batch_size
     rule = REGISTRY[architecture]
-    coefficients = args.coefficient.get(architecture, [rule.sparsity_coefficient])  # 0: no penalty
+    coefficients = args.coefficient.get(architecture, [rule.default_coefficient(steps)])  # 0: no penalty
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     encoder = {"encoder_init": args.encoder_init}
     sweep, rows = [], []

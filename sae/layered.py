@@ -96,9 +96,8 @@ class LayeredDictionary(nn.Module):
     def parts(self) -> list[SAE]:
         raise NotImplementedError
 
-    @property
-    def sparsity_coefficient(self) -> float:
-        return self.parts[0].sparsity_coefficient
+    def default_coefficient(self, steps: int) -> float:
+        return self.parts[0].default_coefficient(steps)
 
     def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
         """The parts' advice, with the L0 of one part (a CLT's L0 sums its layers')."""

@@ -128,6 +128,14 @@ class LossOutput(NamedTuple):
 FACTOR_WIDTH = 4608
 """The width at which the rules' learning-rate factors were measured (SmolLM2's 8x)."""
 
+COEFFICIENT_STEPS = 97
+"""The run length (400k tokens in batches of 4096) at which each penalty rule's
+sparsity_coefficient ends a run near L0 32 (SmolLM2 layer 6, 4608 latents, the rule's rate)."""
+COEFFICIENT_STEP_RANGE = (97, 354)
+"""The run lengths (400k-1.45M tokens) over which the coefficients' fall was measured; a run
+outside them takes the weight of the nearest end. (At 24 steps the weights that end near k
+scattered over 1.7-2.2 for ReLU-L1 at 2304-9216 latents, and JumpReLU's L0 hardly heeded its.)"""
+
 
 def register(cls: type[SAE]) -> type[SAE]:
     REGISTRY[cls.architecture] = cls
@@ -145,7 +153,12 @@ class SAE(nn.Module):
     latent_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
     """Per-latent encoder tensors that scale with a latent's code (for fold_decoder_norm_)."""
     sparsity_coefficient: ClassVar[float] = 0.0
-    """The L1/L0 penalty weight training uses when none is given (0: the rule has no penalty)."""
+    """The L1/L0 penalty weight a run of COEFFICIENT_STEPS trains at when none is given (0: the
+    rule has no penalty)."""
+    coefficient_decay: ClassVar[float] = 0.0
+    """How the weight that ends a run near L0 k falls with the run's length: a penalty keeps
+    thinning the code for as long as it trains, so a fixed weight ends a long run far sparser
+    than a short one (default_coefficient)."""
     lr_factor: ClassVar[float] = 1.0
     """The rule's multiple of the default learning rate (train/schedule.py), as measured for it
     at FACTOR_WIDTH latents."""
@@ -182,6 +195,14 @@ class SAE(nn.Module):
         if transcoder:
             return cls.transcoder_lr_factor
         return cls.lr_factor * (FACTOR_WIDTH / max(d_sae, FACTOR_WIDTH)) ** cls.lr_width_exponent
+
+    @classmethod
+    def default_coefficient(cls, steps: int) -> float:
+        """The penalty weight of a run of `steps` optimizer steps when none is given."""
+        lo, hi = COEFFICIENT_STEP_RANGE
+        return cls.sparsity_coefficient * (COEFFICIENT_STEPS / min(max(steps, lo), hi)) ** (
+            cls.coefficient_decay
+        )
 
     def __init__(self, cfg: SAEConfig, latents: range | None = None):
         """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
@@ -536,7 +557,8 @@ class StandardSAE(SAE):
     """ReLU SAE trained with an L1 penalty: z = relu(pre)."""
 
     architecture = saelens_architecture = "standard"
-    sparsity_coefficient = 2.0  # at twice the rule's rate, L0 36 / 27 at 24 / 97 steps
+    sparsity_coefficient = 1.8  # at 2x the rule's rate, L0 32 at 97 steps (2: 27)
+    coefficient_decay = 0.22  # L0 32 at 354 steps wants 1.37 (2: 15.6)
     fitted_start = True
     lr_factor = 2.0  # at matched L0 (32) 0.10 / 0.035 ahead of 1x at 24 / 97 steps; 2.8x behind
 
@@ -693,7 +715,8 @@ class JumpReLUSAE(SAE):
 
     architecture = saelens_architecture = "jumprelu"
     latent_scaled = ("b_enc", "threshold")
-    sparsity_coefficient = 1.0  # from the fitted start, L0 42 / 26 at 24 / 97 steps
+    sparsity_coefficient = 0.77  # L0 32 at 97 steps from the fitted start (1: 26.4)
+    coefficient_decay = 0.44  # L0 32 at 354 steps wants 0.43 (1: 16.2); 24 steps hardly heed it
     fitted_start = True
 
     def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:

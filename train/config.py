@@ -104,7 +104,8 @@ class SAESpec:
     that for a BatchTopK SAE, times (4608 / d_sae)^0.15 beyond 4608 latents; 2 times for a ReLU-L1
     SAE; 1.75 times for a TopK transcoder)."""
     sparsity_coefficient: float = 0.0
-    """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default."""
+    """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default
+    for the run's length (a longer run needs less penalty for the same L0: SAE.default_coefficient)."""
     hook: str = ""
     """Hookpoint to train on (empty: the cache's only one)."""
     hook_out: str = ""

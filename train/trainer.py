@@ -420,7 +420,7 @@ class Trainer:
         for m in self.members:
             x = m.input(batch).to(self.device, non_blocking=True).float()
             y = m.target(batch).to(self.device, non_blocking=True).float() if m.transcoder else None
-            coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
+            coefficient = self.coefficient(m)
             # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
             aux = self.cfg.aux_coefficient
             dead = (m.tokens_since_fired > self.dead_tokens).flatten() if aux else None
@@ -464,6 +464,10 @@ class Trainer:
 
     def suffix(self, name: str) -> str:
         return f"/{name}" if len(self.names) > 1 else ""
+
+    def coefficient(self, m: Member) -> float:
+        """The member's penalty weight: its own, or its rule's for a run of this length."""
+        return m.spec.sparsity_coefficient or m.sae.default_coefficient(self.total_steps)
 
     def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:
         """Log a step's metrics, stopping the run if a loss was NaN/inf on any rank (before any
@@ -515,7 +519,7 @@ class Trainer:
         lines = []
         for m in self.members:
             suffix = self.suffix(m.name)
-            coefficient = m.spec.sparsity_coefficient or m.sae.sparsity_coefficient
+            coefficient = self.coefficient(m)
             advice = m.sae.training_advice(
                 values["metrics/l0" + suffix], coefficient, self.total_steps
             )

@@ -9,7 +9,14 @@ import torch
 
 import train
 from sae.cli import field_docs
-from sae.models import FACTOR_WIDTH, BatchTopKSAE, StandardSAE, TopKSAE
+from sae.models import (
+    COEFFICIENT_STEPS,
+    FACTOR_WIDTH,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    StandardSAE,
+    TopKSAE,
+)
 from tests.conftest import make_sae, synthetic
 from train import schedule
 from train.config import SAESpec, TrainConfig
@@ -153,6 +160,25 @@ def test_the_trainer_picks_each_member_s_rate_from_its_own_width(tmp_path):
     trainer = Trainer(cfg, batches(40))
     rates = [m.optimizer.defaults["lr"] for m in trainer.members]
     assert rates == pytest.approx([default_lr(32, 40), default_lr(128, 40)])
+
+
+def test_a_penalty_rule_s_default_weight_falls_with_the_run_s_length(tmp_path):
+    """A fixed weight ended a 354-step run at half the L0 of a 97-step one (the penalty keeps
+    acting): the default falls as a power of the length over the lengths measured, held beyond."""
+    jumprelu = JumpReLUSAE.default_coefficient
+    assert jumprelu(COEFFICIENT_STEPS) == JumpReLUSAE.sparsity_coefficient
+    assert jumprelu(354) == pytest.approx(0.77 * (97 / 354) ** 0.44)  # 0.43: L0 32 at 1.45M tokens
+    assert jumprelu(97) > jumprelu(200) > jumprelu(354)
+    assert jumprelu(1) == jumprelu(97) and jumprelu(10**5) == jumprelu(354)  # held beyond
+    assert StandardSAE.default_coefficient(354) < StandardSAE.default_coefficient(97)
+    assert TopKSAE.default_coefficient(354) == 0.0  # no penalty
+    _, batches = synthetic(n_features=32, d=16, batch=100)
+    cfg = TrainConfig(total_tokens=20_000, batch_size=100, out=str(tmp_path), sweep=[
+        {"architecture": "jumprelu", "d_sae": 32}, {"architecture": "standard", "d_sae": 32},
+        {"architecture": "jumprelu", "d_sae": 32, "sparsity_coefficient": 3.0, "name": "own"}])  # fmt: skip
+    trainer = Trainer(cfg, batches(200))
+    coefficients = [trainer.coefficient(m) for m in trainer.members]
+    assert coefficients == pytest.approx([jumprelu(200), StandardSAE.default_coefficient(200), 3.0])
 
 
 def test_jumprelu_thresholds_learn_at_the_pre_activations_scale(tmp_path):
