@@ -39,7 +39,8 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     architecture and budget together; score each."""
     steps = budget // args.batch_size
     rule = REGISTRY[architecture]
-    coefficients = args.coefficient.get(architecture, [rule.default_coefficient(steps)])  # 0: no penalty
+    # the rule's weight for this length (0: no penalty), unless swept
+    coefficients = args.coefficient.get(architecture, [rule.default_coefficient(steps)])
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     encoder = {"encoder_init": args.encoder_init}
     sweep, rows = [], []
