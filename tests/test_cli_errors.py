@@ -31,7 +31,7 @@ def test_train_help_documents_the_inherited_sae_fields(capsys):
     )
     assert "(-1: 5% of the run, at least 5 and at most 1000)" in help_text
     assert "--sparsity-coefficient FLOAT L1 weight" in help_text
-    assert "0 picks the architecture's default. (default: 0.0)" in help_text
+    assert "0 picks the architecture's default for the run's length" in help_text
 
 
 def test_a_subclass_field_docstring_overrides_the_inherited_one():
