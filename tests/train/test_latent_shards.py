@@ -17,10 +17,9 @@ from train.distributed import World, check_mesh
 def test_two_latent_shards_equal_one_process(tmp_path):
     """Every rule split over 2 latent shards trains as one process does: topk, batchtopk (its
     inference threshold too), jumprelu (from both starts), matryoshka (prefixes across the
-    shards), relu, gated, a
-    skip transcoder (W_skip whole on each shard), a BatchTopK crosscoder and TopK and BatchTopK
-    cross-layer transcoders over two layers (each layer's latents split), AuxK on some dead
-    latents included; the saved dictionaries are whole."""
+    shards), relu, gated, a skip transcoder (W_skip whole on each shard), a BatchTopK crosscoder
+    and TopK and BatchTopK cross-layer transcoders over two layers (each layer's latents split),
+    AuxK on some dead latents included; the saved dictionaries are whole."""
     args = common(tmp_path, EVERY_RULE)
     launch(tmp_path / "one", 1, *args)
     launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
