@@ -8,6 +8,11 @@ Prints, and writes to bench/results/clt-<device>.json (--device: cpu, or cuda wh
 passes that harvest the 60 hookpoints) and with the sweep training on it, each dictionary's
 training-step time (measured after training, on one batch), the process's peak memory, and for both dictionaries the replacement model's
 CE loss recovered, KL score, pooled output explained variance and L0; ratios CLT / set.
+
+With --multipliers it sweeps the CLT's own learning rate instead (no set): CLTs at those multiples
+of the rule's default rate for a CLT (train/schedule.py, LayeredDictionary.rate_factor) with the
+default warm-up, from random decoder rows, and with --zero-start one more at 1x from a zero
+decoder; each scored as above, into clt-rates-<device>.json.
 """
 
 from __future__ import annotations
@@ -28,13 +33,16 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 from eval.replacement import replacement_report  # noqa: E402
 from eval.report import EvalConfig, dataset_windows, take_tokens  # noqa: E402
+from sae.clt import CrossLayerTranscoder  # noqa: E402
 from sae.environment import machine  # noqa: E402
 from sae.lm import load_lm  # noqa: E402
 from train.config import HarvestConfig, TrainConfig  # noqa: E402
 from train.harvest import Harvester  # noqa: E402
+from train.schedule import default_lr  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
 LAYERS = 30
+CLT = {"layers": f"0-{LAYERS - 1}", "hook": "mlp.hook_in", "hook_out": "hook_mlp_out"}
 
 
 def peak_rss_gb() -> float:
@@ -56,6 +64,77 @@ def step_time(trainer: Trainer, batch: dict, members: list, repeat: int = 3) -> 
     return (time.perf_counter() - start) / repeat
 
 
+SCORES = ("ce_loss_recovered", "kl_score", "explained_variance", "l0", "dead_fraction", "ce_clean",
+          "ce_replacement", "ce_replacement_with_errors", "ce_zero_ablation")  # fmt: skip
+
+
+def score(dictionaries: dict, args) -> dict[str, dict]:
+    """Each dictionary (or set of them) as the replacement model on held-out plays."""
+    lm, tokenizer = load_lm("smollm2-135m", device=args.device)
+    ids = take_tokens(dataset_windows(tokenizer, EvalConfig(sae="")), args.eval_tokens, 128, "test")
+    args.eval_rows = ids[:, 1:].numel()
+    scores = {}
+    for name, d in dictionaries.items():
+        r = replacement_report(d, lm, ids, device=args.device)
+        scores[name] = s = {k: r[k] for k in SCORES}
+        print(f"{name:12s} CE loss recovered {s['ce_loss_recovered']:.3f} | KL score {s['kl_score']:.3f} | "
+              f"explained variance {s['explained_variance']:.3f} | L0 {s['l0']:.0f} | dead "
+              f"{s['dead_fraction']:.1%}", flush=True)  # fmt: skip
+    return scores
+
+
+def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
+    """The CLT and 30 per-layer transcoders at one hand-set rate; scores, step times, ratios."""
+    sweep = [{**shape, **CLT, "name": "clt"}]
+    sweep += [{**shape, "hook": f"blocks.{i}.mlp.hook_in",
+               "hook_out": f"blocks.{i}.hook_mlp_out", "name": f"set/layer_{i}"}
+              for i in range(LAYERS)]  # fmt: skip
+    cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
+                      lr=4e-3, warmup_steps=10, sweep=sweep, device=args.device)  # fmt: skip
+    trainer = Trainer(cfg, stream)
+    clt, *transcoders = trained(trainer, args)
+    scores = score({"clt": clt, "set": transcoders}, args)
+    batch = next(Harvester(stream).stream(args.batch_size))
+    step_s = {"clt": step_time(trainer, batch, trainer.members[:1]),
+              "set": step_time(trainer, batch, trainer.members[1:])}  # fmt: skip
+    print(f"one training step: CLT {step_s['clt']:.3f} s, 30 transcoders {step_s['set']:.3f} s")
+    ratios = {
+        k: scores["clt"][k] / scores["set"][k] for k in ("ce_loss_recovered", "explained_variance")
+    }
+    ratios["step_time"] = step_s["clt"] / step_s["set"]
+    print(f"CLT / set: CE loss recovered {ratios['ce_loss_recovered']:.3f}x, explained variance "
+          f"{ratios['explained_variance']:.3f}x, step time {ratios['step_time']:.2f}x")  # fmt: skip
+    return {"step_s": step_s, "scores": scores, "clt_over_set": ratios, "steps": trainer.step}
+
+
+def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
+    """CLTs at multiples of their default rate (and from a zero decoder at 1x); scores."""
+    steps = args.tokens // args.batch_size
+    default = default_lr(args.d_sae, steps, CrossLayerTranscoder.rate_factor(True, args.d_sae))
+    sweep = [{**shape, **CLT, "lr": default * m, "decoder_init": "random", "name": f"clt-x{m:g}"}
+             for m in args.multipliers]  # fmt: skip
+    if args.zero_start:
+        sweep.append({**shape, **CLT, "lr": default, "decoder_init": "zero", "name": "clt-x1-zero"})
+    cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
+                      sweep=sweep, device=args.device)  # fmt: skip
+    trainer = Trainer(cfg, stream)
+    clts = trained(trainer, args)
+    scores = score({spec["name"]: clt for spec, clt in zip(sweep, clts, strict=True)}, args)
+    for spec in sweep:
+        scores[spec["name"]].update(lr=spec["lr"], decoder_init=spec["decoder_init"])
+    return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
+            "steps": trainer.step}  # fmt: skip
+
+
+def trained(trainer: Trainer, args) -> list:
+    start = time.perf_counter()
+    dictionaries = trainer.run()
+    args.train_s = time.perf_counter() - start
+    print(f"sweep: {args.tokens / args.train_s:,.0f} rows/s with the stream, peak memory "
+          f"{peak_rss_gb():.2f} GB", flush=True)  # fmt: skip
+    return dictionaries
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=80_000, help="rows streamed and trained on")
@@ -63,14 +142,17 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=576, help="latents per layer (both)")
     ap.add_argument("--k", type=int, default=16, help="batchtopk's average per layer")
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--multipliers", nargs="+", type=float,
+                    help="sweep the CLT's rate at these multiples of its default (no set)")  # fmt: skip
+    ap.add_argument("--zero-start", action="store_true",
+                    help="with --multipliers: one more CLT at 1x from a zero decoder")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    device = args.device
     hooks = [
         f"blocks.{i}.{kind}" for i in range(LAYERS) for kind in ("mlp.hook_in", "hook_mlp_out")
     ]
-    stream = HarvestConfig(hook=hooks, context_size=128, batch_size=8, device=device)
+    stream = HarvestConfig(hook=hooks, context_size=128, batch_size=8, device=args.device)
 
     start = time.perf_counter()  # the bare stream: forwards and hookpoint copies, nothing trained
     rows = 0
@@ -81,56 +163,23 @@ def main() -> None:
     print(f"stream alone: {stream_rows_s:,.0f} rows/s (60 hookpoints, {rows:,} rows)", flush=True)
 
     shape = {"architecture": "batchtopk", "k": args.k, "d_sae": args.d_sae}
-    sweep = [{**shape, "layers": f"0-{LAYERS - 1}", "hook": "mlp.hook_in", "hook_out": "hook_mlp_out",
-              "name": "clt"}]  # fmt: skip
-    sweep += [{**shape, "hook": f"blocks.{i}.mlp.hook_in", "hook_out": f"blocks.{i}.hook_mlp_out",
-               "name": f"set/layer_{i}"} for i in range(LAYERS)]  # fmt: skip
     scratch = Path(tempfile.mkdtemp())
-    cfg = TrainConfig(out=str(scratch / "train"), total_tokens=args.tokens, batch_size=args.batch_size,
-                      lr=4e-3, warmup_steps=10, sweep=sweep, device=device)  # fmt: skip
-    trainer = Trainer(cfg, stream)
-    start = time.perf_counter()
-    clt, *transcoders = trainer.run()
-    train_s = time.perf_counter() - start
-    print(f"sweep: {args.tokens / train_s:,.0f} rows/s with the stream, peak memory "
-          f"{peak_rss_gb():.2f} GB", flush=True)  # fmt: skip
-
-    lm, tokenizer = load_lm("smollm2-135m", device=device)
-    ids = take_tokens(dataset_windows(tokenizer, EvalConfig(sae="")), args.eval_tokens, 128, "test")
-    scores = {}
-    for name, d in (("clt", clt), ("set", transcoders)):
-        r = replacement_report(d, lm, ids, device=device)
-        scores[name] = {k: r[k] for k in ("ce_loss_recovered", "kl_score", "explained_variance", "l0",
-                                          "dead_fraction", "ce_clean", "ce_replacement",
-                                          "ce_replacement_with_errors", "ce_zero_ablation")}  # fmt: skip
-        s = scores[name]
-        print(f"{name:4s} CE loss recovered {s['ce_loss_recovered']:.3f} | KL score {s['kl_score']:.3f} | "
-              f"explained variance {s['explained_variance']:.3f} | L0 {s['l0']:.0f} | dead "
-              f"{s['dead_fraction']:.1%}", flush=True)  # fmt: skip
-    batch = next(Harvester(stream).stream(args.batch_size))
-    step_s = {"clt": step_time(trainer, batch, trainer.members[:1]),
-              "set": step_time(trainer, batch, trainer.members[1:])}  # fmt: skip
-    print(f"one training step: CLT {step_s['clt']:.3f} s, 30 transcoders {step_s['set']:.3f} s")
+    mode = rates if args.multipliers else against_set
+    found = mode(args, stream, shape, scratch / "train")
     shutil.rmtree(scratch, ignore_errors=True)
-    ratios = {
-        k: scores["clt"][k] / scores["set"][k] for k in ("ce_loss_recovered", "explained_variance")
-    }
-    ratios["step_time"] = step_s["clt"] / step_s["set"]
-    print(f"CLT / set: CE loss recovered {ratios['ce_loss_recovered']:.3f}x, explained variance "
-          f"{ratios['explained_variance']:.3f}x, step time {ratios['step_time']:.2f}x; stream with "
-          f"training / alone {args.tokens / train_s / stream_rows_s:.2f}x; peak memory "
-          f"{peak_rss_gb():.2f} GB")  # fmt: skip
+    print(f"stream with training / alone {args.tokens / args.train_s / stream_rows_s:.2f}x; peak "
+          f"memory {peak_rss_gb():.2f} GB")  # fmt: skip
     result = {
-        "layers": LAYERS, "tokens": args.tokens, "eval_tokens": ids[:, 1:].numel(), "d_sae_per_layer": args.d_sae,
-        "k_per_layer": args.k, "batch_size": args.batch_size, "steps": trainer.step,
-        "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": args.tokens / train_s,
-        "step_s": step_s, "peak_rss_gb": peak_rss_gb(), "device": device,
-        "peak_device_gb": peak_device_gb(device),
-        "scores": scores, "clt_over_set": ratios,
+        "layers": LAYERS, "tokens": args.tokens, "eval_tokens": args.eval_rows, "d_sae_per_layer": args.d_sae,
+        "k_per_layer": args.k, "batch_size": args.batch_size,
+        "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": args.tokens / args.train_s,
+        "peak_rss_gb": peak_rss_gb(), "device": args.device,
+        "peak_device_gb": peak_device_gb(args.device), **found,
         "machine": machine(),
     }  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"clt-{torch.device(device).type}.json"
+    name = "clt-rates" if args.multipliers else "clt"
+    path = Path(args.out) / f"{name}-{torch.device(args.device).type}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

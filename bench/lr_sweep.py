@@ -29,7 +29,7 @@ from eval.demo import DemoConfig, heldout_scores, train_and_heldout  # noqa: E40
 from sae.environment import machine  # noqa: E402
 from sae.models import REGISTRY  # noqa: E402
 from train.cache import ActivationCache  # noqa: E402
-from train.config import ENCODER_INITS, TrainConfig  # noqa: E402
+from train.config import DECODER_INITS, ENCODER_INITS, TrainConfig  # noqa: E402
 from train.schedule import default_lr  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -42,7 +42,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     # the rule's weight for this length (0: no penalty), unless swept
     coefficients = args.coefficient.get(architecture, [rule.default_coefficient(steps)])
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
-    encoder = {"encoder_init": args.encoder_init}
+    starts = {"encoder_init": args.encoder_init, "decoder_init": args.decoder_init}
     sweep, rows = [], []
     for width, multiplier, coefficient in product(widths, args.multipliers, coefficients):
         lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out), width)) * multiplier
@@ -50,10 +50,10 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
             f"-c{coefficient:g}" if len(coefficients) > 1 else ""
         )
         sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
-                      "sparsity_coefficient": coefficient, **hooks, **encoder, "name": name})  # fmt: skip
+                      "sparsity_coefficient": coefficient, **hooks, **starts, "name": name})  # fmt: skip
         rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
                      "steps": steps, "multiplier": multiplier, "lr": lr,
-                     "sparsity_coefficient": coefficient, **hooks, **encoder})  # fmt: skip
+                     "sparsity_coefficient": coefficient, **hooks, **starts})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--encoder-init", default="auto", choices=ENCODER_INITS,
                         help="every dictionary's encoder start (train/config.py)")  # fmt: skip
+    parser.add_argument("--decoder-init", default="auto", choices=DECODER_INITS,
+                        help="every dictionary's decoder start (train/config.py)")  # fmt: skip
     parser.add_argument("--coefficient", nargs="*", default=[],
                         help="architecture=C[,C...]: a penalty rule's sparsity coefficient, or several "
                         "(each rate trained at each; the first is the default's)")  # fmt: skip

@@ -104,7 +104,8 @@ class LayeredDictionary(nn.Module):
         part_l0 = l0 / len(self.parts)
         return self.parts[0].training_advice(part_l0, coefficient, total_steps)
 
-    def rate_factor(self, transcoder: bool, d_sae: int) -> float:
+    @classmethod
+    def rate_factor(cls, transcoder: bool, d_sae: int) -> float:
         """The rule at 1x: the rules' own factors (BatchTopK SAEs' 1.4, TopK transcoders' 1.75:
         decisions 64, 67) were swept at one hookpoint, and a CLT's or crosscoder's was not."""
         return 1.0

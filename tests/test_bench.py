@@ -290,17 +290,34 @@ def mlp_caches(tmp_path) -> None:
         )
 
 
+def test_clt_bench_sweeps_the_clts_own_rate_and_decoder_start(tmp_path):
+    report = run_bench("clt.py", tmp_path, "--tokens", "768", "--eval-tokens", "200",
+                       "--d-sae", "32", "--k", "4", "--batch-size", "256",
+                       "--multipliers", "0.5", "2", "--zero-start")  # fmt: skip
+    default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
+    assert report["default_lr"] == default and report["steps"] == 3
+    assert {n: (s["lr"], s["decoder_init"]) for n, s in report["scores"].items()} == {
+        "clt-x0.5": (0.5 * default, "random"),
+        "clt-x2": (2 * default, "random"),
+        "clt-x1-zero": (default, "zero"),
+    }
+    for s in report["scores"].values():
+        assert abs(s["ce_replacement_with_errors"] - s["ce_clean"]) < 1e-4
+        assert 0 < s["l0"] <= 30 * 32
+
+
 def test_lr_sweep_bench_sweeps_transcoders_between_two_hookpoints(tmp_path):
     mlp_caches(tmp_path)
     report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
                        "--heldout", str(tmp_path / "heldout"), "--hook", MLP_HOOKS[0],
                        "--hook-out", MLP_HOOKS[1], "--widths", "64", "--budgets", "2000",
                        "--multipliers", "1", "2", "--k", "4", "--batch-size", "1000",
+                       "--decoder-init", "random",
                        "--results", str(tmp_path / "runs" / "sweep.json"))  # fmt: skip
     runs = report["runs"]
-    assert [(r["hook"], r["hook_out"], r["multiplier"]) for r in runs] == [
-        (*MLP_HOOKS, 1.0),
-        (*MLP_HOOKS, 2.0),
+    assert [(r["hook"], r["hook_out"], r["multiplier"], r["decoder_init"]) for r in runs] == [
+        (*MLP_HOOKS, 1.0, "random"),
+        (*MLP_HOOKS, 2.0, "random"),
     ]
     for r in runs:
         assert r["lr"] == r["multiplier"] * default_lr(64, 2, TopKSAE.transcoder_lr_factor)
