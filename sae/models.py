@@ -398,13 +398,15 @@ class SAE(nn.Module):
         4608 latents; +0.43 once scaled), and Adam's first steps, each moving every weight by the
         learning rate, are spent undoing it. The top-k rules' selection ignores the scale (b_enc
         is zero at the start), so only the code's size changes."""
+        if not self.W_dec.any():  # a zero decoder: x_hat * t - b_dec below is rounding, not 0,
+            return 1.0  # and its fit scaled a transcoder's encoder by up to millions
         out = self.training_loss(x, TrainContext(aux_coefficient=0.0), y)
         x_s, y_s = self.scaled_pair(x, y)
         offset = self.offset(x_s)
         latents = out.x_hat.to(y_s.dtype) * self.output_scale - offset
         norm = latents.pow(2).sum()
         scale = ((y_s - offset) * latents).sum() / norm
-        if not (norm > 0 and scale > 0):  # one host sync, once per run
+        if not (norm > 0 and scale > 0):  # host syncs, once per run
             return 1.0
         self.W_enc.mul_(scale)
         return scale.item()

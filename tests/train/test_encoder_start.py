@@ -85,13 +85,26 @@ def test_jumprelu_s_fitted_start_puts_each_threshold_where_it_fires_on_k_of_d_sa
     assert (residual * after).sum().abs() < 1e-4 * after.pow(2).sum(), "the scale is fitted"
 
 
-def test_a_zero_decoder_has_no_scale_to_fit():
-    sae = REGISTRY["topk"](SAEConfig(architecture="topk", d_in=32, d_sae=128, k=4))
-    with torch.no_grad():
-        sae.W_dec.zero_()
-    W_enc = sae.W_enc.clone()
-    assert sae.fit_code_scale(heavy_rows()) == 1.0
-    assert torch.equal(sae.W_enc, W_enc)
+@pytest.mark.parametrize("architecture", ["topk", "standard", "jumprelu"])
+def test_a_zero_decoder_has_no_scale_to_fit(architecture):
+    """Also a normalized transcoder with its output bias set, whose prediction from a zero decoder,
+    scaled back and forth, left rounding that the fit scaled the encoder by (JumpReLU and ReLU-L1
+    transcoders on SmolLM2's layer-6 MLP then diverged to explained variance -4e6)."""
+    sae = REGISTRY[architecture](SAEConfig(architecture=architecture, d_in=32, d_sae=128, k=4))
+    transcoder = REGISTRY[architecture](SAEConfig(
+        architecture=architecture, d_in=32, d_out=64, d_sae=128, k=4, hook_name="a",
+        hook_name_out="b", apply_b_dec_to_input=False, normalize_activations="expected_average_only_in",
+        norm_scaling_factor=0.23, norm_scaling_factor_out=0.31))  # fmt: skip
+    x = heavy_rows()
+    y = heavy_rows(d=64, seed=1) * 3 + 1
+    for dictionary, target in ((sae, None), (transcoder, y)):
+        with torch.no_grad():
+            dictionary.W_dec.zero_()
+            dictionary.b_dec.copy_(dictionary.scale_target(y).mean(0) if target is not None else 0)
+        dictionary.start_training()
+        W_enc = dictionary.W_enc.clone()
+        assert dictionary.fit_code_scale(x, target) == 1.0
+        assert torch.equal(dictionary.W_enc, W_enc)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # tiny runs: short, L0 off k
