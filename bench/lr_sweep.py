@@ -40,7 +40,9 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     steps = budget // args.batch_size
     rule = REGISTRY[architecture]
     # the rule's weight for this length (0: no penalty), unless swept
-    coefficients = args.coefficient.get(architecture, [rule.default_coefficient(steps)])
+    coefficients = args.coefficient.get(
+        architecture, [rule.default_coefficient(steps, bool(args.hook_out))]
+    )
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     starts = {"encoder_init": args.encoder_init, "decoder_init": args.decoder_init}
     sweep, rows = [], []

@@ -169,10 +169,16 @@ class SAE(nn.Module):
     transcoder_lr_factor: ClassVar[float] = 1.0
     """The same for a transcoder at one hookpoint, where the rule's best rate as a transcoder was
     measured off its best as an SAE (bench/lr_sweep.py --hook-out; docs/transcoders.md)."""
+    transcoder_coefficient: ClassVar[float] = 0.0
+    """sparsity_coefficient for a transcoder at one hookpoint (0: the SAE's), where the weight
+    that ends a run near L0 k was measured apart: a transcoder's larger error weighs against
+    the same penalty differently (docs/transcoders.md)."""
     fitted_start: ClassVar[bool] = False
     """Whether an SAE of this rule starts with its encoder scaled to fit the first batch under
     encoder_init auto (fit_code_scale): where bench/decoder_init.py --part encoder and
     bench/lr_sweep.py --encoder-init measured it better (docs/training.md)."""
+    transcoder_fitted_start: ClassVar[bool] = False
+    """The same for a transcoder at one hookpoint (bench/lr_sweep.py --hook-out --encoder-init)."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at half its default learning rate or faster (ZERO_START_SLOWEST),
     training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py
@@ -197,12 +203,11 @@ class SAE(nn.Module):
         return cls.lr_factor * (FACTOR_WIDTH / max(d_sae, FACTOR_WIDTH)) ** cls.lr_width_exponent
 
     @classmethod
-    def default_coefficient(cls, steps: int) -> float:
+    def default_coefficient(cls, steps: int, transcoder: bool = False) -> float:
         """The penalty weight of a run of `steps` optimizer steps when none is given."""
         lo, hi = COEFFICIENT_STEP_RANGE
-        return cls.sparsity_coefficient * (COEFFICIENT_STEPS / min(max(steps, lo), hi)) ** (
-            cls.coefficient_decay
-        )
+        weight = (transcoder and cls.transcoder_coefficient) or cls.sparsity_coefficient
+        return weight * (COEFFICIENT_STEPS / min(max(steps, lo), hi)) ** cls.coefficient_decay
 
     def __init__(self, cfg: SAEConfig, latents: range | None = None):
         """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
@@ -563,6 +568,10 @@ class StandardSAE(SAE):
     coefficient_decay = 0.22  # L0 32 at 354 steps wants 1.37 (2: 15.6)
     fitted_start = True
     lr_factor = 2.0  # at matched L0 (32) 0.10 / 0.035 ahead of 1x at 24 / 97 steps; 2.8x behind
+    # a transcoder (at 1x): from a zero decoder 0.35 explained variance at L0 32 and 97 steps,
+    # from random rows 0.31; 1.8 gave L0 5, 0.48 about 32
+    zero_decoder_start = True
+    transcoder_coefficient = 0.48
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -720,6 +729,10 @@ class JumpReLUSAE(SAE):
     sparsity_coefficient = 0.77  # L0 32 at 97 steps from the fitted start (1: 26.4)
     coefficient_decay = 0.44  # L0 32 at 354 steps wants 0.43 (1: 16.2); 24 steps hardly heed it
     fitted_start = True
+    # a transcoder from fitted thresholds and a zero decoder: 0.61 explained variance at L0 32 and
+    # 97 steps, where from 0.01 and random rows it reached 0.33 (0.36 from zero); 0.77 gave L0 18
+    transcoder_fitted_start = zero_decoder_start = True
+    transcoder_coefficient = 0.13
 
     def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
         super().init_encoder_params(n, kw)

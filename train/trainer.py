@@ -224,12 +224,15 @@ def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool
     under auto for an SAE of a rule measured better so (SAE.fitted_start): the top-k rules, where
     the scale leaves L0 alone, ReLU-L1, ahead at matched L0 with its coefficient re-measured, and
     JumpReLU, whose thresholds the fit also starts at L0 k. Not Gated (its L0 swung with the
-    run's length, and at 354 steps it fit worse at matched L0)."""
+    run's length, and at 354 steps it fit worse at matched L0). Of the transcoders at one
+    hookpoint, JumpReLU's (SAE.transcoder_fitted_start): with a zero decoder there is no scale to
+    fit, but the thresholds start at L0 k, where from 0.01 a transcoder's stayed far below the
+    pre-activations and its code fit half as well (docs/transcoders.md)."""
     if encoder_init == "auto":
-        return (
-            isinstance(dictionary, SAE)
-            and not dictionary.cfg.is_transcoder
-            and dictionary.fitted_start
+        return isinstance(dictionary, SAE) and (
+            dictionary.transcoder_fitted_start
+            if dictionary.cfg.is_transcoder
+            else dictionary.fitted_start
         )
     return encoder_init == "fitted"
 
@@ -467,7 +470,9 @@ class Trainer:
 
     def coefficient(self, m: Member) -> float:
         """The member's penalty weight: its own, or its rule's for a run of this length."""
-        return m.spec.sparsity_coefficient or m.sae.default_coefficient(self.total_steps)
+        return m.spec.sparsity_coefficient or m.sae.default_coefficient(
+            self.total_steps, m.transcoder
+        )
 
     def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:
         """Log a step's metrics, stopping the run if a loss was NaN/inf on any rank (before any

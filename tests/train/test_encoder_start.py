@@ -111,8 +111,8 @@ def test_a_zero_decoder_has_no_scale_to_fit(architecture):
 def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
     """The top-k rules' SAEs, ReLU-L1's and JumpReLU's are fitted; Gated keeps the tied start
     (from the fitted one its L0 swung with the run's length and it fit worse at matched L0), as
-    do transcoders (measured on their own starts); `fitted` asks for it anywhere at one
-    hookpoint."""
+    do transcoders (measured on their own starts) but JumpReLU's, whose thresholds then start at
+    L0 k; `fitted` asks for it anywhere at one hookpoint."""
     fitted = []
     fit = SAE.fit_code_scale
 
@@ -126,7 +126,8 @@ def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
     sweep += [{"architecture": a} for a in ("standard", "jumprelu", "gated")]
     sweep += [{"architecture": "gated", "encoder_init": "fitted", "name": "fitted"}]
     sweep += [{"architecture": "standard", "encoder_init": "tied", "name": "l1-tied"}]
-    sweep += [{"architecture": a, "hook_out": OUT, "name": f"t-{a}"} for a in ("topk", "batchtopk")]
+    sweep += [{"architecture": a, "hook_out": OUT, "name": f"t-{a}"}
+              for a in ("topk", "batchtopk", "jumprelu")]  # fmt: skip
     sweep += [{"architecture": "batchtopk", "hook_out": OUT, "encoder_init": "fitted",
                "name": "t-fitted"}]  # fmt: skip
     _, x, y = pairs(rows=4000)
@@ -135,7 +136,7 @@ def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
               out=str(tmp_path / "run"))  # fmt: skip
     assert fitted == [("topk", False), ("batchtopk", False), ("matryoshka_batchtopk", False),
                       ("standard", False), ("jumprelu", False), ("gated", False),
-                      ("batchtopk", True)]  # fmt: skip
+                      ("jumprelu", True), ("batchtopk", True)]  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -218,6 +218,9 @@ def test_a_zero_decoder_start_leaves_fewer_transcoder_latents_dead(tmp_path):
         ("topk", OUT, "auto", 0.99 * ZERO_START_SLOWEST, False),
         ("topk", OUT, "auto", 0.26, False),  # where it fell behind (layer 2, 94 steps)
         ("batchtopk", OUT, "auto", 1.0, False),  # fewer dead latents, but a worse fit
+        ("jumprelu", OUT, "auto", 1.0, True),  # with its thresholds fitted: 0.61 vs 0.33 at L0 32
+        ("jumprelu", IN, "auto", 1.0, False),
+        ("standard", OUT, "auto", 1.0, True),  # 0.35 vs 0.31 at L0 32 (97 steps)
         ("topk", IN, "auto", 1.0, False),  # an SAE: its encoder starts as the decoder's transpose
         ("topk", IN, "zero", 0.26, True),
         ("topk", OUT, "random", 1.0, False),
@@ -232,6 +235,32 @@ def test_decoder_init_auto_zeroes_where_measured_better(
     start_decoder(d, decoder_init, rate)
     assert bool((d.W_dec == 0).all()) == zero
     assert zero or torch.allclose(d.W_dec.norm(dim=1), torch.ones(16)), "random unit rows kept"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a tiny run: short
+def test_a_penalty_transcoder_takes_its_rule_s_transcoder_weight(tmp_path):
+    """A transcoder's larger error weighs against the same penalty differently: at the JumpReLU
+    SAE's weight a layer-6 MLP transcoder ended 97 steps at L0 18, at 0.13 near 32
+    (docs/transcoders.md); the weight falls with the run's length as the SAE's does."""
+    from sae.models import JumpReLUSAE, StandardSAE
+    from train.config import TrainConfig
+    from train.trainer import Trainer
+
+    jumprelu = JumpReLUSAE.default_coefficient
+    assert jumprelu(97, transcoder=True) == JumpReLUSAE.transcoder_coefficient == 0.13
+    assert jumprelu(354, transcoder=True) == pytest.approx(0.13 * (97 / 354) ** 0.44)
+    _, x, y = pairs(rows=8000)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    sweep = [{"architecture": "jumprelu", "name": "t"}, {"architecture": "standard", "name": "t-l1"},
+             {"architecture": "jumprelu", "hook_out": IN, "name": "sae"},
+             {"architecture": "jumprelu", "sparsity_coefficient": 2.0, "name": "own"}]  # fmt: skip
+    cfg = TrainConfig(d_sae=64, k=4, total_tokens=8000, batch_size=1000, out=str(tmp_path / "run"),
+                      hook=IN, hook_out=OUT, sweep=sweep)  # fmt: skip
+    trainer = Trainer(cfg, cache)
+    assert [trainer.coefficient(m) for m in trainer.members] == pytest.approx(
+        [jumprelu(8, True), StandardSAE.default_coefficient(8, True), jumprelu(8), 2.0]
+    )
+    assert jumprelu(8, True) < jumprelu(8)
 
 
 def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_path):
