@@ -170,9 +170,12 @@ class SAE(nn.Module):
     """The same for a transcoder at one hookpoint, where the rule's best rate as a transcoder was
     measured off its best as an SAE (bench/lr_sweep.py --hook-out; docs/transcoders.md)."""
     transcoder_coefficient: ClassVar[float] = 0.0
-    """sparsity_coefficient for a transcoder at one hookpoint (0: the SAE's), where the weight
-    that ends a run near L0 k was measured apart: a transcoder's larger error weighs against
-    the same penalty differently (docs/transcoders.md)."""
+    """sparsity_coefficient for a transcoder at one hookpoint (0: the SAE's weight and decay),
+    where the weight that ends a run near L0 k was measured apart: a transcoder's larger error
+    weighs against the same penalty differently (docs/transcoders.md)."""
+    transcoder_coefficient_decay: ClassVar[float] = 0.0
+    """coefficient_decay for that weight; below 0 it grows with the run's length, where a
+    transcoder's code grew denser the longer it trained at one weight."""
     fitted_start: ClassVar[bool] = False
     """Whether an SAE of this rule starts with its encoder scaled to fit the first batch under
     encoder_init auto (fit_code_scale): where bench/decoder_init.py --part encoder and
@@ -206,8 +209,10 @@ class SAE(nn.Module):
     def default_coefficient(cls, steps: int, transcoder: bool = False) -> float:
         """The penalty weight of a run of `steps` optimizer steps when none is given."""
         lo, hi = COEFFICIENT_STEP_RANGE
-        weight = (transcoder and cls.transcoder_coefficient) or cls.sparsity_coefficient
-        return weight * (COEFFICIENT_STEPS / min(max(steps, lo), hi)) ** cls.coefficient_decay
+        own = transcoder and cls.transcoder_coefficient
+        weight = cls.transcoder_coefficient if own else cls.sparsity_coefficient
+        decay = cls.transcoder_coefficient_decay if own else cls.coefficient_decay
+        return weight * (COEFFICIENT_STEPS / min(max(steps, lo), hi)) ** decay
 
     def __init__(self, cfg: SAEConfig, latents: range | None = None):
         """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
@@ -572,6 +577,7 @@ class StandardSAE(SAE):
     # from random rows 0.31; 1.8 gave L0 5, 0.48 about 32
     zero_decoder_start = True
     transcoder_coefficient = 0.48
+    transcoder_coefficient_decay = -1.1  # L0 32 at 354 steps wants 1.98 (0.5: L0 209)
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -733,6 +739,7 @@ class JumpReLUSAE(SAE):
     # 97 steps, where from 0.01 and random rows it reached 0.33 (0.36 from zero); 0.77 gave L0 18
     transcoder_fitted_start = zero_decoder_start = True
     transcoder_coefficient = 0.13
+    transcoder_coefficient_decay = -0.53  # L0 32 at 354 steps wants 0.26 (0.1: L0 35 -> 75)
 
     def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
         super().init_encoder_params(n, kw)

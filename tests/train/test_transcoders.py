@@ -240,15 +240,19 @@ def test_decoder_init_auto_zeroes_where_measured_better(
 @pytest.mark.filterwarnings("ignore::UserWarning")  # a tiny run: short
 def test_a_penalty_transcoder_takes_its_rule_s_transcoder_weight(tmp_path):
     """A transcoder's larger error weighs against the same penalty differently: at the JumpReLU
-    SAE's weight a layer-6 MLP transcoder ended 97 steps at L0 18, at 0.13 near 32
-    (docs/transcoders.md); the weight falls with the run's length as the SAE's does."""
+    SAE's weight a layer-6 MLP transcoder ended 97 steps at L0 18, at 0.13 near 32; and its code
+    grew denser the longer it trained, where an SAE's thinned, so its weight grows with the run's
+    length (docs/transcoders.md)."""
     from sae.models import JumpReLUSAE, StandardSAE
     from train.config import TrainConfig
     from train.trainer import Trainer
 
     jumprelu = JumpReLUSAE.default_coefficient
     assert jumprelu(97, transcoder=True) == JumpReLUSAE.transcoder_coefficient == 0.13
-    assert jumprelu(354, transcoder=True) == pytest.approx(0.13 * (97 / 354) ** 0.44)
+    decay = JumpReLUSAE.transcoder_coefficient_decay
+    assert jumprelu(354, transcoder=True) == pytest.approx(0.13 * (97 / 354) ** decay)
+    assert jumprelu(354, transcoder=True) > jumprelu(97, transcoder=True)
+    assert jumprelu(354) < jumprelu(97)  # an SAE's
     _, x, y = pairs(rows=8000)
     cache = pair_cache(tmp_path / "cache", x, y)
     sweep = [{"architecture": "jumprelu", "name": "t"}, {"architecture": "standard", "name": "t-l1"},
