@@ -68,11 +68,11 @@ SCORES = ("ce_loss_recovered", "kl_score", "explained_variance", "l0", "dead_fra
           "ce_replacement", "ce_replacement_with_errors", "ce_zero_ablation")  # fmt: skip
 
 
-def score(dictionaries: dict, args) -> dict[str, dict]:
-    """Each dictionary (or set of them) as the replacement model on held-out plays."""
+def score(dictionaries: dict, args) -> tuple[dict[str, dict], int]:
+    """Each dictionary (or set of them) as the replacement model on held-out plays; and the
+    number of tokens scored."""
     lm, tokenizer = load_lm("smollm2-135m", device=args.device)
     ids = take_tokens(dataset_windows(tokenizer, EvalConfig(sae="")), args.eval_tokens, 128, "test")
-    args.eval_rows = ids[:, 1:].numel()
     scores = {}
     for name, d in dictionaries.items():
         r = replacement_report(d, lm, ids, device=args.device)
@@ -80,7 +80,7 @@ def score(dictionaries: dict, args) -> dict[str, dict]:
         print(f"{name:12s} CE loss recovered {s['ce_loss_recovered']:.3f} | KL score {s['kl_score']:.3f} | "
               f"explained variance {s['explained_variance']:.3f} | L0 {s['l0']:.0f} | dead "
               f"{s['dead_fraction']:.1%}", flush=True)  # fmt: skip
-    return scores
+    return scores, ids[:, 1:].numel()
 
 
 def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
@@ -92,8 +92,8 @@ def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       lr=4e-3, warmup_steps=10, sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
-    clt, *transcoders = trained(trainer, args)
-    scores = score({"clt": clt, "set": transcoders}, args)
+    (clt, *transcoders), train_s = trained(trainer, args)
+    scores, eval_tokens = score({"clt": clt, "set": transcoders}, args)
     batch = next(Harvester(stream).stream(args.batch_size))
     step_s = {"clt": step_time(trainer, batch, trainer.members[:1]),
               "set": step_time(trainer, batch, trainer.members[1:])}  # fmt: skip
@@ -104,7 +104,8 @@ def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     ratios["step_time"] = step_s["clt"] / step_s["set"]
     print(f"CLT / set: CE loss recovered {ratios['ce_loss_recovered']:.3f}x, explained variance "
           f"{ratios['explained_variance']:.3f}x, step time {ratios['step_time']:.2f}x")  # fmt: skip
-    return {"step_s": step_s, "scores": scores, "clt_over_set": ratios, "steps": trainer.step}
+    return {"step_s": step_s, "scores": scores, "clt_over_set": ratios, "steps": trainer.step,
+            "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
 
 def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
@@ -118,21 +119,22 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
-    clts = trained(trainer, args)
-    scores = score({spec["name"]: clt for spec, clt in zip(sweep, clts, strict=True)}, args)
+    clts, train_s = trained(trainer, args)
+    scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
         scores[spec["name"]].update(lr=spec["lr"], decoder_init=spec["decoder_init"])
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
-            "steps": trainer.step}  # fmt: skip
+            "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
 
-def trained(trainer: Trainer, args) -> list:
+def trained(trainer: Trainer, args) -> tuple[list, float]:
+    """The sweep's dictionaries and the seconds it took, streaming included."""
     start = time.perf_counter()
     dictionaries = trainer.run()
-    args.train_s = time.perf_counter() - start
-    print(f"sweep: {args.tokens / args.train_s:,.0f} rows/s with the stream, peak memory "
+    seconds = time.perf_counter() - start
+    print(f"sweep: {args.tokens / seconds:,.0f} rows/s with the stream, peak memory "
           f"{peak_rss_gb():.2f} GB", flush=True)  # fmt: skip
-    return dictionaries
+    return dictionaries, seconds
 
 
 def main() -> None:
@@ -167,12 +169,13 @@ def main() -> None:
     mode = rates if args.multipliers else against_set
     found = mode(args, stream, shape, scratch / "train")
     shutil.rmtree(scratch, ignore_errors=True)
-    print(f"stream with training / alone {args.tokens / args.train_s / stream_rows_s:.2f}x; peak "
+    sweep_rows_s = args.tokens / found.pop("train_s")
+    print(f"stream with training / alone {sweep_rows_s / stream_rows_s:.2f}x; peak "
           f"memory {peak_rss_gb():.2f} GB")  # fmt: skip
     result = {
-        "layers": LAYERS, "tokens": args.tokens, "eval_tokens": args.eval_rows, "d_sae_per_layer": args.d_sae,
+        "layers": LAYERS, "tokens": args.tokens, "d_sae_per_layer": args.d_sae,
         "k_per_layer": args.k, "batch_size": args.batch_size,
-        "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": args.tokens / args.train_s,
+        "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": sweep_rows_s,
         "peak_rss_gb": peak_rss_gb(), "device": args.device,
         "peak_device_gb": peak_device_gb(args.device), **found,
         "machine": machine(),

@@ -136,6 +136,10 @@ COEFFICIENT_STEP_RANGE = (97, 354)
 outside them takes the weight of the nearest end. (At 24 steps the weights that end near k
 scattered over 1.7-2.2 for ReLU-L1 at 2304-9216 latents, and JumpReLU's L0 hardly heeded its.)"""
 
+CODE_ENERGY_FLOOR = 1e-6
+"""The smallest energy a batch's reconstruction from the latents may have, as a share of the
+target's, for fit_code_scale to fit a scale to it; float32's rounding is around 1e-14."""
+
 
 def register(cls: type[SAE]) -> type[SAE]:
     REGISTRY[cls.architecture] = cls
@@ -408,15 +412,17 @@ class SAE(nn.Module):
         4608 latents; +0.43 once scaled), and Adam's first steps, each moving every weight by the
         learning rate, are spent undoing it. The top-k rules' selection ignores the scale (b_enc
         is zero at the start), so only the code's size changes."""
-        if not self.W_dec.any():  # a zero decoder: x_hat * t - b_dec below is rounding, not 0,
-            return 1.0  # and its fit scaled a transcoder's encoder by up to millions
         out = self.training_loss(x, TrainContext(aux_coefficient=0.0), y)
         x_s, y_s = self.scaled_pair(x, y)
         offset = self.offset(x_s)
         latents = out.x_hat.to(y_s.dtype) * self.output_scale - offset
+        target = y_s - offset
         norm = latents.pow(2).sum()
-        scale = ((y_s - offset) * latents).sum() / norm
-        if not (norm > 0 and scale > 0):  # host syncs, once per run
+        scale = (target * latents).sum() / norm
+        # A zero decoder or a code where nothing fires leaves rounding here (x_hat scaled by 1/t
+        # and back is not b_dec to the last bit), whose fit scaled a transcoder's encoder by
+        # millions; a code with real energy is at least CODE_ENERGY_FLOOR of the target's.
+        if not (norm > CODE_ENERGY_FLOOR * target.pow(2).sum() and scale > 0):  # syncs, once
             return 1.0
         self.W_enc.mul_(scale)
         return scale.item()

@@ -92,6 +92,7 @@ def test_clt_bench_scores_a_clt_beside_per_layer_transcoders(tmp_path):
     report = run_bench("clt.py", tmp_path, "--tokens", "768", "--eval-tokens", "200",
                        "--d-sae", "32", "--k", "4", "--batch-size", "256")  # fmt: skip
     assert report["layers"] == 30 and report["steps"] == 3
+    assert 200 <= report["eval_tokens"] < 200 + 128 and report["sweep_rows_per_s"] > 0
     for name in ("clt", "set"):
         s = report["scores"][name]
         with_errors = s["ce_replacement_with_errors"]

@@ -85,11 +85,13 @@ def test_jumprelu_s_fitted_start_puts_each_threshold_where_it_fires_on_k_of_d_sa
     assert (residual * after).sum().abs() < 1e-4 * after.pow(2).sum(), "the scale is fitted"
 
 
+@pytest.mark.parametrize("silent", ["zero decoder", "nothing fires"])
 @pytest.mark.parametrize("architecture", ["topk", "standard", "jumprelu"])
-def test_a_zero_decoder_has_no_scale_to_fit(architecture):
-    """Also a normalized transcoder with its output bias set, whose prediction from a zero decoder,
-    scaled back and forth, left rounding that the fit scaled the encoder by (JumpReLU and ReLU-L1
-    transcoders on SmolLM2's layer-6 MLP then diverged to explained variance -4e6)."""
+def test_a_silent_code_has_no_scale_to_fit(architecture, silent):
+    """Also a normalized transcoder with its output bias set, whose prediction from a zero decoder
+    (or from latents that do not fire), scaled back and forth, left rounding that the fit scaled
+    the encoder by (JumpReLU and ReLU-L1 transcoders on SmolLM2's layer-6 MLP then diverged to
+    explained variance -4e6)."""
     sae = REGISTRY[architecture](SAEConfig(architecture=architecture, d_in=32, d_sae=128, k=4))
     transcoder = REGISTRY[architecture](SAEConfig(
         architecture=architecture, d_in=32, d_out=64, d_sae=128, k=4, hook_name="a",
@@ -99,7 +101,11 @@ def test_a_zero_decoder_has_no_scale_to_fit(architecture):
     y = heavy_rows(d=64, seed=1) * 3 + 1
     for dictionary, target in ((sae, None), (transcoder, y)):
         with torch.no_grad():
-            dictionary.W_dec.zero_()
+            if silent == "zero decoder":
+                dictionary.W_dec.zero_()
+            else:
+                dictionary.W_enc.zero_()  # pre-activations b_enc: no latent fires, not even top-k's
+                dictionary.b_enc.fill_(-1.0)
             dictionary.b_dec.copy_(dictionary.scale_target(y).mean(0) if target is not None else 0)
         dictionary.start_training()
         W_enc = dictionary.W_enc.clone()
