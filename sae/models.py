@@ -140,6 +140,12 @@ CODE_ENERGY_FLOOR = 1e-6
 """The smallest energy a batch's reconstruction from the latents may have, as a share of the
 target's, for fit_code_scale to fit a scale to it; float32's rounding is around 1e-14."""
 
+L0_BAND = 2**0.5
+"""How far a penalty rule's L0 may end from k before the run says so: beyond sqrt(2) it is nearer,
+on a log scale, to k/2 or 2k, the neighbours in a sweep of sparsities that doubles k, and a
+comparison at matched L0 reads it in the wrong place. (Twice k let JumpReLU at 9216 latents end
+at 1.6-1.8 times k unremarked.)"""
+
 
 def register(cls: type[SAE]) -> type[SAE]:
     REGISTRY[cls.architecture] = cls
@@ -436,7 +442,7 @@ class SAE(nn.Module):
         A penalty rule's L0 follows its coefficient, not k: an L0 far from k means the two
         disagree, and the dictionary is not the one a reader of its cfg.json expects."""
         k = self.cfg.k
-        if self.uses_k or k / 2 <= l0 <= 2 * k:
+        if self.uses_k or k / L0_BAND <= l0 <= L0_BAND * k:
             return []
         way = "raise" if l0 > k else "lower"
         return [

@@ -119,6 +119,15 @@ def test_a_penalty_rule_whose_l0_ends_far_from_k_is_warned_about(tmp_path):
     assert not [s for s in said if "far from k" in s]
 
 
+@pytest.mark.parametrize(("l0", "way"), [(44, None), (46, "raise"), (23, None), (22, "lower")])
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated"])
+def test_a_penalty_rule_is_warned_about_beyond_root_two_of_k(architecture, l0, way):
+    """Beyond sqrt(2) of k an L0 is nearer to k/2 or 2k (JumpReLU at 9216 latents and 24 steps
+    ended at 1.6-1.8 times k, which a band of 2x left unsaid)."""
+    said = make_sae(architecture, d_sae=64, k=32).training_advice(l0, 0.77, 97)
+    assert [line.endswith(f"{way} it") for line in said] == ([True] if way else [])
+
+
 def test_an_unsettled_batchtopk_threshold_is_warned_about(tmp_path):
     _, said = fit(tmp_path, architecture="batchtopk", steps=20)
     assert any("inference threshold averaged only 4 batches (the last fifth of the run)" in s
