@@ -9,9 +9,12 @@ from torch.nn.functional import normalize
 
 import sae
 import train
+from sae.models import JumpReLUSAE, StandardSAE
 from tests.conftest import write_cache
+from train.config import TrainConfig
 from train.harvest import harvest
-from train.trainer import ZERO_START_SLOWEST, start_decoder
+from train.schedule import default_lr
+from train.trainer import ZERO_START_SLOWEST, Trainer, start_decoder
 
 IN, OUT = "blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"
 
@@ -243,10 +246,6 @@ def test_a_penalty_transcoder_takes_its_rule_s_transcoder_weight(tmp_path):
     SAE's weight a layer-6 MLP transcoder ended 97 steps at L0 18, at 0.13 near 32; and its code
     grew denser the longer it trained, where an SAE's thinned, so its weight grows with the run's
     length (docs/transcoders.md)."""
-    from sae.models import JumpReLUSAE, StandardSAE
-    from train.config import TrainConfig
-    from train.trainer import Trainer
-
     jumprelu = JumpReLUSAE.default_coefficient
     assert jumprelu(97, transcoder=True) == JumpReLUSAE.transcoder_coefficient == 0.13
     decay = JumpReLUSAE.transcoder_coefficient_decay
@@ -271,10 +270,6 @@ def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_pa
     """A TopK transcoder's best rate is about twice the SAE rule's (SmolLM2 layer 6, 97 and 354
     steps: bench/lr_sweep.py --hook-out); other rules and SAEs keep the SAE rule's rate, times
     BatchTopK's own 1.4 for its SAEs (CLTs: tests/sae/test_clt.py)."""
-    from train.config import TrainConfig
-    from train.schedule import default_lr
-    from train.trainer import Trainer
-
     _, x, y = pairs(rows=8000)
     cache = pair_cache(tmp_path / "cache", x, y)
     sweep = [{"architecture": "topk", "name": "topk"}, {"architecture": "batchtopk", "name": "batchtopk"},
