@@ -433,6 +433,14 @@ class SAE(nn.Module):
         self.W_enc.mul_(scale)
         return scale.item()
 
+    def firing_levels(self, pre: Tensor) -> Tensor:
+        """[d_sae]: the pre-activation above which each latent fires on k / d_sae of these rows
+        (halfway between the last kept and the next), for starts at L0 k."""
+        rows = len(pre)
+        fires = min(rows - 1, max(1, round(rows * self.cfg.k / self.cfg.d_sae)))
+        top = pre.topk(fires + 1, dim=0).values
+        return (top[-2] + top[-1]) / 2
+
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:
         """Called before each step: the recipe's changes at points of the schedule (none here)."""
@@ -587,9 +595,22 @@ class StandardSAE(SAE):
     lr_factor = 2.0  # at matched L0 (32) 0.10 / 0.035 ahead of 1x at 24 / 97 steps; 2.8x behind
     # a transcoder (at 1x): from a zero decoder 0.35 explained variance at L0 32 and 97 steps,
     # from random rows 0.31; 1.8 gave L0 5, 0.48 about 32
-    zero_decoder_start = True
+    transcoder_fitted_start = zero_decoder_start = True
     transcoder_coefficient = 0.48
     transcoder_coefficient_decay = -1.1  # L0 32 at 354 steps wants 1.98 (0.5: L0 209)
+
+    @torch.no_grad()
+    def fit_code_scale(self, x: Tensor, y: Tensor | None = None) -> float:
+        """The fitted start also lowers each latent's bias until it fires on k / d_sae of the
+        batch's rows, so that L0 starts at k instead of at half the latents: a transcoder's zero
+        decoder leaves no scale to fit, and from thousands of latents firing its first rows
+        overshot the target sixfold (explained variance -6 at step 3, 9216 latents); pulling the
+        codes back killed 39-54% of the latents whatever the weight (docs/transcoders.md). The
+        scale fit then scales the biases with the codes, keeping that selection."""
+        self.b_enc.sub_(self.firing_levels(self.pre_acts(x)).clamp(min=0))
+        scale = super().fit_code_scale(x, y)
+        self.b_enc.mul_(scale)
+        return scale
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -768,11 +789,7 @@ class JumpReLUSAE(SAE):
         their rate per step, and in a run of a few dozen steps they never got from 0.01 to L0 k,
         which left L0 set by the rate whatever the coefficient (docs/training.md). The scale fit
         then scales the thresholds with the codes, keeping that selection."""
-        pre = self.pre_acts(x)
-        rows = len(pre)
-        fires = min(rows - 1, max(1, round(rows * self.cfg.k / self.cfg.d_sae)))
-        top = pre.topk(fires + 1, dim=0).values  # halfway between the last kept and the next
-        self.threshold.copy_(((top[-2] + top[-1]) / 2).clamp(min=0.01))
+        self.threshold.copy_(self.firing_levels(self.pre_acts(x)).clamp(min=0.01))
         scale = super().fit_code_scale(x, y)
         self.threshold.mul_(scale)
         return scale
@@ -830,6 +847,14 @@ class BatchTopKSAE(SAE):
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
+
+    def firing_levels(self, pre: Tensor) -> Tensor:
+        """[d_sae]: the pre-activation above which each latent fires on k / d_sae of these rows
+        (halfway between the last kept and the next), for starts at L0 k."""
+        rows = len(pre)
+        fires = min(rows - 1, max(1, round(rows * self.cfg.k / self.cfg.d_sae)))
+        top = pre.topk(fires + 1, dim=0).values
+        return (top[-2] + top[-1]) / 2
 
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:

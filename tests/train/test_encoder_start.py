@@ -32,9 +32,7 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-@pytest.mark.parametrize(
-    "architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "standard", "gated"]
-)
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "matryoshka_batchtopk", "gated"])
 def test_the_fitted_scale_is_the_least_squares_one_and_leaves_the_selection(architecture):
     torch.manual_seed(0)
     x = heavy_rows()
@@ -67,22 +65,38 @@ def test_batchtopk_starts_from_a_negative_fit_to_a_positive_one():
     assert explained_variance(x, latents_part(sae, x) + sae.b_dec) > 0.1
 
 
-def test_jumprelu_s_fitted_start_puts_each_threshold_where_it_fires_on_k_of_d_sae_rows():
-    """From threshold 0.01 about half the latents fire on a row; the fitted start sets L0 to k
-    (each latent firing on k / d_sae of the batch), then scales codes and thresholds together."""
+@pytest.mark.parametrize("architecture", ["jumprelu", "standard"])
+def test_a_penalty_rule_s_fitted_start_has_each_latent_fire_on_k_of_d_sae_rows(architecture):
+    """From threshold 0.01 (JumpReLU) or bias 0 (ReLU-L1) about half the latents fire on a row;
+    the fitted start moves each latent's threshold or bias to where L0 is k (each latent firing
+    on k / d_sae of the batch), then scales codes and thresholds or biases together."""
     torch.manual_seed(0)
     x = heavy_rows()  # 4000 rows
-    sae = REGISTRY["jumprelu"](SAEConfig(architecture="jumprelu", d_in=32, d_sae=256, k=4))
+    sae = REGISTRY[architecture](SAEConfig(architecture=architecture, d_in=32, d_sae=256, k=4))
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
     sae.start_training()
     assert (sae.encode(x) > 0).sum(-1).float().mean() > 100
-    sae.fit_code_scale(x)
+    scale = sae.fit_code_scale(x)
+    assert scale != 1.0
     fires = (sae.encode(x) > 0).sum(0)
     assert (fires == round(4000 * 4 / 256)).all()  # 62 rows each: L0 62 * 256 / 4000 = 3.97
     after = latents_part(sae, x)
     residual = x - sae.b_dec - after
     assert (residual * after).sum().abs() < 1e-4 * after.pow(2).sum(), "the scale is fitted"
+
+
+def test_a_relu_l1_transcoder_starts_at_l0_k_from_its_zero_decoder():
+    """With a zero decoder there is no scale to fit, but the biases still start the code at L0 k:
+    from half the latents firing, a ReLU-L1 transcoder's first rows overshot the target sixfold
+    and pulling them back killed 39% of its latents whatever the weight."""
+    x, y = heavy_rows(), heavy_rows(d=64, seed=1)
+    transcoder = REGISTRY["standard"](SAEConfig(architecture="standard", d_in=32, d_out=64,
+        d_sae=256, k=4, hook_name="a", hook_name_out="b", apply_b_dec_to_input=False))  # fmt: skip
+    with torch.no_grad():
+        transcoder.W_dec.zero_()
+    assert transcoder.fit_code_scale(x, y) == 1.0
+    assert (transcoder.encode(x) > 0).sum(-1).float().mean() == pytest.approx(4, abs=0.05)
 
 
 @pytest.mark.parametrize("silent", ["zero decoder", "nothing fires"])
@@ -118,7 +132,8 @@ def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
     """The top-k rules' SAEs, ReLU-L1's and JumpReLU's are fitted; Gated keeps the tied start
     (from the fitted one its L0 swung with the run's length and it fit worse at matched L0), as
     do transcoders (measured on their own starts) but JumpReLU's, whose thresholds then start at
-    L0 k; `fitted` asks for it anywhere at one hookpoint."""
+    L0 k, and ReLU-L1's, whose biases then start at L0 k; `fitted` asks for it anywhere at one
+    hookpoint."""
     fitted = []
     fit = SAE.fit_code_scale
 
@@ -133,7 +148,7 @@ def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
     sweep += [{"architecture": "gated", "encoder_init": "fitted", "name": "fitted"}]
     sweep += [{"architecture": "standard", "encoder_init": "tied", "name": "l1-tied"}]
     sweep += [{"architecture": a, "hook_out": OUT, "name": f"t-{a}"}
-              for a in ("topk", "batchtopk", "jumprelu")]  # fmt: skip
+              for a in ("topk", "batchtopk", "jumprelu", "standard")]  # fmt: skip
     sweep += [{"architecture": "batchtopk", "hook_out": OUT, "encoder_init": "fitted",
                "name": "t-fitted"}]  # fmt: skip
     _, x, y = pairs(rows=4000)
@@ -142,7 +157,7 @@ def test_auto_fits_the_saes_measured_better_so(tmp_path, monkeypatch):
               out=str(tmp_path / "run"))  # fmt: skip
     assert fitted == [("topk", False), ("batchtopk", False), ("matryoshka_batchtopk", False),
                       ("standard", False), ("jumprelu", False), ("gated", False),
-                      ("jumprelu", True), ("batchtopk", True)]  # fmt: skip
+                      ("jumprelu", True), ("standard", True), ("batchtopk", True)]  # fmt: skip
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
