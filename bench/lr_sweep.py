@@ -39,23 +39,22 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     architecture and budget together; score each."""
     steps = budget // args.batch_size
     rule = REGISTRY[architecture]
-    # the rule's weight for this length (0: no penalty), unless swept
-    coefficients = args.coefficient.get(
-        architecture, [rule.default_coefficient(steps, bool(args.hook_out))]
-    )
+    swept = args.coefficient.get(architecture)
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     starts = {"encoder_init": args.encoder_init, "decoder_init": args.decoder_init}
     sweep, rows = [], []
-    for width, multiplier, coefficient in product(widths, args.multipliers, coefficients):
-        lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out), width)) * multiplier
-        name = f"{architecture}-{width}-x{multiplier:g}" + (
-            f"-c{coefficient:g}" if len(coefficients) > 1 else ""
-        )
-        sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
-                      "sparsity_coefficient": coefficient, **hooks, **starts, "name": name})  # fmt: skip
-        rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
-                     "steps": steps, "multiplier": multiplier, "lr": lr,
-                     "sparsity_coefficient": coefficient, **hooks, **starts})  # fmt: skip
+    for width, multiplier in product(widths, args.multipliers):
+        # the rule's weight for this length and width (0: no penalty), unless swept
+        for coefficient in swept or [rule.default_coefficient(steps, width, bool(args.hook_out))]:
+            lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out), width)) * multiplier
+            name = f"{architecture}-{width}-x{multiplier:g}" + (
+                f"-c{coefficient:g}" if swept and len(swept) > 1 else ""
+            )
+            sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
+                          "sparsity_coefficient": coefficient, **hooks, **starts, "name": name})  # fmt: skip
+            rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
+                         "steps": steps, "multiplier": multiplier, "lr": lr,
+                         "sparsity_coefficient": coefficient, **hooks, **starts})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip

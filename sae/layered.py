@@ -96,10 +96,10 @@ class LayeredDictionary(nn.Module):
     def parts(self) -> list[SAE]:
         raise NotImplementedError
 
-    def default_coefficient(self, steps: int, transcoder: bool = False) -> float:
+    def default_coefficient(self, steps: int, d_sae: int, transcoder: bool = False) -> float:
         """The rule's SAE weight: its parts' transcoder weight was measured at one hookpoint with
-        the starts a CLT does not take (a fitted JumpReLU encoder, a zero decoder)."""
-        return self.parts[0].default_coefficient(steps)
+        the starts a CLT does not take (a fitted encoder, a zero decoder)."""
+        return self.parts[0].default_coefficient(steps, d_sae)
 
     def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
         """The parts' advice, with the L0 of one part (a CLT's L0 sums its layers')."""

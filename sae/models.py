@@ -169,6 +169,9 @@ class SAE(nn.Module):
     """How the weight that ends a run near L0 k falls with the run's length: a penalty keeps
     thinning the code for as long as it trains, so a fixed weight ends a long run far sparser
     than a short one (default_coefficient)."""
+    coefficient_width_exponent: ClassVar[float] = 0.0
+    """How that weight falls with the SAE's width: it is sparsity_coefficient at FACTOR_WIDTH
+    latents, times (FACTOR_WIDTH / d_sae) ** coefficient_width_exponent."""
     lr_factor: ClassVar[float] = 1.0
     """The rule's multiple of the default learning rate (train/schedule.py), as measured for it
     at FACTOR_WIDTH latents."""
@@ -216,13 +219,15 @@ class SAE(nn.Module):
         return cls.lr_factor * (FACTOR_WIDTH / max(d_sae, FACTOR_WIDTH)) ** cls.lr_width_exponent
 
     @classmethod
-    def default_coefficient(cls, steps: int, transcoder: bool = False) -> float:
-        """The penalty weight of a run of `steps` optimizer steps when none is given."""
+    def default_coefficient(cls, steps: int, d_sae: int, transcoder: bool = False) -> float:
+        """The penalty weight of a run of `steps` optimizer steps and `d_sae` latents when none
+        is given."""
         lo, hi = COEFFICIENT_STEP_RANGE
-        own = transcoder and cls.transcoder_coefficient
-        weight = cls.transcoder_coefficient if own else cls.sparsity_coefficient
-        decay = cls.transcoder_coefficient_decay if own else cls.coefficient_decay
-        return weight * (COEFFICIENT_STEPS / min(max(steps, lo), hi)) ** decay
+        length = COEFFICIENT_STEPS / min(max(steps, lo), hi)
+        if transcoder and cls.transcoder_coefficient:
+            return cls.transcoder_coefficient * length**cls.transcoder_coefficient_decay
+        width = (FACTOR_WIDTH / d_sae) ** cls.coefficient_width_exponent
+        return cls.sparsity_coefficient * length**cls.coefficient_decay * width
 
     def __init__(self, cfg: SAEConfig, latents: range | None = None):
         """`latents`: build only these of the d_sae latents (a latent shard's slice), as the whole
@@ -589,15 +594,20 @@ class StandardSAE(SAE):
     """ReLU SAE trained with an L1 penalty: z = relu(pre)."""
 
     architecture = saelens_architecture = "standard"
-    sparsity_coefficient = 1.8  # at 2x the rule's rate, L0 32 at 97 steps (2: 27)
-    coefficient_decay = 0.22  # L0 32 at 354 steps wants 1.37 (2: 15.6)
+    # from the fitted biases: L0 32 at 97 steps wants 1.41 / 1.0 / 0.87 at 2304 / 4608 / 9216
+    # latents, and 0.90 at 354 steps (4608)
+    sparsity_coefficient = 1.0
+    coefficient_decay = 0.08
+    coefficient_width_exponent = 0.35
     fitted_start = True
     lr_factor = 2.0  # at matched L0 (32) 0.10 / 0.035 ahead of 1x at 24 / 97 steps; 2.8x behind
-    # a transcoder (at 1x): from a zero decoder 0.35 explained variance at L0 32 and 97 steps,
-    # from random rows 0.31; 1.8 gave L0 5, 0.48 about 32
+    # a transcoder from fitted biases and a zero decoder: 0.62 explained variance at L0 32 and 97
+    # steps (4608), where from a zero decoder alone it reached 0.35; 1.4x its rule's rate is 0.012
+    # ahead of 1x, level with 2x; L0 32 wants 1.05 / 1.17 / 1.28 at 2304 / 4608 / 9216 latents
     transcoder_fitted_start = zero_decoder_start = True
-    transcoder_coefficient = 0.48
-    transcoder_coefficient_decay = -1.1  # L0 32 at 354 steps wants 1.98 (0.5: L0 209)
+    transcoder_lr_factor = 1.4
+    transcoder_coefficient = 1.17
+    transcoder_coefficient_decay = 0.04  # L0 32 at 354 steps wants 1.11 (1.2: L0 28.8)
 
     @torch.no_grad()
     def fit_code_scale(self, x: Tensor, y: Tensor | None = None) -> float:

@@ -102,12 +102,12 @@ class SAESpec:
     """Adam learning rate; 0 picks it from the width and the run's length (train/schedule.py:
     4e-3 x (4096 / d_sae)^0.1 x (100 / steps)^0.25, fitted to a sweep on SmolLM2; 1.4 times
     that for a BatchTopK SAE, times (4608 / d_sae)^0.15 beyond 4608 latents; 2 times for a ReLU-L1
-    SAE; 1.75 times for a TopK transcoder)."""
+    SAE; 1.75 times for a TopK transcoder, 1.4 times for a ReLU-L1 one)."""
     sparsity_coefficient: float = 0.0
     """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default
-    for the run's length (a longer run needs less penalty for the same L0: SAE.default_coefficient),
-    a transcoder's its own (JumpReLU 0.13 and ReLU-L1 0.48 at 97 steps, where the SAEs' ended at
-    L0 5-18, growing to 0.26 and 1.98 at 354: a transcoder's code grows denser as it trains)."""
+    for the run's length (a longer run needs less penalty for the same L0: SAE.default_coefficient)
+    and, for ReLU-L1, the width; a transcoder's its own (JumpReLU 0.13 at 97 steps, where the SAE's
+    ended at L0 18, growing to 0.26 at 354 as its code grows denser; ReLU-L1 1.17, 1.11 at 354)."""
     hook: str = ""
     """Hookpoint to train on (empty: the cache's only one)."""
     hook_out: str = ""

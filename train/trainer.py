@@ -471,7 +471,7 @@ class Trainer:
     def coefficient(self, m: Member) -> float:
         """The member's penalty weight: its own, or its rule's for a run of this length."""
         return m.spec.sparsity_coefficient or m.sae.default_coefficient(
-            self.total_steps, m.transcoder
+            self.total_steps, m.sae.cfg.d_sae, m.transcoder
         )
 
     def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:

@@ -51,6 +51,7 @@ def test_the_lr_help_states_the_rule_in_use():
     assert tilt in lr_help
     assert f"{StandardSAE.lr_factor:g} times for a ReLU-L1 SAE" in lr_help
     assert f"{TopKSAE.transcoder_lr_factor:g} times for a TopK transcoder" in lr_help
+    assert f"{StandardSAE.transcoder_lr_factor:g} times for a ReLU-L1 one" in lr_help
 
 
 def test_a_wide_batchtopk_sae_trains_at_a_rate_falling_faster_with_width(tmp_path):
@@ -61,7 +62,7 @@ def test_a_wide_batchtopk_sae_trains_at_a_rate_falling_faster_with_width(tmp_pat
     assert TopKSAE.rate_factor(False, 16384) == 1.0
     assert BatchTopKSAE.rate_factor(True, 16384) == 1.0  # a transcoder: its own factor, untilted
     assert StandardSAE.rate_factor(False, 16384) == 2.0  # ReLU-L1's (decision 70): no tilt
-    assert StandardSAE.rate_factor(True, 4608) == 1.0
+    assert StandardSAE.rate_factor(True, 4608) == 1.4  # a ReLU-L1 transcoder: its own
     _, batches = synthetic(n_features=32, d=16, batch=100)
     cfg = TrainConfig(k=4, total_tokens=800, batch_size=100, out=str(tmp_path / "run"),
                       sweep=[{"architecture": "batchtopk", "d_sae": d} for d in (4608, 9216)])  # fmt: skip
@@ -171,23 +172,37 @@ def test_the_trainer_picks_each_member_s_rate_from_its_own_width(tmp_path):
     assert rates == pytest.approx([default_lr(32, 40), default_lr(128, 40)])
 
 
-def test_a_penalty_rule_s_default_weight_falls_with_the_run_s_length(tmp_path):
+def test_a_penalty_rule_s_default_weight_falls_with_the_run_s_length_and_width(tmp_path):
     """A fixed weight ended a 354-step run at half the L0 of a 97-step one (the penalty keeps
-    acting): the default falls as a power of the length over the lengths measured, held beyond."""
-    jumprelu = JumpReLUSAE.default_coefficient
+    acting): the default falls as a power of the length over the lengths measured, held beyond;
+    ReLU-L1's also falls with the width (from its fitted biases, 1.41 / 1.0 / 0.87 ended 97 steps
+    at L0 32 with 2304 / 4608 / 9216 latents)."""
+
+    def jumprelu(steps: int, d_sae: int = FACTOR_WIDTH) -> float:
+        return JumpReLUSAE.default_coefficient(steps, d_sae)
+
+    def standard(steps: int, d_sae: int = FACTOR_WIDTH) -> float:
+        return StandardSAE.default_coefficient(steps, d_sae)
+
     assert jumprelu(COEFFICIENT_STEPS) == JumpReLUSAE.sparsity_coefficient
     assert jumprelu(354) == pytest.approx(0.77 * (97 / 354) ** 0.44)  # 0.43: L0 32 at 1.45M tokens
     assert jumprelu(97) > jumprelu(200) > jumprelu(354)
     assert jumprelu(1) == jumprelu(97) and jumprelu(10**5) == jumprelu(354)  # held beyond
-    assert StandardSAE.default_coefficient(354) < StandardSAE.default_coefficient(97)
-    assert TopKSAE.default_coefficient(354) == 0.0  # no penalty
+    assert jumprelu(97, 2304) == jumprelu(97, 9216)  # JumpReLU's carried over widths
+    assert standard(97) == StandardSAE.sparsity_coefficient
+    assert standard(354) < standard(97)
+    assert standard(97, 2304) == pytest.approx(
+        standard(97) * 2**StandardSAE.coefficient_width_exponent
+    )
+    assert standard(97, 2304) > standard(97) > standard(97, 9216)
+    assert TopKSAE.default_coefficient(354, 2304) == 0.0  # no penalty
     _, batches = synthetic(n_features=32, d=16, batch=100)
     cfg = TrainConfig(total_tokens=20_000, batch_size=100, out=str(tmp_path), sweep=[
         {"architecture": "jumprelu", "d_sae": 32}, {"architecture": "standard", "d_sae": 32},
         {"architecture": "jumprelu", "d_sae": 32, "sparsity_coefficient": 3.0, "name": "own"}])  # fmt: skip
     trainer = Trainer(cfg, batches(200))
     coefficients = [trainer.coefficient(m) for m in trainer.members]
-    assert coefficients == pytest.approx([jumprelu(200), StandardSAE.default_coefficient(200), 3.0])
+    assert coefficients == pytest.approx([jumprelu(200, 32), standard(200, 32), 3.0])
 
 
 def test_jumprelu_thresholds_learn_at_the_pre_activations_scale(tmp_path):

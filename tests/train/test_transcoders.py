@@ -246,7 +246,10 @@ def test_a_penalty_transcoder_takes_its_rule_s_transcoder_weight(tmp_path):
     SAE's weight a layer-6 MLP transcoder ended 97 steps at L0 18, at 0.13 near 32; and its code
     grew denser the longer it trained, where an SAE's thinned, so its weight grows with the run's
     length (docs/transcoders.md)."""
-    jumprelu = JumpReLUSAE.default_coefficient
+
+    def jumprelu(steps: int, transcoder: bool = False) -> float:
+        return JumpReLUSAE.default_coefficient(steps, 64, transcoder)
+
     assert jumprelu(97, transcoder=True) == JumpReLUSAE.transcoder_coefficient == 0.13
     decay = JumpReLUSAE.transcoder_coefficient_decay
     assert jumprelu(354, transcoder=True) == pytest.approx(0.13 * (97 / 354) ** decay)
@@ -261,7 +264,7 @@ def test_a_penalty_transcoder_takes_its_rule_s_transcoder_weight(tmp_path):
                       hook=IN, hook_out=OUT, sweep=sweep)  # fmt: skip
     trainer = Trainer(cfg, cache)
     assert [trainer.coefficient(m) for m in trainer.members] == pytest.approx(
-        [jumprelu(8, True), StandardSAE.default_coefficient(8, True), jumprelu(8), 2.0]
+        [jumprelu(8, True), StandardSAE.default_coefficient(8, 64, True), jumprelu(8), 2.0]
     )
     assert jumprelu(8, True) < jumprelu(8)
 
