@@ -858,14 +858,6 @@ class BatchTopKSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
 
-    def firing_levels(self, pre: Tensor) -> Tensor:
-        """[d_sae]: the pre-activation above which each latent fires on k / d_sae of these rows
-        (halfway between the last kept and the next), for starts at L0 k."""
-        rows = len(pre)
-        fires = min(rows - 1, max(1, round(rows * self.cfg.k / self.cfg.d_sae)))
-        top = pre.topk(fires + 1, dim=0).values
-        return (top[-2] + top[-1]) / 2
-
     @torch.no_grad()
     def reach_step(self, step: int, total_steps: int) -> None:
         """The inference threshold averages the smallest kept activation over the last fifth of
