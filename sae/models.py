@@ -600,7 +600,7 @@ class StandardSAE(SAE):
     coefficient_decay = 0.08
     coefficient_width_exponent = 0.35
     fitted_start = True
-    lr_factor = 2.0  # at matched L0 (32) 0.10 / 0.035 ahead of 1x at 24 / 97 steps; 2.8x behind
+    lr_factor = 2.0  # at matched L0 (32) 0.10 / 0.035 ahead of 1x at 24 / 97 steps (decision 70)
     # a transcoder from fitted biases and a zero decoder: 0.62 explained variance at L0 32 and 97
     # steps (4608), where from a zero decoder alone it reached 0.35; 1.4x its rule's rate is 0.012
     # ahead of 1x, level with 2x; L0 32 wants 1.05 / 1.17 / 1.28 at 2304 / 4608 / 9216 latents
@@ -614,9 +614,10 @@ class StandardSAE(SAE):
         """The fitted start also lowers each latent's bias until it fires on k / d_sae of the
         batch's rows, so that L0 starts at k instead of at half the latents: a transcoder's zero
         decoder leaves no scale to fit, and from thousands of latents firing its first rows
-        overshot the target sixfold (explained variance -6 at step 3, 9216 latents); pulling the
-        codes back killed 39-54% of the latents whatever the weight (docs/transcoders.md). The
-        scale fit then scales the biases with the codes, keeping that selection."""
+        overshot the target sixfold (explained variance -6 at step 3, 9216 latents), and pulling the
+        codes back left 39% of the latents dead whatever the weight (docs/transcoders.md). An
+        SAE's start gains as well (decision 74). The scale fit then scales the biases with the
+        codes, keeping that selection."""
         self.b_enc.sub_(self.firing_levels(self.pre_acts(x)).clamp(min=0))
         scale = super().fit_code_scale(x, y)
         self.b_enc.mul_(scale)

@@ -222,12 +222,13 @@ def start_decoder(dictionary: SAE | LayeredDictionary, decoder_init: str, rate: 
 def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool:
     """Whether the encoder's scale is fitted to the first batch (SAE.fit_code_scale): by hand, or
     under auto for an SAE of a rule measured better so (SAE.fitted_start): the top-k rules, where
-    the scale leaves L0 alone, ReLU-L1, ahead at matched L0 with its coefficient re-measured, and
-    JumpReLU, whose thresholds the fit also starts at L0 k. Not Gated (its L0 swung with the
+    the scale leaves L0 alone, and ReLU-L1 and JumpReLU, whose biases or thresholds the fit also
+    starts at L0 k. Not Gated (its L0 swung with the
     run's length, and at 354 steps it fit worse at matched L0). Of the transcoders at one
-    hookpoint, JumpReLU's (SAE.transcoder_fitted_start): with a zero decoder there is no scale to
-    fit, but the thresholds start at L0 k, where from 0.01 a transcoder's stayed far below the
-    pre-activations and its code fit half as well (docs/transcoders.md)."""
+    hookpoint, JumpReLU's and ReLU-L1's (SAE.transcoder_fitted_start): with a zero decoder there is
+    no scale to fit, but the thresholds or biases start at L0 k, where from 0.01 a JumpReLU
+    transcoder's stayed far below the pre-activations and from a zero bias a ReLU-L1 one's
+    collapsed; each fit half as well (docs/transcoders.md)."""
     if encoder_init == "auto":
         return isinstance(dictionary, SAE) and (
             dictionary.transcoder_fitted_start
@@ -469,7 +470,7 @@ class Trainer:
         return f"/{name}" if len(self.names) > 1 else ""
 
     def coefficient(self, m: Member) -> float:
-        """The member's penalty weight: its own, or its rule's for a run of this length."""
+        """The member's penalty weight: its own, or its rule's for a run of this length and width."""
         return m.spec.sparsity_coefficient or m.sae.default_coefficient(
             self.total_steps, m.sae.cfg.d_sae, m.transcoder
         )
