@@ -422,7 +422,8 @@ class SAE(nn.Module):
         norm hundreds of latents each (explained variance -5.5 at the start on SmolLM2's layer 6,
         4608 latents; +0.43 once scaled), and Adam's first steps, each moving every weight by the
         learning rate, are spent undoing it. The top-k rules' selection ignores the scale (b_enc
-        is zero at the start), so only the code's size changes."""
+        is zero at the start), so only the code's size changes; the per-latent biases and
+        thresholds that select elsewhere (latent_scaled) scale with the codes, keeping theirs."""
         out = self.training_loss(x, TrainContext(aux_coefficient=0.0), y)
         x_s, y_s = self.scaled_pair(x, y)
         offset = self.offset(x_s)
@@ -436,6 +437,8 @@ class SAE(nn.Module):
         if not (norm > CODE_ENERGY_FLOOR * target.pow(2).sum() and scale > 0):  # syncs, once
             return 1.0
         self.W_enc.mul_(scale)
+        for name in self.latent_scaled:  # biases and thresholds scale with the codes they select
+            getattr(self, name).mul_(scale)
         return scale.item()
 
     def firing_levels(self, pre: Tensor) -> Tensor:
@@ -619,9 +622,7 @@ class StandardSAE(SAE):
         SAE's start gains as well (decision 74). The scale fit then scales the biases with the
         codes, keeping that selection."""
         self.b_enc.sub_(self.firing_levels(self.pre_acts(x)).clamp(min=0))
-        scale = super().fit_code_scale(x, y)
-        self.b_enc.mul_(scale)
-        return scale
+        return super().fit_code_scale(x, y)
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -801,9 +802,7 @@ class JumpReLUSAE(SAE):
         which left L0 set by the rate whatever the coefficient (docs/training.md). The scale fit
         then scales the thresholds with the codes, keeping that selection."""
         self.threshold.copy_(self.firing_levels(self.pre_acts(x)).clamp(min=0.01))
-        scale = super().fit_code_scale(x, y)
-        self.threshold.mul_(scale)
-        return scale
+        return super().fit_code_scale(x, y)
 
     def lr_scales(self) -> dict[str, float]:
         """Adam moves every parameter by about the learning rate per step, whatever its size. A

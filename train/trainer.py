@@ -223,8 +223,8 @@ def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool
     """Whether the encoder's scale is fitted to the first batch (SAE.fit_code_scale): by hand, or
     under auto for an SAE of a rule measured better so (SAE.fitted_start): the top-k rules, where
     the scale leaves L0 alone, and ReLU-L1 and JumpReLU, whose biases or thresholds the fit also
-    starts at L0 k. Not Gated (its L0 swung with the
-    run's length, and at 354 steps it fit worse at matched L0). Of the transcoders at one
+    starts at L0 k. Not Gated (its L0 swung with the run's length, and at 354 steps it fit worse
+    at matched L0). Of the transcoders at one
     hookpoint, JumpReLU's and ReLU-L1's (SAE.transcoder_fitted_start): with a zero decoder there is
     no scale to fit, but the thresholds or biases start at L0 k, where from 0.01 a JumpReLU
     transcoder's stayed far below the pre-activations and from a zero bias a ReLU-L1 one's
