@@ -112,8 +112,9 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     """CLTs at multiples of their default rate (and from a zero decoder at 1x); scores."""
     steps = args.tokens // args.batch_size
     default = default_lr(args.d_sae, steps, CrossLayerTranscoder.rate_factor(True, args.d_sae))
-    sweep = [{**shape, **CLT, "lr": default * m, "decoder_init": "random", "name": f"clt-x{m:g}"}
-             for m in args.multipliers]  # fmt: skip
+    sweep = [{**shape, **CLT, "lr": default * m, "decoder_init": "random", "encoder_init": start,
+              "name": f"clt-x{m:g}" + ("" if start == "auto" else f"-{start}")}
+             for m in args.multipliers for start in args.encoder_inits]  # fmt: skip
     if args.zero_start:
         sweep.append({**shape, **CLT, "lr": default, "decoder_init": "zero", "name": "clt-x1-zero"})
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
@@ -122,7 +123,7 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     clts, train_s = trained(trainer, args)
     scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
-        scores[spec["name"]].update(lr=spec["lr"], decoder_init=spec["decoder_init"])
+        scores[spec["name"]].update({k: spec[k] for k in ("lr", "decoder_init", "encoder_init")})
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
             "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
@@ -142,14 +143,22 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=80_000, help="rows streamed and trained on")
     ap.add_argument("--eval-tokens", type=int, default=8_000)
     ap.add_argument("--d-sae", type=int, default=576, help="latents per layer (both)")
-    ap.add_argument("--k", type=int, default=16, help="batchtopk's average per layer")
+    ap.add_argument("--architecture", default="batchtopk", help="every layer's rule (both)")
+    ap.add_argument("--k", type=int, default=16, help="the rule's k per layer")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--multipliers", nargs="+", type=float,
                     help="sweep the CLT's rate at these multiples of its default (no set)")  # fmt: skip
+    ap.add_argument(
+        "--encoder-inits",
+        nargs="+",
+        default=["auto"],
+        help="with --multipliers: a CLT from each encoder start (auto, tied, fitted)",
+    )
     ap.add_argument("--zero-start", action="store_true",
                     help="with --multipliers: one more CLT at 1x from a zero decoder")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", help="the result file's name before -<device>.json")
     args = ap.parse_args()
     hooks = [
         f"blocks.{i}.{kind}" for i in range(LAYERS) for kind in ("mlp.hook_in", "hook_mlp_out")
@@ -164,7 +173,7 @@ def main() -> None:
     stream_rows_s = rows / (time.perf_counter() - start)
     print(f"stream alone: {stream_rows_s:,.0f} rows/s (60 hookpoints, {rows:,} rows)", flush=True)
 
-    shape = {"architecture": "batchtopk", "k": args.k, "d_sae": args.d_sae}
+    shape = {"architecture": args.architecture, "k": args.k, "d_sae": args.d_sae}
     scratch = Path(tempfile.mkdtemp())
     mode = rates if args.multipliers else against_set
     found = mode(args, stream, shape, scratch / "train")
@@ -174,14 +183,14 @@ def main() -> None:
           f"memory {peak_rss_gb():.2f} GB")  # fmt: skip
     result = {
         "layers": LAYERS, "tokens": args.tokens, "d_sae_per_layer": args.d_sae,
-        "k_per_layer": args.k, "batch_size": args.batch_size,
+        "architecture": args.architecture, "k_per_layer": args.k, "batch_size": args.batch_size,
         "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": sweep_rows_s,
         "peak_rss_gb": peak_rss_gb(), "device": args.device,
         "peak_device_gb": peak_device_gb(args.device), **found,
         "machine": machine(),
     }  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "clt-rates" if args.multipliers else "clt"
+    name = args.name or ("clt-rates" if args.multipliers else "clt")
     path = Path(args.out) / f"{name}-{torch.device(args.device).type}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

@@ -232,6 +232,16 @@ class CrossLayerTranscoder(LayeredDictionary):
             sum(o.l0 for o in per_layer), layers=per_layer,
         )  # fmt: skip
 
+    @torch.no_grad()
+    def fit_code_scale(self, x: Tensor, y: Tensor | None = None) -> float:
+        """The fitted start of a CLT: each layer's biases or thresholds at L0 k on its own input
+        (SAE.start_firing), and no scale (1): a CLT's encoders and random decoder rows are
+        unrelated, so the least-squares scale of their joint prediction is noise about zero,
+        where an SAE's tied start has its codes point along the target."""
+        for part, x_i in zip(self.layers, self.scaled_inputs(x), strict=True):
+            part.start_firing(x_i)
+        return 1.0
+
     @staticmethod
     def _decode_part(part: SAE, z: Tensor) -> Tensor:
         """z @ W_dec: from z's nonzero entries alone where the rule's code has no gradient off

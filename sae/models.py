@@ -147,6 +147,19 @@ comparison at matched L0 reads it in the wrong place. (Twice k let JumpReLU at 9
 at 1.6-1.8 times k unremarked.)"""
 
 
+def code_scale(latents: Tensor, target: Tensor) -> Tensor | None:
+    """The least-squares scale of what the latents add to a reconstruction onto what they should
+    add, or None where there is none to fit. A zero decoder or a code where nothing fires leaves
+    rounding in `latents` (x_hat scaled by 1/t and back is not b_dec to the last bit), whose fit
+    scaled a transcoder's encoder by millions; a code with real energy has at least
+    CODE_ENERGY_FLOOR of the target's."""
+    norm = latents.pow(2).sum()
+    scale = (target * latents).sum() / norm
+    if not (norm > CODE_ENERGY_FLOOR * target.pow(2).sum() and scale > 0):  # syncs, once
+        return None
+    return scale
+
+
 def register(cls: type[SAE]) -> type[SAE]:
     REGISTRY[cls.architecture] = cls
     return cls
@@ -414,32 +427,41 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def fit_code_scale(self, x: Tensor, y: Tensor | None = None) -> float:
-        """Scale the encoder by the one number that best fits this batch's reconstruction of y
-        (an SAE's: x) by least squares, and return it (1 where none fits: a zero decoder, a code
-        that does not reach the target). An SAE's encoder starts as its decoder's transpose, so
-        each code is its row's projection on a unit direction, and the projections a row keeps
-        add up to more than the row: far more under BatchTopK, which gives the few rows of large
-        norm hundreds of latents each (explained variance -5.5 at the start on SmolLM2's layer 6,
-        4608 latents; +0.43 once scaled), and Adam's first steps, each moving every weight by the
-        learning rate, are spent undoing it. The top-k rules' selection ignores the scale (b_enc
-        is zero at the start), so only the code's size changes; the per-latent biases and
-        thresholds that select elsewhere (latent_scaled) scale with the codes, keeping theirs."""
+        """Start the rule's biases or thresholds at L0 k (start_firing), then scale the encoder
+        by the one number that best fits this batch's reconstruction of y (an SAE's: x) by least
+        squares, and return it (1 where none fits: a zero decoder, a code that does not reach the
+        target). An SAE's encoder starts as its decoder's transpose, so each code is its row's
+        projection on a unit direction, and the projections a row keeps add up to more than the
+        row: far more under BatchTopK, which gives the few rows of large norm hundreds of latents
+        each (explained variance -5.5 at the start on SmolLM2's layer 6, 4608 latents; +0.43 once
+        scaled), and Adam's first steps, each moving every weight by the learning rate, are spent
+        undoing it. The top-k rules' selection ignores the scale (b_enc is zero at the start), so
+        only the code's size changes; the per-latent biases and thresholds that select elsewhere
+        (latent_scaled) scale with the codes, keeping theirs."""
+        self.start_firing(x)
         out = self.training_loss(x, TrainContext(aux_coefficient=0.0), y)
         x_s, y_s = self.scaled_pair(x, y)
         offset = self.offset(x_s)
         latents = out.x_hat.to(y_s.dtype) * self.output_scale - offset
-        target = y_s - offset
-        norm = latents.pow(2).sum()
-        scale = (target * latents).sum() / norm
-        # A zero decoder or a code where nothing fires leaves rounding here (x_hat scaled by 1/t
-        # and back is not b_dec to the last bit), whose fit scaled a transcoder's encoder by
-        # millions; a code with real energy is at least CODE_ENERGY_FLOOR of the target's.
-        if not (norm > CODE_ENERGY_FLOOR * target.pow(2).sum() and scale > 0):  # syncs, once
+        scale = code_scale(latents, y_s - offset)
+        if scale is None:
             return 1.0
-        self.W_enc.mul_(scale)
-        for name in self.latent_scaled:  # biases and thresholds scale with the codes they select
-            getattr(self, name).mul_(scale)
+        self.scale_codes_(scale)
         return scale.item()
+
+    @torch.no_grad()
+    def start_firing(self, x: Tensor) -> None:
+        """Where the rule's per-latent biases or thresholds decide which latents fire, place them
+        so that each fires on k / d_sae of these rows (firing_levels): the fitted start's L0 k.
+        None here: the top-k rules select by rank."""
+
+    @torch.no_grad()
+    def scale_codes_(self, scale: Tensor) -> None:
+        """Multiply every code by `scale`: the encoder, and the biases and thresholds that select
+        (latent_scaled) with it, so that the same latents fire."""
+        self.W_enc.mul_(scale)
+        for name in self.latent_scaled:
+            getattr(self, name).mul_(scale)
 
     def firing_levels(self, pre: Tensor) -> Tensor:
         """[d_sae]: the pre-activation above which each latent fires on k / d_sae of these rows
@@ -613,16 +635,14 @@ class StandardSAE(SAE):
     transcoder_coefficient_decay = 0.04  # L0 32 at 354 steps wants 1.11 (1.2: L0 28.8)
 
     @torch.no_grad()
-    def fit_code_scale(self, x: Tensor, y: Tensor | None = None) -> float:
-        """The fitted start also lowers each latent's bias until it fires on k / d_sae of the
-        batch's rows, so that L0 starts at k instead of at half the latents: a transcoder's zero
-        decoder leaves no scale to fit, and from thousands of latents firing its first rows
-        overshot the target sixfold (explained variance -6 at step 3, 9216 latents), and pulling the
-        codes back left 39% of the latents dead whatever the weight (docs/transcoders.md). An
-        SAE's start gains as well (decision 74). The scale fit then scales the biases with the
-        codes, keeping that selection."""
+    def start_firing(self, x: Tensor) -> None:
+        """Lower each latent's bias until it fires on k / d_sae of the batch's rows, so that L0
+        starts at k instead of at half the latents: a transcoder's zero decoder leaves no scale
+        to fit, and from thousands of latents firing its first rows overshot the target sixfold
+        (explained variance -6 at step 3, 9216 latents), and pulling the codes back left 39% of
+        the latents dead whatever the weight (docs/transcoders.md). An SAE's start gains as well
+        (decision 74)."""
         self.b_enc.sub_(self.firing_levels(self.pre_acts(x)).clamp(min=0))
-        return super().fit_code_scale(x, y)
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -795,14 +815,12 @@ class JumpReLUSAE(SAE):
         self.threshold.fill_(0.01)  # above 0, so the kernel estimator sees pre-activations near it
 
     @torch.no_grad()
-    def fit_code_scale(self, x: Tensor, y: Tensor | None = None) -> float:
-        """The fitted start also puts each latent's threshold where it fires on k / d_sae of the
-        batch's rows, so that L0 starts at k instead of at hundreds: the thresholds move by about
-        their rate per step, and in a run of a few dozen steps they never got from 0.01 to L0 k,
-        which left L0 set by the rate whatever the coefficient (docs/training.md). The scale fit
-        then scales the thresholds with the codes, keeping that selection."""
+    def start_firing(self, x: Tensor) -> None:
+        """Put each latent's threshold where it fires on k / d_sae of the batch's rows, so that L0
+        starts at k instead of at hundreds: the thresholds move by about their rate per step, and
+        in a run of a few dozen steps they never got from 0.01 to L0 k, which left L0 set by the
+        rate whatever the coefficient (docs/training.md)."""
         self.threshold.copy_(self.firing_levels(self.pre_acts(x)).clamp(min=0.01))
-        return super().fit_code_scale(x, y)
 
     def lr_scales(self) -> dict[str, float]:
         """Adam moves every parameter by about the learning rate per step, whatever its size. A

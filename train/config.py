@@ -304,10 +304,10 @@ class TrainConfig(SAESpec, TextOptions):
             for name, choices in (("decoder_init", DECODER_INITS), ("encoder_init", ENCODER_INITS)):
                 if (value := getattr(spec, name)) not in choices:
                     raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
-            if spec.layers and spec.encoder_init == "fitted":
+            if spec.layers and not spec.hook_out and spec.encoder_init == "fitted":
                 raise ValueError(
-                    f"encoder_init fitted scales a dictionary at one hookpoint; {spec.layers!r} "
-                    "spans layers: leave it auto (tied)"
+                    f"encoder_init fitted scales an SAE, a transcoder or a cross-layer "
+                    f"transcoder; a crosscoder over {spec.layers!r} has none: leave it auto (tied)"
                 )
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")

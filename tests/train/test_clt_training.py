@@ -12,7 +12,7 @@ from torch.nn.functional import normalize
 
 import sae
 import train
-from sae.clt import CrossLayerTranscoder
+from sae.clt import CLTConfig, CrossLayerTranscoder
 from tests.conftest import write_cache
 from train.trainer import Trainer
 
@@ -128,3 +128,35 @@ def test_a_clt_on_two_processes_equals_one_process(cache, tmp_path, architecture
     a, b = sae.load(folder), sae.load(tmp_path / "two" / folder.name)
     for key, value in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "standard"])
+def test_a_clt_s_fitted_start_has_each_layer_s_latents_fire_on_k_of_d_sae_rows(architecture):
+    """From threshold 0.01 (JumpReLU) or bias 0 (ReLU-L1) over a third of each layer's latents fire
+    on a row; the fitted start places each layer's thresholds or biases on its own input so each
+    latent fires on k / d_sae of the batch, and scales nothing: a CLT's random decoder rows are
+    unrelated to its encoders."""
+    x, y = layered(rows=3000)
+    hooks = [f"blocks.{i}.{kind}" for kind in (IN, OUT) for i in range(LAYERS)]
+    clt = CrossLayerTranscoder(CLTConfig(architecture=architecture, d_in=D, d_sae=48, k=4,
+                                         hook_names=hooks[:LAYERS], hook_names_out=hooks[LAYERS:]))  # fmt: skip
+    clt.start_training()
+    assert (clt.encode(x) > 0).sum(-1).float().mean() > 40  # of 3 x 48
+    W_enc = [part.W_enc.clone() for part in clt.parts]
+    assert clt.fit_code_scale(x, y) == 1.0
+    fires = (clt.encode(x) > 0).sum(0)
+    assert (fires == round(3000 * 4 / 48)).all()  # every latent of every layer: L0 4 per layer
+    assert all(torch.equal(p.W_enc, w) for p, w in zip(clt.parts, W_enc, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a short run
+def test_a_clt_trains_from_the_fitted_start_at_l0_k(cache, tmp_path):
+    """Through the trainer: the first step's L0 (logged before the update) is k per layer from
+    the fitted start, where the tied start's first code is several times denser."""
+    cache, _, _ = cache
+    sweep = [{"encoder_init": start, "name": start} for start in ("tied", "fitted")]
+    train.fit(cache.url, architecture="jumprelu", layers="0-2", hook=IN, hook_out=OUT, d_sae=48,
+              k=4, sweep=sweep, total_tokens=2000, batch_size=1000, out=str(tmp_path / "run"))  # fmt: skip
+    step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["metrics/l0/fitted"] == pytest.approx(4 * LAYERS, rel=0.1)
+    assert step["metrics/l0/tied"] > 3 * step["metrics/l0/fitted"]
