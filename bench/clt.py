@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -112,18 +113,22 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     """CLTs at multiples of their default rate (and from a zero decoder at 1x); scores."""
     steps = args.tokens // args.batch_size
     default = default_lr(args.d_sae, steps, CrossLayerTranscoder.rate_factor(True, args.d_sae))
+    weights = args.coefficients or [0.0]  # 0: the rule's default for a CLT
     sweep = [{**shape, **CLT, "lr": default * m, "decoder_init": "random", "encoder_init": start,
-              "name": f"clt-x{m:g}" + ("" if start == "auto" else f"-{start}")}
-             for m in args.multipliers for start in args.encoder_inits]  # fmt: skip
+              "sparsity_coefficient": c, "name": f"clt-x{m:g}" + ("" if start == "auto" else
+              f"-{start}") + (f"-c{c:g}" if c else "")}
+             for m, start, c in product(args.multipliers, args.encoder_inits, weights)]  # fmt: skip
     if args.zero_start:
         sweep.append({**shape, **CLT, "lr": default, "decoder_init": "zero", "name": "clt-x1-zero"})
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
     clts, train_s = trained(trainer, args)
+    weights = {m.name: trainer.coefficient(m) for m in trainer.members}
     scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
         scores[spec["name"]].update({k: spec[k] for k in ("lr", "decoder_init", "encoder_init")})
+        scores[spec["name"]]["sparsity_coefficient"] = weights[spec["name"]]
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
             "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
@@ -154,6 +159,8 @@ def main() -> None:
         default=["auto"],
         help="with --multipliers: a CLT from each encoder start (auto, tied, fitted)",
     )
+    ap.add_argument("--coefficients", nargs="+", type=float,
+                    help="with --multipliers: a penalty rule's CLT at each of these weights")  # fmt: skip
     ap.add_argument("--zero-start", action="store_true",
                     help="with --multipliers: one more CLT at 1x from a zero decoder")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -87,6 +87,8 @@ class LayeredDictionary(nn.Module):
     kind: ClassVar[str]
     config: ClassVar[type[LayersConfig]]
     cfg: LayersConfig
+    fitted_start: ClassVar[bool] = False
+    """Whether training starts it from fit_code_scale under encoder_init auto (as SAE's)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

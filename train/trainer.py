@@ -228,14 +228,13 @@ def fits_encoder(dictionary: SAE | LayeredDictionary, encoder_init: str) -> bool
     hookpoint, JumpReLU's and ReLU-L1's (SAE.transcoder_fitted_start): with a zero decoder there is
     no scale to fit, but the thresholds or biases start at L0 k, where from 0.01 a JumpReLU
     transcoder's stayed far below the pre-activations and from a zero bias a ReLU-L1 one's
-    collapsed; each fit half as well (docs/transcoders.md)."""
-    if encoder_init == "auto":
-        return isinstance(dictionary, SAE) and (
-            dictionary.transcoder_fitted_start
-            if dictionary.cfg.is_transcoder
-            else dictionary.fitted_start
-        )
-    return encoder_init == "fitted"
+    collapsed; each fit half as well (docs/transcoders.md). Of the dictionaries over layers, a
+    CLT's (LayeredDictionary.fitted_start)."""
+    if encoder_init != "auto":
+        return encoder_init == "fitted"
+    if isinstance(dictionary, SAE) and dictionary.cfg.is_transcoder:
+        return dictionary.transcoder_fitted_start
+    return dictionary.fitted_start
 
 
 def builder(spec: SAESpec) -> Callable[..., SAE | LayeredDictionary]:

@@ -150,13 +150,14 @@ def test_a_clt_s_fitted_start_has_each_layer_s_latents_fire_on_k_of_d_sae_rows(a
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # a short run
-def test_a_clt_trains_from_the_fitted_start_at_l0_k(cache, tmp_path):
+def test_a_clt_trains_from_the_fitted_start_at_l0_k_by_default(cache, tmp_path):
     """Through the trainer: the first step's L0 (logged before the update) is k per layer from
-    the fitted start, where the tied start's first code is several times denser."""
+    the default start (auto: fitted, for a CLT), where the tied start's first code is several
+    times denser."""
     cache, _, _ = cache
-    sweep = [{"encoder_init": start, "name": start} for start in ("tied", "fitted")]
+    sweep = [{"encoder_init": start, "name": start} for start in ("tied", "auto")]
     train.fit(cache.url, architecture="jumprelu", layers="0-2", hook=IN, hook_out=OUT, d_sae=48,
               k=4, sweep=sweep, total_tokens=2000, batch_size=1000, out=str(tmp_path / "run"))  # fmt: skip
     step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert step["metrics/l0/fitted"] == pytest.approx(4 * LAYERS, rel=0.1)
-    assert step["metrics/l0/tied"] > 3 * step["metrics/l0/fitted"]
+    assert step["metrics/l0/auto"] == pytest.approx(4 * LAYERS, rel=0.1)
+    assert step["metrics/l0/tied"] > 3 * step["metrics/l0/auto"]
