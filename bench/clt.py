@@ -11,8 +11,10 @@ CE loss recovered, KL score, pooled output explained variance and L0; ratios CLT
 
 With --multipliers it sweeps the CLT's own learning rate instead (no set): CLTs at those multiples
 of the rule's default rate for a CLT (train/schedule.py, LayeredDictionary.rate_factor) with the
-default warm-up, from random decoder rows, and with --zero-start one more at 1x from a zero
-decoder; each scored as above, into clt-rates-<device>.json.
+default warm-up, from random decoder rows (--decoder-inits: each of random and zero), from
+each of --encoder-inits (auto, tied, fitted) and, for a penalty rule, at each of
+--coefficients (default: the rule's weight for a CLT); each scored as above, into
+clt-rates-<device>.json (--name: another name).
 """
 
 from __future__ import annotations
@@ -110,16 +112,20 @@ def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
 
 
 def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
-    """CLTs at multiples of their default rate (and from a zero decoder at 1x); scores."""
+    """CLTs at multiples of their default rate, from each start and at each weight; scores."""
     steps = args.tokens // args.batch_size
     default = default_lr(args.d_sae, steps, CrossLayerTranscoder.rate_factor(True, args.d_sae))
     weights = args.coefficients or [0.0]  # 0: the rule's default for a CLT
-    sweep = [{**shape, **CLT, "lr": default * m, "decoder_init": "random", "encoder_init": start,
-              "sparsity_coefficient": c, "name": f"clt-x{m:g}" + ("" if start == "auto" else
-              f"-{start}") + (f"-c{c:g}" if c else "")}
-             for m, start, c in product(args.multipliers, args.encoder_inits, weights)]  # fmt: skip
-    if args.zero_start:
-        sweep.append({**shape, **CLT, "lr": default, "decoder_init": "zero", "name": "clt-x1-zero"})
+    sweep = []
+    for m, start, decoder, c in product(
+        args.multipliers, args.encoder_inits, args.decoder_inits, weights
+    ):
+        name = f"clt-x{m:g}" + "".join(
+            f"-{v}" for v in (start, decoder) if v not in ("auto", "random")
+        )
+        sweep.append({**shape, **CLT, "lr": default * m, "decoder_init": decoder,
+                      "encoder_init": start, "sparsity_coefficient": c,
+                      "name": name + (f"-c{c:g}" if c else "")})  # fmt: skip
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
@@ -161,8 +167,8 @@ def main() -> None:
     )
     ap.add_argument("--coefficients", nargs="+", type=float,
                     help="with --multipliers: a penalty rule's CLT at each of these weights")  # fmt: skip
-    ap.add_argument("--zero-start", action="store_true",
-                    help="with --multipliers: one more CLT at 1x from a zero decoder")  # fmt: skip
+    ap.add_argument("--decoder-inits", nargs="+", default=["random"],
+                    help="with --multipliers: a CLT from each decoder start (random, zero)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", help="the result file's name before -<device>.json")

@@ -36,6 +36,12 @@ KIND = "cross_layer_transcoder"
 LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 DECODE_FLOATS = 2**24
 """Entries x width per chunk of a top-k part's sparse decode (64 MB of float32)."""
+COEFFICIENTS = {"jumprelu": 0.3}
+"""A CLT's penalty weight where one was measured, held at every length and width (bench/clt.py
+--coefficients: 30 SmolLM2 layers, 576 latents and k 16 per layer, 78 steps). JumpReLU's L0
+hardly heeded it (107 / 97 / 84 / 66 at 0.03 / 0.1 / 0.3 / its SAE weight 0.77, three quarters
+of the latents dead at each: docs/transcoders.md), and 0.3 recovered the most of the CE loss
+(0.719, against 0.687 at 0.77). Other rules take their SAE weight (not measured)."""
 RULES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 """Rules a CLT's layers may use: Matryoshka's prefix losses are per dictionary, not per layer."""
 
@@ -144,6 +150,10 @@ class CrossLayerTranscoder(LayeredDictionary):
     @property
     def parts(self) -> list[SAE]:
         return list(self.layers)
+
+    def default_coefficient(self, steps: int, d_sae: int, transcoder: bool = False) -> float:
+        """The weight measured for a CLT of this rule (COEFFICIENTS), else its SAE weight."""
+        return COEFFICIENTS.get(self.cfg.architecture) or super().default_coefficient(steps, d_sae)
 
     def latent_dim(self, name: str) -> int | None:
         """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec is replicated."""

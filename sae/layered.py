@@ -100,7 +100,8 @@ class LayeredDictionary(nn.Module):
 
     def default_coefficient(self, steps: int, d_sae: int, transcoder: bool = False) -> float:
         """The rule's SAE weight: its parts' transcoder weight was measured at one hookpoint with
-        the starts a CLT does not take (a fitted encoder, a zero decoder)."""
+        a start a CLT does not take (a zero decoder), and where a CLT's rule has one of its own,
+        the CLT says so (sae.clt.COEFFICIENTS)."""
         return self.parts[0].default_coefficient(steps, d_sae)
 
     def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
