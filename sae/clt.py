@@ -125,8 +125,9 @@ class CrossLayerTranscoder(LayeredDictionary):
     kind = KIND
     config = CLTConfig
     # JumpReLU over 30 SmolLM2 layers, 78 steps: CE loss recovered 0.687 from thresholds at L0 k
-    # against 0.594 from 0.01, at the SAE weight (docs/transcoders.md); the top-k rules' and
-    # Gated's fit changes nothing
+    # against 0.594 from 0.01, at the SAE weight (docs/transcoders.md); ReLU-L1's biases start at
+    # L0 k as at one hookpoint, where from zero it collapsed (not measured for CLTs); the top-k
+    # rules' and Gated's fit changes nothing
     fitted_start = True
 
     def __init__(self, cfg: CLTConfig, latents: range | None = None):

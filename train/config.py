@@ -123,10 +123,10 @@ class SAESpec:
     encoder_init: str = "auto"
     """How the encoder starts: tied (an SAE's: its decoder's transpose, as SAELens and Gao et al.
     start; a transcoder's: random unit columns), fitted (that, times the one number that best
-    fits the first batch's reconstruction; a JumpReLU's thresholds also start where the batch's L0
-    is k), or auto: fitted for a TopK, BatchTopK, Matryoshka, ReLU-L1 or JumpReLU SAE and a
-    JumpReLU transcoder, where it measured better (docs/training.md, docs/transcoders.md), else
-    tied."""
+    fits the first batch's reconstruction; a JumpReLU's thresholds and a ReLU-L1's biases also
+    start where the batch's L0 is k; a CLT's, layer by layer, with no scale), or auto: fitted for
+    a TopK, BatchTopK, Matryoshka, ReLU-L1 or JumpReLU SAE, a JumpReLU or ReLU-L1 transcoder and
+    a CLT, where it measured better (docs/training.md, docs/transcoders.md), else tied."""
     layers: str = ""
     """Train one dictionary over these layers (0-29, or 0,4,8): `hook` names the hookpoint kind
     read at each (hook_resid_post: a crosscoder), and `hook_out` the kind written (mlp.hook_in ->
@@ -306,8 +306,8 @@ class TrainConfig(SAESpec, TextOptions):
                     raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
             if spec.layers and not spec.hook_out and spec.encoder_init == "fitted":
                 raise ValueError(
-                    f"encoder_init fitted scales an SAE, a transcoder or a cross-layer "
-                    f"transcoder; a crosscoder over {spec.layers!r} has none: leave it auto (tied)"
+                    "encoder_init fitted starts an SAE, a transcoder or a cross-layer "
+                    f"transcoder, not a crosscoder (over {spec.layers!r}): leave it auto (tied)"
                 )
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")

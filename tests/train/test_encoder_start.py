@@ -178,8 +178,8 @@ def test_batchtopk_trains_from_the_fitted_start_at_once(tmp_path):
     [
         ({"encoder_init": "scaled"}, "encoder_init 'scaled' is not one of auto, tied, fitted"),
         ({"encoder_init": "fitted", "layers": "0-1", "hook": "hook_resid_post"},
-         "encoder_init fitted scales an SAE, a transcoder or a cross-layer transcoder; a "
-         "crosscoder over '0-1' has none"),
+         r"encoder_init fitted starts an SAE, a transcoder or a cross-layer transcoder, not a "
+         r"crosscoder \(over '0-1'\)"),
     ],
 )  # fmt: skip
 def test_an_unknown_or_unfittable_encoder_start_is_refused(settings, message):
