@@ -291,16 +291,21 @@ def mlp_caches(tmp_path) -> None:
         )
 
 
-def test_clt_bench_sweeps_the_clts_own_rate_and_decoder_start(tmp_path):
+def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_and_weight(tmp_path):
     report = run_bench("clt.py", tmp_path, "--tokens", "768", "--eval-tokens", "200",
-                       "--d-sae", "32", "--k", "4", "--batch-size", "256",
-                       "--multipliers", "0.5", "2", "--zero-start")  # fmt: skip
+                       "--d-sae", "32", "--k", "4", "--batch-size", "256", "--architecture",
+                       "jumprelu", "--multipliers", "0.5", "2", "--decoder-inits", "random",
+                       "zero", "--coefficients", "0.2")  # fmt: skip
     default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
     assert report["default_lr"] == default and report["steps"] == 3
-    assert {n: (s["lr"], s["decoder_init"]) for n, s in report["scores"].items()} == {
-        "clt-x0.5": (0.5 * default, "random"),
-        "clt-x2": (2 * default, "random"),
-        "clt-x1-zero": (default, "zero"),
+    assert report["architecture"] == "jumprelu"
+    starts = {n: (s["lr"], s["decoder_init"], s["encoder_init"], s["sparsity_coefficient"])
+              for n, s in report["scores"].items()}  # fmt: skip
+    assert starts == {
+        "clt-x0.5-c0.2": (0.5 * default, "random", "auto", 0.2),
+        "clt-x0.5-zero-c0.2": (0.5 * default, "zero", "auto", 0.2),
+        "clt-x2-c0.2": (2 * default, "random", "auto", 0.2),
+        "clt-x2-zero-c0.2": (2 * default, "zero", "auto", 0.2),
     }
     for s in report["scores"].values():
         assert abs(s["ce_replacement_with_errors"] - s["ce_clean"]) < 1e-4
