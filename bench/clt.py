@@ -130,11 +130,11 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
     clts, train_s = trained(trainer, args)
-    weights = {m.name: trainer.coefficient(m) for m in trainer.members}
+    applied = {m.name: trainer.coefficient(m) for m in trainer.members}  # 0 resolved
     scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
         scores[spec["name"]].update({k: spec[k] for k in ("lr", "decoder_init", "encoder_init")})
-        scores[spec["name"]]["sparsity_coefficient"] = weights[spec["name"]]
+        scores[spec["name"]]["sparsity_coefficient"] = applied[spec["name"]]
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
             "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
@@ -159,12 +159,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--multipliers", nargs="+", type=float,
                     help="sweep the CLT's rate at these multiples of its default (no set)")  # fmt: skip
-    ap.add_argument(
-        "--encoder-inits",
-        nargs="+",
-        default=["auto"],
-        help="with --multipliers: a CLT from each encoder start (auto, tied, fitted)",
-    )
+    ap.add_argument("--encoder-inits", nargs="+", default=["auto"],
+                    help="with --multipliers: a CLT from each encoder start (auto, tied, fitted)")  # fmt: skip
     ap.add_argument("--coefficients", nargs="+", type=float,
                     help="with --multipliers: a penalty rule's CLT at each of these weights")  # fmt: skip
     ap.add_argument("--decoder-inits", nargs="+", default=["random"],

@@ -147,19 +147,6 @@ comparison at matched L0 reads it in the wrong place. (Twice k let JumpReLU at 9
 at 1.6-1.8 times k unremarked.)"""
 
 
-def code_scale(latents: Tensor, target: Tensor) -> Tensor | None:
-    """The least-squares scale of what the latents add to a reconstruction onto what they should
-    add, or None where there is none to fit. A zero decoder or a code where nothing fires leaves
-    rounding in `latents` (x_hat scaled by 1/t and back is not b_dec to the last bit), whose fit
-    scaled a transcoder's encoder by millions; a code with real energy has at least
-    CODE_ENERGY_FLOOR of the target's."""
-    norm = latents.pow(2).sum()
-    scale = (target * latents).sum() / norm
-    if not (norm > CODE_ENERGY_FLOOR * target.pow(2).sum() and scale > 0):  # syncs, once
-        return None
-    return scale
-
-
 def register(cls: type[SAE]) -> type[SAE]:
     REGISTRY[cls.architecture] = cls
     return cls
@@ -174,7 +161,7 @@ class SAE(nn.Module):
     uses_k: ClassVar[bool] = False
     """Whether cfg.k sets the sparsity (top-k styles)."""
     latent_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
-    """Per-latent encoder tensors that scale with a latent's code (for fold_decoder_norm_)."""
+    """Per-latent encoder tensors that scale with a latent's code (scale_codes_)."""
     sparsity_coefficient: ClassVar[float] = 0.0
     """The L1/L0 penalty weight a run of COEFFICIENT_STEPS trains at when none is given (0: the
     rule has no penalty)."""
@@ -443,8 +430,13 @@ class SAE(nn.Module):
         x_s, y_s = self.scaled_pair(x, y)
         offset = self.offset(x_s)
         latents = out.x_hat.to(y_s.dtype) * self.output_scale - offset
-        scale = code_scale(latents, y_s - offset)
-        if scale is None:
+        target = y_s - offset
+        norm = latents.pow(2).sum()
+        scale = (target * latents).sum() / norm
+        # A zero decoder or a code where nothing fires leaves rounding here (x_hat scaled by 1/t
+        # and back is not b_dec to the last bit), whose fit scaled a transcoder's encoder by
+        # millions; a code with real energy is at least CODE_ENERGY_FLOOR of the target's.
+        if not (norm > CODE_ENERGY_FLOOR * target.pow(2).sum() and scale > 0):  # syncs, once
             return 1.0
         self.scale_codes_(scale)
         return scale.item()
@@ -457,8 +449,8 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def scale_codes_(self, scale: Tensor) -> None:
-        """Multiply every code by `scale`: the encoder, and the biases and thresholds that select
-        (latent_scaled) with it, so that the same latents fire."""
+        """Multiply the codes by `scale` (one number, or one per latent): the encoder, and the
+        biases and thresholds that select (latent_scaled) with it, so that the same latents fire."""
         self.W_enc.mul_(scale)
         for name in self.latent_scaled:
             getattr(self, name).mul_(scale)
@@ -583,9 +575,7 @@ class SAE(nn.Module):
             )
         norms = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).eps)  # [d_sae]
         self.W_dec /= norms[:, None]
-        self.W_enc *= norms
-        for name in self.latent_scaled:
-            getattr(self, name).mul_(norms)
+        self.scale_codes_(norms)
 
     # -- input normalization ------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:
