@@ -129,15 +129,16 @@ class CrossLayerTranscoder(LayeredDictionary):
     # L0 k as at one hookpoint, where from zero it collapsed (not measured for CLTs); the top-k
     # rules' and Gated's fit changes nothing
     fitted_start = True
+    centres_input = True
 
     def __init__(self, cfg: CLTConfig, latents: range | None = None):
         """`latents`: only these of each layer's d_sae latents (a latent shard's slice, as SAE's)."""
         super().__init__()
         self.cfg = cfg
         self.layers = nn.ModuleList(self._part(i, latents) for i in range(cfg.n_layers))
-        self.b_dec = nn.Parameter(
-            torch.zeros(cfg.n_layers * cfg.d_out, dtype=DTYPES[cfg.dtype], device=cfg.device)
-        )
+        kw = {"dtype": DTYPES[cfg.dtype], "device": cfg.device}
+        self.b_dec = nn.Parameter(torch.zeros(cfg.n_layers * cfg.d_out, **kw))
+        self.register_buffer("input_centre", torch.zeros(cfg.n_layers * cfg.d_in, **kw))
 
     def _part(self, i: int, latents: range | None) -> SAE:
         """Layer i's dictionary, whose own output bias is a zero buffer: b_dec_j is shared by
@@ -157,8 +158,11 @@ class CrossLayerTranscoder(LayeredDictionary):
         return COEFFICIENTS.get(self.cfg.architecture) or super().default_coefficient(steps, d_sae)
 
     def latent_dim(self, name: str) -> int | None:
-        """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec is replicated."""
-        return None if name == "b_dec" else self.layers[0].latent_dim(name.split(".", 2)[2])
+        """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec and the input
+        centre are replicated."""
+        if name in ("b_dec", "input_centre"):
+            return None
+        return self.layers[0].latent_dim(name.split(".", 2)[2])
 
     @property
     def scales(self) -> tuple[Tensor, Tensor]:
@@ -169,14 +173,32 @@ class CrossLayerTranscoder(LayeredDictionary):
         """y [..., n * d_out] in the dictionary's units (each layer times its t)."""
         return (self.per_layer(y, self.cfg.d_out, "targets") * self.scales[1][:, None]).flatten(-2)
 
+    def scale_input(self, x: Tensor) -> Tensor:
+        """x [..., n * d_in] in the dictionary's units (each layer times its s), uncentred."""
+        return (self.per_layer(x, self.cfg.d_in, "inputs") * self.scales[0][:, None]).flatten(-2)
+
     def scaled_inputs(self, x: Tensor) -> list[Tensor]:
-        s = self.scales[0]
-        return list((self.per_layer(x, self.cfg.d_in, "inputs") * s[:, None]).unbind(-2))
+        """Each layer's encoder input: scaled, less its centre."""
+        return list((self.scale_input(x) - self.input_centre).unflatten(-1, (-1, self.cfg.d_in))
+                    .unbind(-2))  # fmt: skip
+
+    @torch.no_grad()
+    def centre_inputs_(self, centre: Tensor) -> None:
+        """Encode x * s - c, c [n * d_in] the first batch's centre of the scaled inputs (the
+        trainer's b_dec_init statistic). Uncentred, a CLT lost three quarters of its latents in
+        its first dozen steps: SmolLM2's MLP inputs carry a shared component (a fifth to two
+        thirds of their energy), so Adam's first, sign-like steps on W_enc moved every row's
+        pre-activation together, by about the rate times that component's L1 norm, and the
+        random decoders' overshoot pushed them all down (docs/transcoders.md). A saved CLT folds
+        c into its encoder biases (folded_state_dict)."""
+        self.input_centre.copy_(centre)
 
     # inference ---------------------------------------------------------------------------------
     def encode_layer(self, i: int, x: Tensor) -> Tensor:
         """Layer i's codes [..., F] from its input [..., d_in] (in the model's units)."""
-        return self.layers[i].encode(x.to(self.b_dec.dtype) * self.scales[0][i])
+        d = self.cfg.d_in
+        centre = self.input_centre[i * d : (i + 1) * d]
+        return self.layers[i].encode(x.to(self.b_dec.dtype) * self.scales[0][i] - centre)
 
     def encode(self, x: Tensor) -> Tensor:
         """[..., n * d_in] -> [..., n * F]: every layer's codes, concatenated."""
@@ -280,11 +302,15 @@ class CrossLayerTranscoder(LayeredDictionary):
 
     # files -------------------------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:
-        """Weights with s and t folded in (W_enc_i * s_i, decoder blocks and b_dec_j / t_j)."""
+        """Weights with s, t and the input centre folded in (each layer's encoder biases less
+        c_i @ W_enc_i, W_enc_i * s_i, decoder blocks and b_dec_j / t_j)."""
         s, t = self.scales
         d = self.cfg.d_out
         state = {name: w.detach() for name, w in self.state_dict().items()}
-        for i in range(self.cfg.n_layers):
+        centres = state.pop("input_centre").unflatten(-1, (-1, self.cfg.d_in))
+        for i, part in enumerate(self.layers):
+            for name, bias in part.biases_after_shift(centres[i]).items():
+                state[f"layers.{i}.{name}"] = bias.detach()
             state[f"layers.{i}.W_enc"] = state[f"layers.{i}.W_enc"] * s[i]
             state[f"layers.{i}.W_dec"] = self.folded_decoder(i).flatten(-2)
         state["b_dec"] = (state["b_dec"].unflatten(-1, (-1, d)) / t[:, None]).flatten(-2)

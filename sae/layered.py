@@ -89,6 +89,8 @@ class LayeredDictionary(nn.Module):
     cfg: LayersConfig
     fitted_start: ClassVar[bool] = False
     """Whether training starts it from fit_code_scale under encoder_init auto (as SAE's)."""
+    centres_input: ClassVar[bool] = False
+    """Whether the first batch sets its input centre (centre_inputs_, as SAE's)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -194,7 +196,7 @@ def load(
         cfg = cls.config.from_dict({**cfg_dict, "device": "meta"}, source)
     except (ConfigError, TypeError) as e:
         raise FormatError(f"{source}: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in cls(cfg).folded_state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         wrong = sorted(set(got.items()) ^ set(expected.items()))
@@ -205,7 +207,7 @@ def load(
     dtype = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     cfg.dtype, cfg.device = dtype, device
     dictionary = cls(cfg)
-    dictionary.load_state_dict(
-        {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
-    )
+    loaded = {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
+    # what the file folds in (a CLT's input centre) stays at zero
+    dictionary.load_state_dict({**dictionary.state_dict(), **loaded})
     return dictionary

@@ -195,6 +195,9 @@ class SAE(nn.Module):
     bench/lr_sweep.py --encoder-init measured it better (docs/training.md)."""
     transcoder_fitted_start: ClassVar[bool] = False
     """The same for a transcoder at one hookpoint (bench/lr_sweep.py --hook-out --encoder-init)."""
+    centres_input: ClassVar[bool] = False
+    """Whether the first batch sets a centre subtracted from the input apart from b_dec (an SAE
+    centres by b_dec, apply_b_dec_to_input; a transcoder at one hookpoint is not centred)."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at half its default learning rate or faster (ZERO_START_SLOWEST),
     training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py
@@ -296,6 +299,11 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         return self.sae_input(x) @ self.W_enc + self.b_enc
+
+    def biases_after_shift(self, c: Tensor) -> dict[str, Tensor]:
+        """The encoder biases that give x the pre-activations that x - c has now (c [d_in], in
+        the dictionary's units): how a centre the file format has no field for is saved."""
+        return {"b_enc": self.b_enc - c @ self.W_enc}
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
@@ -1005,6 +1013,10 @@ class GatedSAE(SAE):
     def pre_acts(self, x: Tensor) -> Tensor:
         """The gate's pre-activation (what decides firing)."""
         return self.sae_input(x) @ self.W_enc + self.b_gate
+
+    def biases_after_shift(self, c: Tensor) -> dict[str, Tensor]:
+        return {"b_gate": self.b_gate - c @ self.W_enc,
+                "b_mag": self.b_mag - c @ (self.W_enc * self.r_mag.exp())}  # fmt: skip
 
     def encode(self, x: Tensor) -> Tensor:
         return self.train_activate(x, self.pre_acts(x), TrainContext())

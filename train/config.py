@@ -196,7 +196,8 @@ class TrainConfig(SAESpec, TextOptions):
     dead_tokens: int = 0
     """A latent that has not fired in this many tokens is dead (0: total_tokens / 20, at most 10M)."""
     b_dec_init: str = "geometric_median"
-    """geometric_median or mean of a sample of activations, or zeros."""
+    """b_dec at the geometric_median or mean of the first batch's targets, or zeros; a CLT's
+    input centre at the same statistic of its inputs (zeros: uncentred)."""
     normalize: bool = True
     """Scale inputs to mean norm sqrt(d_in) with the cache's statistics (folded into the saved SAE)."""
     seed: int = 0

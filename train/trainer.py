@@ -543,29 +543,28 @@ class Trainer:
 
     def start_members(self, batch: dict[str, Tensor]) -> None:
         """What the first global batch (gathered from the ranks) sets: b_dec at the geometric
-        median (or mean) of the targets, in the dictionary's units; then the architecture's own
-        start (JumpReLU's threshold); then the encoder's scale where it is fitted."""
+        median (or mean) of the targets, in the dictionary's units, and a CLT's input centre at
+        that of its inputs; then the architecture's own start (JumpReLU's threshold); then the
+        encoder's scale where it is fitted."""
         centred = self.cfg.b_dec_init != "zeros"
         for m in self.members:
             fits = fits_encoder(m.sae, m.spec.encoder_init)
             if centred or fits:  # else nothing to take from the batch: no gather
                 y = self.world.gather(m.target(batch).to(self.device)).float()
+            if m.transcoder and (fits or centred and m.sae.centres_input):
+                x = self.world.gather(m.input(batch).to(self.device)).float()
             if centred:
-                y_s = m.sae.scale_target(y).float()
-                centre = (
-                    geometric_median(y_s)
-                    if self.cfg.b_dec_init == "geometric_median"
-                    else y_s.mean(0)
-                )
                 with torch.no_grad():
-                    m.sae.b_dec.copy_(centre)
+                    m.sae.b_dec.copy_(self.centre(m.sae.scale_target(y).float()))
+                if m.sae.centres_input:
+                    m.sae.centre_inputs_(self.centre(m.sae.scale_input(x).float()))
             m.sae.start_training()
             if fits:
-                if m.transcoder:
-                    x = self.world.gather(m.input(batch).to(self.device)).float()
-                    m.sae.fit_code_scale(x, y)
-                else:
-                    m.sae.fit_code_scale(y)
+                m.sae.fit_code_scale(x, y) if m.transcoder else m.sae.fit_code_scale(y)
+
+    def centre(self, rows: Tensor) -> Tensor:
+        """The first batch's centre by b_dec_init: its geometric median or its mean."""
+        return geometric_median(rows) if self.cfg.b_dec_init == "geometric_median" else rows.mean(0)
 
     def run(self) -> list[SAE]:
         """Train to the end and save every SAE, holding the run directory's lock (rank 0 alone

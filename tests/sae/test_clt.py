@@ -1,11 +1,12 @@
 """Cross-layer transcoders: a one-layer CLT is a transcoder, layer j's output depends on the inputs
-of layers <= j only, the sparse decode equals the dense one, the scales fold into saved files, and
-what cannot be a CLT is refused by name."""
+of layers <= j only, the sparse decode equals the dense one, the scales and the input centre fold
+into saved files, and what cannot be a CLT is refused by name."""
 
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sae
 from sae.clt import COEFFICIENTS, RULES, CLTConfig, CrossLayerTranscoder
@@ -21,8 +22,9 @@ def hooks(layers, kind="mlp.hook_in"):
     return [f"blocks.{i}.{kind}" for i in layers]
 
 
-def make_clt(architecture="jumprelu", layers=(0, 1, 2), seed=0, **fields):
-    """A CLT with every parameter random (thresholds small and positive)."""
+def make_clt(architecture="jumprelu", layers=(0, 1, 2), seed=0, centred=False, **fields):
+    """A CLT with every parameter random (thresholds small and positive), and its input centre
+    too when `centred`."""
     torch.manual_seed(seed)
     cfg = CLTConfig(architecture=architecture, hook_names=hooks(layers),
                     hook_names_out=hooks(layers, "hook_mlp_out"), d_in=D, d_sae=F, k=3, **fields)  # fmt: skip
@@ -31,7 +33,7 @@ def make_clt(architecture="jumprelu", layers=(0, 1, 2), seed=0, **fields):
         for name, tensor in clt.state_dict().items():
             if name.endswith("threshold"):
                 tensor.copy_(torch.rand_like(tensor) * 0.3)
-            else:
+            elif name != "input_centre" or centred:
                 tensor.copy_(torch.randn_like(tensor) * 0.5)
     return clt
 
@@ -46,7 +48,8 @@ def test_a_one_layer_clt_is_a_transcoder(architecture):
     clt = make_clt(architecture, layers=[4])
     t = make_sae(architecture, d_in=D, d_sae=F, k=3, hook_name="blocks.4.mlp.hook_in",
                  hook_name_out="blocks.4.hook_mlp_out", apply_b_dec_to_input=False)  # fmt: skip
-    state = {k.removeprefix("layers.0."): v for k, v in clt.state_dict().items() if k != "b_dec"}
+    state = {k.removeprefix("layers.0."): v for k, v in clt.state_dict().items()
+             if k.startswith("layers.0.")}  # fmt: skip
     t.load_state_dict({**state, "b_dec": clt.b_dec.detach()})
     x, y = torch.randn(64, D) * 2, torch.randn(64, D)
     torch.testing.assert_close(clt.encode(x), t.encode(x))
@@ -144,15 +147,23 @@ def test_the_loss_is_the_joint_mse_of_every_output():
 
 
 @torch.no_grad()
-def test_saved_files_fold_the_scales_and_load_back(tmp_path):
-    clt = make_clt("batchtopk", normalize_activations="expected_average_only_in",
+@pytest.mark.parametrize("architecture", RULES)
+def test_saved_files_fold_the_scales_and_the_input_centre_and_load_back(tmp_path, architecture):
+    """The file has no field for the input centre: each layer's encoder biases take it (Gated's
+    gate and magnitude biases both), so the loaded CLT, centred at zero, codes as the trained one."""
+    clt = make_clt(architecture, centred=True, normalize_activations="expected_average_only_in",
                    norm_scaling_factors=[0.5, 2.0, 1.5], norm_scaling_factors_out=[3.0, 0.7, 1.1])  # fmt: skip
-    x = torch.randn(20, 3 * D)
+    x = torch.randn(20, 3 * D) + 1
     clt.save(tmp_path / "clt")
+    assert "input_centre" not in load_file(tmp_path / "clt" / "sae_weights.safetensors")
     back = sae.load(tmp_path / "clt")
     assert isinstance(back, CrossLayerTranscoder) and back.cfg.normalize_activations == "none"
+    assert not back.input_centre.any()
+    assert (clt.encode(x) > 0).any() and (clt.encode(x) == 0).any()
     torch.testing.assert_close(back(x), clt(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(back.encode(x), clt.encode(x), atol=1e-5, rtol=1e-5)
+    layer_1 = x[:, D : 2 * D]
+    torch.testing.assert_close(back.encode_layer(1, layer_1), clt.encode_layer(1, layer_1))
     assert back.cfg.hook_names == clt.cfg.hook_names
 
 

@@ -14,6 +14,7 @@ import sae
 import train
 from sae.clt import CLTConfig, CrossLayerTranscoder
 from tests.conftest import write_cache
+from train.config import TrainConfig
 from train.trainer import Trainer
 
 LAYERS, D, FEATURES = 3, 16, 24
@@ -161,3 +162,26 @@ def test_a_clt_trains_from_the_fitted_start_at_l0_k_by_default(cache, tmp_path):
     step = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert step["metrics/l0/auto"] == pytest.approx(4 * LAYERS, rel=0.1)
     assert step["metrics/l0/tied"] > 3 * step["metrics/l0/auto"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a short run
+@pytest.mark.parametrize("b_dec_init", ["mean", "zeros"])
+def test_a_clt_s_first_batch_centres_each_layer_s_input(cache, tmp_path, b_dec_init):
+    """b_dec_init's statistic of the first batch's inputs is what each layer's encoder subtracts
+    (its inputs then average zero over that batch), so Adam's first steps on W_enc do not move
+    every pre-activation together; zeros leaves them uncentred."""
+    cache, _, _ = cache
+    cfg = TrainConfig(out=str(tmp_path / "run"), architecture="jumprelu", layers="0-2", hook=IN,
+                      hook_out=OUT, d_sae=48, k=4, batch_size=1000, total_tokens=2000,
+                      b_dec_init=b_dec_init)  # fmt: skip
+    trainer = Trainer(cfg, cache)
+    batch = next(iter(trainer.source))
+    trainer.start_members(batch)
+    (m,) = trainer.members
+    x = m.input(batch).float()
+    means = torch.stack(m.sae.scaled_inputs(x)).mean(1)  # [layers, d]
+    assert means.shape == (LAYERS, D)
+    if b_dec_init == "zeros":
+        assert not m.sae.input_centre.any() and means.abs().max() > 0.05
+    else:
+        assert means.abs().max() < 1e-5 and m.sae.input_centre.abs().max() > 0.05
