@@ -9,7 +9,7 @@ concatenated outputs of layers i..n-1 (d_out = (n - i) * d). So each sparsity ru
 encoder and training recipe (thresholds, AuxK, unit decoder rows); this module adds the sum over
 layers, the per-layer scales and the joint loss. Shapes, n layers, F latents per layer:
 
-    z_i     = part_i.encode(x_i * s_i)                                  [..., F]
+    z_i     = part_i.encode(x_i * s_i - c_i)                            [..., F]
     y_hat_j = (sum_{i <= j} z_i @ W_dec_i[:, block j] + b_dec_j) / t_j    [..., d_out]
 
 Inputs and outputs travel concatenated over layers ([..., n * d_in] and [..., n * d_out], in layer
@@ -39,9 +39,10 @@ DECODE_FLOATS = 2**24
 COEFFICIENTS = {"jumprelu": 0.3}
 """A CLT's penalty weight where one was measured, held at every length and width (bench/clt.py
 --coefficients: 30 SmolLM2 layers, 576 latents and k 16 per layer, 78 steps). JumpReLU's L0
-hardly heeded it (107 / 97 / 84 / 66 at 0.03 / 0.1 / 0.3 / its SAE weight 0.77, three quarters
-of the latents dead at each: docs/transcoders.md), and 0.3 recovered the most of the CE loss
-(0.719, against 0.687 at 0.77). Other rules take their SAE weight (not measured)."""
+hardly heeds it: uncentred, 107 / 97 / 84 / 66 at 0.03 / 0.1 / 0.3 / its SAE weight 0.77, where
+0.3 recovered the most of the CE loss (0.719, against 0.687 at 0.77); centred (decision 76), 62 /
+59 / 53 at 0.03 / 0.1 / 0.3 for 0.757 / 0.777 / 0.769, one run each (docs/transcoders.md). Other
+rules take their SAE weight (not measured)."""
 RULES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 """Rules a CLT's layers may use: Matryoshka's prefix losses are per dictionary, not per layer."""
 
