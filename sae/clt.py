@@ -197,8 +197,7 @@ class CrossLayerTranscoder(LayeredDictionary):
     # inference ---------------------------------------------------------------------------------
     def encode_layer(self, i: int, x: Tensor) -> Tensor:
         """Layer i's codes [..., F] from its input [..., d_in] (in the model's units)."""
-        d = self.cfg.d_in
-        centre = self.input_centre[i * d : (i + 1) * d]
+        centre = self.input_centre.view(-1, self.cfg.d_in)[i]
         return self.layers[i].encode(x.to(self.b_dec.dtype) * self.scales[0][i] - centre)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -308,7 +307,7 @@ class CrossLayerTranscoder(LayeredDictionary):
         s, t = self.scales
         d = self.cfg.d_out
         state = {name: w.detach() for name, w in self.state_dict().items()}
-        centres = state.pop("input_centre").unflatten(-1, (-1, self.cfg.d_in))
+        centres = state.pop("input_centre").view(-1, self.cfg.d_in)
         for i, part in enumerate(self.layers):
             for name, bias in part.biases_after_shift(centres[i]).items():
                 state[f"layers.{i}.{name}"] = bias.detach()

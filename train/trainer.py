@@ -560,7 +560,10 @@ class Trainer:
                     m.sae.centre_inputs_(self.centre(m.sae.scale_input(x).float()))
             m.sae.start_training()
             if fits:
-                m.sae.fit_code_scale(x, y) if m.transcoder else m.sae.fit_code_scale(y)
+                if m.transcoder:
+                    m.sae.fit_code_scale(x, y)
+                else:
+                    m.sae.fit_code_scale(y)
 
     def centre(self, rows: Tensor) -> Tensor:
         """The first batch's centre by b_dec_init: its geometric median or its mean."""

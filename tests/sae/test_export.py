@@ -128,8 +128,8 @@ def circuit_tracer_clt(circuit_tracer):
 def test_a_clt_loads_in_circuit_tracer_with_our_codes_and_outputs(
     tmp_path, circuit_tracer_clt, architecture
 ):
-    """circuit-tracer's load_clt on our export (scales and input centre folded): the same codes at every layer and
-    the same reconstructions of every output from them."""
+    """circuit-tracer's load_clt on our export (scales and input centre folded): the same codes at
+    every layer and the same reconstructions of every output from them."""
     clt = make_clt(architecture, layers=[0, 1, 2, 3], centred=True,
                    normalize_activations="expected_average_only_in",
                    norm_scaling_factors=[0.5, 2.0, 1.5, 1.0], norm_scaling_factors_out=[3.0, 0.7, 1.1, 2.0])  # fmt: skip
