@@ -139,7 +139,6 @@ class CrossLayerTranscoder(LayeredDictionary):
         self.layers = nn.ModuleList(self._part(i, latents) for i in range(cfg.n_layers))
         kw = {"dtype": DTYPES[cfg.dtype], "device": cfg.device}
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_layers * cfg.d_out, **kw))
-        self.register_buffer("input_centre", torch.zeros(cfg.n_layers * cfg.d_in, **kw))
 
     def _part(self, i: int, latents: range | None) -> SAE:
         """Layer i's dictionary, whose own output bias is a zero buffer: b_dec_j is shared by
@@ -159,9 +158,8 @@ class CrossLayerTranscoder(LayeredDictionary):
         return COEFFICIENTS.get(self.cfg.architecture) or super().default_coefficient(steps, d_sae)
 
     def latent_dim(self, name: str) -> int | None:
-        """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec and the input
-        centre are replicated."""
-        if name in ("b_dec", "input_centre"):
+        """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec is replicated."""
+        if name == "b_dec":
             return None
         return self.layers[0].latent_dim(name.split(".", 2)[2])
 
@@ -174,14 +172,13 @@ class CrossLayerTranscoder(LayeredDictionary):
         """y [..., n * d_out] in the dictionary's units (each layer times its t)."""
         return (self.per_layer(y, self.cfg.d_out, "targets") * self.scales[1][:, None]).flatten(-2)
 
-    def scale_input(self, x: Tensor) -> Tensor:
+    def scaled_input(self, x: Tensor) -> Tensor:
         """x [..., n * d_in] in the dictionary's units (each layer times its s), uncentred."""
         return (self.per_layer(x, self.cfg.d_in, "inputs") * self.scales[0][:, None]).flatten(-2)
 
     def scaled_inputs(self, x: Tensor) -> list[Tensor]:
-        """Each layer's encoder input: scaled, less its centre."""
-        return list((self.scale_input(x) - self.input_centre).unflatten(-1, (-1, self.cfg.d_in))
-                    .unbind(-2))  # fmt: skip
+        """Each layer's input, scaled (its part subtracts its centre)."""
+        return list(self.scaled_input(x).unflatten(-1, (-1, self.cfg.d_in)).unbind(-2))
 
     @torch.no_grad()
     def centre_inputs_(self, centre: Tensor) -> None:
@@ -192,13 +189,13 @@ class CrossLayerTranscoder(LayeredDictionary):
         pre-activation together, by about the rate times that component's L1 norm, and the
         random decoders' overshoot pushed them all down (docs/transcoders.md). A saved CLT folds
         c into its encoder biases (folded_state_dict)."""
-        self.input_centre.copy_(centre)
+        for part, c in zip(self.layers, centre.view(-1, self.cfg.d_in), strict=True):
+            part.centre_inputs_(c)
 
     # inference ---------------------------------------------------------------------------------
     def encode_layer(self, i: int, x: Tensor) -> Tensor:
         """Layer i's codes [..., F] from its input [..., d_in] (in the model's units)."""
-        centre = self.input_centre.view(-1, self.cfg.d_in)[i]
-        return self.layers[i].encode(x.to(self.b_dec.dtype) * self.scales[0][i] - centre)
+        return self.layers[i].encode(x.to(self.b_dec.dtype) * self.scales[0][i])
 
     def encode(self, x: Tensor) -> Tensor:
         """[..., n * d_in] -> [..., n * F]: every layer's codes, concatenated."""
@@ -305,16 +302,14 @@ class CrossLayerTranscoder(LayeredDictionary):
         """Weights with s, t and the input centre folded in (each layer's encoder biases less
         c_i @ W_enc_i, W_enc_i * s_i, decoder blocks and b_dec_j / t_j)."""
         s, t = self.scales
-        d = self.cfg.d_out
-        state = {name: w.detach() for name, w in self.state_dict().items()}
-        centres = state.pop("input_centre").view(-1, self.cfg.d_in)
+        state = {}
         for i, part in enumerate(self.layers):
-            for name, bias in part.biases_after_shift(centres[i]).items():
-                state[f"layers.{i}.{name}"] = bias.detach()
-            state[f"layers.{i}.W_enc"] = state[f"layers.{i}.W_enc"] * s[i]
-            state[f"layers.{i}.W_dec"] = self.folded_decoder(i).flatten(-2)
-        state["b_dec"] = (state["b_dec"].unflatten(-1, (-1, d)) / t[:, None]).flatten(-2)
-        return state
+            own = part.folded_state_dict()  # its centre folded into its biases
+            own["W_enc"] = own["W_enc"] * s[i]
+            own["W_dec"] = self.folded_decoder(i).flatten(-2)
+            state |= {f"layers.{i}.{name}": w for name, w in own.items()}
+        b_dec = self.b_dec.detach().unflatten(-1, (-1, self.cfg.d_out))
+        return state | {"b_dec": (b_dec / t[:, None]).flatten(-2)}
 
     def decoder_directions(self, latents: Sequence[int] | None = None) -> Tensor:
         """[latents, n * d_out] (all n * F latents when None): each latent's writes to all output

@@ -375,7 +375,7 @@ def build(
 ) -> SAE:
     """Instantiate cfg's architecture and load `state`, refusing missing, extra or misshapen tensors."""
     cls = REGISTRY[cfg.architecture]
-    expected = {name: tuple(t.shape) for name, t in cls(_on_meta(cfg)).state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in cls(_on_meta(cfg)).folded_state_dict().items()}
     problems = [
         f"missing {name} (shape {list(shape)})"
         for name, shape in expected.items()
@@ -403,9 +403,11 @@ def build(
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     cfg.dtype, cfg.device = dtype, device
     sae = cls(_on_meta(cfg))
-    sae.load_state_dict(
-        {n: t.to(device=device, dtype=DTYPES[dtype]) for n, t in state.items()}, assign=True
-    )
+    tensors = {n: t.to(device=device, dtype=DTYPES[dtype]) for n, t in state.items()}
+    # what the file folds in (a transcoder's input centre) starts at zero
+    tensors |= {n: torch.zeros(t.shape, device=device, dtype=DTYPES[dtype])
+                for n, t in sae.state_dict().items() if n not in tensors}  # fmt: skip
+    sae.load_state_dict(tensors, assign=True)
     sae.cfg = cfg
     return sae
 

@@ -208,6 +208,6 @@ def load(
     cfg.dtype, cfg.device = dtype, device
     dictionary = cls(cfg)
     loaded = {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
-    # what the file folds in (a CLT's input centre) stays at zero
+    # what the file folds in (each layer's input centre) stays at zero
     dictionary.load_state_dict({**dictionary.state_dict(), **loaded})
     return dictionary

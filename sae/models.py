@@ -195,9 +195,16 @@ class SAE(nn.Module):
     bench/lr_sweep.py --encoder-init measured it better (docs/training.md)."""
     transcoder_fitted_start: ClassVar[bool] = False
     """The same for a transcoder at one hookpoint (bench/lr_sweep.py --hook-out --encoder-init)."""
-    centres_input: ClassVar[bool] = False
-    """Whether the first batch sets a centre subtracted from the input apart from b_dec (an SAE
-    centres by b_dec, apply_b_dec_to_input; a transcoder at one hookpoint is not centred)."""
+    transcoder_bias_lr_scale: ClassVar[float] = 0.0
+    """Where above 0, a transcoder (a CLT's layers too) trains b_enc at this times sqrt(d_in)
+    times its rate, and one at a single hookpoint has its input centred by the trainer
+    (centres_input); 0: neither. Uncentred, the shared component of SmolLM2's MLP inputs lends
+    b_enc a rate of about the rate times that component's L1 norm (84-166, by layer) through
+    W_enc's sign-like Adam steps: at layer 6 a third of a TopK transcoder's latents died. Centred
+    at the shared rate its biases learnt too slowly (layer 2: explained variance 0.901 against
+    0.941); at sqrt(d_in) = 24 times it, 0.021 ahead at layer 6 and 0.002 behind at layer 2
+    (decision 77). sqrt(d_in) is the pre-activation's scale of a step of W_enc in a random
+    direction, as for JumpReLU's thresholds."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at half its default learning rate or faster (ZERO_START_SLOWEST),
     training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py
@@ -208,9 +215,9 @@ class SAE(nn.Module):
     sparse_code: ClassVar[bool] = False
     """Whether the training code passes no gradient through its zeros (top-k selection), so that
     decoding only its nonzero entries gives the same loss and gradients."""
-    replicated: ClassVar[tuple[str, ...]] = ("b_dec", "W_skip")
-    """Parameters of the output space, whole on every latent shard; every other one runs over the
-    latents (see latent_dim)."""
+    replicated: ClassVar[tuple[str, ...]] = ("b_dec", "W_skip", "input_centre")
+    """Tensors whole on every latent shard (the output space's, and a transcoder's input centre);
+    every other one runs over the latents (see latent_dim)."""
     shards: Whole = WHOLE
     """Where the latents live (train/distributed.py's LatentShards when sharded over ranks)."""
 
@@ -246,6 +253,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **kw))  # the output bias
         if cfg.skip:  # SAELens's SkipTranscoder layout, zero at the start
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, **kw))
+        if cfg.is_transcoder:  # zero unless centred (centre_inputs_); folded into b_enc on saving
+            self.register_buffer("input_centre", torch.zeros(cfg.d_in, **kw))
         self.init_encoder_params(len(W_dec), kw)
 
     def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
@@ -292,10 +301,25 @@ class SAE(nn.Module):
         self.check_width(x)
         return x.to(self.W_enc.dtype) * self.input_scale
 
+    @property
+    def centres_input(self) -> bool:
+        """Whether the trainer's first batch sets the centre a transcoder at one hookpoint
+        subtracts from its input (transcoder_bias_lr_scale; a CLT centres its layers itself). An
+        SAE's centre is b_dec (apply_b_dec_to_input)."""
+        return self.cfg.is_transcoder and self.transcoder_bias_lr_scale > 0
+
+    @property
+    def input_offset(self) -> Tensor | None:
+        """What the encoder subtracts from x * s: an SAE's b_dec (apply_b_dec_to_input), a
+        transcoder's input centre, or nothing."""
+        if self.cfg.apply_b_dec_to_input:
+            return self.b_dec
+        return self.input_centre if self.cfg.is_transcoder else None
+
     def sae_input(self, x: Tensor) -> Tensor:
-        """x_in = x * s - b_dec (an SAE's centring), in the parameters' dtype."""
-        x = self.scaled_input(x)
-        return x - self.shards.centre(self.b_dec) if self.cfg.apply_b_dec_to_input else x
+        """x_in = x * s - input_offset, in the parameters' dtype."""
+        x, offset = self.scaled_input(x), self.input_offset
+        return x if offset is None else x - self.shards.centre(offset)
 
     def pre_acts(self, x: Tensor) -> Tensor:
         return self.sae_input(x) @ self.W_enc + self.b_enc
@@ -412,8 +436,19 @@ class SAE(nn.Module):
         """Constraints the recipe applies after each optimizer step (none by default)."""
 
     def lr_scales(self) -> dict[str, float]:
-        """Parameters trained at a multiple of the dictionary's learning rate, by name (none here)."""
-        return {}
+        """Parameters trained at a multiple of the dictionary's learning rate, by name: a
+        transcoder's b_enc where its rule sets transcoder_bias_lr_scale."""
+        scale = self.transcoder_bias_lr_scale if self.cfg.is_transcoder else 0.0
+        return {"b_enc": scale * math.sqrt(self.cfg.d_in)} if scale else {}
+
+    @torch.no_grad()
+    def centre_inputs_(self, centre: Tensor) -> None:
+        """Encode x * s - c from now on, c [d_in] the first batch's centre of the scaled inputs
+        (the trainer's b_dec_init statistic). A centre is a shift of b_enc at the start, but not
+        under Adam, whose first, sign-like steps on W_enc move every latent's pre-activation by
+        about the rate times the L1 norm of the inputs' shared component (docs/transcoders.md).
+        A saved transcoder folds c into its encoder biases (folded_state_dict)."""
+        self.input_centre.copy_(centre)
 
     @torch.no_grad()
     def start_training(self) -> None:
@@ -497,9 +532,10 @@ class SAE(nn.Module):
         dead = self.dead_latents(ctx)
         n_dead = self.shards.total(len(dead))  # over every shard's latents
         x_s, y_s = self.scaled_pair(x, y)
-        centre = self.b_dec if self.cfg.apply_b_dec_to_input else x_s.new_zeros(self.cfg.d_in)
+        offset = self.input_offset
+        centre = x_s.new_zeros(self.cfg.d_in) if offset is None else self.shards.centre(offset)
         values, rows, latents, pre_dead = sparse_encode(
-            x_s, self.shards.centre(centre), self.W_enc, self.b_enc, select, dead
+            x_s, centre, self.W_enc, self.b_enc, select, dead
         )
         values = values.relu()
         parts, y_hat_s = self.sparse_reconstruction_loss(
@@ -587,9 +623,13 @@ class SAE(nn.Module):
 
     # -- input normalization ------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:
-        """The weights with the scales s and t folded in, so that s = t = 1 gives the same
-        outputs: W_enc * s, W_dec / t, b_dec / t, W_skip * s / t (pre-activations unchanged)."""
+        """The weights with a transcoder's input centre and the scales s and t folded in, so
+        that no centre and s = t = 1 give the same outputs: the encoder biases less c @ W_enc,
+        W_enc * s, W_dec / t, b_dec / t, W_skip * s / t (pre-activations unchanged)."""
         state = {name: t.detach() for name, t in self.state_dict().items()}
+        if self.cfg.is_transcoder:
+            shifted = self.biases_after_shift(state.pop("input_centre"))
+            state |= {name: bias.detach() for name, bias in shifted.items()}
         s, t = self.input_scale, self.output_scale
         if (s, t) != (1.0, 1.0):
             state["W_enc"] = state["W_enc"] * s
@@ -722,6 +762,7 @@ class TopKSAE(SAE):
     latent_scaled = ()
     zero_decoder_start = True
     transcoder_lr_factor = 1.75
+    transcoder_bias_lr_scale = 1.0
 
     def activate(self, pre: Tensor) -> Tensor:
         return topk_activation(pre, self.cfg.k)
@@ -826,7 +867,7 @@ class JumpReLUSAE(SAE):
         L0 32 of thousands of latents needs thresholds near 2-3), sqrt(d_in) times an encoder
         weight's: at the shared rate it could not climb from 0.01 to there in a run of a few
         hundred steps, and L0 stayed near 290 whatever the coefficient (docs/training.md)."""
-        return {"threshold": THRESHOLD_LR_SCALE * math.sqrt(self.cfg.d_in)}
+        return super().lr_scales() | {"threshold": THRESHOLD_LR_SCALE * math.sqrt(self.cfg.d_in)}
 
     def activate(self, pre: Tensor) -> Tensor:
         return jumprelu_activation(pre, self.threshold)
@@ -866,6 +907,7 @@ class BatchTopKSAE(SAE):
     latent_scaled = ()
     lr_factor = 1.4  # within 0.003 of the best rate found at 24-354 steps; 1x was up to 0.011 short
     lr_width_exponent = 0.15  # 9k-16k latents' best rates sat at 0.7-1x 1.4 times the rule
+    transcoder_bias_lr_scale = 1.0
 
     def init_encoder_params(self, n: int, kw: dict[str, Any]) -> None:
         super().init_encoder_params(n, kw)

@@ -197,7 +197,7 @@ class TrainConfig(SAESpec, TextOptions):
     """A latent that has not fired in this many tokens is dead (0: total_tokens / 20, at most 10M)."""
     b_dec_init: str = "geometric_median"
     """b_dec at the geometric_median or mean of the first batch's targets, or zeros; a CLT's
-    input centre at the same statistic of its inputs (zeros: uncentred)."""
+    and a top-k transcoder's input centre at the same statistic of its inputs (zeros: uncentred)."""
     normalize: bool = True
     """Scale inputs to mean norm sqrt(d_in) with the cache's statistics (folded into the saved SAE)."""
     seed: int = 0

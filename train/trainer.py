@@ -543,8 +543,8 @@ class Trainer:
 
     def start_members(self, batch: dict[str, Tensor]) -> None:
         """What the first global batch (gathered from the ranks) sets: b_dec at the geometric
-        median (or mean) of the targets, in the dictionary's units, and a CLT's input centre at
-        that of its inputs; then the architecture's own start (JumpReLU's threshold); then the
+        median (or mean) of the targets, in the dictionary's units, and a transcoder's input centre
+        at that of its inputs; then the architecture's own start (JumpReLU's threshold); then the
         encoder's scale where it is fitted."""
         centred = self.cfg.b_dec_init != "zeros"
         for m in self.members:
@@ -557,7 +557,7 @@ class Trainer:
                 with torch.no_grad():
                     m.sae.b_dec.copy_(self.centre(m.sae.scale_target(y).float()))
                 if m.sae.centres_input:
-                    m.sae.centre_inputs_(self.centre(m.sae.scale_input(x).float()))
+                    m.sae.centre_inputs_(self.centre(m.sae.scaled_input(x).float()))
             m.sae.start_training()
             if fits:
                 if m.transcoder:

@@ -35,7 +35,7 @@ def random_clt(architecture="jumprelu", seed=0):
 
 def own_layer_only(clt):
     """Zero every block of W_dec_i but layer i's, and the per-layer transcoders it then equals
-    (each layer's input centre in their encoder biases)."""
+    (each with its layer's input centre)."""
     transcoders = []
     for i, part in enumerate(clt.layers):
         with torch.no_grad():
@@ -43,8 +43,7 @@ def own_layer_only(clt):
         t = sae.create(clt.cfg.architecture, d_in=D, d_sae=F, k=2, hook_name=clt.cfg.hook_names[i],
                        hook_name_out=clt.cfg.hook_names_out[i], apply_b_dec_to_input=False,
                        model_name="smollm2-135m")  # fmt: skip
-        state = {k: v for k, v in part.state_dict().items()}
-        state.update(part.biases_after_shift(clt.input_centre[i * D : (i + 1) * D]))
+        state = part.state_dict()
         state["W_dec"] = part.W_dec[:, :D].detach().clone()
         state["b_dec"] = clt.b_dec[i * D : (i + 1) * D].detach().clone()
         t.load_state_dict(state)

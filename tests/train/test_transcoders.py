@@ -285,3 +285,31 @@ def test_a_topk_transcoder_trains_at_its_own_multiple_of_the_default_rate(tmp_pa
     assert sae.models.BatchTopKSAE.lr_factor == 1.4
     rule = default_lr(64, 8)
     assert rates == pytest.approx([1.75 * rule, rule, rule, 1.4 * rule])
+
+
+def test_top_k_transcoders_centre_their_input_and_train_b_enc_faster(tmp_path):
+    """A TopK or BatchTopK transcoder encodes x * s - c, c the first batch's centre of its inputs
+    (which then average zero over that batch), with b_enc at sqrt(d_in) times the rate. Uncentred,
+    the inputs' shared component lent b_enc the rate times its L1 norm through W_enc's sign-like
+    Adam steps, which killed a third of a TopK transcoder's latents at SmolLM2's layer 6; centred
+    at one rate, the biases learnt too slowly (docs/transcoders.md). A JumpReLU transcoder (not
+    measured better centred) and an SAE (centred by b_dec) keep every weight at one rate."""
+    _, x, y = pairs(rows=8000)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    sweep = [{"architecture": a, "name": a} for a in ("topk", "batchtopk", "jumprelu")]
+    sweep.append({"architecture": "topk", "hook_out": IN, "name": "sae"})
+    cfg = TrainConfig(d_sae=64, k=4, total_tokens=8000, batch_size=1000, out=str(tmp_path / "run"),
+                      hook=IN, hook_out=OUT, sweep=sweep, b_dec_init="mean")  # fmt: skip
+    trainer = Trainer(cfg, cache)
+    batch = next(iter(trainer.source))
+    trainer.start_members(batch)
+    for m in trainer.members:
+        rates = {id(p): group["lr"] for group in m.optimizer.param_groups for p in group["params"]}
+        bias_rate = rates[id(m.sae.b_enc)] / rates[id(m.sae.W_enc)]
+        if m.sae.centres_input:
+            inputs = m.sae.scaled_input(m.input(batch).float()) - m.sae.input_centre
+            assert inputs.mean(0).abs().max() < 1e-5 and m.sae.input_centre.abs().max() > 0.05
+            assert bias_rate == pytest.approx(24**0.5)
+        else:
+            assert not getattr(m.sae, "input_centre", torch.zeros(1)).any() and bias_rate == 1
+    assert [m.sae.centres_input for m in trainer.members] == [True, True, False, False]
