@@ -150,7 +150,7 @@ def test_smollm2_mlp_transcoder_from_a_two_hook_harvest(tmp_path, smollm2):
     every = np.arange(len(heldout))
     with torch.no_grad():
         ev = explained_variance(t(heldout.rows(every, IN)), heldout.rows(every, OUT))
-    assert ev > 0.85, ev  # 0.897 here
+    assert ev > 0.85, ev  # 0.878 here (0.897 uncentred, before decision 77)
     check_splicing(smollm2[0], t, ev, tmp_path)
 
 
