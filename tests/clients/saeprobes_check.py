@@ -68,7 +68,9 @@ def main(model_dir: str, tasks: str, meta_steps: str, out: str, *sae_dirs: str) 
             )
             chosen[task] = {str(e["k"]): e["indices"] for e in json.loads(path.read_text())}
         torch.manual_seed(42)
-        meta_cfg = MetaStructureEvalConfig(train_steps=int(meta_steps))
+        # SAEBench's default bf16 autocast is for the GPU: on a CPU without AVX-512 BF16 it is
+        # emulated (500 steps ran past 10 minutes on the suite's AVX2 machine); ours is float32.
+        meta_cfg = MetaStructureEvalConfig(train_steps=int(meta_steps), autocast=False)
         meta = run_eval_single_sae(name, name, sae, meta_cfg, "cpu")
         record = {
             "metrics": output["eval_result_metrics"],

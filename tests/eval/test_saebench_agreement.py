@@ -78,8 +78,15 @@ def start(root: Path, *args: str) -> subprocess.Popen:
                             env=env, cwd=root)  # fmt: skip
 
 
-def finished(run: subprocess.Popen) -> None:
-    _, stderr = run.communicate(timeout=900)
+def finished(run: subprocess.Popen, timeout: int = 900) -> None:
+    try:
+        _, stderr = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        _, stderr = run.communicate()
+        stages = [line for line in stderr.splitlines() if line.startswith("saebench_all:")]
+        pytest.fail(f"SAEBench's side ran past {timeout} s ({stages or 'no stage done'}); "
+                    f"its stderr ends:\n{stderr[-4000:]}")  # fmt: skip
     assert run.returncode == 0, stderr[-4000:]
 
 
