@@ -404,12 +404,22 @@ def build(
     cfg.dtype, cfg.device = dtype, device
     sae = cls(_on_meta(cfg))
     tensors = {n: t.to(device=device, dtype=DTYPES[dtype]) for n, t in state.items()}
-    # what the file folds in (a transcoder's input centre) starts at zero
-    tensors |= {n: torch.zeros(t.shape, device=device, dtype=DTYPES[dtype])
-                for n, t in sae.state_dict().items() if n not in tensors}  # fmt: skip
-    sae.load_state_dict(tensors, assign=True)
+    sae.load_state_dict(with_folded_zeros(sae, tensors), assign=True)
     sae.cfg = cfg
     return sae
+
+
+def with_folded_zeros(
+    module: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A saved state completed for `module`: what folded_state_dict folds away (a transcoder's
+    input centre, already in the file's encoder biases) loads as zero, on the state's device."""
+    like = next(iter(state.values()))
+    return state | {
+        name: torch.zeros(t.shape, device=like.device, dtype=like.dtype)
+        for name, t in module.state_dict().items()
+        if name not in state
+    }
 
 
 def refuse_nonfinite(state: dict[str, torch.Tensor], source: str) -> None:

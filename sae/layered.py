@@ -186,7 +186,7 @@ def load(
 ) -> LayeredDictionary:
     """A saved dictionary of one of KINDS from its cfg.json contents and weights, refusing tensors
     that do not fit the config."""
-    from sae.io import FormatError, refuse_nonfinite
+    from sae.io import FormatError, refuse_nonfinite, with_folded_zeros
 
     source, kind = str(path), cfg_dict.get("dictionary")
     if kind not in KINDS:
@@ -208,6 +208,5 @@ def load(
     cfg.dtype, cfg.device = dtype, device
     dictionary = cls(cfg)
     loaded = {k: v.to(device=device, dtype=DTYPES[dtype]) for k, v in state.items()}
-    # what the file folds in (each layer's input centre) stays at zero
-    dictionary.load_state_dict({**dictionary.state_dict(), **loaded})
+    dictionary.load_state_dict(with_folded_zeros(dictionary, loaded))
     return dictionary

@@ -280,9 +280,9 @@ def restore_member(m: Member, stored: Stored, meta: dict[str, Any]) -> None:
     first, width = m.shards.first, m.tokens_since_fired.shape[-1]  # this rank's latents
     tensors = {k: stored.read(k, dims[k], first, width) for k in keys}
     weights = f"{prefix}.sae."
-    m.sae.load_state_dict(
-        {k.removeprefix(weights): v for k, v in tensors.items() if k.startswith(weights)}
-    )
+    state = {k.removeprefix(weights): v for k, v in tensors.items() if k.startswith(weights)}
+    refuse_other_layout(m, state, meta["optimizer"]["param_groups"])
+    m.sae.load_state_dict(state)
     counters = tensors[f"{prefix}.tokens_since_fired"]  # a CLT's were flat before stop 36
     m.tokens_since_fired.copy_(counters.view_as(m.tokens_since_fired))
     params = list(m.sae.parameters())
@@ -292,6 +292,24 @@ def restore_member(m: Member, stored: Stored, meta: dict[str, Any]) -> None:
     for group in m.optimizer.param_groups:  # as this run builds it, not as saved
         group["fused"] = m.optimizer.defaults["fused"]
     m.schedule.load_state_dict(meta["schedule"])
+
+
+def refuse_other_layout(m: Member, state: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """A checkpoint from a version that laid the member out otherwise (a transcoder's b_enc got
+    its own learning rate in stop 51, a CLT's input centre moved into its layers) would load
+    Adam's moments into the wrong parameters, or fail deep in torch: say so, and what to do."""
+    names = set(m.sae.state_dict())
+    missing, unexpected = names - state.keys(), state.keys() - names
+    sizes = [len(g["params"]) for g in groups]
+    now = [len(g["params"]) for g in m.optimizer.param_groups]
+    problems = [f"weights missing: {sorted(missing)}"] * bool(missing)
+    problems += [f"unexpected weights: {sorted(unexpected)}"] * bool(unexpected)
+    problems += [f"optimizer groups of {sizes} parameters, not {now}"] * (sizes != now)
+    if problems:
+        raise ValueError(
+            f"{m.name}: the checkpoint was written by another version of sae-forge "
+            f"({'; '.join(problems)}); resume it with that version, or start again with --overwrite"
+        )
 
 
 def flatten_optimizer(

@@ -9,7 +9,7 @@ from torch.nn.functional import normalize
 
 import sae
 import train
-from sae.models import JumpReLUSAE, StandardSAE
+from sae.models import JumpReLUSAE, StandardSAE, TopKSAE
 from tests.conftest import write_cache
 from train.config import TrainConfig
 from train.harvest import harvest
@@ -313,3 +313,18 @@ def test_top_k_transcoders_centre_their_input_and_train_b_enc_faster(tmp_path):
         else:
             assert not getattr(m.sae, "input_centre", torch.zeros(1)).any() and bias_rate == 1
     assert [m.sae.centres_input for m in trainer.members] == [True, True, False, False]
+
+
+def test_a_checkpoint_of_another_layout_is_refused_by_name(tmp_path, monkeypatch):
+    """A TopK transcoder's checkpoint from before b_enc had its own rate (one optimizer group)
+    loaded Adam's moments by position into another layout: refused, saying what differs."""
+    _, x, y = pairs(rows=4000)
+    cache = pair_cache(tmp_path / "cache", x, y)
+    run = dict(architecture="topk", d_sae=32, k=4, total_tokens=4000, batch_size=1000,
+               hook=IN, hook_out=OUT, out=str(tmp_path / "run"))  # fmt: skip
+    with monkeypatch.context() as older:
+        older.setattr(TopKSAE, "transcoder_bias_lr_scale", 0.0)
+        train.fit(cache.url, **run)
+    with pytest.raises(ValueError, match=r"written by another version of sae-forge \(optimizer "
+                       r"groups of \[4\] parameters, not \[3, 1\]\).*--overwrite"):  # fmt: skip
+        train.fit(cache.url, resume=True, **run | {"total_tokens": 8000})
