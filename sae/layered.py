@@ -113,8 +113,8 @@ class LayeredDictionary(nn.Module):
 
     @classmethod
     def rate_factor(cls, transcoder: bool, d_sae: int) -> float:
-        """The rule at 1x: the rules' own factors (BatchTopK SAEs' 1.4, TopK transcoders' 1.75:
-        decisions 64, 67) were swept at one hookpoint, and a CLT's or crosscoder's was not."""
+        """The rule at 1x: the rules' own factors (BatchTopK SAEs' 1.4, TopK and BatchTopK transcoders'
+        3 and 2.5: decisions 67, 78) were swept at one hookpoint, and a CLT's or crosscoder's was not."""
         return 1.0
 
     @property

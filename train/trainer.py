@@ -193,9 +193,9 @@ def build_member(
 
 ZERO_START_SLOWEST = 0.5
 """The slowest rate, as a multiple of the default, at which `auto` zeroes a decoder. In the SAE
-rule's units (a TopK transcoder's default is 1.75 of them: decision 64) the zero start did better
-on layer 6 at 0.5x-2x, tied on layer 2 at 1x and fell behind there at a hand-set 0.46x, which is
-0.26 of today's default (docs/transcoders.md)."""
+rule's units (a TopK transcoder's default was 1.75 of them when measured: decision 64) the zero
+start did better on layer 6 at 0.5x-2x, tied on layer 2 at 1x and fell behind there at a hand-set
+0.46x, which is 0.15 of today's default of 3 (docs/transcoders.md)."""
 
 
 @torch.no_grad()

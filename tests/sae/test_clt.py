@@ -213,10 +213,10 @@ def test_a_clt_starts_random_under_auto_and_from_zero_when_asked():
 
 
 @pytest.mark.parametrize(
-    ("architecture", "transcoder", "own"), [("topk", True, 1.75), ("batchtopk", False, 1.4)]
+    ("architecture", "transcoder", "own"), [("topk", True, 3.0), ("batchtopk", False, 1.4)]
 )
 def test_a_clt_trains_at_the_rule_s_rate_without_its_factors(architecture, transcoder, own):
-    """The TopK transcoder's and BatchTopK SAE's own factors (decisions 64, 67) were swept at
+    """The TopK transcoder's and BatchTopK SAE's own factors (decisions 78, 67) were swept at
     one hookpoint only."""
     clt = make_clt(architecture)
     assert clt.parts[0].rate_factor(transcoder, clt.cfg.d_sae) == own
