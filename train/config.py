@@ -102,7 +102,8 @@ class SAESpec:
     """Adam learning rate; 0 picks it from the width and the run's length (train/schedule.py:
     4e-3 x (4096 / d_sae)^0.1 x (100 / steps)^0.25, fitted to a sweep on SmolLM2; 1.4 times
     that for a BatchTopK SAE, times (4608 / d_sae)^0.15 beyond 4608 latents; 2 times for a ReLU-L1
-    SAE; 3 times for a TopK transcoder, 2.5 for a BatchTopK one, 1.4 for a ReLU-L1 one)."""
+    SAE; 3 times for a TopK transcoder, 2.5 times for a BatchTopK one, 1.4 times for a ReLU-L1
+    one)."""
     sparsity_coefficient: float = 0.0
     """L1 weight (standard, gated) or L0 weight (jumprelu); 0 picks the architecture's default
     for the run's length (a longer run needs less penalty for the same L0: SAE.default_coefficient)

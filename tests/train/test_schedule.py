@@ -51,6 +51,7 @@ def test_the_lr_help_states_the_rule_in_use():
     assert tilt in lr_help
     assert f"{StandardSAE.lr_factor:g} times for a ReLU-L1 SAE" in lr_help
     assert f"{TopKSAE.transcoder_lr_factor:g} times for a TopK transcoder" in lr_help
+    assert f"{BatchTopKSAE.transcoder_lr_factor:g} times for a BatchTopK one" in lr_help
     assert f"{StandardSAE.transcoder_lr_factor:g} times for a ReLU-L1 one" in lr_help
 
 
@@ -60,7 +61,7 @@ def test_a_wide_batchtopk_sae_trains_at_a_rate_falling_faster_with_width(tmp_pat
     assert BatchTopKSAE.rate_factor(False, 2304) == BatchTopKSAE.rate_factor(False, 4608) == 1.4
     assert BatchTopKSAE.rate_factor(False, 16384) == pytest.approx(1.4 * (4608 / 16384) ** 0.15)
     assert TopKSAE.rate_factor(False, 16384) == 1.0
-    assert BatchTopKSAE.rate_factor(True, 16384) == 1.0  # a transcoder: its own factor, untilted
+    assert BatchTopKSAE.rate_factor(True, 16384) == 2.5  # a transcoder: its own factor, untilted
     assert StandardSAE.rate_factor(False, 16384) == 2.0  # ReLU-L1's (decision 70): no tilt
     assert StandardSAE.rate_factor(True, 4608) == 1.4  # a ReLU-L1 transcoder: its own
     _, batches = synthetic(n_features=32, d=16, batch=100)
