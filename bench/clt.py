@@ -75,7 +75,8 @@ def score(dictionaries: dict, args) -> tuple[dict[str, dict], int]:
     """Each dictionary (or set of them) as the replacement model on held-out plays; and the
     number of tokens scored."""
     lm, tokenizer = load_lm("smollm2-135m", device=args.device)
-    ids = take_tokens(dataset_windows(tokenizer, EvalConfig(sae="")), args.eval_tokens, 128, "test")
+    windows = dataset_windows(tokenizer, EvalConfig(sae="", context_size=args.context_size))
+    ids = take_tokens(windows, args.eval_tokens, args.context_size, "test")
     scores = {}
     for name, d in dictionaries.items():
         r = replacement_report(d, lm, ids, device=args.device)
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--architecture", default="batchtopk", help="every layer's rule (both)")
     ap.add_argument("--k", type=int, default=16, help="the rule's k per layer")
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument(
+        "--context-size", type=int, default=128, help="tokens a window, streamed and scored"
+    )
     ap.add_argument("--multipliers", nargs="+", type=float,
                     help="sweep the CLT's rate at these multiples of its default (no set)")  # fmt: skip
     ap.add_argument("--encoder-inits", nargs="+", default=["auto"],
@@ -172,7 +176,11 @@ def main() -> None:
     hooks = [
         f"blocks.{i}.{kind}" for i in range(LAYERS) for kind in ("mlp.hook_in", "hook_mlp_out")
     ]
-    stream = HarvestConfig(hook=hooks, context_size=128, batch_size=8, device=args.device)
+    # the stream forwards windows a shuffled block at a time (shard_windows of them at most): a
+    # short run's block holds no more windows than it trains on
+    windows = 8 * min(32, -(-args.tokens // (8 * (args.context_size - 1))))
+    stream = HarvestConfig(hook=hooks, context_size=args.context_size, batch_size=8,
+                           shard_windows=windows, device=args.device)  # fmt: skip
 
     start = time.perf_counter()  # the bare stream: forwards and hookpoint copies, nothing trained
     rows = 0
@@ -193,6 +201,7 @@ def main() -> None:
     result = {
         "layers": LAYERS, "tokens": args.tokens, "d_sae_per_layer": args.d_sae,
         "architecture": args.architecture, "k_per_layer": args.k, "batch_size": args.batch_size,
+        "context_size": args.context_size,
         "stream_rows_per_s": stream_rows_s, "sweep_rows_per_s": sweep_rows_s,
         "peak_rss_gb": peak_rss_gb(), "device": args.device,
         "peak_device_gb": peak_device_gb(args.device), **found,

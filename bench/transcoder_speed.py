@@ -8,7 +8,7 @@ stepped; with `transcode` it neither removes the gradient parallel to the decode
 renormalizes them, as our recipe does) on the batches ours trains on, ours timed twice: with its
 defaults, and with AuxK off as sparsify's (--aux-coefficient 0; the run is 12 batches long, so its
 dead window is one batch, dead_tokens' floor, and AuxK works on many latents within a few steps): TopK,
-k 32, 8x, batch 4096, SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 (or both under bf16
+k 32, 8x, batch 4096 (--batch-size), SmolLM2 layer 6 (mlp.hook_in -> hook_mlp_out), fp32 (or both under bf16
 autocast, `--autocast`), on CUDA when there is one. The three alternate batch by batch, so a drift
 in the machine's speed falls on all; the median step time of each gives rows/s. sparsify is taken
 from the environment when it is there, else from requirements/sparsify.txt, installed without its
@@ -101,13 +101,14 @@ def timed(step, batch: dict, device: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=4096, help="rows a step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast, both sides")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     device = args.device
     sparsify = sparsify_module(device)
-    hook_in, hook_out, batch = "blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out", 4096
+    hook_in, hook_out, batch = "blocks.6.mlp.hook_in", "blocks.6.hook_mlp_out", args.batch_size
     scratch = Path(tempfile.mkdtemp())
     cache = harvest(out=str(scratch / "cache"), hook=[hook_in, hook_out], tokens=batch * args.batches,
                     dtype="float32", device=device)  # fmt: skip

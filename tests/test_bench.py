@@ -63,7 +63,7 @@ def test_train_bench_compares_ours_saelens_and_the_limit(tmp_path):
 
 def test_harvest_bench_compares_ours_the_bare_forward_and_saelens(tmp_path):
     # float32: a CPU without native bf16 (AVX2 only) runs SmolLM2's bf16 forward 7x slower
-    report = run_bench("harvest.py", tmp_path, "--batches", "1", "--rounds", "1",
+    report = run_bench("harvest.py", tmp_path, "--batches", "1", "--batch-size", "2", "--rounds", "1",
                        "--dtypes", "float32", "--skip-memory")  # fmt: skip
     assert [(r["dtype"], r["hookpoints"]) for r in report["results"]] == [
         ("float32", 1), ("float32", 4),
@@ -73,7 +73,7 @@ def test_harvest_bench_compares_ours_the_bare_forward_and_saelens(tmp_path):
 
 
 def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
-    report = run_bench("transcoder.py", tmp_path, "--tokens", "4096", "--eval-tokens", "500",
+    report = run_bench("transcoder.py", tmp_path, "--tokens", "4096", "--eval-tokens", "127",
                        "--expansion", "1", "--k", "8", "--layer", "1")  # fmt: skip
     assert report["hooks"] == ["blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"]
     assert list(report["scores"]) == ["transcoder", "sae", "transcoder-random"]
@@ -88,11 +88,16 @@ def test_transcoder_bench_scores_a_transcoder_beside_an_sae(tmp_path):
     )
 
 
+# 3 steps of 128 rows, scored on two windows: windows of 32 tokens keep each of the 30-layer
+# model's forward passes (8 windows a batch) a quarter of the bench's default 128
+CLT_SMALL = ("--tokens", "384", "--batch-size", "128", "--context-size", "32", "--eval-tokens", "60",
+             "--d-sae", "32", "--k", "4")  # fmt: skip
+
+
 def test_clt_bench_scores_a_clt_beside_per_layer_transcoders(tmp_path):
-    report = run_bench("clt.py", tmp_path, "--tokens", "768", "--eval-tokens", "200",
-                       "--d-sae", "32", "--k", "4", "--batch-size", "256")  # fmt: skip
-    assert report["layers"] == 30 and report["steps"] == 3
-    assert 200 <= report["eval_tokens"] < 200 + 128 and report["sweep_rows_per_s"] > 0
+    report = run_bench("clt.py", tmp_path, *CLT_SMALL)
+    assert report["layers"] == 30 and report["steps"] == 3 and report["context_size"] == 32
+    assert 60 <= report["eval_tokens"] < 60 + 31 and report["sweep_rows_per_s"] > 0
     for name in ("clt", "set"):
         s = report["scores"][name]
         with_errors = s["ce_replacement_with_errors"]
@@ -108,8 +113,9 @@ def test_clt_bench_scores_a_clt_beside_per_layer_transcoders(tmp_path):
 
 
 def test_transcoder_speed_bench_times_ours_and_sparsify_on_the_same_batches(tmp_path):
-    report = run_bench("transcoder_speed.py", tmp_path, "--batches", "3")
+    report = run_bench("transcoder_speed.py", tmp_path, "--batches", "3", "--batch-size", "1024")
     assert report["steps_timed"] == 2 and report["sparsify"] == "1.3.3"
+    assert report["batch_size"] == 1024
     rows = report["rows_per_s"]
     assert rows["ours"] > 0 and report["ours_over_sparsify"] == rows["ours"] / rows["sparsify"]
     like = report["ours_no_auxk_over_sparsify"]
@@ -118,15 +124,15 @@ def test_transcoder_speed_bench_times_ours_and_sparsify_on_the_same_batches(tmp_
 
 
 def test_eval_bench_times_ours_the_bare_forwards_saelens_and_the_dashboard(tmp_path):
-    report = run_bench("eval.py", tmp_path, "--tokens", "254", "--d-sae", "256",
-                       "--absorption-words", "260", "--latents", "2")  # fmt: skip
-    assert report["windows"] == 2 and report["tokens"] == 254 and report["batch_size"] == 2
+    report = run_bench("eval.py", tmp_path, "--tokens", "62", "--context-size", "32",
+                       "--d-sae", "256", "--absorption-words", "100", "--latents", "2")  # fmt: skip
+    assert report["windows"] == 2 and report["tokens"] == 62 and report["batch_size"] == 2
     rates, seconds = report["tokens_per_s"], report["seconds"]
     assert rates["ours"] > 0 and rates["bare"] > 0 and rates["saelens"] > 0
     assert report["ours_over_bare"] == seconds["bare"] / seconds["core"]
     assert report["ours_over_saelens"] == seconds["saelens_run_evals"] / seconds["core"]
     assert report["dashboard_over_eval"] == seconds["dashboard"] / seconds["with_concepts"]
-    assert report["absorption_per_100_words_s"] == seconds["absorption"] * 100 / 260
+    assert report["absorption_per_100_words_s"] == seconds["absorption"]  # on 100 words
 
 
 def test_quality_bench_scores_ours_sparsify_and_saelens_on_the_same_rows(tmp_path):
@@ -292,10 +298,9 @@ def mlp_caches(tmp_path) -> None:
 
 
 def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_and_weight(tmp_path):
-    report = run_bench("clt.py", tmp_path, "--tokens", "768", "--eval-tokens", "200",
-                       "--d-sae", "32", "--k", "4", "--batch-size", "256", "--architecture",
-                       "jumprelu", "--multipliers", "0.5", "2", "--decoder-inits", "random",
-                       "zero", "--coefficients", "0.2")  # fmt: skip
+    report = run_bench("clt.py", tmp_path, *CLT_SMALL, "--architecture", "jumprelu",
+                       "--multipliers", "0.5", "2", "--decoder-inits", "random", "zero",
+                       "--coefficients", "0.2")  # fmt: skip
     default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
     assert report["default_lr"] == default and report["steps"] == 3
     assert report["architecture"] == "jumprelu"

@@ -379,7 +379,8 @@ class Harvester:
                 rows, wanted = sum(map(window_rows, shard)), c.tokens - submitted
                 if mine(index):
                     first_window = index * c.shard_windows
-                    acts = self.shard_rows(shard, first_window, first_window // c.batch_size)
+                    needed = shard[: windows_for(shard, wanted, c.batch_size)]
+                    acts = self.shard_rows(needed, first_window, first_window // c.batch_size)
                     acts, trimmed = {k: v[:wanted] for k, v in acts.items()}, rows > wanted
                     prepared = None if background else writer.prepare(acts, trimmed)
                     if pending is not None:
@@ -416,6 +417,15 @@ class Harvester:
 def window_rows(w: Window) -> int:
     """The rows a window gives: its real tokens but the first (shard_rows keeps those)."""
     return int((w.docs[1:] != PAD_DOC).sum())
+
+
+def windows_for(shard: list[Window], rows: int, batch_size: int) -> int:
+    """How many of a shard's windows to forward for its first `rows` rows: whole batches, so that
+    each row is computed in the batch it has in a whole shard (the last shard, cut at --tokens,
+    is then the first rows of the whole one, bit for bit, as a resume to more tokens needs)."""
+    held = np.cumsum([window_rows(w) for w in shard])
+    needed = int(np.searchsorted(held, rows)) + 1  # the window holding the `rows`-th row
+    return min(len(shard), -(-needed // batch_size) * batch_size)
 
 
 class WindowStream:

@@ -57,7 +57,7 @@ def check(export: str, model_dir: str, tokens_json: str, out: str) -> None:
         ]
         inputs = save(torch.cat([i for i, _ in pairs], 0))
         outputs = save(torch.cat([o for _, o in pairs], 0))
-    graph = attribute(tokens, model, max_n_logits=3, batch_size=64, max_feature_nodes=256)
+    graph = attribute(tokens, model, max_n_logits=3, batch_size=32, max_feature_nodes=64)
     replacement, completeness = compute_graph_scores(graph)
     save_file(
         {

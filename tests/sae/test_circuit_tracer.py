@@ -43,7 +43,7 @@ def exported(tmp_path_factory, smollm2):
     sweep.append({"architecture": "jumprelu", "layers": f"0-{LAYERS - 1}", "hook": "mlp.hook_in",
                   "hook_out": "hook_mlp_out", "name": "clt", "d_sae": 32})  # fmt: skip
     stream = HarvestConfig(model="smollm2-135m", context_size=64, batch_size=8, device="cpu")
-    train.fit(stream, sweep=sweep, d_sae=64, total_tokens=8192, batch_size=1024, warmup_steps=2,
+    train.fit(stream, sweep=sweep, d_sae=64, total_tokens=4096, batch_size=512, warmup_steps=2,
               lr=4e-3, out=str(root / "run"), device="cpu")  # fmt: skip
     exports = {kind: root / f"{kind}-ct" for kind in KINDS}
     for kind, out in exports.items():  # the CLT's with the model folder circuit-tracer reads
