@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=4608)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--absorption-words", type=int, default=300)
+    ap.add_argument("--absorption-icl", type=int, default=10, help="solved examples a prompt")
     ap.add_argument("--latents", type=int, default=50, help="dashboard pages")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench/results")
@@ -147,7 +148,9 @@ def main() -> None:
     print(f"core eval {tokens / core_s:,.0f} tok/s; bare forwards {tokens / bare_s:,.0f}; "
           f"SAELens run_evals {tokens / saelens_s:,.0f} (boot {boot_s:.1f} s)", flush=True)  # fmt: skip
 
-    words = AbsorptionConfig(words=args.absorption_words, min_letters=1)
+    words = AbsorptionConfig(
+        words=args.absorption_words, icl_examples=args.absorption_icl, min_letters=1
+    )
 
     def absorption() -> None:
         # a random SAE on few words may leave it undefined: the time is spent all the same
@@ -172,6 +175,7 @@ def main() -> None:
         "ours_over_saelens": saelens_s / core_s,
         "concepts_extra": purity_s / core_s - 1,
         "absorption_per_100_words_s": absorption_s * 100 / args.absorption_words,
+        "absorption_icl_examples": args.absorption_icl,
         "dashboard_over_eval": dashboard_s / purity_s,
         "dashboard_latents": args.latents,
         "machine": machine(),

@@ -125,7 +125,8 @@ def test_transcoder_speed_bench_times_ours_and_sparsify_on_the_same_batches(tmp_
 
 def test_eval_bench_times_ours_the_bare_forwards_saelens_and_the_dashboard(tmp_path):
     report = run_bench("eval.py", tmp_path, "--tokens", "62", "--context-size", "32",
-                       "--d-sae", "256", "--absorption-words", "100", "--latents", "2")  # fmt: skip
+                       "--d-sae", "256", "--absorption-words", "100", "--absorption-icl", "1",
+                       "--latents", "2")  # fmt: skip
     assert report["windows"] == 2 and report["tokens"] == 62 and report["batch_size"] == 2
     rates, seconds = report["tokens_per_s"], report["seconds"]
     assert rates["ours"] > 0 and rates["bare"] > 0 and rates["saelens"] > 0
