@@ -15,7 +15,7 @@ from eval.splice import spliced_losses
 from sae.cli import main
 from sae.hooks import record
 
-SMALL = {"tokens": 32 * 63, "context_size": 64}
+SMALL = {"tokens": 16 * 63, "context_size": 64}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,9 @@ def test_concepts_and_absorption_are_scored(report, sae_dir, same_model):
     assert c["latents_scored"] > 100
     assert len(c["latent_concept"]) == rep["meta"]["d_sae"]
     assert sum(p is not None for p in c["latent_precision"]) == c["latents_scored"]
-    # A trained dictionary has purer latents than a random one of the same shape (measured on a
-    # 65k-token SAE: 57 pure latents vs 15, mean precision 0.25 vs 0.20).
+    # A trained dictionary has purer latents than a random one of the same shape (measured on
+    # these 1,008 tokens: 60 pure latents vs 14, mean precision 0.31 vs 0.23; on a 65k-token SAE:
+    # 57 vs 15, 0.25 vs 0.20).
     d = sae.load(sae_dir)
     random = sae.create("topk", d_in=576, d_sae=d.cfg.d_sae, k=32, hook_name=d.cfg.hook_name)
     baseline = ev.evaluate(random, **SMALL, absorption=False)["concepts"]
