@@ -92,7 +92,7 @@ def finished(run: subprocess.Popen, timeout: int = 900) -> None:
 
 
 # Sparse probing on two of sae-probes' tasks with short prompts (1000 and 2000 rows); the meta-SAE
-# score at a third of SAEBench's 1500 steps (both sides), to fit the suite's time.
+# score at a third of SAEBench's 1500 steps (both sides, the trained SAE's), to fit the suite's time.
 TASKS = ["117_us_state_FL", "125_world_country_Italy"]
 PROBING = ProbingConfig(tasks=TASKS)
 META = MetaConfig(steps=500)
@@ -117,10 +117,7 @@ def both(exported, smollm2):
     absorption = {name: first_letter_absorption(d, data, CFG) for name, d in saes.items()}
     tasks = probing_tasks(*smollm2, hook, PROBING)
     probing = {name: sparse_probing(d, tasks, PROBING) for name, d in saes.items()}
-    meta = {
-        name: meta_sae_score(d, META)["decoder_fraction_variance_explained"]
-        for name, d in saes.items()
-    }
+    meta = meta_sae_score(saes["trained"], META)["decoder_fraction_variance_explained"]
     finished(run)
     theirs = {name: json.loads((root / "out" / f"{name}.json").read_text()) for name in saes}
     solution = json.loads((root / "out" / "lr_solution.json").read_text())
@@ -248,7 +245,8 @@ def test_meta_sae_score_is_saebenchs_within_training_noise(probed):
     """Our trainer fits the meta-SAE where SAEBench uses SAELens's: the same data, width, k,
     steps and learning rate; the scores differ by training's spread, not definition (measured for
     the trained and the random SAE: ours 0.333 and 0.323, SAEBench's 0.348 and 0.337 at these 500
-    steps; 0.367 and 0.355 against 0.376 and 0.364 at SAEBench's 1500)."""
+    steps; 0.367 and 0.355 against 0.376 and 0.364 at SAEBench's 1500; at 250 steps the gap grows
+    to 0.028). Both sides score the trained SAE only: the random one's was within the same gap,
+    and the two meta-SAEs were a third of this module's time."""
     _, meta, theirs = probed
-    for name in ("trained", "random"):
-        assert meta[name] == pytest.approx(theirs[name]["meta"], abs=0.025), name
+    assert meta == pytest.approx(theirs["trained"]["meta"], abs=0.025)
