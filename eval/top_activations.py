@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae.hooks import record
 from sae.layered import LayeredDictionary
 from sae.models import SAE
+from train.harvest import capture
 
 
 class Best:
@@ -169,10 +169,10 @@ def input_hooks(d: Dictionary) -> list[str]:
 
 @torch.no_grad()
 def encode_windows(lm: nn.Module, d: Dictionary, windows: Tensor) -> Tensor:
-    """Codes [tokens, latents] of positions 1.. of each window."""
+    """Codes [tokens, latents] of positions 1.. of each window. The forward pass stops at the
+    deepest input hook: a layer-6 SAE's codes need 7 of SmolLM2's 30 blocks and no unembedding."""
     hooks = input_hooks(d)
-    with record(lm, hooks) as acts:
-        lm(windows.to(next(d.parameters()).device))
+    acts = capture(lm, hooks, input_ids=windows.to(next(d.parameters()).device))
     return d.encode(torch.cat([acts[h][:, 1:].float() for h in hooks], -1).flatten(0, 1))
 
 
