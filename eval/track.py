@@ -48,10 +48,10 @@ import sae as sae_lib
 from eval.compare import html_page, png_image, table
 from eval.reconstruction import ReconstructionStats
 from eval.report import EvalConfig, fmt, load_inputs, score
-from sae.hooks import record
 from sae.io import atomic_write, write_json, write_text
 from sae.layered import LayeredDictionary
 from train.config import TextOptions
+from train.harvest import capture
 
 SCHEMA = "sae-forge-track/1"
 
@@ -158,8 +158,7 @@ def on_checkpoints(dictionaries: list, cfg: TrackConfig) -> tuple[list[dict], li
         hook, hook_out = d.cfg.hook_name, d.cfg.hook_name_out
         z, fixed = [], ReconstructionStats()
         for batch in ids.split(cfg.batch_size):
-            with record(lm, sorted({hook, hook_out})) as acts:
-                lm(batch.to(cfg.device))
+            acts = capture(lm, sorted({hook, hook_out}), input_ids=batch.to(cfg.device))
             x = acts[hook][:, 1:].reshape(-1, d.cfg.d_in).float()
             y = acts[hook_out][:, 1:].reshape(-1, d.cfg.d_out).float()
             z.append(d.encode(x).cpu())
