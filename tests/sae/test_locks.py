@@ -31,6 +31,9 @@ def test_a_second_harvest_into_the_same_folder_is_refused_and_a_killed_holder_fr
     first = start_sae("harvest", "--tokens", "2000000", "--out", str(out))
     try:
         holder = _held_by(first, out)
+        # stopped, it keeps the lock without loading the model and harvesting on 2 threads
+        # beside the second's start-up (nearly half of this test's time)
+        first.send_signal(signal.SIGSTOP)
         second = subprocess.run(
             [sys.executable, "-m", "sae.cli", "harvest", "--tokens", "9000", "--out", str(out)],
             capture_output=True, text=True, timeout=120,

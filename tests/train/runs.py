@@ -1,14 +1,18 @@
-"""Runs of `python -m train` in one process or under torchrun (gloo, CPU) on a small synthetic
+"""Runs of `python -m train` in this process or under torchrun (gloo, CPU) on a small synthetic
 cache, shared by the multi-process tests: the latent shards' and the distributed sweep's."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
 import sae
+from sae.cli import main
 from tests.conftest import HOOK, synthetic, write_cache
 
 
@@ -44,16 +48,39 @@ EVERY_RULE = f"""{SWEEP}  - {{architecture: jumprelu, name: jumprelu_fitted}}
 
 
 def launch(out, processes: int, *args: str) -> str:
-    """`python -m train` in one process, or torchrun's gloo processes on CPU; must succeed.
-    Returns what it printed to stderr."""
+    """`python -m train` in one process (this one), or torchrun's gloo processes on CPU; must
+    succeed. Returns what it printed to stderr."""
+    if processes == 1:
+        return in_process(["train", "--out", str(out), *args])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]  # fmt: skip
     run = subprocess.run([*launcher, "-m", "train", "--out", str(out), *args], env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, failure(run.stderr)
     return run.stderr
+
+
+def in_process(argv: list[str], threads: int = 1) -> str:
+    """`sae ARGV` here, as in a child with OMP_NUM_THREADS=threads (torchrun's workers have 1):
+    the same float sums, without a child's start-up (6 s to train: torch, and the dynamo that
+    torch's optimizers import; 10 s to harvest: transformers and the model). Returns what it
+    wrote to stderr, but its warnings (a short run's advice, which a child prints unread)."""
+    stderr = io.StringIO()
+    with threads_of_a_child(threads), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        main(argv)
+    return stderr.getvalue()
+
+
+@contextlib.contextmanager
+def threads_of_a_child(threads: int):
+    """torch on `threads` threads for the block, as a child started with OMP_NUM_THREADS=threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def common(tmp_path, config: str) -> list[str]:

@@ -22,6 +22,7 @@ from sae.hooks import record
 from sae.lm import blocks
 from sae.locks import LOCK_FILE
 from tests.conftest import sigkill_when, start_sae
+from tests.train.runs import in_process
 from train.cache import IDENTITY, CacheMismatch, CacheWriter, load_cache
 from train.config import HarvestConfig
 from train.data import load_documents
@@ -169,21 +170,25 @@ def test_a_bf16_cache_of_a_float32_forward_is_the_float32_cache_rounded(cache, t
         harvest(out=str(out), **{**SMALL, "dtype": "bfloat16", "precision": "bfloat16"})
 
 
-def run_cli(out):
-    return start_sae("harvest", "--out", str(out), "--tokens", "12000", "--context-size", "64", "--batch-size", "4",
-                     "--shard-windows", "8", "--hook", "blocks.4.hook_resid_post", "--hook", "blocks.2.hook_attn_out")  # fmt: skip
+def harvest_args(out) -> list[str]:
+    """20 shards of 4 windows, the last cut: after the third, 2 s of forwards are left (2k tokens
+    a second here, on 2 threads)."""
+    return ["harvest", "--out", str(out), "--tokens", "5000", "--context-size", "64", "--batch-size", "4",
+            "--shard-windows", "4", "--hook", "blocks.4.hook_resid_post", "--hook", "blocks.2.hook_attn_out"]  # fmt: skip
 
 
 def test_sigkill_then_resume_gives_identical_shards(tmp_path):
     killed = tmp_path / "killed"
-    proc = run_cli(killed)
+    proc = start_sae(*harvest_args(killed))
     sigkill_when(proc, killed / "manifest.json", lambda m: len(m["shards"]) >= 3)
     partial = json.loads((killed / "manifest.json").read_text())
-    assert not partial["complete"] and 3 <= len(partial["shards"]) < 24, "killed part way"
-    assert run_cli(killed).wait() == 0
-    assert run_cli(tmp_path / "clean").wait() == 0
+    assert not partial["complete"] and 3 <= len(partial["shards"]) < 20, "killed part way"
+    # the resume and the uninterrupted harvest in this process, on the killed one's 2 threads
+    # (the same float sums); a child spends 10 s importing and loading the model
+    in_process(harvest_args(killed), threads=2)
+    in_process(harvest_args(tmp_path / "clean"), threads=2)
     a, b = load_cache(killed), load_cache(tmp_path / "clean")
-    assert len(a) == len(b) == 12000 and a.manifest["shards"] == b.manifest["shards"]
+    assert len(a) == len(b) == 5000 and a.manifest["shards"] == b.manifest["shards"]
     for entry in a.manifest["shards"]:
         assert (killed / entry["name"]).read_bytes() == (
             tmp_path / "clean" / entry["name"]

@@ -9,45 +9,57 @@ from safetensors.torch import load_file
 
 import sae
 from sae import models
-from tests.train.runs import EVERY_RULE, SWEEP, assert_same, common, dead, launch
+from tests.train.runs import EVERY_RULE, assert_same, common, dead, launch
 from train import checkpoint
 from train.distributed import World, check_mesh
 
+NAMES = [
+    "topk", "batchtopk", "jumprelu", "jumprelu_fitted", "matryoshka", "relu", "gated",
+    "skip_transcoder", "crosscoder", "clt", "clt_batchtopk",
+]  # fmt: skip
+"""EVERY_RULE's dictionaries."""
 
-def test_two_latent_shards_equal_one_process(tmp_path):
+
+@pytest.fixture(scope="module")
+def every_rule(tmp_path_factory):
+    """EVERY_RULE's run in one process and over 2 latent shards: the settings and both runs."""
+    tmp_path = tmp_path_factory.mktemp("every_rule")
+    args = common(tmp_path, EVERY_RULE)
+    launch(tmp_path / "one", 1, *args)
+    launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
+    return args, tmp_path / "one", tmp_path / "two"
+
+
+def test_two_latent_shards_equal_one_process(every_rule, tmp_path):
     """Every rule split over 2 latent shards trains as one process does: topk, batchtopk (its
     inference threshold too), jumprelu (from both starts), matryoshka (prefixes across the
     shards), relu, gated, a skip transcoder (W_skip whole on each shard), a BatchTopK crosscoder
     and TopK and BatchTopK cross-layer transcoders over two layers (each layer's latents split),
     AuxK on some dead latents included; the saved dictionaries are whole."""
-    args = common(tmp_path, EVERY_RULE)
-    launch(tmp_path / "one", 1, *args)
-    launch(tmp_path / "two", 2, *args, "--latent-shards", "2")
-    names = [
-        "topk", "batchtopk", "jumprelu", "jumprelu_fitted", "matryoshka", "relu", "gated",
-        "skip_transcoder", "crosscoder", "clt", "clt_batchtopk",
-    ]  # fmt: skip
-    assert_same(tmp_path / "one", tmp_path / "two", names)
+    _, one_dir, two_dir = every_rule
+    assert_same(one_dir, two_dir, NAMES)
     for name in ("topk", "batchtopk"):
-        assert dead(tmp_path / "two", name) == dead(tmp_path / "one", name)
-        assert max(dead(tmp_path / "one", name)) > 0, "AuxK trained dead latents"
+        assert dead(two_dir, name) == dead(one_dir, name)
+        assert max(dead(one_dir, name)) > 0, "AuxK trained dead latents"
     # each shard wrote its slice of every per-latent tensor, none the whole; read whole, the
     # checkpoint is one process's (Adam's moments and dead-latent counts included)
-    folder = tmp_path / "two" / "checkpoint"
+    folder = two_dir / "checkpoint"
     assert sorted(p.name for p in folder.iterdir()) == [
         "shard-0-of-2.safetensors", "shard-1-of-2.safetensors", "state.json", "state.safetensors"
     ]  # fmt: skip
     part = load_file(folder / "shard-1-of-2.safetensors")
     assert part["m0.sae.W_enc"].shape == (32, 64) and part["m0.sae.W_dec"].shape == (64, 32)
     assert "m0.sae.W_dec" not in load_file(folder / "state.safetensors")
-    (one, _), (two, _) = (checkpoint.load(tmp_path / run) for run in ("one", "two"))
+    (one, _), (two, _) = (checkpoint.load(run) for run in (one_dir, two_dir))
     assert set(two) == set(one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-4, msg=key)
+    # damage a copy: the resume test below goes on from the checkpoint
+    folder = shutil.copytree(folder, tmp_path / "damaged" / "checkpoint")
     data = bytearray((folder / "shard-1-of-2.safetensors").read_bytes())
     data[-1] ^= 0x01  # one bit of the file's last tensor
     (folder / "shard-1-of-2.safetensors").write_bytes(bytes(data))
-    stored, _ = checkpoint.load(tmp_path / "two")
+    stored, _ = checkpoint.load(tmp_path / "damaged")
     half = stored.read("m0.sae.W_dec", 0, 0, 64)  # shard 0's latents: its file alone is opened
     torch.testing.assert_close(half, one["m0.sae.W_dec"][:64], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"checkpoint is damaged \(shard-1-of-2.safetensors fails"):
@@ -69,20 +81,20 @@ def test_a_data_by_latent_mesh_equals_one_process_for_per_row_rules(one_process,
     assert dead(tmp_path / "mesh", "topk") == dead(one, "topk")
 
 
-def test_a_sharded_checkpoint_resumes_with_any_number_of_latent_shards(tmp_path):
-    """2 latent shards write their slices; resumed over 4 shards (each reads a part of one file)
-    and in one process (reading both whole), the run goes on alike, and as the one process's
-    checkpoint of the same run would (the test above: the same tensors). (A few steps on: the
-    shards sum their decodes in another order, and some dozens of steps later a near-tie in a
-    row's top k can go the other way, as in any data-parallel run.)"""
-    args = common(tmp_path, SWEEP)
-    launch(tmp_path / "four", 2, *args, "--total-tokens", "7500", "--latent-shards", "2")
-    shutil.copytree(tmp_path / "four", tmp_path / "one")
-    launch(tmp_path / "one", 1, *args, "--total-tokens", "10000", "--resume")
+def test_a_sharded_checkpoint_resumes_with_any_number_of_latent_shards(every_rule, tmp_path):
+    """The 2 latent shards' checkpoint of every rule (the test above) resumed over 4 shards (each
+    reads a part of one file) and in one process (reading both whole): the run goes on alike, and
+    as the one process's checkpoint of the same run would (the test above: the same tensors). (A
+    few steps on, 1e-7 apart: the shards sum their decodes in another order, and some dozens of
+    steps later a near-tie in a row's top k can go the other way, as in any data-parallel run.)"""
+    args, _, two_dir = every_rule
+    for run in ("one", "four"):
+        shutil.copytree(two_dir, tmp_path / run)
+    launch(tmp_path / "one", 1, *args, "--total-tokens", "17500", "--resume")
     launch(
-        tmp_path / "four", 4, *args, "--total-tokens", "10000", "--resume", "--latent-shards", "4"
+        tmp_path / "four", 4, *args, "--total-tokens", "17500", "--resume", "--latent-shards", "4"
     )
-    assert_same(tmp_path / "one", tmp_path / "four", ["topk", "batchtopk", "jumprelu"])
+    assert_same(tmp_path / "one", tmp_path / "four", NAMES)
     assert (tmp_path / "four" / "checkpoint" / "shard-3-of-4.safetensors").exists()
 
 

@@ -133,8 +133,9 @@ def test_a_transcoder_needs_its_target():
 
 def test_smollm2_mlp_transcoder_from_a_two_hook_harvest(tmp_path, smollm2):
     """The cache's pairs are the MLP's own map (mlp_out = MLP(mlp_in), exactly), and a TopK
-    transcoder trained on 24k of them predicts held-out MLP outputs."""
-    cache = harvest(out=str(tmp_path / "cache"), hook=[IN, OUT], tokens=24_000, context_size=64,
+    transcoder trained on 12k of them (8 passes: held-out EV as on 24k in 4) predicts held-out
+    MLP outputs."""
+    cache = harvest(out=str(tmp_path / "cache"), hook=[IN, OUT], tokens=12_000, context_size=64,
                     batch_size=8, shard_windows=64, dtype="float32", device="cpu")  # fmt: skip
     rows = np.arange(500)
     mlp = smollm2[0].model.layers[2].mlp
@@ -150,7 +151,7 @@ def test_smollm2_mlp_transcoder_from_a_two_hook_harvest(tmp_path, smollm2):
     every = np.arange(len(heldout))
     with torch.no_grad():
         ev = explained_variance(t(heldout.rows(every, IN)), heldout.rows(every, OUT))
-    assert ev > 0.85, ev  # 0.878 here (0.897 uncentred, before decision 77)
+    assert ev > 0.85, ev  # 0.881 here (0.878 on 24k; 0.897 uncentred, before decision 77)
     check_splicing(smollm2[0], t, ev, tmp_path)
 
 
@@ -168,7 +169,10 @@ def check_splicing(model, t, ev, tmp_path):
         with splice(model, t):
             spliced = model(ids).logits
     assert not torch.allclose(spliced, clean, atol=1e-2), "the MLP's output was replaced"
-    report = evaluate(t, tokens=2000, concepts=False, absorption=False, device="cpu")
+    # 500 tokens: each costs four passes of the whole model (clean, spliced, zero- and
+    # mean-ablated; 2000 took 50 s); EV 0.893 and CE loss recovered 0.677 here, 0.882 and 0.607
+    # on 2000
+    report = evaluate(t, tokens=500, concepts=False, absorption=False, device="cpu")
     assert abs(report["explained_variance"] - ev) < 0.05, "output EV of the same kind of text"
     assert 0.5 < report["ce_loss_recovered"] <= 1.0, report["ce_loss_recovered"]
     assert report["l0"] == pytest.approx(32, abs=0.5)
