@@ -33,9 +33,12 @@ SB_VENV := .venv-sae-bench
 # module fixtures are built once), torch single-threaded in each and in what they start: a second
 # thread gains little on these small tests while the other worker's waits (subprocesses, clients,
 # kills) leave a core idle; on 2 cores 12 min 18 s against 17 min 12 s in one (decision 62).
+# Where a test runs torch on 2 threads (a child like CI's commands, or a run in the worker that
+# must sum as that child does), an idle OpenMP thread sleeps instead of spinning on a core the
+# other worker needs: a 100-step `sae train` took 31 s of CPU spinning, 10 s passive.
 TEST_WORKERS ?= 2
 # $(1): the environment's python
-pytest = OMP_NUM_THREADS=1 $(1) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+pytest = OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(1) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install clients-venv demo test test-latest test-oldest lock bench lint clean
 

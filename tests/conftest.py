@@ -62,7 +62,8 @@ def smollm2():
 
 
 def start_sae(*args: str):
-    """`sae ARGS...` in a child process (so that it can be SIGKILLed), two threads like CI."""
+    """`sae ARGS...` in a child process (so that it can be SIGKILLed), two threads like CI; its
+    idle OpenMP threads sleep rather than spin on the core the other test worker needs."""
     import subprocess
     import sys
 
@@ -71,7 +72,7 @@ def start_sae(*args: str):
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        env={**os.environ, "OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
         preexec_fn=as_from_a_shell,
     )
 
