@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from sae.hooks import capture
 from sae.models import SAE
-from train.harvest import capture
 
 
 def last_token_activations(

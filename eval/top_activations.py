@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sae.hooks import capture
 from sae.layered import LayeredDictionary
 from sae.models import SAE
-from train.harvest import capture
 
 
 class Best:

@@ -48,10 +48,10 @@ import sae as sae_lib
 from eval.compare import html_page, png_image, table
 from eval.reconstruction import ReconstructionStats
 from eval.report import EvalConfig, fmt, load_inputs, score
+from sae.hooks import capture
 from sae.io import atomic_write, write_json, write_text
 from sae.layered import LayeredDictionary
 from train.config import TextOptions
-from train.harvest import capture
 
 SCHEMA = "sae-forge-track/1"
 

@@ -1,8 +1,8 @@
 """Read and rewrite activations inside a running transformers model, with or without an SAE.
 
-Every function here is a context manager: hooks are attached on entry and removed on exit, even
-when the forward pass raises. All of them are built on `edit`, which replaces the activation at a
-hookpoint by f(activation).
+Every function here but `capture` is a context manager: hooks are attached on entry and removed
+on exit, even when the forward pass raises. All of them are built on `edit`, which replaces the
+activation at a hookpoint by f(activation).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from numbers import Integral
 
 import torch
@@ -75,6 +75,35 @@ def record(model: nn.Module, hooks: Sequence[str]) -> Iterator[dict[str, Tensor]
         for name in hooks:
             stack.enter_context(edit(model, name, keep(name)))
         yield acts
+
+
+class _Captured(Exception):
+    """Raised from the last hook to fire: ends the forward pass early."""
+
+
+def capture(model: nn.Module, hooks: list[str], **inputs: Tensor) -> dict[str, Tensor]:
+    """Activations at every hook for one forward pass, which stops at the deepest of them: the
+    blocks after it and the unembedding (a 49k-wide matmul for SmolLM2) are never run."""
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def fn(x: Tensor) -> Tensor:
+            acts[name] = x
+            if len(acts) == len(hooks):
+                raise _Captured
+            return x
+
+        return fn
+
+    with ExitStack() as stack:
+        for name in hooks:
+            stack.enter_context(edit(model, name, keep(name)))
+        with suppress(_Captured):
+            model(**inputs)
+    missing = [h for h in hooks if h not in acts]
+    if missing:
+        raise RuntimeError(f"hookpoints {missing} did not fire during the forward pass")
+    return acts
 
 
 @contextmanager

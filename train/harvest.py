@@ -15,14 +15,14 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack, closing, nullcontext, suppress
+from contextlib import closing, nullcontext
 from itertools import islice, takewhile
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sae.hooks import edit
+from sae.hooks import capture
 from sae.lm import check_context, load_lm, revision_name
 from sae.locks import exclusive
 from sae.progress import progress
@@ -48,34 +48,6 @@ STREAM_GROUP_BYTES = 256 * 2**20
 
 class NonFiniteActivations(FloatingPointError):
     """NaN or inf in the model's activations; nothing from the offending shard is written."""
-
-
-class _Captured(Exception):
-    """Raised from the last hook to fire: ends the forward pass early."""
-
-
-def capture(model: nn.Module, hooks: list[str], **inputs: Tensor) -> dict[str, Tensor]:
-    """Activations at every hook for one forward pass, computing no further than needed."""
-    acts: dict[str, Tensor] = {}
-
-    def keep(name: str):
-        def fn(x: Tensor) -> Tensor:
-            acts[name] = x
-            if len(acts) == len(hooks):
-                raise _Captured
-            return x
-
-        return fn
-
-    with ExitStack() as stack:
-        for name in hooks:
-            stack.enter_context(edit(model, name, keep(name)))
-        with suppress(_Captured):
-            model(**inputs)
-    missing = [h for h in hooks if h not in acts]
-    if missing:
-        raise RuntimeError(f"hookpoints {missing} did not fire during the forward pass")
-    return acts
 
 
 def native_precision(dtype: str, device: torch.device) -> bool:
@@ -376,10 +348,11 @@ class Harvester:
             for index, shard in shards:
                 if submitted >= c.tokens:
                     break
-                rows, wanted = sum(map(window_rows, shard)), c.tokens - submitted
+                held = np.cumsum([window_rows(w) for w in shard])  # rows up to each window
+                rows, wanted = int(held[-1]), c.tokens - submitted
                 if mine(index):
                     first_window = index * c.shard_windows
-                    needed = shard[: windows_for(shard, wanted, c.batch_size)]
+                    needed = shard[: windows_for(held, wanted, c.batch_size)]
                     acts = self.shard_rows(needed, first_window, first_window // c.batch_size)
                     acts, trimmed = {k: v[:wanted] for k, v in acts.items()}, rows > wanted
                     prepared = None if background else writer.prepare(acts, trimmed)
@@ -419,13 +392,13 @@ def window_rows(w: Window) -> int:
     return int((w.docs[1:] != PAD_DOC).sum())
 
 
-def windows_for(shard: list[Window], rows: int, batch_size: int) -> int:
-    """How many of a shard's windows to forward for its first `rows` rows: whole batches, so that
-    each row is computed in the batch it has in a whole shard (the last shard, cut at --tokens,
-    is then the first rows of the whole one, bit for bit, as a resume to more tokens needs)."""
-    held = np.cumsum([window_rows(w) for w in shard])
+def windows_for(held: np.ndarray, rows: int, batch_size: int) -> int:
+    """How many of a shard's windows to forward for its first `rows` rows (`held`: the rows up to
+    and including each window): whole batches, so that each row is computed in the batch it has
+    in a whole shard (the last shard, cut at --tokens, is then the first rows of the whole one,
+    bit for bit, as a resume to more tokens needs)."""
     needed = int(np.searchsorted(held, rows)) + 1  # the window holding the `rows`-th row
-    return min(len(shard), -(-needed // batch_size) * batch_size)
+    return min(len(held), -(-needed // batch_size) * batch_size)
 
 
 class WindowStream:

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import train.harvest
 from sae.cli import main as cli
-from sae.hooks import record
+from sae.hooks import capture, record
 from sae.lm import blocks
 from sae.locks import LOCK_FILE
 from tests.conftest import sigkill_when, start_sae
@@ -26,7 +26,7 @@ from tests.train.runs import in_process
 from train.cache import IDENTITY, CacheMismatch, CacheWriter, load_cache
 from train.config import HarvestConfig
 from train.data import load_documents
-from train.harvest import Harvester, NonFiniteActivations, capture, harvest, resolve_precision
+from train.harvest import Harvester, NonFiniteActivations, harvest, resolve_precision
 
 HOOKS = ["blocks.3.hook_resid_post", "blocks.5.hook_mlp_out"]
 SMALL = {
