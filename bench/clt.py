@@ -13,7 +13,8 @@ With --multipliers it sweeps the CLT's own learning rate instead (no set): CLTs 
 of the rule's default rate for a CLT (train/schedule.py, LayeredDictionary.rate_factor) with the
 default warm-up, from random decoder rows (--decoder-inits: each of random and zero), from
 each of --encoder-inits (auto, tied, fitted) and, for a penalty rule, at each of
---coefficients (default: the rule's weight for a CLT); each scored as above, into
+--coefficients (default: the rule's weight for a CLT) and under each of --penalties (a JumpReLU
+CLT's L0 penalty, or its distance from k: --target-l0); each scored as above, into
 clt-rates-<device>.json (--name: another name).
 """
 
@@ -118,15 +119,15 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     default = default_lr(args.d_sae, steps, CrossLayerTranscoder.rate_factor(True, args.d_sae))
     weights = args.coefficients or [0.0]  # 0: the rule's default for a CLT
     sweep = []
-    for m, start, decoder, c in product(
-        args.multipliers, args.encoder_inits, args.decoder_inits, weights
+    for m, start, decoder, c, penalty in product(
+        args.multipliers, args.encoder_inits, args.decoder_inits, weights, args.penalties
     ):
         name = f"clt-x{m:g}" + "".join(
-            f"-{v}" for v in (start, decoder) if v not in ("auto", "random")
+            f"-{v}" for v in (start, decoder, penalty) if v not in ("auto", "random", "l0")
         )
         sweep.append({**shape, **CLT, "lr": default * m, "decoder_init": decoder,
                       "encoder_init": start, "sparsity_coefficient": c,
-                      "name": name + (f"-c{c:g}" if c else "")})  # fmt: skip
+                      "target_l0": penalty == "target", "name": name + (f"-c{c:g}" if c else "")})  # fmt: skip
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
@@ -167,6 +168,9 @@ def main() -> None:
                     help="with --multipliers: a CLT from each encoder start (auto, tied, fitted)")  # fmt: skip
     ap.add_argument("--coefficients", nargs="+", type=float,
                     help="with --multipliers: a penalty rule's CLT at each of these weights")  # fmt: skip
+    ap.add_argument("--penalties", nargs="+", default=["l0"], choices=["l0", "target"],
+                    help="with --multipliers: a JumpReLU CLT under each penalty (l0: the L0; "
+                    "target: its distance from k, --target-l0)")  # fmt: skip
     ap.add_argument("--decoder-inits", nargs="+", default=["random"],
                     help="with --multipliers: a CLT from each decoder start (random, zero)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 from eval.demo import DemoConfig, heldout_scores, train_and_heldout  # noqa: E402
 from sae.environment import machine  # noqa: E402
-from sae.models import REGISTRY  # noqa: E402
+from sae.models import REGISTRY, TARGET_L0_COEFFICIENT  # noqa: E402
 from train.cache import ActivationCache  # noqa: E402
 from train.config import DECODER_INITS, ENCODER_INITS, TrainConfig  # noqa: E402
 from train.schedule import default_lr  # noqa: E402
@@ -42,10 +42,16 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     swept = args.coefficient.get(architecture)
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     starts = {"encoder_init": args.encoder_init, "decoder_init": args.decoder_init}
+    starts |= {"target_l0": True} if args.target_l0 else {}
     sweep, rows = [], []
     for width, multiplier in product(widths, args.multipliers):
         # the rule's weight for this length and width (0: no penalty), unless swept
-        for coefficient in swept or [rule.default_coefficient(steps, width, bool(args.hook_out))]:
+        default = (
+            TARGET_L0_COEFFICIENT
+            if args.target_l0
+            else rule.default_coefficient(steps, width, bool(args.hook_out))
+        )
+        for coefficient in swept or [default]:
             lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out), width)) * multiplier
             name = f"{architecture}-{width}-x{multiplier:g}" + (
                 f"-c{coefficient:g}" if swept and len(swept) > 1 else ""
@@ -144,6 +150,8 @@ def main() -> None:
     parser.add_argument("--coefficient", nargs="*", default=[],
                         help="architecture=C[,C...]: a penalty rule's sparsity coefficient, or several "
                         "(each rate trained at each; the first is the default's)")  # fmt: skip
+    parser.add_argument("--target-l0", action="store_true", help="train JumpReLU with its "
+                        "penalty on L0's distance from k (SAESpec.target_l0)")  # fmt: skip
     parser.add_argument("--l0", type=float, help="judge penalty rules at this L0 (default: the "
                         "default run's); with several coefficients each rate is interpolated to it")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4096)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -234,8 +234,7 @@ class CrossLayerTranscoder(LayeredDictionary):
         shards = self.layers[0].shards  # where each layer's latents live (a slice of each, sharded)
         x_s, y_s = self.scaled_inputs(x), self.scale_target(y)
         dead = ctx.dead.view(n, -1) if ctx.dead is not None else [None] * n
-        contexts = [TrainContext(ctx.sparsity_coefficient, ctx.aux_coefficient, m, ctx.bandwidth)
-                    for m in dead]  # fmt: skip
+        contexts = [replace(ctx, dead=m) for m in dead]
         outputs = [y_s.new_zeros(len(y_s), d) for _ in range(n)]
         pres, codes = [], []
         for i, part in enumerate(self.layers):

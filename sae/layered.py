@@ -106,10 +106,12 @@ class LayeredDictionary(nn.Module):
         the CLT says so (sae.clt.COEFFICIENTS)."""
         return self.parts[0].default_coefficient(steps, d_sae)
 
-    def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
+    def training_advice(
+        self, l0: float, coefficient: float, total_steps: int, target_l0: bool = False
+    ) -> list[str]:
         """The parts' advice, with the L0 of one part (a CLT's L0 sums its layers')."""
         part_l0 = l0 / len(self.parts)
-        return self.parts[0].training_advice(part_l0, coefficient, total_steps)
+        return self.parts[0].training_advice(part_l0, coefficient, total_steps, target_l0)
 
     @classmethod
     def rate_factor(cls, transcoder: bool, d_sae: int) -> float:

@@ -46,6 +46,8 @@ class TrainContext:
     """[d_sae] bool: latents that have not fired within the dead window."""
     bandwidth: float = 0.05
     """JumpReLU's straight-through kernel width."""
+    target_l0: bool = False
+    """JumpReLU: penalise the L0's squared distance from k instead of the L0 (SAESpec.target_l0)."""
 
 
 class Whole:
@@ -160,6 +162,8 @@ class SAE(nn.Module):
     """The architecture SAELens loads the saved weights as (its inference class)."""
     uses_k: ClassVar[bool] = False
     """Whether cfg.k sets the sparsity (top-k styles)."""
+    aims_l0: ClassVar[bool] = False
+    """Whether the rule's penalty can aim at L0 k instead (SAESpec.target_l0: JumpReLU's)."""
     latent_scaled: ClassVar[tuple[str, ...]] = ("b_enc",)
     """Per-latent encoder tensors that scale with a latent's code (scale_codes_)."""
     sparsity_coefficient: ClassVar[float] = 0.0
@@ -510,17 +514,25 @@ class SAE(nn.Module):
     def reach_step(self, step: int, total_steps: int) -> None:
         """Called before each step: the recipe's changes at points of the schedule (none here)."""
 
-    def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
+    def training_advice(
+        self, l0: float, coefficient: float, total_steps: int, target_l0: bool = False
+    ) -> list[str]:
         """What looks unfinished at the end of training, a line each naming the setting to change.
         A penalty rule's L0 follows its coefficient, not k: an L0 far from k means the two
         disagree, and the dictionary is not the one a reader of its cfg.json expects."""
         k = self.cfg.k
         if self.uses_k or k / L0_BAND <= l0 <= L0_BAND * k:
             return []
+        if target_l0:
+            return [
+                f"L0 ended at {l0:.1f}, far from its target k={k}: raise "
+                f"--sparsity-coefficient ({coefficient:g}), the pull toward it"
+            ]
         way = "raise" if l0 > k else "lower"
+        also = ", or train with --target-l0, which holds L0 near k" if self.aims_l0 else ""
         return [
             f"L0 ended at {l0:.1f}, far from k={k}: {self.architecture}'s L0 is set by "
-            f"--sparsity-coefficient ({coefficient:g}), not by --k; {way} it"
+            f"--sparsity-coefficient ({coefficient:g}), not by --k; {way} it{also}"
         ]
 
     def sparse_training_loss(
@@ -827,6 +839,11 @@ class StepSTE(torch.autograd.Function):
         return None, -(kernel * grad).sum(0), None
 
 
+TARGET_L0_COEFFICIENT = 4.0
+"""JumpReLU's penalty weight under target_l0 (SAESpec.target_l0), at every length and width. On
+synthetic rows (128 features, 5 a row; 60 steps) it ended at L0 5.2 / 17.1 for k 4 / 16; 1 at
+7.3 / 19.4, 16 and 64 at 4.2 / 16.1-16.3, each explaining a little less (docs/training.md)."""
+
 THRESHOLD_LR_SCALE = 0.25
 """JumpReLU's threshold learns at this times sqrt(d_in) times the dictionary's rate (measured:
 bench/lr_sweep.py and docs/training.md; 1 left 60% of the latents dead, 0.1 barely moved L0)."""
@@ -837,6 +854,7 @@ class JumpReLUSAE(SAE):
     """JumpReLU SAE (Rajamanoharan et al. 2024): a learned per-latent threshold."""
 
     architecture = saelens_architecture = "jumprelu"
+    aims_l0 = True
     latent_scaled = ("b_enc", "threshold")
     sparsity_coefficient = 0.77  # L0 32 at 97 steps from the fitted start (1: 26.4)
     coefficient_decay = 0.44  # L0 32 at 354 steps wants 0.43 (1: 16.2); 24 steps hardly heed it
@@ -878,8 +896,14 @@ class JumpReLUSAE(SAE):
         return JumpReLUSTE.apply(pre, self.threshold, ctx.bandwidth)
 
     def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
-        """L0 through the step function's straight-through estimator (Rajamanoharan et al.)."""
+        """L0 through the step function's straight-through estimator (Rajamanoharan et al.); under
+        target_l0 its squared distance from k, (L0 - k)^2 / k (Gemma Scope 2's scale; SAEBench's
+        JumpReLU trainer aims at a target L0 too), whose gradient pulls L0 back from either side:
+        the L0 penalty only ever thins the code, so where the reconstruction thins it as well
+        nothing brings it back (a JumpReLU CLT fell from L0 480 to 60, docs/transcoders.md)."""
         l0 = self.shards.sum(StepSTE.apply(pre, self.threshold, ctx.bandwidth).sum(-1).mean())
+        if ctx.target_l0:
+            l0 = (l0 - self.cfg.k) ** 2 / self.cfg.k
         return {"l0_loss": ctx.sparsity_coefficient * l0}
 
     @torch.no_grad()
@@ -929,7 +953,9 @@ class BatchTopKSAE(SAE):
         if step == int(0.8 * total_steps):
             self.threshold.zero_()  # after_step starts the average afresh
 
-    def training_advice(self, l0: float, coefficient: float, total_steps: int) -> list[str]:
+    def training_advice(
+        self, l0: float, coefficient: float, total_steps: int, target_l0: bool = False
+    ) -> list[str]:
         """The threshold averages the last fifth of the run's batches: over too few of them it is
         one or two batches' noisy order statistic. (The demo's 30 give an L0 of 33.3 for k 32.)"""
         averaged = total_steps - int(0.8 * total_steps)

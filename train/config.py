@@ -109,6 +109,11 @@ class SAESpec:
     for the run's length (a longer run needs less penalty for the same L0: SAE.default_coefficient)
     and, for ReLU-L1, the width; a transcoder's its own (JumpReLU 0.13 at 97 steps, where the SAE's
     ended at L0 18, growing to 0.26 at 354 as its code grows denser; ReLU-L1 1.17, 1.11 at 354)."""
+    target_l0: bool = False
+    """JumpReLU: penalise the L0's squared distance from k, (L0 - k)^2 / k, instead of the L0
+    itself, so that L0 ends near k at any length without a weight tuned to it (default weight
+    TARGET_L0_COEFFICIENT); the L0 penalty only thins the code, and where the reconstruction
+    thins it too (a JumpReLU CLT: L0 480 -> 60) nothing brings it back (docs/training.md)."""
     hook: str = ""
     """Hookpoint to train on (empty: the cache's only one)."""
     hook_out: str = ""
@@ -279,6 +284,8 @@ class TrainConfig(SAESpec, TextOptions):
                 "--distribute-sweep puts each dictionary whole on one rank and --latent-shards "
                 f"{self.latent_shards} splits each over ranks: choose one"
             )
+        from sae.models import REGISTRY as rules  # the rules' traits live beside their classes
+
         for name in ("dead_tokens", "checkpoint_every", "aux_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -310,6 +317,11 @@ class TrainConfig(SAESpec, TextOptions):
                 raise ValueError(
                     "encoder_init fitted starts an SAE, a transcoder or a cross-layer "
                     f"transcoder, not a crosscoder (over {spec.layers!r}): leave it auto (tied)"
+                )
+            if spec.target_l0 and not getattr(rules.get(spec.architecture), "aims_l0", True):
+                raise ValueError(
+                    f"target_l0 aims a JumpReLU's L0 penalty at k; {spec.architecture} has none "
+                    "(top-k rules set L0 by k, ReLU-L1 and Gated penalise L1)"
                 )
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")

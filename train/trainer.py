@@ -32,7 +32,7 @@ from sae.config import SAEConfig
 from sae.crosscoder import Crosscoder, CrosscoderConfig
 from sae.layered import LayeredDictionary
 from sae.locks import exclusive
-from sae.models import REGISTRY, SAE, WHOLE, LossOutput, TrainContext, Whole
+from sae.models import REGISTRY, SAE, TARGET_L0_COEFFICIENT, WHOLE, LossOutput, TrainContext, Whole
 from sae.progress import progress
 from train import checkpoint
 from train.config import HarvestConfig, SAESpec, TextOptions, TrainConfig
@@ -120,7 +120,8 @@ def _joined(batch: dict[str, Tensor], hooks: list[str]) -> Tensor:
 def member_name(spec: SAESpec) -> str:
     if spec.name:
         return spec.name
-    k = f"-k{spec.k}" if getattr(REGISTRY.get(spec.architecture), "uses_k", False) else ""
+    uses_k = getattr(REGISTRY.get(spec.architecture), "uses_k", False)
+    k = f"-target{spec.k}" if spec.target_l0 else f"-k{spec.k}" if uses_k else ""
     width = spec.expansion_factor if not spec.d_sae else spec.d_sae
     hooks = [spec.hook] if spec.hook else []  # none: tensors of unknown origin
     hooks += [spec.hook_out] if spec.hook_out not in ("", spec.hook) else []
@@ -427,7 +428,7 @@ class Trainer:
             # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
             aux = self.cfg.aux_coefficient
             dead = (m.tokens_since_fired > self.dead_tokens).flatten() if aux else None
-            ctx = TrainContext(coefficient * warm, aux, dead)
+            ctx = TrainContext(coefficient * warm, aux, dead, target_l0=m.spec.target_l0)
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
                 out = m.loss(x, ctx, y)
@@ -469,7 +470,10 @@ class Trainer:
         return f"/{name}" if len(self.names) > 1 else ""
 
     def coefficient(self, m: Member) -> float:
-        """The member's penalty weight: its own, or its rule's for a run of this length and width."""
+        """The member's penalty weight: its own, or its rule's for a run of this length and width
+        (aiming at L0 k, one weight for every run)."""
+        if m.spec.target_l0:
+            return m.spec.sparsity_coefficient or TARGET_L0_COEFFICIENT
         return m.spec.sparsity_coefficient or m.sae.default_coefficient(
             self.total_steps, m.sae.cfg.d_sae, m.transcoder
         )
@@ -526,7 +530,7 @@ class Trainer:
             suffix = self.suffix(m.name)
             coefficient = self.coefficient(m)
             advice = m.sae.training_advice(
-                values["metrics/l0" + suffix], coefficient, self.total_steps
+                values["metrics/l0" + suffix], coefficient, self.total_steps, m.spec.target_l0
             )
             dead = values["sparsity/dead_features" + suffix] / (
                 m.tokens_since_fired.numel() * m.shards.count

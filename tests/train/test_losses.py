@@ -66,6 +66,23 @@ def test_jumprelu_l0_penalty_counts_active_latents():
     torch.testing.assert_close(out.parts["l0_loss"], 0.3 * (d.encode(x) > 0).sum(-1).float().mean())
 
 
+def test_jumprelu_target_penalty_is_the_l0_s_squared_distance_from_k_and_pulls_toward_it():
+    d = make_sae("jumprelu", k=3)
+    x = torch.randn(64, 6)
+    ctx = TrainContext(sparsity_coefficient=0.3, bandwidth=1.0, target_l0=True)
+    l0 = (d.encode(x) > 0).sum(-1).float().mean()
+    assert l0 > 3  # the start fires on about half the 16 latents
+    out = d.training_loss(x, ctx)
+    torch.testing.assert_close(out.parts["l0_loss"], 0.3 * (l0 - 3) ** 2 / 3)
+    out.parts["l0_loss"].backward()
+    assert (d.threshold.grad <= 0).all() and d.threshold.grad.sum() < 0  # L0 > k: thresholds rise
+    d.threshold.grad = None
+    with torch.no_grad():
+        d.threshold.fill_(d.pre_acts(x).max() - 0.1)  # almost silent: L0 < k
+    d.training_loss(x, ctx).parts["l0_loss"].backward()
+    assert (d.threshold.grad >= 0).all() and d.threshold.grad.sum() > 0  # thresholds fall
+
+
 def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     d = make_sae("batchtopk", k=2)
     d.threshold.zero_()

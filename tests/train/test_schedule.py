@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from sae.cli import field_docs
+from sae.cli import build_options, field_docs, parser
 from sae.models import (
     COEFFICIENT_STEPS,
     FACTOR_WIDTH,
@@ -21,7 +21,7 @@ from tests.conftest import make_sae, synthetic
 from train import schedule
 from train.config import SAESpec, TrainConfig
 from train.schedule import default_lr, default_warmup, lr_lambda, param_groups
-from train.trainer import Trainer
+from train.trainer import Trainer, member_name
 
 
 def test_the_default_rate_is_the_measured_power_law_in_length_and_width():
@@ -127,7 +127,9 @@ def test_a_penalty_rule_is_warned_about_beyond_root_two_of_k(architecture, l0, w
     """Beyond sqrt(2) of k an L0 is nearer to k/2 or 2k (JumpReLU at 9216 latents and 24 steps
     ended at 1.6-1.8 times k, which a band of 2x left unsaid)."""
     said = make_sae(architecture, d_sae=64, k=32).training_advice(l0, 0.77, 97)
-    assert [line.endswith(f"{way} it") for line in said] == ([True] if way else [])
+    assert [f"; {way} it" in line for line in said] == ([True] if way else [])
+    aims = architecture == "jumprelu"  # the one rule whose penalty can aim at k says so
+    assert all(line.endswith("--target-l0, which holds L0 near k") == aims for line in said)
 
 
 def test_an_unsettled_batchtopk_threshold_is_warned_about(tmp_path):
@@ -222,6 +224,42 @@ def test_jumprelu_thresholds_learn_at_the_pre_activations_scale(tmp_path):
     assert l0[2.0] < 1.5 * 128 * 0.04, l0
     (threshold,) = [g for g in param_groups(d, 1e-3) if any(p is d.threshold for p in g["params"])]
     assert threshold["lr"] == pytest.approx(1e-3 * 8 / 4) and len(threshold["params"]) == 1
+
+
+def test_a_jumprelu_aiming_at_l0_k_ends_near_k_where_the_l0_penalty_ends_where_its_weight_says(
+    tmp_path,
+):
+    """The synthetic rows hold about 5 of 128 features. Under the L0 penalty one weight ends
+    where it ends whatever k says (13.1 and 28.7 at k 4 and 16: only the start, at L0 k, differs);
+    aiming at k (target_l0, its default weight) ends at 5.2 and 17.1."""
+    _, batches = synthetic(n_features=128, d=64, batch=512)
+    l0, said = {}, {}
+    for target, k in [(False, 4), (True, 4), (True, 16)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = train.fit(batches(60), architecture="jumprelu", d_sae=256, k=k, target_l0=target,
+                          total_tokens=60 * 512, batch_size=512, out=str(tmp_path / "run"),
+                          overwrite=True, **({} if target else {"sparsity_coefficient": 0.3}))  # fmt: skip
+        l0[target, k] = (d.encode(next(batches(1))) > 0).sum(-1).float().mean().item()
+        said[target, k] = [str(w.message) for w in caught if "far from" in str(w.message)]
+    assert l0[False, 4] > 2 * 4, l0
+    (line,) = said.pop((False, 4))  # the L0 penalty's run is told of --target-l0
+    assert line.endswith("raise it, or train with --target-l0, which holds L0 near k")
+    assert not any(said.values()), said
+    assert 4 / 1.35 < l0[True, 4] < 1.35 * 4 and 16 / 1.35 < l0[True, 16] < 1.35 * 16, l0
+    assert json.loads((tmp_path / "run" / "jumprelu-target16-x256" / "cfg.json").read_text())
+
+
+def test_aiming_at_l0_k_is_for_a_rule_with_an_l0_penalty_and_has_its_own_advice(tmp_path):
+    with pytest.raises(ValueError, match="target_l0 aims a JumpReLU's L0 penalty at k; topk has"):
+        TrainConfig(out=str(tmp_path), target_l0=True, architecture="topk")
+    advice = make_sae("jumprelu", d_sae=64, k=32).training_advice(60, 4.0, 97, target_l0=True)
+    assert advice == ["L0 ended at 60.0, far from its target k=32: raise --sparsity-coefficient "
+                      "(4), the pull toward it"]  # fmt: skip
+    spec = SAESpec(architecture="jumprelu", target_l0=True, k=16)
+    assert member_name(spec) == "jumprelu-target16-x8"
+    args = parser("train").parse_args(["train", "--architecture", "jumprelu", "--target-l0"])
+    assert build_options(TrainConfig, args).target_l0 is True
 
 
 def test_every_part_of_a_layered_dictionary_gets_its_own_threshold_rate():
