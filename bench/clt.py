@@ -135,7 +135,9 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     applied = {m.name: trainer.coefficient(m) for m in trainer.members}  # 0 resolved
     scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
-        scores[spec["name"]].update({k: spec[k] for k in ("lr", "decoder_init", "encoder_init")})
+        scores[spec["name"]].update(
+            {k: spec[k] for k in ("lr", "decoder_init", "encoder_init", "target_l0")}
+        )
         scores[spec["name"]]["sparsity_coefficient"] = applied[spec["name"]]
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
             "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sae
-from sae.models import BatchTopKSAE, TopKSAE
+from sae.models import TARGET_L0_COEFFICIENT, BatchTopKSAE, TopKSAE
 from tests.conftest import synthetic_cache, write_cache
 from train.schedule import default_lr
 
@@ -215,6 +215,18 @@ def test_lr_sweep_without_the_default_rate_reports_the_best_found(tmp_path):
     assert point["best_explained_variance"] == max(r["explained_variance"] for r in report["runs"])
 
 
+def test_lr_sweep_trains_jumprelu_aimed_at_l0_k_at_its_own_weight(tmp_path):
+    synthetic_cache(tmp_path / "cache", rows=2_000, d=16, shard_rows=1_000)
+    synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
+    report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
+                       "--heldout", str(tmp_path / "heldout"), "--architectures", "jumprelu",
+                       "--widths", "64", "--budgets", "2000", "--multipliers", "1", "--k", "4",
+                       "--batch-size", "500", "--target-l0",
+                       "--results", str(tmp_path / "runs" / "target.json"))  # fmt: skip
+    (run,) = report["runs"]
+    assert run["target_l0"] and run["sparsity_coefficient"] == TARGET_L0_COEFFICIENT
+
+
 def test_lr_sweep_judges_penalty_rules_at_matched_l0():
     """Under an L1 penalty a larger rate may give a denser code that explains more: it is not a
     better rate unless its L0 is within 10% of the default's."""
@@ -298,20 +310,20 @@ def mlp_caches(tmp_path) -> None:
         )
 
 
-def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_and_weight(tmp_path):
+def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_weight_and_penalty(tmp_path):
     report = run_bench("clt.py", tmp_path, *CLT_SMALL, "--architecture", "jumprelu",
-                       "--multipliers", "0.5", "2", "--decoder-inits", "random", "zero",
-                       "--coefficients", "0.2")  # fmt: skip
+                       "--multipliers", "2", "--decoder-inits", "random", "zero",
+                       "--penalties", "l0", "target", "--coefficients", "0.2")  # fmt: skip
     default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
     assert report["default_lr"] == default and report["steps"] == 3
     assert report["architecture"] == "jumprelu"
-    starts = {n: (s["lr"], s["decoder_init"], s["encoder_init"], s["sparsity_coefficient"])
-              for n, s in report["scores"].items()}  # fmt: skip
+    starts = {n: (s["lr"], s["decoder_init"], s["encoder_init"], s["sparsity_coefficient"],
+                  s["target_l0"]) for n, s in report["scores"].items()}  # fmt: skip
     assert starts == {
-        "clt-x0.5-c0.2": (0.5 * default, "random", "auto", 0.2),
-        "clt-x0.5-zero-c0.2": (0.5 * default, "zero", "auto", 0.2),
-        "clt-x2-c0.2": (2 * default, "random", "auto", 0.2),
-        "clt-x2-zero-c0.2": (2 * default, "zero", "auto", 0.2),
+        "clt-x2-c0.2": (2 * default, "random", "auto", 0.2, False),
+        "clt-x2-target-c0.2": (2 * default, "random", "auto", 0.2, True),
+        "clt-x2-zero-c0.2": (2 * default, "zero", "auto", 0.2, False),
+        "clt-x2-zero-target-c0.2": (2 * default, "zero", "auto", 0.2, True),
     }
     for s in report["scores"].values():
         assert abs(s["ce_replacement_with_errors"] - s["ce_clean"]) < 1e-4
