@@ -202,29 +202,21 @@ def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path
 
 def test_lr_sweep_without_the_default_rate_reports_the_best_found(tmp_path):
     """A probe of rates around the default (no multiplier 1) printed its table by formatting
-    the missing default, and crashed before writing what it had trained."""
+    the missing default, and crashed before writing what it had trained. (Of JumpReLU aimed at
+    L0 k, which trains at its own weight.)"""
     synthetic_cache(tmp_path / "cache", rows=4_000, d=16, shard_rows=1_000)
     synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
     report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
                        "--heldout", str(tmp_path / "heldout"), "--widths", "64", "--budgets", "2000",
                        "--multipliers", "0.5", "2", "--batch-size", "1000", "--encoder-init", "tied",
+                       "--architectures", "jumprelu", "--k", "4", "--target-l0",
                        "--results", str(tmp_path / "runs" / "probe.json"))  # fmt: skip
-    assert {r["encoder_init"] for r in report["runs"]} == {"tied"}  # TopK's own start is fitted
+    assert {r["encoder_init"] for r in report["runs"]} == {"tied"}  # JumpReLU's own start is fitted
+    assert all(r["target_l0"] for r in report["runs"])
+    assert {r["sparsity_coefficient"] for r in report["runs"]} == {TARGET_L0_COEFFICIENT}
     (point,) = report["points"]
     assert point["default_lr"] is None and point["shortfall"] is None
     assert point["best_explained_variance"] == max(r["explained_variance"] for r in report["runs"])
-
-
-def test_lr_sweep_trains_jumprelu_aimed_at_l0_k_at_its_own_weight(tmp_path):
-    synthetic_cache(tmp_path / "cache", rows=2_000, d=16, shard_rows=1_000)
-    synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
-    report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
-                       "--heldout", str(tmp_path / "heldout"), "--architectures", "jumprelu",
-                       "--widths", "64", "--budgets", "2000", "--multipliers", "1", "--k", "4",
-                       "--batch-size", "500", "--target-l0",
-                       "--results", str(tmp_path / "runs" / "target.json"))  # fmt: skip
-    (run,) = report["runs"]
-    assert run["target_l0"] and run["sparsity_coefficient"] == TARGET_L0_COEFFICIENT
 
 
 def test_lr_sweep_judges_penalty_rules_at_matched_l0():
