@@ -27,7 +27,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 from eval.demo import DemoConfig, heldout_scores, train_and_heldout  # noqa: E402
 from sae.environment import machine  # noqa: E402
-from sae.models import REGISTRY, TARGET_L0_COEFFICIENT  # noqa: E402
+from sae.models import REGISTRY  # noqa: E402
 from train.cache import ActivationCache  # noqa: E402
 from train.config import DECODER_INITS, ENCODER_INITS, TrainConfig  # noqa: E402
 from train.schedule import default_lr  # noqa: E402
@@ -45,13 +45,8 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     starts |= {"target_l0": True} if args.target_l0 else {}
     sweep, rows = [], []
     for width, multiplier in product(widths, args.multipliers):
-        # the rule's weight for this length and width (0: no penalty), unless swept
-        default = (
-            TARGET_L0_COEFFICIENT
-            if args.target_l0
-            else rule.default_coefficient(steps, width, bool(args.hook_out))
-        )
-        for coefficient in swept or [default]:
+        # 0: the trainer's weight for the run (Trainer.coefficient), recorded once it is built
+        for coefficient in swept or [0.0]:
             lr = default_lr(width, steps, rule.rate_factor(bool(args.hook_out), width)) * multiplier
             name = f"{architecture}-{width}-x{multiplier:g}" + (
                 f"-c{coefficient:g}" if swept and len(swept) > 1 else ""
@@ -59,15 +54,16 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
             sweep.append({"architecture": architecture, "d_sae": width, "k": args.k, "lr": lr,
                           "sparsity_coefficient": coefficient, **hooks, **starts, "name": name})  # fmt: skip
             rows.append({"architecture": architecture, "d_sae": width, "tokens": budget,
-                         "steps": steps, "multiplier": multiplier, "lr": lr,
-                         "sparsity_coefficient": coefficient, **hooks, **starts})  # fmt: skip
+                         "steps": steps, "multiplier": multiplier, "lr": lr, **hooks, **starts})  # fmt: skip
     cfg = TrainConfig(cache=args.cache, out=str(Path(args.out) / f"{architecture}-{budget}"),
                       total_tokens=budget, batch_size=args.batch_size, sweep=sweep, device=args.device,
                       overwrite=True, seed=args.seed)  # fmt: skip
     start = time.perf_counter()
-    saes = Trainer(cfg, args.cache).run()
+    trainer = Trainer(cfg, args.cache)
+    saes = trainer.run()
     seconds = time.perf_counter() - start
-    for row, sae in zip(rows, saes, strict=True):
+    for row, m, sae in zip(rows, trainer.members, saes, strict=True):
+        row["sparsity_coefficient"] = trainer.coefficient(m)
         row.update(heldout_scores(sae, heldout), train_seconds=seconds)
         print(json.dumps(row), flush=True)
     return rows
