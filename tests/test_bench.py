@@ -304,7 +304,7 @@ def mlp_caches(tmp_path) -> None:
 
 def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_weight_and_penalty(tmp_path):
     report = run_bench("clt.py", tmp_path, *CLT_SMALL, "--architecture", "jumprelu",
-                       "--multipliers", "2", "--decoder-inits", "random", "zero",
+                       "--multipliers", "2", "--decoder-inits", "zero",
                        "--penalties", "l0", "target", "--coefficients", "0.2")  # fmt: skip
     default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
     assert report["default_lr"] == default and report["steps"] == 3
@@ -312,8 +312,6 @@ def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_weight_and_penalty(tmp
     starts = {n: (s["lr"], s["decoder_init"], s["encoder_init"], s["sparsity_coefficient"],
                   s["target_l0"]) for n, s in report["scores"].items()}  # fmt: skip
     assert starts == {
-        "clt-x2-c0.2": (2 * default, "random", "auto", 0.2, False),
-        "clt-x2-target-c0.2": (2 * default, "random", "auto", 0.2, True),
         "clt-x2-zero-c0.2": (2 * default, "zero", "auto", 0.2, False),
         "clt-x2-zero-target-c0.2": (2 * default, "zero", "auto", 0.2, True),
     }

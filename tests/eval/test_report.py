@@ -9,11 +9,12 @@ import torch
 import eval as ev
 import eval.report
 import sae
+from eval.concepts import SparseCodes
 from eval.reconstruction import reconstruction
-from eval.report import HEADLINE, cache_windows, dataset_windows, take_tokens
+from eval.report import HEADLINE, cache_windows, concept_report, dataset_windows, take_tokens
 from eval.splice import spliced_losses
 from sae.cli import main
-from sae.hooks import record
+from sae.hooks import capture, record
 
 SMALL = {"tokens": 16 * 63, "context_size": 64}
 
@@ -40,18 +41,24 @@ def same_model(monkeypatch, smollm2):
     return smollm2
 
 
-def test_every_score_on_the_same_tokens(report, sae_dir, smollm2):
-    rep, out = report
+def scored(smollm2, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows SMALL scores [windows, 64] and their activations at `hook`, positions 1.."""
     model, tokenizer = smollm2
-    d = sae.load(sae_dir)
     ids = take_tokens(
         dataset_windows(tokenizer, eval.report.EvalConfig(**SMALL)), SMALL["tokens"], 64, "test"
     )
+    with torch.no_grad():
+        x = capture(model, [hook], input_ids=ids)[hook]
+    return ids, x[:, 1:].flatten(0, 1)
+
+
+def test_every_score_on_the_same_tokens(report, sae_dir, smollm2):
+    rep, out = report
+    model = smollm2[0]
+    d = sae.load(sae_dir)
+    ids, x = scored(smollm2, d.cfg.hook_name)
     assert rep["meta"]["tokens"] == rep["sparsity"]["tokens"] == SMALL["tokens"]
     assert all(math.isfinite(rep[k]) for k in HEADLINE)
-    with torch.no_grad(), record(model, [d.cfg.hook_name]) as acts:
-        model(ids)
-    x = acts[d.cfg.hook_name][:, 1:].flatten(0, 1)
     expected = reconstruction(d, [x])
     for k in expected:
         assert rep[k] == pytest.approx(expected[k], rel=1e-5)
@@ -90,7 +97,11 @@ def test_concepts_and_absorption_are_scored(report, sae_dir, same_model):
     # 57 vs 15, 0.25 vs 0.20).
     d = sae.load(sae_dir)
     random = sae.create("topk", d_in=576, d_sae=d.cfg.d_sae, k=32, hook_name=d.cfg.hook_name)
-    baseline = ev.evaluate(random, **SMALL, absorption=False)["concepts"]
+    ids, x = scored(same_model, d.cfg.hook_name)
+    codes = SparseCodes(d.cfg.d_sae)
+    with torch.no_grad():
+        codes.add(random.encode(x))
+    baseline = concept_report(codes, ids, same_model[1])
     assert c["precision_mean"] > baseline["precision_mean"] + 0.02
     assert sum(c["pure_by_concept"].values()) > 2 * sum(baseline["pure_by_concept"].values())
 
