@@ -14,7 +14,8 @@ of the rule's default rate for a CLT (train/schedule.py, LayeredDictionary.rate_
 default warm-up, from random decoder rows (--decoder-inits: each of random and zero), from
 each of --encoder-inits (auto, tied, fitted) and, for a penalty rule, at each of
 --coefficients (default: the rule's weight for a CLT) and under each of --penalties (a JumpReLU
-CLT's L0 penalty, or its distance from k: --target-l0); each scored as above, into
+CLT's L0 penalty, or its distance from k: --target-l0) and each of --pre-acts (the weight of the
+pull on its dead latents' pre-activations; 0: off); each scored as above, into
 clt-rates-<device>.json (--name: another name).
 """
 
@@ -113,21 +114,27 @@ def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
             "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
 
+RECORDED = ("lr", "decoder_init", "encoder_init", "target_l0", "pre_act_coefficient")
+"""Each swept CLT's settings, stored beside its scores."""
+
+
 def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     """CLTs at multiples of their default rate, from each start and at each weight; scores."""
     steps = args.tokens // args.batch_size
     default = default_lr(args.d_sae, steps, CrossLayerTranscoder.rate_factor(True, args.d_sae))
     weights = args.coefficients or [0.0]  # 0: the rule's default for a CLT
     sweep = []
-    for m, start, decoder, c, penalty in product(
-        args.multipliers, args.encoder_inits, args.decoder_inits, weights, args.penalties
-    ):
+    for m, start, decoder, c, penalty, pull in product(
+        args.multipliers, args.encoder_inits, args.decoder_inits, weights, args.penalties,
+        args.pre_acts,
+    ):  # fmt: skip
         name = f"clt-x{m:g}" + "".join(
             f"-{v}" for v in (start, decoder, penalty) if v not in ("auto", "random", "l0")
         )
+        name += (f"-c{c:g}" if c else "") + (f"-preact{pull:g}" if pull else "")
         sweep.append({**shape, **CLT, "lr": default * m, "decoder_init": decoder,
                       "encoder_init": start, "sparsity_coefficient": c,
-                      "target_l0": penalty == "target", "name": name + (f"-c{c:g}" if c else "")})  # fmt: skip
+                      "target_l0": penalty == "target", "pre_act_coefficient": pull, "name": name})  # fmt: skip
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
@@ -135,9 +142,7 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
     applied = {m.name: trainer.coefficient(m) for m in trainer.members}  # 0 resolved
     scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
-        scores[spec["name"]].update(
-            {k: spec[k] for k in ("lr", "decoder_init", "encoder_init", "target_l0")}
-        )
+        scores[spec["name"]].update({k: spec[k] for k in RECORDED})
         scores[spec["name"]]["sparsity_coefficient"] = applied[spec["name"]]
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
             "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
@@ -173,6 +178,9 @@ def main() -> None:
     ap.add_argument("--penalties", nargs="+", default=["l0"], choices=["l0", "target"],
                     help="with --multipliers: a JumpReLU CLT under each penalty (l0: the L0; "
                     "target: its distance from k, --target-l0)")  # fmt: skip
+    ap.add_argument("--pre-acts", nargs="+", type=float, default=[0.0],
+                    help="with --multipliers: a JumpReLU CLT at each pre-activation loss weight "
+                    "on its dead latents (0: off)")  # fmt: skip
     ap.add_argument("--decoder-inits", nargs="+", default=["random"],
                     help="with --multipliers: a CLT from each decoder start (random, zero)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -203,16 +203,16 @@ def test_lr_sweep_bench_measures_the_default_rate_against_its_multiples(tmp_path
 def test_lr_sweep_without_the_default_rate_reports_the_best_found(tmp_path):
     """A probe of rates around the default (no multiplier 1) printed its table by formatting
     the missing default, and crashed before writing what it had trained. (Of JumpReLU aimed at
-    L0 k, which trains at its own weight.)"""
+    L0 k, which trains at its own weight, with the pre-activation loss.)"""
     synthetic_cache(tmp_path / "cache", rows=4_000, d=16, shard_rows=1_000)
     synthetic_cache(tmp_path / "heldout", rows=1_000, d=16, shard_rows=1_000, seed=1)
     report = run_bench("lr_sweep.py", tmp_path / "runs", "--cache", str(tmp_path / "cache"),
                        "--heldout", str(tmp_path / "heldout"), "--widths", "64", "--budgets", "2000",
                        "--multipliers", "0.5", "2", "--batch-size", "1000", "--encoder-init", "tied",
-                       "--architectures", "jumprelu", "--k", "4", "--target-l0",
+                       "--architectures", "jumprelu", "--k", "4", "--target-l0", "--pre-act", "0.01",
                        "--results", str(tmp_path / "runs" / "probe.json"))  # fmt: skip
     assert {r["encoder_init"] for r in report["runs"]} == {"tied"}  # JumpReLU's own start is fitted
-    assert all(r["target_l0"] for r in report["runs"])
+    assert all(r["target_l0"] and r["pre_act_coefficient"] == 0.01 for r in report["runs"])
     assert {r["sparsity_coefficient"] for r in report["runs"]} == {TARGET_L0_COEFFICIENT}
     (point,) = report["points"]
     assert point["default_lr"] is None and point["shortfall"] is None
@@ -305,15 +305,16 @@ def mlp_caches(tmp_path) -> None:
 def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_weight_and_penalty(tmp_path):
     report = run_bench("clt.py", tmp_path, *CLT_SMALL, "--architecture", "jumprelu",
                        "--multipliers", "2", "--decoder-inits", "zero",
-                       "--penalties", "l0", "target", "--coefficients", "0.2")  # fmt: skip
+                       "--penalties", "l0", "target", "--coefficients", "0.2",
+                       "--pre-acts", "0.003")  # fmt: skip
     default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
     assert report["default_lr"] == default and report["steps"] == 3
     assert report["architecture"] == "jumprelu"
     starts = {n: (s["lr"], s["decoder_init"], s["encoder_init"], s["sparsity_coefficient"],
-                  s["target_l0"]) for n, s in report["scores"].items()}  # fmt: skip
+                  s["target_l0"], s["pre_act_coefficient"]) for n, s in report["scores"].items()}  # fmt: skip
     assert starts == {
-        "clt-x2-zero-c0.2": (2 * default, "zero", "auto", 0.2, False),
-        "clt-x2-zero-target-c0.2": (2 * default, "zero", "auto", 0.2, True),
+        "clt-x2-zero-c0.2-preact0.003": (2 * default, "zero", "auto", 0.2, False, 0.003),
+        "clt-x2-zero-target-c0.2-preact0.003": (2 * default, "zero", "auto", 0.2, True, 0.003),
     }
     for s in report["scores"].values():
         assert abs(s["ce_replacement_with_errors"] - s["ce_clean"]) < 1e-4

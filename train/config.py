@@ -114,6 +114,10 @@ class SAESpec:
     itself, so that L0 ends near k at any length without a weight tuned to it (default weight
     TARGET_L0_COEFFICIENT); the L0 penalty only thins the code, and where the reconstruction
     thins it too (a JumpReLU CLT: L0 480 -> 60) nothing brings it back (docs/training.md)."""
+    pre_act_coefficient: float = 0.0
+    """JumpReLU: weight of Anthropic's pre-activation loss, which pulls every latent's
+    pre-activations up toward its threshold, so that a latent that stopped firing is brought back
+    (0: off; JumpReLUSAE.pre_act_loss; measured in docs/training.md)."""
     hook: str = ""
     """Hookpoint to train on (empty: the cache's only one)."""
     hook_out: str = ""
@@ -322,6 +326,18 @@ class TrainConfig(SAESpec, TextOptions):
                 raise ValueError(
                     f"target_l0 aims a JumpReLU's L0 penalty at k; {spec.architecture} has none "
                     "(top-k rules set L0 by k, ReLU-L1 and Gated penalise L1)"
+                )
+            if spec.pre_act_coefficient < 0:
+                raise ValueError(
+                    f"pre_act_coefficient must be non-negative, got {spec.pre_act_coefficient}"
+                )
+            if spec.pre_act_coefficient and not getattr(
+                rules.get(spec.architecture), "aims_l0", True
+            ):
+                raise ValueError(
+                    f"pre_act_coefficient pulls a JumpReLU's latents up to their thresholds; "
+                    f"{spec.architecture} has no trained threshold (AuxK revives a top-k rule's "
+                    "dead latents)"
                 )
             if spec.lr < 0:
                 raise ValueError(f"lr must be non-negative, got {spec.lr}")

@@ -126,9 +126,10 @@ def member_name(spec: SAESpec) -> str:
     hooks = [spec.hook] if spec.hook else []  # none: tensors of unknown origin
     hooks += [spec.hook_out] if spec.hook_out not in ("", spec.hook) else []
     skip = "-skip" if spec.skip else ""
+    preact = "-preact" if spec.pre_act_coefficient else ""
     kind = "clt" if spec.hook_out else "crosscoder"
     clt = f"{kind}-L{spec.layers.replace(',', '_')}-" if spec.layers else ""
-    name = f"{clt}{spec.architecture}{k}-x{width}{skip}"
+    name = f"{clt}{spec.architecture}{k}-x{width}{skip}{preact}"
     return f"{name}-" + "-to-".join(h.replace(".", "_") for h in hooks) if hooks else name
 
 
@@ -428,7 +429,8 @@ class Trainer:
             # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
             aux = self.cfg.aux_coefficient
             dead = (m.tokens_since_fired > self.dead_tokens).flatten() if aux else None
-            ctx = TrainContext(coefficient * warm, aux, dead, target_l0=m.spec.target_l0)
+            ctx = TrainContext(coefficient * warm, aux, dead, target_l0=m.spec.target_l0,
+                               pre_act_coefficient=m.spec.pre_act_coefficient)  # fmt: skip
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
                 out = m.loss(x, ctx, y)

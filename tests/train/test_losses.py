@@ -83,6 +83,30 @@ def test_jumprelu_target_penalty_is_the_l0_s_squared_distance_from_k_and_pulls_t
     assert (d.threshold.grad >= 0).all() and d.threshold.grad.sum() > 0  # thresholds fall
 
 
+def test_the_pre_activation_loss_pulls_silent_latents_up_to_their_thresholds():
+    """Each latent's shortfall below its threshold times its decoder row's norm, summed over
+    latents, averaged over rows: its gradient raises the pre-activations and lowers the
+    thresholds of latents below them, shrinks their decoder rows, and leaves alone a latent that
+    fires on every row."""
+    d = make_sae("jumprelu", k=3)
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        d.threshold.copy_(torch.linspace(0.0, 3.0, 16))
+        d.threshold[0] = d.pre_acts(x)[:, 0].min() - 1  # latent 0 fires on every row
+        pre = d.pre_acts(x)
+    out = d.training_loss(x, TrainContext(pre_act_coefficient=0.5))
+    gap = (d.threshold - pre).relu()
+    by_hand = 0.5 * (gap * d.W_dec.norm(dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(out.parts["pre_act_loss"], by_hand)
+    out.parts["pre_act_loss"].backward()
+    below = (gap > 0).any(0)
+    assert not below[0] and below[1:].all()
+    assert d.threshold.grad[0] == 0 and (d.threshold.grad[1:] > 0).all()  # thresholds fall
+    assert d.b_enc.grad[0] == 0 and (d.b_enc.grad[1:] < 0).all()  # pre-activations rise
+    assert (d.W_dec.grad[1:] * d.W_dec[1:]).sum(-1).gt(0).all()  # decoder rows shrink
+    assert "pre_act_loss" not in d.training_loss(x, TrainContext()).parts
+
+
 def test_batchtopk_trains_on_batch_topk_and_tracks_threshold():
     d = make_sae("batchtopk", k=2)
     d.threshold.zero_()

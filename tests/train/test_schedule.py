@@ -262,6 +262,20 @@ def test_aiming_at_l0_k_is_for_a_rule_with_an_l0_penalty_and_has_its_own_advice(
     assert build_options(TrainConfig, args).target_l0 is True
 
 
+def test_the_pre_activation_loss_is_a_jumprelu_s_and_named_in_its_runs(tmp_path):
+    with pytest.raises(ValueError, match="pre_act_coefficient pulls a JumpReLU's latents up to "
+                       "their thresholds; batchtopk has no trained threshold"):  # fmt: skip
+        TrainConfig(out=str(tmp_path), pre_act_coefficient=0.03, architecture="batchtopk")
+    with pytest.raises(ValueError, match="pre_act_coefficient must be non-negative, got -0.1"):
+        TrainConfig(out=str(tmp_path), pre_act_coefficient=-0.1, architecture="jumprelu")
+    spec = SAESpec(architecture="jumprelu", target_l0=True, k=16, pre_act_coefficient=0.03)
+    assert member_name(spec) == "jumprelu-target16-x8-preact"
+    args = parser("train").parse_args(
+        ["train", "--architecture", "jumprelu", "--pre-act-coefficient", "0.03"]
+    )
+    assert build_options(TrainConfig, args).pre_act_coefficient == 0.03
+
+
 def test_every_part_of_a_layered_dictionary_gets_its_own_threshold_rate():
     """A CLT or crosscoder holds its per-layer SAEs as submodules: each part's thresholds are found."""
     parts = torch.nn.ModuleList(
