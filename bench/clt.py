@@ -14,8 +14,8 @@ of the rule's default rate for a CLT (train/schedule.py, LayeredDictionary.rate_
 default warm-up, from random decoder rows (--decoder-inits: each of random and zero), from
 each of --encoder-inits (auto, tied, fitted) and, for a penalty rule, at each of
 --coefficients (default: the rule's weight for a CLT) and under each of --penalties (a JumpReLU
-CLT's L0 penalty, or its distance from k: --target-l0) and each of --pre-acts (the weight of the
-pull on its dead latents' pre-activations; 0: off); each scored as above, into
+CLT's L0 penalty, or its distance from k: --target-l0) and each of --pre-acts (the weight of
+Anthropic's pre-activation loss, --pre-act-coefficient; 0: off); each scored as above, into
 clt-rates-<device>.json (--name: another name).
 """
 
@@ -179,8 +179,8 @@ def main() -> None:
                     help="with --multipliers: a JumpReLU CLT under each penalty (l0: the L0; "
                     "target: its distance from k, --target-l0)")  # fmt: skip
     ap.add_argument("--pre-acts", nargs="+", type=float, default=[0.0],
-                    help="with --multipliers: a JumpReLU CLT at each pre-activation loss weight "
-                    "on its dead latents (0: off)")  # fmt: skip
+                    help="with --multipliers: a JumpReLU CLT at each weight of the "
+                    "pre-activation loss (--pre-act-coefficient; 0: off)")  # fmt: skip
     ap.add_argument("--decoder-inits", nargs="+", default=["random"],
                     help="with --multipliers: a CLT from each decoder start (random, zero)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

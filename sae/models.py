@@ -920,7 +920,8 @@ class JumpReLUSAE(SAE):
         nothing else brings it back; this pulls its pre-activations up and its threshold down,
         and for a latent that fires, the reconstruction's gradient outweighs it. SAELens applies
         it to latents past its dead window only: over our window (a twentieth of the run) that
-        changed nothing on a synthetic CLT, where this form left no latent dead (docs/training.md)."""
+        changed nothing on a synthetic CLT and cost a SmolLM2 CLT 0.014 of its CE loss recovered,
+        where this form cost nothing (decision 80)."""
         gap = (self.threshold - pre).relu()
         return self.shards.sum((gap * self.W_dec.norm(dim=-1)).sum(-1)).mean()
 
