@@ -83,6 +83,16 @@ class HarvestConfig(TextOptions):
             )
 
 
+JUMPRELU_ONLY = {
+    "target_l0": "aims a JumpReLU's L0 penalty at k; {} has none (top-k rules set L0 by k, "
+    "ReLU-L1 and Gated penalise L1)",
+    "pre_act_coefficient": "pulls a JumpReLU's latents up to their thresholds; {} has no trained "
+    "threshold (AuxK revives a top-k rule's dead latents)",
+}
+"""The settings of a rule with a trained threshold (SAE.aims_l0), and what each does, for the
+error that refuses them elsewhere."""
+
+
 @dataclass
 class SAESpec:
     """One SAE of a training run. A sweep file lists several; unset fields take the run's values."""
@@ -322,26 +332,10 @@ class TrainConfig(SAESpec, TextOptions):
                     "encoder_init fitted starts an SAE, a transcoder or a cross-layer "
                     f"transcoder, not a crosscoder (over {spec.layers!r}): leave it auto (tied)"
                 )
-            if spec.target_l0 and not getattr(rules.get(spec.architecture), "aims_l0", True):
-                raise ValueError(
-                    f"target_l0 aims a JumpReLU's L0 penalty at k; {spec.architecture} has none "
-                    "(top-k rules set L0 by k, ReLU-L1 and Gated penalise L1)"
-                )
-            if spec.pre_act_coefficient < 0:
-                raise ValueError(
-                    f"pre_act_coefficient must be non-negative, got {spec.pre_act_coefficient}"
-                )
-            if spec.pre_act_coefficient and not getattr(
-                rules.get(spec.architecture), "aims_l0", True
-            ):
-                raise ValueError(
-                    f"pre_act_coefficient pulls a JumpReLU's latents up to their thresholds; "
-                    f"{spec.architecture} has no trained threshold (AuxK revives a top-k rule's "
-                    "dead latents)"
-                )
-            if spec.lr < 0:
-                raise ValueError(f"lr must be non-negative, got {spec.lr}")
-            if spec.sparsity_coefficient < 0:
-                raise ValueError(
-                    f"sparsity_coefficient must be non-negative, got {spec.sparsity_coefficient}"
-                )
+            for name in ("lr", "sparsity_coefficient", "pre_act_coefficient"):
+                if getattr(spec, name) < 0:
+                    raise ValueError(f"{name} must be non-negative, got {getattr(spec, name)}")
+            thresholded = getattr(rules.get(spec.architecture), "aims_l0", True)
+            for name, does in JUMPRELU_ONLY.items():
+                if getattr(spec, name) and not thresholded:
+                    raise ValueError(f"{name} {does.format(spec.architecture)}")
