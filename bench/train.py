@@ -1,8 +1,11 @@
 """Training throughput, in one run on the same batches: our trainer's step (forward, losses, backward,
 Adam, decoder constraint, dead-latent tracking, metrics) vs SAELens's training step for the same
-architecture (TopKTrainingSAE, BatchTopKTrainingSAE or MatryoshkaBatchTopKTrainingSAE:
-training_forward_pass with AuxK, backward, Adam), and the limit: the encoder's dense matmul alone
-(x @ W_enc). Prints rows/s and ratios; writes bench/results/<name>-<device>.json.
+architecture (TopKTrainingSAE, BatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE with AuxK,
+JumpReLUTrainingSAE with its L0 loss, StandardTrainingSAE with its L1: training_forward_pass,
+backward, Adam), and the limit: the encoder's dense matmul alone (x @ W_enc). Prints rows/s and
+ratios; writes bench/results/<name>-<device>.json. Our JumpReLU and ReLU-L1 start at L0 k (their
+fitted start), so --k sets the code's density, which their decode follows (sae/kernels.py's
+support_decode); SAELens's dense step does not depend on it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 from sae.models import default_matryoshka_widths  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
+
+SAELENS = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka_batchtopk": "MatryoshkaBatchTopK",
+           "jumprelu": "JumpReLU", "standard": "Standard"}  # fmt: skip
+"""Our architectures and the names of SAELens's training classes for them."""
+PENALTY = {"jumprelu": {"l0": 1.0}, "standard": {"l1": 1.0}}
+"""SAELens's penalty weights for the penalty rules (its step reads them from its scheduler)."""
 
 
 def make_batches(steps: int, batch: int, d_in: int, device: torch.device) -> list[torch.Tensor]:
@@ -105,15 +114,13 @@ def saelens(
     import sae_lens
     from sae_lens.saes.sae import TrainStepInput
 
-    name = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka_batchtopk": "MatryoshkaBatchTopK"}
-    cls, config = (getattr(sae_lens, f"{name[architecture]}TrainingSAE{c}") for c in ("", "Config"))
-    widths = default_matryoshka_widths(d_sae)  # ours, given to SAELens too
-    extra = {"matryoshka_widths": widths} if "matryoshka" in architecture else {}
-    sae = cls(
-        config(
-            d_in=d_in, d_sae=d_sae, k=k, aux_loss_coefficient=1 / 32, device=str(device), **extra
-        )
+    cls, config = (
+        getattr(sae_lens, f"{SAELENS[architecture]}TrainingSAE{c}") for c in ("", "Config")
     )
+    extra = {} if architecture in PENALTY else {"k": k, "aux_loss_coefficient": 1 / 32}
+    if "matryoshka" in architecture:
+        extra["matryoshka_widths"] = default_matryoshka_widths(d_sae)  # ours, given to SAELens too
+    sae = cls(config(d_in=d_in, d_sae=d_sae, device=str(device), **extra))
     optimizer = torch.optim.Adam(sae.parameters(), lr=3e-4)
     mask = torch.zeros(d_sae, dtype=torch.bool, device=device)
     mask[:dead] = True
@@ -124,7 +131,7 @@ def saelens(
             out = sae.training_forward_pass(
                 TrainStepInput(
                     sae_in=x,
-                    coefficients={},
+                    coefficients=PENALTY.get(architecture, {}),
                     dead_neuron_mask=mask,
                     n_training_steps=n[0],
                     is_logging_step=False,
@@ -203,7 +210,7 @@ def main() -> None:
     ap.add_argument("--dead", type=float, nargs="+", default=[0.1, 0.0],
                     help="fractions of dead latents, which AuxK trains (the same for both sides)")  # fmt: skip
     ap.add_argument("--architectures", nargs="+", default=["topk"],
-                    choices=["topk", "batchtopk", "matryoshka_batchtopk"])  # fmt: skip
+                    choices=list(SAELENS))  # fmt: skip
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="train", help="results file: <name>-<device>.json")

@@ -27,15 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from sae.config import DTYPES, ConfigError, SAEConfig
-from sae.kernels import sparse_decode, use_triton
+from sae.kernels import support_decode
 from sae.layered import LayeredDictionary, LayersConfig
 from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse, smallest_active
 
 KIND = "cross_layer_transcoder"
 """cfg.json's `dictionary` for a CLT (a plain SAE's cfg.json has no such key)."""
 LAYER_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-DECODE_FLOATS = 2**24
-"""Entries x width per chunk of a top-k part's sparse decode (64 MB of float32)."""
 COEFFICIENTS = {"jumprelu": 0.3}
 """A CLT's penalty weight where one was measured, held at every length and width (bench/clt.py
 --coefficients: 30 SmolLM2 layers, 576 latents and k 16 per layer, 78 steps). JumpReLU's L0
@@ -240,7 +238,12 @@ class CrossLayerTranscoder(LayeredDictionary):
         for i, part in enumerate(self.layers):
             pre = part.pre_acts(x_s[i])
             z = part.train_activate(x_s[i], pre, contexts[i])
-            for j, block in enumerate(self._decode_part(part, z).split(d, -1), start=i):
+            for j, block in enumerate(
+                support_decode(z, part.decode_support(pre, z, contexts[i]), part.W_dec).split(
+                    d, -1
+                ),
+                start=i,
+            ):
                 outputs[j] = outputs[j] + block
             pres.append(pre)
             codes.append(z)
@@ -274,27 +277,6 @@ class CrossLayerTranscoder(LayeredDictionary):
         for part, x_i in zip(self.layers, self.scaled_inputs(x), strict=True):
             part.start_firing(x_i)
         return 1.0
-
-    @staticmethod
-    def _decode_part(part: SAE, z: Tensor) -> Tensor:
-        """z @ W_dec: from z's nonzero entries alone where the rule's code has no gradient off
-        them (top-k styles), which is most of a CLT's cost (W_dec_0 is n * d wide). On the CPU a
-        few rows at a time: embedding_bag's backward holds an [entries, width] tensor, 1.1 GB for
-        1024 rows of k 16 at SmolLM2's layer 0 (width 30 * 576), which chunks keep to
-        DECODE_FLOATS (so too on a GPU without Triton). The Triton kernels hold no such tensor, and
-        each chunk's nonzero() waits for the device: the whole batch at once there (chunked, a
-        30-layer step on an H200 waited a thousand times and took 0.97 s)."""
-        if not part.sparse_code:
-            return z @ part.W_dec
-        chunked = not use_triton(part.W_dec)
-        rows_per_chunk = (
-            max(1, DECODE_FLOATS // (part.cfg.k * part.cfg.d_out)) if chunked else len(z)
-        )
-        chunks = []
-        for z_c in z.split(rows_per_chunk):
-            rows, latents = z_c.nonzero(as_tuple=True)
-            chunks.append(sparse_decode(z_c[rows, latents], rows, latents, part.W_dec, len(z_c)))
-        return torch.cat(chunks)
 
     # files -------------------------------------------------------------------------------------
     def folded_state_dict(self) -> dict[str, Tensor]:

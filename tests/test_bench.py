@@ -46,12 +46,13 @@ def load_bench(script: str):
 
 
 def test_train_bench_compares_ours_saelens_and_the_limit(tmp_path):
+    rules = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "standard")
     report = run_bench("train.py", tmp_path, "--expansions", "1", "--batch", "256", "--steps", "1",
                        "--rounds", "1", "--dead", "0.1", "--dtypes", "bfloat16",
-                       "--architectures", "topk", "batchtopk", "matryoshka_batchtopk", "--name", "t")  # fmt: skip
+                       "--architectures", *rules, "--name", "t")  # fmt: skip
     rows = report["results"]
     assert [(r["architecture"], r["dtype"], r["d_sae"], r["dead_fraction"]) for r in rows] == [
-        (a, "bfloat16", 576, 0.1) for a in ("topk", "batchtopk", "matryoshka_batchtopk")
+        (a, "bfloat16", 576, 0.1) for a in rules
     ]  # fmt: skip
     assert (tmp_path / "t-cpu.json").exists() or (tmp_path / "t-cuda.json").exists()
     for r in rows:
@@ -397,3 +398,12 @@ def test_the_crossing_is_where_the_zero_start_stays_ahead():
     assert decoder_init.crossing(runs((0.5, 0.4), (0.6, 0.7), (0.6, 0.6), (0.7, 0.8))) == 50
     assert decoder_init.crossing(runs((0.5, 0.6), (0.6, 0.5), (0.6, 0.7), (0.7, 0.8))) == 100
     assert decoder_init.crossing(runs((0.5, 0.6), (0.6, 0.7), (0.6, 0.7), (0.8, 0.7))) is None
+
+
+def test_clt_decode_bench_times_the_support_decode_against_the_dense_one(tmp_path):
+    report = run_bench("clt_decode.py", tmp_path, "--layers", "3", "--d", "16", "--d-sae", "64",
+                       "--k", "2", "--batch-size", "64", "--steps", "1", "--name", "t")  # fmt: skip
+    assert [r["architecture"] for r in report["results"]] == ["topk", "jumprelu"]
+    for r in report["results"]:
+        assert r["support_step_s"] > 0 and r["dense_step_s"] > 0
+        assert r["dense_over_support"] == r["dense_step_s"] / r["support_step_s"]

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import sae
+from sae import kernels
 from sae.clt import COEFFICIENTS, RULES, CLTConfig, CrossLayerTranscoder
 from sae.config import ConfigError
 from sae.models import StandardSAE, TrainContext
@@ -86,17 +87,20 @@ def test_each_output_reads_only_the_layers_up_to_its_own(architecture):
     assert all(reach[:, j].abs().sum() > 0 for j in range(4))
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", RULES)
 def test_the_sparse_decode_equals_the_dense_one(architecture, monkeypatch):
+    """Every layer decodes its code's support alone (JumpReLU's zeros near its thresholds too),
+    with the dense decode's loss terms and gradients."""
     clt = make_clt(architecture)
     x, y = torch.randn(128, 3 * D), torch.randn(128, 3 * D)
-    ctx = TrainContext(aux_coefficient=0.5, dead=torch.rand(3 * F) < 0.3)
+    ctx = TrainContext(sparsity_coefficient=0.3, aux_coefficient=0.5, bandwidth=0.5,
+                       dead=torch.rand(3 * F) < 0.3)  # fmt: skip
+    monkeypatch.setattr(kernels, "SPARSE_SHARE", 1.0)  # these small codes are dense
     sparse = clt.training_loss(x, ctx, y)
     sparse.loss.backward()
     sparse_grads = grads(clt)
     clt.zero_grad()
-    for part in clt.layers:
-        monkeypatch.setattr(part, "sparse_code", False)
+    monkeypatch.setattr(kernels, "SPARSE_SHARE", -1.0)
     dense = clt.training_loss(x, ctx, y)
     dense.loss.backward()
     for name in dense.parts:

@@ -172,3 +172,36 @@ def test_autocast_runs_the_encoder_in_bf16_and_keeps_fp32_gradients(device):
     for got, want in zip(grads(params), reference, strict=True):
         assert got.dtype == torch.float32
         assert (got - want).norm() <= 0.03 * want.norm()  # bf16 rounding of the matmuls only
+
+
+def test_support_decode_takes_the_dense_gradients_from_the_support_alone(monkeypatch):
+    """Decoding only the entries where the support holds, zeros among them (JumpReLU's near its
+    thresholds), a few rows at a time: z's gradient on the support and W_dec's equal the dense
+    product's, and the decode was in fact chunked."""
+    torch.manual_seed(0)
+    support = torch.rand(96, 64) < 0.2
+    z = (torch.randn(96, 64) * support * (torch.rand(96, 64) < 0.7)).requires_grad_()
+    W_dec = torch.randn(64, 16, requires_grad=True)
+    g = torch.randn(96, 16)
+    (z @ W_dec).backward(g)
+    want = z.grad * support, W_dec.grad
+    z.grad = W_dec.grad = None
+    calls = []
+    decode = sae.kernels.sparse_decode
+    monkeypatch.setattr(sae.kernels, "sparse_decode", lambda *a: calls.append(1) or decode(*a))
+    monkeypatch.setattr(sae.kernels, "SPARSE_SHARE", 1.0)
+    monkeypatch.setattr(sae.kernels, "DECODE_FLOATS", 16 * 40)  # about three rows a chunk
+    got = sae.kernels.support_decode(z, support, W_dec)
+    got.backward(g)
+    assert len(calls) > 10
+    torch.testing.assert_close(got, z.detach() @ W_dec.detach())
+    torch.testing.assert_close(z.grad, want[0])  # nothing off the support
+    torch.testing.assert_close(W_dec.grad, want[1])
+
+
+def test_a_dense_code_decodes_whole():
+    """Beyond SPARSE_SHARE of the entries (a ReLU code's first steps) the matmul is faster."""
+    z = torch.rand(32, 64)
+    W = torch.randn(64, 8)
+    assert sae.kernels.SPARSE_SHARE < 1
+    torch.testing.assert_close(sae.kernels.support_decode(z, z > 0.5, W), z @ W)
