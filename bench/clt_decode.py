@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +22,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 from sae import kernels  # noqa: E402
 from sae.clt import CLTConfig, CrossLayerTranscoder  # noqa: E402
+from sae.environment import machine  # noqa: E402
 from sae.models import TrainContext  # noqa: E402
 
 
@@ -87,14 +86,11 @@ def main() -> None:
         print(f"{architecture} CLT, {args.layers} layers x {args.d_sae} latents, k {args.k}, "
               f"batch {args.batch_size}: support decode {row['support_step_s']:.3f} s a step, "
               f"dense {row['dense_step_s']:.3f} s ({row['dense_over_support']:.2f}x)", flush=True)  # fmt: skip
-    machine = {"device": str(device), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "name": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
-               "torch": torch.__version__}  # fmt: skip
     out = Path(args.out) / f"{args.name}-{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"benchmark": "clt_decode", "machine": machine, "results": results}, indent=2)
-    )
+    report = {"benchmark": "clt_decode", "results": results,
+              "machine": {**machine(), "device": str(device), "torch_threads": torch.get_num_threads()}}  # fmt: skip
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
