@@ -238,12 +238,9 @@ class CrossLayerTranscoder(LayeredDictionary):
         for i, part in enumerate(self.layers):
             pre = part.pre_acts(x_s[i])
             z = part.train_activate(x_s[i], pre, contexts[i])
-            for j, block in enumerate(
-                support_decode(z, part.decode_support(pre, z, contexts[i]), part.W_dec).split(
-                    d, -1
-                ),
-                start=i,
-            ):
+            # its code's support alone: most of a CLT's cost, W_dec_0 being n * d wide
+            decode = support_decode(z, part.decode_support(pre, z, contexts[i]), part.W_dec)
+            for j, block in enumerate(decode.split(d, -1), start=i):
                 outputs[j] = outputs[j] + block
             pres.append(pre)
             codes.append(z)

@@ -15,9 +15,9 @@ AuxK needs the dead latents' pre-activations; they leave the encoder as one dens
 columns, and its matmuls stay dense over those columns only (a few percent of d_sae once training
 settles): BLAS on a narrow block is faster than scattering k_aux = d_in/2 entries per row.
 
-The rules trained on a dense code (ReLU-L1, JumpReLU, Gated, and every rule's layers in a CLT)
-still decode only the entries that matter (`support_decode`): a ReLU's zeros pass no gradient, and
-JumpReLU's pass one only near the threshold.
+A CLT's layers, whatever their rule, decode only the entries of their codes that matter
+(`support_decode`): a ReLU's or a top-k selection's zeros pass no gradient, and JumpReLU's pass
+one only near the threshold.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 SPARSE_SHARE = 1 / 32
 """The largest share of a code's entries that `support_decode` decodes one by one; beyond it the
-dense matmul is faster (break-even near 4-5% on the CPU at 2304-4608 latents of SmolLM2's width)."""
+dense matmul is faster (the decode alone broke even near 4-5% of 2304-4608 latents, d 576, on the
+CPU; a 30-layer CLT at 2.8% steps 1.5x faster than dense, bench/clt_decode.py)."""
 DECODE_FLOATS = 2**28
 """Entries x width per chunk of a sparse decode on the CPU (1 GB of float32): each chunk's backward
 zero-fills a W_dec-sized gradient, which at 64 MB made a 30-layer CLT's step 5.2 s where the dense
