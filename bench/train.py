@@ -4,8 +4,7 @@ architecture (TopKTrainingSAE, BatchTopKTrainingSAE, MatryoshkaBatchTopKTraining
 JumpReLUTrainingSAE with its L0 loss, StandardTrainingSAE with its L1: training_forward_pass,
 backward, Adam), and the limit: the encoder's dense matmul alone (x @ W_enc). Prints rows/s and
 ratios; writes bench/results/<name>-<device>.json. Our JumpReLU and ReLU-L1 start at L0 k (their
-fitted start), so --k sets the code's density, which their decode follows (sae/kernels.py's
-support_decode); SAELens's dense step does not depend on it.
+fitted start) and train on the dense code, as SAELens's do.
 """
 
 from __future__ import annotations
