@@ -248,3 +248,39 @@ def test_encode_handles_batch_and_sequence_dims():
     x = torch.randn(2, 5, 6)
     assert d.encode(x).shape == (2, 5, 16)
     torch.testing.assert_close(d(x)[1], d(x[1]))
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated"])
+def test_b_dec_s_gradient_through_the_encoder_forms_no_input_gradient(architecture):
+    """The encoder's centring by b_dec gives the gradients of (x - b_dec) @ W_enc + b_enc spelled
+    out, yet backward forms no [batch, d_in] tensor (the input's gradient, which autograd built
+    for b_dec's sake: a matmul as large as the encoder's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    d = make_sae(architecture, d_in=6, d_sae=16)
+    x = torch.randn(40, 6)
+    params = dict(d.named_parameters())
+    pre = d.pre_acts(x)
+    want = (x - d.b_dec) @ d.W_enc + (d.b_gate if architecture == "gated" else d.b_enc)
+    torch.testing.assert_close(pre, want)
+    g = torch.randn_like(pre)
+    expected = torch.autograd.grad(want, list(params.values()), g, allow_unused=True)
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.extend(tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
+                          if isinstance(t, torch.Tensor))  # fmt: skip
+            return out
+
+    shapes = []
+    pre = d.pre_acts(x)
+    with Shapes():
+        got = torch.autograd.grad(pre, list(params.values()), g, allow_unused=True)
+    assert (16,) in shapes or (6, 16) in shapes  # backward seen
+    assert (40, 6) not in shapes
+    for name, a, b in zip(params, got, expected, strict=True):
+        if b is None:
+            assert a is None or not a.any(), name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
