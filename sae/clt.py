@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from sae.config import DTYPES, ConfigError, SAEConfig
 from sae.kernels import support_decode
 from sae.layered import LayeredDictionary, LayersConfig
-from sae.models import REGISTRY, SAE, LossOutput, TrainContext, mse, smallest_active
+from sae.models import REGISTRY, SAE, LossOutput, TrainContext, firing, mse, smallest_active
 
 KIND = "cross_layer_transcoder"
 """cfg.json's `dictionary` for a CLT (a plain SAE's cfg.json has no such key)."""
@@ -253,11 +253,10 @@ class CrossLayerTranscoder(LayeredDictionary):
                                  self.b_dec[tail], contexts[i])  # fmt: skip
             for name, value in own.items():
                 terms[name] = terms.get(name, 0) + value
-            z = codes[i].detach()
+            fired, l0 = firing(codes[i])
             per_layer.append(LossOutput(
-                y_s.new_zeros(()), y_hat_s, own, (z > 0).any(0),
-                shards.sum((z > 0).sum(-1).float().mean()),
-                smallest=shards.minimum(smallest_active(z)) if part.batch_wide else None,
+                y_s.new_zeros(()), y_hat_s, own, fired, shards.sum(l0),
+                smallest=shards.minimum(smallest_active(codes[i].detach())) if part.batch_wide else None,
             ))  # fmt: skip
         y_hat = (y_hat_s.unflatten(-1, (n, d)) / self.scales[1][:, None]).flatten(-2)
         return LossOutput(
