@@ -1150,9 +1150,11 @@ class GatedSAE(SAE):
 
     def train_activate(self, x: Tensor, pre: Tensor, ctx: TrainContext) -> Tensor:
         """`pre` is the gate's pre-activation; the hard gate passes no gradient (the auxiliary
-        loss trains it)."""
-        magnitude = self.encoder_affine(x, self.W_enc * self.r_mag.exp(), self.b_mag).relu()
-        return (pre > 0) * magnitude
+        loss trains it). The magnitude path's product x_in @ (W_enc * exp(r_mag)) is the gate's
+        rescaled per latent, (pre - b_gate) * exp(r_mag): no second encoder matmul, nor its two
+        in backward (a step of 4608 latents, one thread: 1.80 -> 1.44 s; decision 84)."""
+        magnitude = ((pre - self.b_gate) * self.r_mag.exp() + self.b_mag).relu()
+        return indicator(torch.gt, pre, 0.0) * magnitude
 
     def penalties(self, y_s, pre, z, y_hat_s, offset, ctx):
         """L1 on the gate's ReLU'd pre-activations (weighted by decoder norms), and an auxiliary
