@@ -1,5 +1,6 @@
 """The training losses of each architecture against hand computations and autograd checks."""
 
+import pytest
 import torch
 
 from sae.models import JumpReLUSTE, StepSTE, TrainContext
@@ -166,3 +167,26 @@ def test_parallel_gradient_removed():
     d.W_dec.grad = torch.randn_like(d.W_dec)
     d.remove_parallel_grad_()
     torch.testing.assert_close((d.W_dec.grad * d.W_dec).sum(1), torch.zeros(16), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated"])
+def test_dense_rules_report_their_code_s_fired_latents_and_l0(architecture):
+    """The loss's fired latents and L0 (read from float masks and column maxima, not bool ones)
+    count the code's positive entries; for Gated its code is encode's, whose magnitude path
+    reuses the gate's product."""
+    d = make_sae(architecture, d_in=6, d_sae=16)
+    with torch.no_grad():
+        bias = d.b_gate if architecture == "gated" else d.b_enc
+        bias.normal_()
+        bias[:4] = -1e3  # these never fire
+    x = torch.randn(40, 6)
+    out = d.training_loss(x, TrainContext(sparsity_coefficient=0.5))
+    active = out.z.detach() > 0
+    assert 0 < active.float().mean() < 1
+    assert torch.equal(out.fired, active.any(0)) and not out.fired[:4].any()
+    torch.testing.assert_close(out.l0, active.sum(-1).float().mean())
+    if architecture == "gated":
+        W_mag = d.W_enc * d.r_mag.exp()
+        x_in = x - d.b_dec
+        want = ((x_in @ d.W_enc + d.b_gate) > 0) * (x_in @ W_mag + d.b_mag).relu()
+        torch.testing.assert_close(d.encode(x), want)
