@@ -320,21 +320,22 @@ class SAE(nn.Module):
             return self.b_dec
         return self.input_centre if self.cfg.is_transcoder else None
 
-    def encoder_affine(self, x: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        """(x * s - input_offset) @ W + b. A learned offset (b_dec) gets its gradient through a
+    def encoder_affine(self, x: Tensor, b: Tensor) -> Tensor:
+        """(x * s - input_offset) @ W_enc + b. A learned offset (b_dec) gets its gradient through a
         term that is exactly zero, (c - c.detach()) @ W: a vector-matrix product, where through
         the centred input autograd formed the input's whole gradient [batch, d_in], a dense
         matmul as large as the encoder's, only to sum it over rows (decision 82: a dense-code
         step of 4608 latents on 4096 rows, one thread, JumpReLU 1.45 -> 1.30 s, ReLU-L1 1.19 ->
         1.04 s; the top-k rules' sparse encoder backward never formed it)."""
         x, offset = self.scaled_input(x), self.input_offset
+        W = self.W_enc
         if offset is None:
             return x @ W + b
         c = self.shards.centre(offset)
         return (x - c.detach()) @ W + (b - (c - c.detach()) @ W)
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return self.encoder_affine(x, self.W_enc, self.b_enc)
+        return self.encoder_affine(x, self.b_enc)
 
     def biases_after_shift(self, c: Tensor) -> dict[str, Tensor]:
         """The encoder biases that give x the pre-activations that x - c has now (c [d_in], in
@@ -1139,7 +1140,7 @@ class GatedSAE(SAE):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         """The gate's pre-activation (what decides firing)."""
-        return self.encoder_affine(x, self.W_enc, self.b_gate)
+        return self.encoder_affine(x, self.b_gate)
 
     def biases_after_shift(self, c: Tensor) -> dict[str, Tensor]:
         return {"b_gate": self.b_gate - c @ self.W_enc,
