@@ -15,8 +15,8 @@ default warm-up, from random decoder rows (--decoder-inits: each of random and z
 each of --encoder-inits (auto, tied, fitted) and, for a penalty rule, at each of
 --coefficients (default: the rule's weight for a CLT) and under each of --penalties (a JumpReLU
 CLT's L0 penalty, or its distance from k: --target-l0) and each of --pre-acts (the weight of
-Anthropic's pre-activation loss, --pre-act-coefficient; 0: off); each scored as above, into
-clt-rates-<device>.json (--name: another name).
+Anthropic's pre-activation loss, --pre-act-coefficient; 0: off; default: the rule's); each
+scored as above, into clt-rates-<device>.json (--name: another name).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
         name = f"clt-x{m:g}" + "".join(
             f"-{v}" for v in (start, decoder, penalty) if v not in ("auto", "random", "l0")
         )
-        name += (f"-c{c:g}" if c else "") + (f"-preact{pull:g}" if pull else "")
+        name += (f"-c{c:g}" if c else "") + (f"-preact{pull:g}" if pull >= 0 else "")
         sweep.append({**shape, **CLT, "lr": default * m, "decoder_init": decoder,
                       "encoder_init": start, "sparsity_coefficient": c,
                       "target_l0": penalty == "target", "pre_act_coefficient": pull, "name": name})  # fmt: skip
@@ -178,9 +178,9 @@ def main() -> None:
     ap.add_argument("--penalties", nargs="+", default=["l0"], choices=["l0", "target"],
                     help="with --multipliers: a JumpReLU CLT under each penalty (l0: the L0; "
                     "target: its distance from k, --target-l0)")  # fmt: skip
-    ap.add_argument("--pre-acts", nargs="+", type=float, default=[0.0],
+    ap.add_argument("--pre-acts", nargs="+", type=float, default=[-1.0],
                     help="with --multipliers: a JumpReLU CLT at each weight of the "
-                    "pre-activation loss (--pre-act-coefficient; 0: off)")  # fmt: skip
+                    "pre-activation loss (--pre-act-coefficient; 0: off; below 0: the rule's)")  # fmt: skip
     ap.add_argument("--decoder-inits", nargs="+", default=["random"],
                     help="with --multipliers: a CLT from each decoder start (random, zero)")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

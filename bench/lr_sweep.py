@@ -43,7 +43,7 @@ def sweep_point(args, architecture: str, budget: int, widths: list[int], heldout
     hooks = {"hook": args.hook, "hook_out": args.hook_out} if args.hook_out else {}
     starts = {"encoder_init": args.encoder_init, "decoder_init": args.decoder_init}
     starts |= {"target_l0": True} if args.target_l0 else {}
-    starts |= {"pre_act_coefficient": args.pre_act} if args.pre_act else {}
+    starts |= {"pre_act_coefficient": args.pre_act} if args.pre_act is not None else {}
     sweep, rows = [], []
     for width, multiplier in product(widths, args.multipliers):
         # 0: the trainer's weight for the run (Trainer.coefficient), recorded once it is built
@@ -149,8 +149,9 @@ def main() -> None:
                         "(each rate trained at each; the first is the default's)")  # fmt: skip
     parser.add_argument("--target-l0", action="store_true", help="train JumpReLU with its "
                         "penalty on L0's distance from k (SAESpec.target_l0)")  # fmt: skip
-    parser.add_argument("--pre-act", type=float, default=0.0, help="train JumpReLU with the "
-                        "pre-activation loss at this weight (SAESpec.pre_act_coefficient)")  # fmt: skip
+    parser.add_argument("--pre-act", type=float, help="train JumpReLU with the pre-activation "
+                        "loss at this weight (SAESpec.pre_act_coefficient; 0: off; default: the "
+                        "rule's)")  # fmt: skip
     parser.add_argument("--l0", type=float, help="judge penalty rules at this L0 (default: the "
                         "default run's); with several coefficients each rate is interpolated to it")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4096)

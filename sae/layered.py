@@ -106,6 +106,10 @@ class LayeredDictionary(nn.Module):
         the CLT says so (sae.clt.COEFFICIENTS)."""
         return self.parts[0].default_coefficient(steps, d_sae)
 
+    def default_pre_act(self, transcoder: bool = False) -> float:
+        """The rule's SAE weight (a JumpReLU CLT gained at 3e-3, docs/transcoders.md)."""
+        return self.parts[0].default_pre_act()
+
     def training_advice(
         self, l0: float, coefficient: float, total_steps: int, target_l0: bool = False
     ) -> list[str]:

@@ -124,10 +124,11 @@ class SAESpec:
     itself, so that L0 ends near k at any length without a weight tuned to it (default weight
     TARGET_L0_COEFFICIENT); the L0 penalty only thins the code, and where the reconstruction
     thins it too (a JumpReLU CLT: L0 480 -> 60) nothing brings it back (docs/training.md)."""
-    pre_act_coefficient: float = 0.0
+    pre_act_coefficient: float = -1.0
     """JumpReLU: weight of Anthropic's pre-activation loss, which pulls every latent's
     pre-activations up toward its threshold, so that a latent that stopped firing is brought back
-    (0: off; JumpReLUSAE.pre_act_loss; measured in docs/training.md)."""
+    (JumpReLUSAE.pre_act_loss; measured in docs/training.md). Below 0: the rule's default (1e-3
+    for a JumpReLU SAE, a CLT or a crosscoder; none for a transcoder at one hookpoint); 0: off."""
     hook: str = ""
     """Hookpoint to train on (empty: the cache's only one)."""
     hook_out: str = ""
@@ -332,10 +333,10 @@ class TrainConfig(SAESpec, TextOptions):
                     "encoder_init fitted starts an SAE, a transcoder or a cross-layer "
                     f"transcoder, not a crosscoder (over {spec.layers!r}): leave it auto (tied)"
                 )
-            for name in ("lr", "sparsity_coefficient", "pre_act_coefficient"):
+            for name in ("lr", "sparsity_coefficient"):
                 if getattr(spec, name) < 0:
                     raise ValueError(f"{name} must be non-negative, got {getattr(spec, name)}")
             thresholded = getattr(rules.get(spec.architecture), "aims_l0", True)
             for name, does in JUMPRELU_ONLY.items():
-                if getattr(spec, name) and not thresholded:
+                if getattr(spec, name) > 0 and not thresholded:
                     raise ValueError(f"{name} {does.format(spec.architecture)}")

@@ -126,7 +126,7 @@ def member_name(spec: SAESpec) -> str:
     hooks = [spec.hook] if spec.hook else []  # none: tensors of unknown origin
     hooks += [spec.hook_out] if spec.hook_out not in ("", spec.hook) else []
     skip = "-skip" if spec.skip else ""
-    preact = "-preact" if spec.pre_act_coefficient else ""
+    preact = f"-preact{spec.pre_act_coefficient:g}" if spec.pre_act_coefficient >= 0 else ""
     kind = "clt" if spec.hook_out else "crosscoder"
     clt = f"{kind}-L{spec.layers.replace(',', '_')}-" if spec.layers else ""
     name = f"{clt}{spec.architecture}{k}-x{width}{skip}{preact}"
@@ -430,7 +430,7 @@ class Trainer:
             aux = self.cfg.aux_coefficient
             dead = (m.tokens_since_fired > self.dead_tokens).flatten() if aux else None
             ctx = TrainContext(coefficient * warm, aux, dead, target_l0=m.spec.target_l0,
-                               pre_act_coefficient=m.spec.pre_act_coefficient)  # fmt: skip
+                               pre_act_coefficient=self.pre_act(m))  # fmt: skip
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
                 out = m.loss(x, ctx, y)
@@ -479,6 +479,19 @@ class Trainer:
         return m.spec.sparsity_coefficient or m.sae.default_coefficient(
             self.total_steps, m.sae.cfg.d_sae, m.transcoder
         )
+
+    def pre_act(self, m: Member) -> float:
+        """The member's pre-activation loss weight: its own, or its rule's (below 0)."""
+        return self.in_effect(m, "pre_act_coefficient", m.spec.pre_act_coefficient)
+
+    @staticmethod
+    def in_effect(m: Member, setting: str, value: Any) -> Any:
+        """What a value of one of the member's settings trains with: a pre-activation loss weight
+        below 0 is the rule's (so a checkpoint from before that default, 0 for a rule without
+        the loss, resumes)."""
+        if setting == "pre_act_coefficient" and value < 0:
+            return m.sae.default_pre_act(m.transcoder)
+        return value
 
     def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:
         """Log a step's metrics, stopping the run if a loss was NaN/inf on any rank (before any
@@ -538,11 +551,14 @@ class Trainer:
                 m.tokens_since_fired.numel() * m.shards.count
             )
             if dead > MAX_DEAD_FRACTION:
+                lr = " or --lr" if m.transcoder else ""
+                revive = "--pre-act-coefficient" if REGISTRY[m.spec.architecture].aims_l0 else (
+                    "--aux-coefficient (top-k rules)"
+                )  # fmt: skip
                 advice.append(
                     f"{dead:.0%} of the latents are dead at the end (silent for the last "
-                    f"{self.dead_tokens:,} tokens): lower --expansion-factor"
-                    + (" or --lr" if m.transcoder else "")
-                    + ", or raise --aux-coefficient (top-k rules) or --total-tokens"
+                    f"{self.dead_tokens:,} tokens): lower --expansion-factor{lr}, or raise "
+                    f"{revive} or --total-tokens"
                 )
             lines += [f"{m.name}: {line}" for line in advice]
         return lines
@@ -755,7 +771,7 @@ class Trainer:
                 {
                     f"{m.name}.{k}": (v, getattr(m.spec, k))
                     for k, v in spec.items()
-                    if v != getattr(m.spec, k)
+                    if self.in_effect(m, k, v) != self.in_effect(m, k, getattr(m.spec, k))
                 }
             )
         data, now_data = meta.get("data"), self.source.identity

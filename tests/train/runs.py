@@ -27,7 +27,7 @@ def failure(stderr: str) -> str:
 SWEEP = """sweep:
   - {architecture: topk, k: 4, name: topk}
   - {architecture: batchtopk, k: 4, name: batchtopk}
-  - {architecture: jumprelu, encoder_init: tied, name: jumprelu}
+  - {architecture: jumprelu, encoder_init: tied, pre_act_coefficient: 0, name: jumprelu}
 """
 """JumpReLU from the tied start here: its fitted start puts the thresholds amid the rows'
 pre-activations, where data ranks' other order of summing gradients moves a few rows across them

@@ -54,7 +54,7 @@ def test_a_checkpoint_finds_each_dictionary_by_name_whatever_the_sweeps_order(
     cfg = TrainConfig(cache=args[args.index("--cache") + 1], out=str(one), hook=HOOK, resume=True,
                       expansion_factor=4, batch_size=500, total_tokens=15000, device="cpu",
                       dead_tokens=1000, lr=float(args[args.index("--lr") + 1]),
-                      warmup_steps=int(args[args.index("--warmup-steps") + 1]), sweep=[{"architecture": "jumprelu", "encoder_init": "tied", "name": "jumprelu"},
+                      warmup_steps=int(args[args.index("--warmup-steps") + 1]), sweep=[{"architecture": "jumprelu", "encoder_init": "tied", "pre_act_coefficient": 0, "name": "jumprelu"},
                       {"architecture": "batchtopk", "k": 4, "name": "batchtopk"},
                       {"architecture": "topk", "k": 4, "name": "topk"}])  # fmt: skip
     trainer = Trainer(cfg, cfg.cache)

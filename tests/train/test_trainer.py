@@ -542,10 +542,15 @@ from train.trainer import Trainer
 
 cache, out = sys.argv[1:]
 # weights of their own, not the tuned defaults: at ReLU-L1's 1.8 the ranks' other summation order
-# grew to 2e-3 in W_enc by step 20 (all else 1e-7), as a code at ReLU's kink flipping would
+# grew to 2e-3 in W_enc by step 20 (all else 1e-7), as a code at ReLU's kink flipping would; the
+# same for this JumpReLU under the pre-activation loss (1e-2 in W_dec), whose kink is at the
+# threshold, so it trains without it here and a JumpReLU started later from another draw with it
 weights = {"standard": 2.0, "jumprelu": 1.0}
 sweep = [{"architecture": a, "name": a, "sparsity_coefficient": weights.get(a, 0.0)}
          for a in ("topk", "standard", "jumprelu", "gated")]
+sweep[2]["pre_act_coefficient"] = 0
+sweep.append({"architecture": "jumprelu", "name": "pulled", "sparsity_coefficient": 1.0,
+              "pre_act_coefficient": 1e-3})
 trainer = Trainer(TrainConfig(cache=cache, out=out, sweep=sweep, k=4, expansion_factor=4,
                               batch_size=500, total_tokens=10_000, device="cpu"), cache)
 counts = {"buckets": 0, "all_reduce": 0, "bytes": 0}
@@ -585,7 +590,8 @@ def test_two_processes_read_half_the_data_and_reduce_gradients_in_a_few_collecti
 ):
     """Each of 2 gloo ranks reads about half the cache's bytes and reduces each SAE's gradients in
     one bucket per step (not one all_reduce per parameter); the SAEs (four architectures whose loss
-    is a mean over rows) end as one process's, trained on the same global batches."""
+    is a mean over rows, and a JumpReLU with the pre-activation loss) end as one process's,
+    trained on the same global batches."""
     cache = synthetic_cache(tmp_path / "cache", rows=12_000, d=32, shard_rows=1_000)
     (script := tmp_path / "counting_run.py").write_text(COUNTING_RUN)
     # the one process is this one (runs.in_process: a child's imports cost 6 s)
@@ -598,14 +604,16 @@ def test_two_processes_read_half_the_data_and_reduce_gradients_in_a_few_collecti
     for rank in (0, 1):
         counts = json.loads((tmp_path / "two" / f"counts-{rank}.json").read_text())
         steps, members = counts["steps"], counts["members"]
-        assert steps == 20 and members == 4 and counts["parameters"] > 2 * members
+        assert steps == 20 and members == 5 and counts["parameters"] > 2 * members
         assert counts["buckets"] == steps * members, "one gradient bucket per SAE and step"
         assert counts["all_reduce"] <= 2 * steps * members, "fired latents and buffers: one each"
         assert counts["bytes"] < 0.6 * single["bytes"], (rank, counts["bytes"], single["bytes"])
-    for name in ("topk", "standard", "jumprelu", "gated"):
+    for name in ("topk", "standard", "jumprelu", "gated", "pulled"):
         a, b = sae.load(tmp_path / "one" / name), sae.load(tmp_path / "two" / name)
         for key, value in a.state_dict().items():
-            torch.testing.assert_close(b.state_dict()[key], value, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                b.state_dict()[key], value, atol=1e-4, rtol=1e-4, msg=f"{name}.{key}"
+            )
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
