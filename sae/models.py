@@ -826,18 +826,22 @@ class TopKSAE(SAE):
         self.normalize_decoder_()  # unit rows: code magnitudes carry the scale
 
 
-def indicator(compare: Callable[..., Tensor], a: Tensor, b: Tensor | float) -> Tensor:
-    """compare(a, b) as 0 / 1 in a's dtype and shape, written by the comparison itself. On the CPU
-    a bool mask is slow to write and to multiply by (over [4096, 4608], one thread: 34 ms to
-    write and 83 to multiply by, against 14 and 38 for a float one; a cast costs 50 more)."""
-    return compare(a, b, out=torch.empty_like(a))
+def indicator(
+    compare: Callable[..., Tensor], a: Tensor, b: Tensor | float, dtype: torch.dtype | None = None
+) -> Tensor:
+    """compare(a, b) as 0 / 1 in a's shape and dtype (or `dtype`), written by the comparison
+    itself. On the CPU a bool mask is slow to write and to multiply by (over [4096, 4608], one
+    thread: 34 ms to write and 83 to multiply by, against 14 and 38 for a float one; a cast costs
+    50 more)."""
+    return compare(a, b, out=torch.empty_like(a, dtype=dtype))
 
 
 def firing(z: Tensor) -> tuple[Tensor, Tensor]:
     """A dense code's (>= 0 under every rule) latents that fired on some row ([d_sae] bool) and
-    its mean count of active latents a row, without a bool mask's slow sums (indicator)."""
+    its mean count of active latents a row, without a bool mask's slow sums (indicator); counted
+    in float32, where a bfloat16 code's counts past 256 would round."""
     z = z.detach()
-    return z.amax(0) > 0, indicator(torch.gt, z, 0.0).sum(-1).mean()
+    return z.amax(0) > 0, indicator(torch.gt, z, 0.0, torch.float32).sum(-1).mean()
 
 
 def near_threshold(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.models import JumpReLUSTE, StepSTE, TrainContext
+from sae.models import JumpReLUSTE, StepSTE, TrainContext, firing
 from tests.conftest import make_sae
 
 
@@ -190,3 +190,11 @@ def test_dense_rules_report_their_code_s_fired_latents_and_l0(architecture):
         x_in = x - d.b_dec
         want = ((x_in @ d.W_enc + d.b_gate) > 0) * (x_in @ W_mag + d.b_mag).relu()
         torch.testing.assert_close(d.encode(x), want)
+
+
+def test_l0_is_counted_exactly_for_a_bfloat16_code():
+    """Under --autocast a dense code is bfloat16, which holds integers exactly only up to 256."""
+    z = torch.zeros(3, 2000, dtype=torch.bfloat16)
+    z[:, :1001] = 0.5
+    fired, l0 = firing(z)
+    assert l0.item() == 1001 and fired.sum() == 1001
