@@ -11,10 +11,10 @@ CE loss recovered, KL score, pooled output explained variance and L0; ratios CLT
 
 With --multipliers it sweeps the CLT's own learning rate instead (no set): CLTs at those multiples
 of the rule's default rate for a CLT (train/schedule.py, LayeredDictionary.rate_factor) with the
-default warm-up, from random decoder rows (--decoder-inits: each of random and zero), from
+default warm-up, from each of --decoder-inits (auto, random, zero) and
 each of --encoder-inits (auto, tied, fitted) and, for a penalty rule, at each of
 --coefficients (default: the rule's weight for a CLT) and under each of --penalties (a JumpReLU
-CLT's L0 penalty, or its distance from k: --target-l0) and each of --pre-acts (the weight of
+CLT's L0 penalty, its distance from k: --target-l0, or auto: the CLT's) and each of --pre-acts (the weight of
 Anthropic's pre-activation loss, --pre-act-coefficient; 0: off; default: the rule's); each
 scored as above, into clt-rates-<device>.json (--name: another name).
 """
@@ -41,7 +41,7 @@ from eval.report import EvalConfig, dataset_windows, take_tokens  # noqa: E402
 from sae.clt import CrossLayerTranscoder  # noqa: E402
 from sae.environment import machine  # noqa: E402
 from sae.lm import load_lm  # noqa: E402
-from train.config import HarvestConfig, TrainConfig  # noqa: E402
+from train.config import DECODER_INITS, HarvestConfig, TrainConfig  # noqa: E402
 from train.harvest import Harvester  # noqa: E402
 from train.schedule import default_lr  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
@@ -114,8 +114,8 @@ def against_set(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
             "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
 
-RECORDED = ("lr", "decoder_init", "encoder_init", "target_l0", "pre_act_coefficient")
-"""Each swept CLT's settings, stored beside its scores."""
+RECORDED = ("lr", "decoder_init", "encoder_init", "pre_act_coefficient")
+"""Each swept CLT's settings, stored beside its scores (and the weight and penalty it trained at)."""
 
 
 def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
@@ -128,22 +128,23 @@ def rates(args, stream: HarvestConfig, shape: dict, out: Path) -> dict:
         args.multipliers, args.encoder_inits, args.decoder_inits, weights, args.penalties,
         args.pre_acts,
     ):  # fmt: skip
-        name = f"clt-x{m:g}" + "".join(
-            f"-{v}" for v in (start, decoder, penalty) if v not in ("auto", "random", "l0")
-        )
+        name = f"clt-x{m:g}" + "".join(f"-{v}" for v in (start, decoder, penalty) if v != "auto")
         name += (f"-c{c:g}" if c else "") + (f"-preact{pull:g}" if pull >= 0 else "")
         sweep.append({**shape, **CLT, "lr": default * m, "decoder_init": decoder,
                       "encoder_init": start, "sparsity_coefficient": c,
-                      "target_l0": penalty == "target", "pre_act_coefficient": pull, "name": name})  # fmt: skip
+                      "target_l0": None if penalty == "auto" else penalty == "target",
+                      "pre_act_coefficient": pull, "name": name})  # fmt: skip
     cfg = TrainConfig(out=str(out), total_tokens=args.tokens, batch_size=args.batch_size,
                       sweep=sweep, device=args.device)  # fmt: skip
     trainer = Trainer(cfg, stream)
     clts, train_s = trained(trainer, args)
-    applied = {m.name: trainer.coefficient(m) for m in trainer.members}  # 0 resolved
+    applied = {  # a weight of 0 and an unset penalty resolved
+        m.name: {"sparsity_coefficient": trainer.coefficient(m), "target_l0": trainer.target_l0(m)}
+        for m in trainer.members
+    }
     scores, eval_tokens = score({s["name"]: clt for s, clt in zip(sweep, clts, strict=True)}, args)
     for spec in sweep:
-        scores[spec["name"]].update({k: spec[k] for k in RECORDED})
-        scores[spec["name"]]["sparsity_coefficient"] = applied[spec["name"]]
+        scores[spec["name"]].update({k: spec[k] for k in RECORDED} | applied[spec["name"]])
     return {"default_lr": default, "multipliers": args.multipliers, "scores": scores,
             "steps": trainer.step, "train_s": train_s, "eval_tokens": eval_tokens}  # fmt: skip
 
@@ -175,14 +176,14 @@ def main() -> None:
                     help="with --multipliers: a CLT from each encoder start (auto, tied, fitted)")  # fmt: skip
     ap.add_argument("--coefficients", nargs="+", type=float,
                     help="with --multipliers: a penalty rule's CLT at each of these weights")  # fmt: skip
-    ap.add_argument("--penalties", nargs="+", default=["l0"], choices=["l0", "target"],
+    ap.add_argument("--penalties", nargs="+", default=["auto"], choices=["auto", "l0", "target"],
                     help="with --multipliers: a JumpReLU CLT under each penalty (l0: the L0; "
-                    "target: its distance from k, --target-l0)")  # fmt: skip
+                    "target: its distance from k, --target-l0; auto: the CLT's default)")  # fmt: skip
     ap.add_argument("--pre-acts", nargs="+", type=float, default=[-1.0],
                     help="with --multipliers: a JumpReLU CLT at each weight of the "
                     "pre-activation loss (--pre-act-coefficient; 0: off; below 0: the rule's)")  # fmt: skip
-    ap.add_argument("--decoder-inits", nargs="+", default=["random"],
-                    help="with --multipliers: a CLT from each decoder start (random, zero)")  # fmt: skip
+    ap.add_argument("--decoder-inits", nargs="+", default=["auto"], choices=DECODER_INITS,
+                    help="with --multipliers: a CLT from each decoder start")  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", help="the result file's name before -<device>.json")

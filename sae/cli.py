@@ -59,7 +59,8 @@ def _default(f) -> Any:
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field: --field-name, typed by its default; bools get --x/--no-x; lists take
+    """One flag per field: --field-name, typed by its default (an unset one, None, by its
+    annotation); bools get --x/--no-x; lists take
     several values or the flag repeated. Unset flags stay out of the namespace (SUPPRESS) so that
     a config file's values are not overwritten by defaults."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
@@ -76,7 +77,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{help_text} (default: {default})"
-        if isinstance(default, bool):
+        if isinstance(default, bool) or item_type(hints[f.name]) is bool:  # bool, or bool | None
             parser.add_argument(
                 flag,
                 action=argparse.BooleanOptionalAction,
@@ -95,7 +96,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 metavar=item.__name__.upper(),
             )
         else:
-            kind = type(default) if default is not None else str
+            kind = type(default) if default is not None else item_type(hints[f.name])
             parser.add_argument(
                 flag,
                 type=kind,
@@ -144,15 +145,18 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def item_type(hint: Any) -> type:
-    """The items' type of a list option's annotation (list[int] -> int); str when unsaid."""
+    """The items' type of a list option's annotation (list[int] -> int), or an optional one's
+    type (bool | None -> bool); str when unsaid."""
     return (typing.get_args(hint) or (str,))[0]
 
 
 def as_option_type(value: Any, default: Any, where: str, item: type = str) -> Any:
     """A config file's value as the option's type (that of its default, as for the flags; a
-    list's items as `item`). YAML reads `1e-3` and `2e6` as strings and `no` as a bool: numbers in
-    strings are converted, and anything that would reach the run as the wrong type is refused
-    here, naming the option."""
+    list's items, and the value of an option unset by default, as `item`). YAML reads `1e-3` and
+    `2e6` as strings and `no` as a bool: numbers in strings are converted, and anything that
+    would reach the run as the wrong type is refused here, naming the option."""
+    if default is None:  # an optional setting (`bool | None`): unset, or of the annotation's type
+        return None if value is None else as_option_type(value, item(), where)
     kind = type(default)
 
     def refuse() -> ValueError:

@@ -41,6 +41,14 @@ hardly heeds it: uncentred, 107 / 97 / 84 / 66 at 0.03 / 0.1 / 0.3 / its SAE wei
 0.3 recovered the most of the CE loss (0.719, against 0.687 at 0.77); centred (decision 76), 62 /
 59 / 53 at 0.03 / 0.1 / 0.3 for 0.757 / 0.777 / 0.769, one run each (docs/transcoders.md). Other
 rules take their SAE weight (not measured)."""
+AIMED_AT_K = ("jumprelu",)
+"""Rules whose CLT, left at its defaults, aims its penalty at L0 k (SAESpec.target_l0) and starts
+from a zero decoder (decoder_init auto). The two go together: over 30 SmolLM2 layers (576
+latents, k 16 each, the rule's rate) aiming at k from random rows, or the L0 penalty from a zero
+decoder, each recovered no more of the CE loss than neither (0.737, 0.741 and 0.747 at 78 steps),
+and both together 0.773 at 78 steps and 0.856 at 156, where neither reached 0.784 at L0 72 of 480
+(docs/transcoders.md). A BatchTopK CLT lost 0.12 from a zero decoder; the other rules' CLTs were
+not measured."""
 RULES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 """Rules a CLT's layers may use: Matryoshka's prefix losses are per dictionary, not per layer."""
 
@@ -154,6 +162,14 @@ class CrossLayerTranscoder(LayeredDictionary):
     def default_coefficient(self, steps: int, d_sae: int, transcoder: bool = False) -> float:
         """The weight measured for a CLT of this rule (COEFFICIENTS), else its SAE weight."""
         return COEFFICIENTS.get(self.cfg.architecture) or super().default_coefficient(steps, d_sae)
+
+    @property
+    def default_target_l0(self) -> bool:
+        return self.cfg.architecture in AIMED_AT_K
+
+    @property
+    def zero_decoder_start(self) -> bool:
+        return self.cfg.architecture in AIMED_AT_K
 
     def latent_dim(self, name: str) -> int | None:
         """As SAE.latent_dim, for layer i's tensors (layers.i.W_enc, ...); b_dec is replicated."""

@@ -50,6 +50,9 @@ class TrainContext:
     """JumpReLU: penalise the L0's squared distance from k instead of the L0 (SAESpec.target_l0)."""
     pre_act_coefficient: float = 0.0
     """JumpReLU: weight of the pull of pre-activations up to thresholds (SAESpec.pre_act_coefficient)."""
+    batch_mean: Callable[[Tensor], Tensor] = lambda t: t
+    """A statistic of this process's rows as of the whole batch's: its mean over data-parallel
+    ranks (train/distributed.py's World.batch_mean), itself in one process."""
 
 
 class Whole:
@@ -217,6 +220,10 @@ class SAE(nn.Module):
     0.941); at sqrt(d_in) = 24 times it, 0.021 ahead at layer 6 and 0.002 behind at layer 2
     (decision 77). sqrt(d_in) is the pre-activation's scale of a step of W_enc in a random
     direction, as for JumpReLU's thresholds."""
+    default_target_l0: ClassVar[bool] = False
+    """Whether training aims the penalty at L0 k when SAESpec.target_l0 is unset: at one
+    hookpoint it is the user's choice (a JumpReLU SAE at 97 steps explained the same either way;
+    docs/training.md); a CLT's layers differ (sae.clt.AIMED_AT_K)."""
     zero_decoder_start: ClassVar[bool] = False
     """Whether, as a transcoder at half its default learning rate or faster (ZERO_START_SLOWEST),
     training starts it with a zero decoder under decoder_init auto: where bench/decoder_init.py
@@ -954,7 +961,10 @@ class JumpReLUSAE(SAE):
         nothing brings it back (a JumpReLU CLT fell from L0 480 to 60, docs/transcoders.md)."""
         l0 = self.shards.sum(StepSTE.apply(pre, self.threshold, ctx.bandwidth).sum(-1).mean())
         if ctx.target_l0:
-            l0 = (l0 - self.cfg.k) ** 2 / self.cfg.k
+            # the distance of the whole batch's L0 (over data ranks) with this rank's gradient of
+            # its own: each rank's 2(L0 - k)/k dL0_rank, averaged over ranks, is one process's
+            gap = ctx.batch_mean(l0.detach()) - self.cfg.k
+            l0 = (gap**2 + 2 * gap * (l0 - l0.detach())) / self.cfg.k
         terms = {"l0_loss": ctx.sparsity_coefficient * l0}
         if ctx.pre_act_coefficient:
             terms["pre_act_loss"] = ctx.pre_act_coefficient * self.pre_act_loss(pre)

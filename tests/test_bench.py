@@ -306,7 +306,7 @@ def mlp_caches(tmp_path) -> None:
 def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_weight_and_penalty(tmp_path):
     report = run_bench("clt.py", tmp_path, *CLT_SMALL, "--architecture", "jumprelu",
                        "--multipliers", "2", "--decoder-inits", "zero",
-                       "--penalties", "l0", "target", "--coefficients", "0.2",
+                       "--penalties", "l0", "auto", "--coefficients", "0.2",
                        "--pre-acts", "0.003")  # fmt: skip
     default = default_lr(32, 3)  # a CLT's factor is 1 (LayeredDictionary.rate_factor)
     assert report["default_lr"] == default and report["steps"] == 3
@@ -314,8 +314,9 @@ def test_clt_bench_sweeps_the_clts_own_rate_decoder_start_weight_and_penalty(tmp
     starts = {n: (s["lr"], s["decoder_init"], s["encoder_init"], s["sparsity_coefficient"],
                   s["target_l0"], s["pre_act_coefficient"]) for n, s in report["scores"].items()}  # fmt: skip
     assert starts == {
-        "clt-x2-zero-c0.2-preact0.003": (2 * default, "zero", "auto", 0.2, False, 0.003),
-        "clt-x2-zero-target-c0.2-preact0.003": (2 * default, "zero", "auto", 0.2, True, 0.003),
+        "clt-x2-zero-l0-c0.2-preact0.003": (2 * default, "zero", "auto", 0.2, False, 0.003),
+        # a JumpReLU CLT's default: aimed at k (sae.clt.AIMED_AT_K)
+        "clt-x2-zero-c0.2-preact0.003": (2 * default, "zero", "auto", 0.2, True, 0.003),
     }
     for s in report["scores"].values():
         assert abs(s["ce_replacement_with_errors"] - s["ce_clean"]) < 1e-4

@@ -119,11 +119,13 @@ class SAESpec:
     for the run's length (a longer run needs less penalty for the same L0: SAE.default_coefficient)
     and, for ReLU-L1, the width; a transcoder's its own (JumpReLU 0.13 at 97 steps, where the SAE's
     ended at L0 18, growing to 0.26 at 354 as its code grows denser; ReLU-L1 1.17, 1.11 at 354)."""
-    target_l0: bool = False
+    target_l0: bool | None = None
     """JumpReLU: penalise the L0's squared distance from k, (L0 - k)^2 / k, instead of the L0
     itself, so that L0 ends near k at any length without a weight tuned to it (default weight
     TARGET_L0_COEFFICIENT); the L0 penalty only thins the code, and where the reconstruction
-    thins it too (a JumpReLU CLT: L0 480 -> 60) nothing brings it back (docs/training.md)."""
+    thins it too (a JumpReLU CLT: L0 480 -> 72) nothing brings it back (docs/training.md). Unset:
+    the dictionary's default, aimed at k for a JumpReLU CLT (sae.clt.AIMED_AT_K), the L0 penalty
+    for any other JumpReLU."""
     pre_act_coefficient: float = -1.0
     """JumpReLU: weight of Anthropic's pre-activation loss, which pulls every latent's
     pre-activations up toward its threshold, so that a latent that stopped firing is brought back
@@ -140,7 +142,8 @@ class SAESpec:
     """How the decoder starts: random (unit rows in random directions; an SAE's encoder starts as
     their transpose), zero (each latent's row set by its first gradients, as sparsify's
     transcoders start), or auto: zero for a TopK, JumpReLU or ReLU-L1 transcoder at half the
-    default learning rate or faster, where it measured better (docs/transcoders.md), else random."""
+    default learning rate or faster, and for a JumpReLU CLT, where it measured better
+    (docs/transcoders.md), else random."""
     encoder_init: str = "auto"
     """How the encoder starts: tied (an SAE's: its decoder's transpose, as SAELens and Gao et al.
     start; a transcoder's: random unit columns), fitted (that, times the one number that best
@@ -338,5 +341,6 @@ class TrainConfig(SAESpec, TextOptions):
                     raise ValueError(f"{name} must be non-negative, got {getattr(spec, name)}")
             thresholded = getattr(rules.get(spec.architecture), "aims_l0", True)
             for name, does in JUMPRELU_ONLY.items():
-                if getattr(spec, name) > 0 and not thresholded:
+                asked = getattr(spec, name) or 0  # target_l0 True, or a weight; unset: None
+                if asked > 0 and not thresholded:
                     raise ValueError(f"{name} {does.format(spec.architecture)}")

@@ -183,6 +183,14 @@ class World:
         dist.all_gather(parts, x.contiguous(), group=self.data_group)
         return torch.cat(parts)
 
+    def batch_mean(self, t: Tensor) -> Tensor:
+        """The mean of t over data ranks: of a mean over each rank's rows, the global batch's."""
+        if self.data_size == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, group=self.data_group)
+        return t / self.data_size
+
     def any_rank(self, mask: Tensor) -> Tensor:
         """Elementwise OR of a boolean tensor over data ranks (a latent fired anywhere)."""
         if self.data_size == 1:

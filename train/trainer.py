@@ -207,11 +207,11 @@ def start_decoder(dictionary: SAE | LayeredDictionary, decoder_init: str, rate: 
     another space, its random rows point nowhere in particular in the output space, and half of a
     TopK transcoder's latents died. From zero, each row is set by its latent's first gradients
     (the output's residual where it fired), as sparsify starts its transcoders. `auto` chooses
-    zero for a transcoder at one hookpoint whose rule measured better so (SAE.zero_decoder_start)
-    trained at `rate` (its multiple of the default) of at least ZERO_START_SLOWEST."""
+    zero for a transcoder at one hookpoint or a CLT whose rule measured better so
+    (zero_decoder_start) trained at `rate` (its multiple of the default) of at least
+    ZERO_START_SLOWEST."""
     zero = decoder_init == "zero" or (
         decoder_init == "auto"
-        and isinstance(dictionary, SAE)
         and dictionary.cfg.is_transcoder
         and dictionary.zero_decoder_start
         and rate >= ZERO_START_SLOWEST
@@ -429,8 +429,9 @@ class Trainer:
             # AuxK off: no dead mask, so no dead latents' columns are computed for a zero term
             aux = self.cfg.aux_coefficient
             dead = (m.tokens_since_fired > self.dead_tokens).flatten() if aux else None
-            ctx = TrainContext(coefficient * warm, aux, dead, target_l0=m.spec.target_l0,
-                               pre_act_coefficient=self.pre_act(m))  # fmt: skip
+            ctx = TrainContext(coefficient * warm, aux, dead, target_l0=self.target_l0(m),
+                               pre_act_coefficient=self.pre_act(m),
+                               batch_mean=self.world.batch_mean)  # fmt: skip
             m.sae.reach_step(self.step, self.total_steps)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast):
                 out = m.loss(x, ctx, y)
@@ -474,7 +475,7 @@ class Trainer:
     def coefficient(self, m: Member) -> float:
         """The member's penalty weight: its own, or its rule's for a run of this length and width
         (aiming at L0 k, one weight for every run)."""
-        if m.spec.target_l0:
+        if self.target_l0(m):
             return m.spec.sparsity_coefficient or TARGET_L0_COEFFICIENT
         return m.spec.sparsity_coefficient or m.sae.default_coefficient(
             self.total_steps, m.sae.cfg.d_sae, m.transcoder
@@ -484,13 +485,19 @@ class Trainer:
         """The member's pre-activation loss weight: its own, or its rule's (below 0)."""
         return self.in_effect(m, "pre_act_coefficient", m.spec.pre_act_coefficient)
 
+    def target_l0(self, m: Member) -> bool:
+        """Whether the member's penalty aims at L0 k: its own choice, or its dictionary's."""
+        return self.in_effect(m, "target_l0", m.spec.target_l0)
+
     @staticmethod
     def in_effect(m: Member, setting: str, value: Any) -> Any:
         """What a value of one of the member's settings trains with: a pre-activation loss weight
         below 0 is the rule's (so a checkpoint from before that default, 0 for a rule without
-        the loss, resumes)."""
+        the loss, resumes), and an unset target_l0 the dictionary's."""
         if setting == "pre_act_coefficient" and value < 0:
             return m.sae.default_pre_act(m.transcoder)
+        if setting == "target_l0" and value is None:
+            return m.sae.default_target_l0
         return value
 
     def record(self, tracker: Tracker, metrics: StepMetrics, step: int) -> None:
@@ -545,7 +552,7 @@ class Trainer:
             suffix = self.suffix(m.name)
             coefficient = self.coefficient(m)
             advice = m.sae.training_advice(
-                values["metrics/l0" + suffix], coefficient, self.total_steps, m.spec.target_l0
+                values["metrics/l0" + suffix], coefficient, self.total_steps, self.target_l0(m)
             )
             dead = values["sparsity/dead_features" + suffix] / (
                 m.tokens_since_fired.numel() * m.shards.count
@@ -767,13 +774,11 @@ class Trainer:
         changed = {k: (saved[k], now[k]) for k in now if k in compared and saved[k] != now[k]}
         for m in self.members:
             spec = meta["members"][m.name].get("spec", {})
-            changed.update(
-                {
-                    f"{m.name}.{k}": (v, getattr(m.spec, k))
-                    for k, v in spec.items()
-                    if self.in_effect(m, k, v) != self.in_effect(m, k, getattr(m.spec, k))
-                }
-            )
+            in_effect = {  # a default resolved: what each trained, or would train, with
+                k: (self.in_effect(m, k, v), self.in_effect(m, k, getattr(m.spec, k)))
+                for k, v in spec.items()
+            }
+            changed.update({f"{m.name}.{k}": (a, b) for k, (a, b) in in_effect.items() if a != b})
         data, now_data = meta.get("data"), self.source.identity
         if isinstance(data, dict) and isinstance(now_data, dict) and "revision" in now_data:
             # a stream's identity before stop 34: its hookpoints (now compared per dictionary),

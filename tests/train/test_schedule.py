@@ -262,8 +262,16 @@ def test_aiming_at_l0_k_is_for_a_rule_with_an_l0_penalty_and_has_its_own_advice(
                       "(4), the pull toward it"]  # fmt: skip
     spec = SAESpec(architecture="jumprelu", target_l0=True, k=16)
     assert member_name(spec) == "jumprelu-target16-x8"
-    args = parser("train").parse_args(["train", "--architecture", "jumprelu", "--target-l0"])
-    assert build_options(TrainConfig, args).target_l0 is True
+    for flags, aimed in (["--target-l0"], True), (["--no-target-l0"], False), ([], None):
+        args = parser("train").parse_args(["train", "--architecture", "jumprelu", *flags])
+        assert build_options(TrainConfig, args).target_l0 is aimed  # None: the dictionary's
+    sweep = [{"target_l0": True}, {"target_l0": None}, {}]
+    specs = TrainConfig(out=str(tmp_path), architecture="jumprelu", sweep=sweep).specs()
+    assert [s.target_l0 for s in specs] == [True, None, None]
+    with pytest.raises(
+        ValueError, match=r"sweep entry \{'target_l0': 'yes'\}: target_l0 should be bool"
+    ):
+        TrainConfig(out=str(tmp_path), sweep=[{"target_l0": "yes"}]).specs()
 
 
 def test_the_pre_activation_loss_is_a_jumprelu_s_and_named_in_its_runs(tmp_path):
