@@ -115,11 +115,6 @@ class LayeredDictionary(nn.Module):
         """Whether training aims its penalty at L0 k when SAESpec.target_l0 is unset (SAE's)."""
         return False
 
-    @property
-    def zero_decoder_start(self) -> bool:
-        """Whether decoder_init auto starts it from a zero decoder (SAE's, for a transcoder)."""
-        return False
-
     def training_advice(
         self, l0: float, coefficient: float, total_steps: int, target_l0: bool = False
     ) -> list[str]:

@@ -142,8 +142,7 @@ class SAESpec:
     """How the decoder starts: random (unit rows in random directions; an SAE's encoder starts as
     their transpose), zero (each latent's row set by its first gradients, as sparsify's
     transcoders start), or auto: zero for a TopK, JumpReLU or ReLU-L1 transcoder at half the
-    default learning rate or faster, and for a JumpReLU CLT, where it measured better
-    (docs/transcoders.md), else random."""
+    default learning rate or faster, where it measured better (docs/transcoders.md), else random."""
     encoder_init: str = "auto"
     """How the encoder starts: tied (an SAE's: its decoder's transpose, as SAELens and Gao et al.
     start; a transcoder's: random unit columns), fitted (that, times the one number that best

@@ -207,11 +207,11 @@ def start_decoder(dictionary: SAE | LayeredDictionary, decoder_init: str, rate: 
     another space, its random rows point nowhere in particular in the output space, and half of a
     TopK transcoder's latents died. From zero, each row is set by its latent's first gradients
     (the output's residual where it fired), as sparsify starts its transcoders. `auto` chooses
-    zero for a transcoder at one hookpoint or a CLT whose rule measured better so
-    (zero_decoder_start) trained at `rate` (its multiple of the default) of at least
-    ZERO_START_SLOWEST."""
+    zero for a transcoder at one hookpoint whose rule measured better so (SAE.zero_decoder_start)
+    trained at `rate` (its multiple of the default) of at least ZERO_START_SLOWEST."""
     zero = decoder_init == "zero" or (
         decoder_init == "auto"
+        and isinstance(dictionary, SAE)
         and dictionary.cfg.is_transcoder
         and dictionary.zero_decoder_start
         and rate >= ZERO_START_SLOWEST
